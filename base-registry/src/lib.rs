@@ -1,0 +1,2 @@
+//! A store of base VMs, addressed by content id.
+#![deny(missing_docs)]

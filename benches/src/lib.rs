@@ -1,0 +1,1 @@
+//! Benchmarks live in `benches/` (criterion) and in the peer comparison harness binary.

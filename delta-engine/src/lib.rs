@@ -1,0 +1,2 @@
+//! Deduplicated deltas between a base VM's images and a custom VM's images.
+#![deny(missing_docs)]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs the host packages it needs (QEMU 10,
+# busybox-static, ...), builds the test guest from Debian packages (cached), then runs every
+# test of the workspace, doc tests included. Real QEMU guests are booted (TCG when KVM cannot
+# run guests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-host.sh
+if [ -x scripts/build-guest.sh ]; then
+  scripts/build-guest.sh >/dev/null
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
+cargo test --workspace --doc --quiet

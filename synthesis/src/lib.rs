@@ -1,0 +1,2 @@
+//! VM synthesis flows composed from the overlay format, delta engine, driver and registry.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! A consumer-side hypervisor trait and its QEMU implementation.
+#![deny(missing_docs)]
