@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cloudlet", version, about = "VM synthesis: base VM + overlay -> running custom VM")]
+#[command(
+    name = "cloudlet",
+    version,
+    about = "VM synthesis: base VM + overlay -> running custom VM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,272 @@
+//! Content digests shared by the overlay, the delta engine and the base registry.
+//!
+//! A VM image is hashed in 4 KiB chunks: [`ChunkHash`] is the first 16 bytes of the blake3 of
+//! one chunk (the last chunk of an image may be shorter). An image's [`ImageDigest`] is the
+//! blake3 of the concatenation of its chunk hashes, in order. This two-level definition lets a
+//! writer or reader that knows the base's chunk hashes compute the digest of a derived image by
+//! hashing only the chunks that changed.
+
+use std::fmt;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::VmSpec;
+
+/// Size of the chunk every image is cut into: one guest page, one disk block.
+pub const CHUNK_SIZE: usize = 4096;
+
+/// First 16 bytes of the blake3 hash of one chunk.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkHash(pub [u8; 16]);
+
+impl ChunkHash {
+    /// Hashes one chunk (at most [`CHUNK_SIZE`] bytes; only an image's last chunk is shorter).
+    pub fn of(chunk: &[u8]) -> Self {
+        debug_assert!(chunk.len() <= CHUNK_SIZE);
+        if chunk.len() == CHUNK_SIZE && is_zero(chunk) {
+            return ZERO_CHUNK_HASH;
+        }
+        Self::compute(chunk)
+    }
+
+    fn compute(chunk: &[u8]) -> Self {
+        let h = blake3::hash(chunk);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.as_bytes()[..16]);
+        ChunkHash(out)
+    }
+
+    /// The hash of a full chunk of zeros.
+    pub fn zero() -> Self {
+        ZERO_CHUNK_HASH
+    }
+}
+
+/// `ChunkHash::compute(&[0; 4096])`, checked by a unit test.
+const ZERO_CHUNK_HASH: ChunkHash = ChunkHash([
+    0xb6, 0xfb, 0x73, 0xfc, 0x46, 0x93, 0x8c, 0x98, 0x1e, 0x2b, 0x0b, 0x4b, 0x1e, 0xf2, 0x82, 0xad,
+]);
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", hex(&self.0))
+    }
+}
+
+/// True when every byte of `buf` is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    // Compare in u64 words; the compiler vectorises this loop.
+    let (prefix, words, suffix) = {
+        // SAFETY: every bit pattern is a valid u64, and align_to only reinterprets the aligned
+        // middle part of the slice.
+        unsafe { buf.align_to::<u64>() }
+    };
+    prefix.iter().all(|&b| b == 0)
+        && suffix.iter().all(|&b| b == 0)
+        && words.iter().fold(0u64, |acc, &w| acc | w) == 0
+}
+
+/// Digest of a whole image: blake3 over its chunk hashes in order.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ImageDigest(pub [u8; 32]);
+
+impl ImageDigest {
+    /// Digest of an image held in memory, hashing its chunks in parallel.
+    pub fn of_bytes(image: &[u8]) -> Self {
+        let hashes: Vec<ChunkHash> = image.par_chunks(CHUNK_SIZE).map(ChunkHash::of).collect();
+        Self::from_chunk_hashes(hashes.iter().copied())
+    }
+
+    /// Digest from the chunk hashes of an image, in order.
+    pub fn from_chunk_hashes(hashes: impl IntoIterator<Item = ChunkHash>) -> Self {
+        let mut d = ImageDigester::new();
+        for h in hashes {
+            d.push(h);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Debug for ImageDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ImageDigest({})", hex(&self.0))
+    }
+}
+
+impl fmt::Display for ImageDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+/// Incremental [`ImageDigest`]: push the chunk hashes of an image in order.
+#[derive(Clone)]
+pub struct ImageDigester {
+    hasher: blake3::Hasher,
+    chunks: u64,
+}
+
+impl ImageDigester {
+    /// A digester for an image with no chunks yet.
+    pub fn new() -> Self {
+        ImageDigester {
+            hasher: blake3::Hasher::new(),
+            chunks: 0,
+        }
+    }
+
+    /// Appends the hash of the next chunk.
+    pub fn push(&mut self, hash: ChunkHash) {
+        self.hasher.update(&hash.0);
+        self.chunks += 1;
+    }
+
+    /// Number of chunks pushed so far.
+    pub fn chunks(&self) -> u64 {
+        self.chunks
+    }
+
+    /// The digest of the chunks pushed.
+    pub fn finish(&self) -> ImageDigest {
+        ImageDigest(*self.hasher.finalize().as_bytes())
+    }
+}
+
+impl Default for ImageDigester {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Identity of a base VM: blake3 over its spec and the digests of its named files (memory,
+/// disks, device state, kernel, initrd). Overlays name the base they apply to by this id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BaseId(pub [u8; 32]);
+
+impl BaseId {
+    /// Computes the id. `files` are `(name, digest)` pairs; their order does not matter (they
+    /// are sorted by name first). Names must be unique.
+    ///
+    /// Encoding hashed: `b"cloudlet-base-id-v1\0"`, the postcard encoding of `spec` prefixed by
+    /// its length (u64 LE), then per file sorted by name: name length (u64 LE), name bytes,
+    /// the 32-byte digest.
+    pub fn compute(spec: &VmSpec, files: &[(&str, ImageDigest)]) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"cloudlet-base-id-v1\0");
+        let spec_bytes =
+            postcard::to_stdvec(spec).expect("postcard encoding into a Vec cannot fail");
+        h.update(&(spec_bytes.len() as u64).to_le_bytes());
+        h.update(&spec_bytes);
+        let mut files: Vec<&(&str, ImageDigest)> = files.iter().collect();
+        files.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, digest) in files {
+            h.update(&(name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update(&digest.0);
+        }
+        BaseId(*h.finalize().as_bytes())
+    }
+
+    /// Lower-case hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// Parses 64 hex characters.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let b = s.as_bytes();
+        if b.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in b.chunks(2).enumerate() {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            out[i] = (hi * 16 + lo) as u8;
+        }
+        Some(BaseId(out))
+    }
+}
+
+impl fmt::Debug for BaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BaseId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for BaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_chunk_hash_constant_matches_blake3() {
+        assert_eq!(ChunkHash::compute(&[0u8; CHUNK_SIZE]), ZERO_CHUNK_HASH);
+        assert_eq!(ChunkHash::of(&[0u8; CHUNK_SIZE]), ZERO_CHUNK_HASH);
+    }
+
+    #[test]
+    fn short_zero_chunk_is_not_the_full_zero_hash() {
+        assert_ne!(ChunkHash::of(&[0u8; 100]), ZERO_CHUNK_HASH);
+    }
+
+    #[test]
+    fn is_zero_handles_unaligned_slices() {
+        let mut buf = vec![0u8; 4099];
+        assert!(is_zero(&buf[1..]));
+        buf[4098] = 1;
+        assert!(!is_zero(&buf[1..]));
+        buf[4098] = 0;
+        buf[1] = 1;
+        assert!(!is_zero(&buf[1..]));
+    }
+
+    #[test]
+    fn image_digest_is_over_chunk_hashes() {
+        let mut img = vec![0u8; 3 * CHUNK_SIZE + 10];
+        img[5000] = 7;
+        let hashes: Vec<ChunkHash> = img.chunks(CHUNK_SIZE).map(ChunkHash::of).collect();
+        assert_eq!(hashes.len(), 4);
+        assert_eq!(
+            ImageDigest::of_bytes(&img),
+            ImageDigest::from_chunk_hashes(hashes)
+        );
+    }
+
+    #[test]
+    fn base_id_ignores_file_order_and_round_trips_hex() {
+        let spec = VmSpec {
+            machine_type: "pc-q35-10.0".into(),
+            cpu_model: "qemu64".into(),
+            vcpus: 1,
+            ram_bytes: 256 << 20,
+            qemu_version: "10.0.2".into(),
+            accelerator: "tcg".into(),
+            disks: vec![],
+            kernel_cmdline: None,
+        };
+        let a = ImageDigest([1; 32]);
+        let b = ImageDigest([2; 32]);
+        let id1 = BaseId::compute(&spec, &[("memory", a), ("disk0", b)]);
+        let id2 = BaseId::compute(&spec, &[("disk0", b), ("memory", a)]);
+        assert_eq!(id1, id2);
+        assert_ne!(id1, BaseId::compute(&spec, &[("memory", b), ("disk0", a)]));
+        assert_eq!(BaseId::from_hex(&id1.to_hex()), Some(id1));
+        assert_eq!(BaseId::from_hex("zz"), None);
+    }
+}

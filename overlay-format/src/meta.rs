@@ -1,0 +1,76 @@
+//! The overlay's metadata block (first frame) and trailer (last frame).
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{BaseId, ImageDigest};
+use crate::spec::{PortForward, VmSpec};
+
+/// What an image of the VM holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ImageKind {
+    /// Guest RAM (the memory-backend file).
+    Memory,
+    /// A disk, raw bytes of its virtual size.
+    Disk,
+}
+
+/// One image of the custom VM and the base image it is rebuilt over.
+///
+/// `OverlayMeta::images[i]` is rebuilt over base image `i` (same name): chunks no record
+/// touches keep the base image's bytes (zero past the end of the base image).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    /// `memory` for guest RAM, the disk's name (e.g. `disk0`) for a disk.
+    pub name: String,
+    /// What the image holds.
+    pub kind: ImageKind,
+    /// Size of the rebuilt image in bytes.
+    pub size: u64,
+    /// Size of the base image it is rebuilt over, in bytes.
+    pub base_size: u64,
+}
+
+/// Which compressor the overlay's blobs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Compression {
+    /// Blobs are stored as they are.
+    None,
+    /// zstd frames.
+    Zstd,
+    /// xz streams (liblzma).
+    Xz,
+}
+
+/// The metadata block: everything a reader needs before the first blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayMeta {
+    /// The base VM this overlay applies to.
+    pub base_id: BaseId,
+    /// The custom VM's spec (what to resume it with).
+    pub spec: VmSpec,
+    /// The images the overlay rebuilds; records name them by index into this list.
+    pub images: Vec<ImageMeta>,
+    /// Compression of every blob and of the device state.
+    pub compression: Compression,
+    /// Port forwards the app expects by default.
+    pub forwards: Vec<PortForward>,
+    /// Free-form name of the app / overlay.
+    pub name: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Tool and version that wrote the overlay, e.g. `cloudlet 0.1.0`.
+    pub creator: String,
+}
+
+/// The trailer: digests a reader checks after rebuilding, and totals to cross-check the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    /// [`ImageDigest`] of each rebuilt image, in the order of [`OverlayMeta::images`].
+    pub image_digests: Vec<ImageDigest>,
+    /// blake3 of the (uncompressed) device-state blob.
+    pub device_state_digest: [u8; 32],
+    /// Number of blob frames in the overlay.
+    pub blob_count: u64,
+    /// Number of records over all blobs.
+    pub record_count: u64,
+}
