@@ -74,3 +74,32 @@ pub struct Trailer {
     /// Number of records over all blobs.
     pub record_count: u64,
 }
+
+/// Checks the rules the format puts on metadata (also applied by the reader).
+pub(crate) fn check_meta(meta: &OverlayMeta) -> Result<(), String> {
+    use crate::frame::{MAX_IMAGES, MAX_IMAGE_SIZE};
+    if meta.images.is_empty() {
+        return Err("no images".into());
+    }
+    if meta.images.len() > MAX_IMAGES {
+        return Err(format!(
+            "{} images, at most {MAX_IMAGES} allowed",
+            meta.images.len()
+        ));
+    }
+    for (i, img) in meta.images.iter().enumerate() {
+        if img.name.is_empty() || img.name.len() > 255 {
+            return Err(format!("image {i}: name must be 1 to 255 bytes"));
+        }
+        if meta.images[..i].iter().any(|o| o.name == img.name) {
+            return Err(format!("image name '{}' appears twice", img.name));
+        }
+        if img.size > MAX_IMAGE_SIZE || img.base_size > MAX_IMAGE_SIZE {
+            return Err(format!(
+                "image '{}': size over {MAX_IMAGE_SIZE} bytes",
+                img.name
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,397 @@
+//! Reading an overlay stream.
+
+use std::io::{self, Read};
+
+use crate::blob::SealedBlob;
+use crate::compress;
+use crate::error::DecodeError;
+use crate::frame::{
+    self, FrameHeader, FrameKind, FORMAT_MAJOR, FORMAT_MINOR, FRAME_HEADER_LEN, HEADER_LEN, MAGIC,
+    MAX_BLOB_LEN, MAX_DEVICE_STATE_LEN, MAX_META_LEN, MAX_TRAILER_LEN,
+};
+use crate::meta::{Compression, OverlayMeta, Trailer};
+
+/// Reads an overlay from any `Read` (a file, a socket), without seeking.
+///
+/// Order of calls: [`OverlayReader::new`] (header and metadata), then
+/// [`OverlayReader::device_state`] (optional: [`OverlayReader::next_blob`] reads it first if
+/// needed and keeps it), then `next_blob` until it returns `None`, which happens once the
+/// trailer has been read and checked and the stream has ended.
+pub struct OverlayReader<R: Read> {
+    input: R,
+    offset: u64,
+    frame: u64,
+    meta: OverlayMeta,
+    stream: blake3::Hasher,
+    device_state: Option<Vec<u8>>,
+    blobs: u64,
+    records: u64,
+    trailer: Option<Trailer>,
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean EOF before the first byte.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8], offset: u64) -> Result<bool, DecodeError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => {
+                return if got == 0 {
+                    Ok(false)
+                } else {
+                    Err(DecodeError::Truncated {
+                        offset: offset + got as u64,
+                        what: "more bytes",
+                    })
+                };
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(DecodeError::Io {
+                    offset: offset + got as u64,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(true)
+}
+
+impl<R: Read> OverlayReader<R> {
+    /// Reads and checks the file header and the metadata frame.
+    pub fn new(mut input: R) -> Result<Self, DecodeError> {
+        let mut header = [0u8; HEADER_LEN];
+        if !read_full(&mut input, &mut header, 0)? {
+            return Err(DecodeError::Truncated {
+                offset: 0,
+                what: "the file header",
+            });
+        }
+        let magic: [u8; 8] = header[..8].try_into().expect("8 bytes");
+        if magic != MAGIC {
+            return Err(DecodeError::BadMagic { found: magic });
+        }
+        let major = u16::from_le_bytes([header[8], header[9]]);
+        let minor = u16::from_le_bytes([header[10], header[11]]);
+        if major != FORMAT_MAJOR || minor > FORMAT_MINOR {
+            return Err(DecodeError::UnsupportedVersion { major, minor });
+        }
+        if header[12..16] != [0; 4] {
+            return Err(DecodeError::Malformed {
+                frame: 0,
+                offset: 12,
+                reason: "reserved header flags are not zero".into(),
+            });
+        }
+        let mut stream = blake3::Hasher::new();
+        stream.update(&header);
+        let mut r = OverlayReader {
+            input,
+            offset: HEADER_LEN as u64,
+            frame: 0,
+            meta: placeholder_meta(),
+            stream,
+            device_state: None,
+            blobs: 0,
+            records: 0,
+            trailer: None,
+        };
+        let (h, at, payload) = r.read_frame("metadata")?;
+        r.expect_kind(&h, at, FrameKind::Meta, "metadata")?;
+        r.expect_uncompressed(&h, at, &payload)?;
+        let meta: OverlayMeta =
+            postcard::from_bytes(&payload).map_err(|e| DecodeError::Malformed {
+                frame: 0,
+                offset: at,
+                reason: format!("metadata does not decode: {e}"),
+            })?;
+        crate::meta::check_meta(&meta).map_err(|reason| DecodeError::Malformed {
+            frame: 0,
+            offset: at,
+            reason: format!("metadata: {reason}"),
+        })?;
+        r.meta = meta;
+        Ok(r)
+    }
+
+    /// The overlay's metadata.
+    pub fn meta(&self) -> &OverlayMeta {
+        &self.meta
+    }
+
+    /// Bytes consumed from the input so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.offset
+    }
+
+    /// The trailer, once [`OverlayReader::next_blob`] has returned `None`.
+    pub fn trailer(&self) -> Option<&Trailer> {
+        self.trailer.as_ref()
+    }
+
+    /// Blobs read so far.
+    pub fn blob_count(&self) -> u64 {
+        self.blobs
+    }
+
+    /// The device state (reads its frame if not read yet).
+    pub fn device_state(&mut self) -> Result<&[u8], DecodeError> {
+        if self.device_state.is_none() {
+            let (h, at, stored) = self.read_frame("the device state")?;
+            self.expect_kind(&h, at, FrameKind::DeviceState, "device-state")?;
+            let frame = self.frame - 1;
+            if frame::codec_from_byte(h.codec) != Some(self.meta.compression) {
+                return Err(DecodeError::Malformed {
+                    frame,
+                    offset: at,
+                    reason: "device state codec differs from the overlay's".into(),
+                });
+            }
+            let raw = compress::decompress(self.meta.compression, &stored, h.raw_len as usize)
+                .map_err(|reason| DecodeError::Decompress {
+                    frame,
+                    offset: at,
+                    reason,
+                })?;
+            self.device_state = Some(raw);
+        }
+        Ok(self.device_state.as_deref().expect("just set"))
+    }
+
+    /// Takes the device state out of the reader (reading it first if needed).
+    pub fn take_device_state(&mut self) -> Result<Vec<u8>, DecodeError> {
+        self.device_state()?;
+        Ok(self.device_state.take().unwrap_or_default())
+    }
+
+    /// The next blob, checksum verified but not decompressed (decompress with
+    /// [`SealedBlob::decode_for`], possibly on another thread); `None` after the trailer.
+    pub fn next_blob(&mut self) -> Result<Option<SealedBlob>, DecodeError> {
+        if self.trailer.is_some() {
+            return Ok(None);
+        }
+        if self.device_state.is_none() && self.blobs == 0 {
+            self.device_state()?;
+        }
+        let (h, at, stored) = self.read_frame("a blob or the trailer")?;
+        let frame = self.frame - 1;
+        match FrameKind::from_u8(h.kind) {
+            Some(FrameKind::Blob) => {
+                self.blobs += 1;
+                self.records += h.record_count as u64;
+                Ok(Some(SealedBlob {
+                    header: h,
+                    stored,
+                    frame,
+                    offset: at,
+                }))
+            }
+            Some(FrameKind::Trailer) => {
+                self.finish_trailer(&h, at, &stored)?;
+                Ok(None)
+            }
+            _ => Err(DecodeError::UnexpectedFrame {
+                frame,
+                offset: at,
+                expected: "blob or trailer",
+                found: h.kind,
+            }),
+        }
+    }
+
+    fn finish_trailer(
+        &mut self,
+        h: &FrameHeader,
+        at: u64,
+        payload: &[u8],
+    ) -> Result<(), DecodeError> {
+        self.expect_uncompressed(h, at, payload)?;
+        let mismatch = |reason: String| DecodeError::TrailerMismatch { offset: at, reason };
+        if payload.len() < 32 {
+            return Err(mismatch("trailer shorter than its stream digest".into()));
+        }
+        let stream = self.stream.finalize();
+        if payload[..32] != *stream.as_bytes() {
+            return Err(mismatch(
+                "stream digest differs: frames were dropped, added or reordered".into(),
+            ));
+        }
+        let trailer: Trailer = postcard::from_bytes(&payload[32..])
+            .map_err(|e| mismatch(format!("trailer does not decode: {e}")))?;
+        if trailer.blob_count != self.blobs {
+            return Err(mismatch(format!(
+                "{} blobs in the stream, trailer says {}",
+                self.blobs, trailer.blob_count
+            )));
+        }
+        if trailer.record_count != self.records {
+            return Err(mismatch(format!(
+                "{} records in the stream, trailer says {}",
+                self.records, trailer.record_count
+            )));
+        }
+        if trailer.image_digests.len() != self.meta.images.len() {
+            return Err(mismatch(format!(
+                "{} image digests for {} images",
+                trailer.image_digests.len(),
+                self.meta.images.len()
+            )));
+        }
+        let ds = self.device_state.as_deref().map(blake3::hash);
+        if ds.map(|d| *d.as_bytes()) != Some(trailer.device_state_digest) {
+            return Err(mismatch("device state digest differs".into()));
+        }
+        let mut extra = [0u8; 1];
+        if read_full(&mut self.input, &mut extra, self.offset)? {
+            return Err(DecodeError::TrailingData {
+                offset: self.offset,
+            });
+        }
+        self.trailer = Some(trailer);
+        Ok(())
+    }
+
+    fn expect_kind(
+        &self,
+        h: &FrameHeader,
+        at: u64,
+        kind: FrameKind,
+        name: &'static str,
+    ) -> Result<(), DecodeError> {
+        if h.kind != kind as u8 {
+            return Err(DecodeError::UnexpectedFrame {
+                frame: self.frame - 1,
+                offset: at,
+                expected: name,
+                found: h.kind,
+            });
+        }
+        Ok(())
+    }
+
+    fn expect_uncompressed(
+        &self,
+        h: &FrameHeader,
+        at: u64,
+        payload: &[u8],
+    ) -> Result<(), DecodeError> {
+        if h.codec != 0 || h.raw_len != payload.len() as u64 || h.record_count != 0 {
+            return Err(DecodeError::Malformed {
+                frame: self.frame - 1,
+                offset: at,
+                reason: "metadata and trailer frames must be stored uncompressed, with no records"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads one frame header and its payload, checking the limits and the checksum.
+    fn read_frame(
+        &mut self,
+        what: &'static str,
+    ) -> Result<(FrameHeader, u64, Vec<u8>), DecodeError> {
+        let at = self.offset;
+        let frame = self.frame;
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        if !read_full(&mut self.input, &mut hb, at)? {
+            return Err(DecodeError::Truncated { offset: at, what });
+        }
+        self.offset += FRAME_HEADER_LEN as u64;
+        let h = FrameHeader::decode(&hb).map_err(|reason| DecodeError::Malformed {
+            frame,
+            offset: at,
+            reason: reason.into(),
+        })?;
+        let Some(kind) = FrameKind::from_u8(h.kind) else {
+            return Err(DecodeError::UnexpectedFrame {
+                frame,
+                offset: at,
+                expected: what,
+                found: h.kind,
+            });
+        };
+        if frame::codec_from_byte(h.codec).is_none() {
+            return Err(DecodeError::Malformed {
+                frame,
+                offset: at,
+                reason: format!("unknown codec {}", h.codec),
+            });
+        }
+        let (raw_max, name) = match kind {
+            FrameKind::Meta => (MAX_META_LEN, "metadata"),
+            FrameKind::DeviceState => (MAX_DEVICE_STATE_LEN, "device state"),
+            FrameKind::Blob => (MAX_BLOB_LEN, "blob"),
+            FrameKind::Trailer => (MAX_TRAILER_LEN, "trailer"),
+        };
+        if h.raw_len > raw_max {
+            return Err(DecodeError::LengthTooLarge {
+                frame,
+                offset: at,
+                what: name,
+                len: h.raw_len,
+                max: raw_max,
+            });
+        }
+        let stored_max = if h.codec == 0 {
+            h.raw_len
+        } else {
+            frame::max_stored(h.raw_len)
+        };
+        if h.stored_len > stored_max {
+            return Err(DecodeError::LengthTooLarge {
+                frame,
+                offset: at,
+                what: "stored payload",
+                len: h.stored_len,
+                max: stored_max,
+            });
+        }
+        // Grow the buffer as bytes arrive, so a lying length on a short stream costs nothing.
+        let mut payload = Vec::with_capacity(h.stored_len.min(1 << 20) as usize);
+        let got = (&mut self.input)
+            .take(h.stored_len)
+            .read_to_end(&mut payload)
+            .map_err(|source| DecodeError::Io {
+                offset: self.offset,
+                source,
+            })?;
+        if (got as u64) < h.stored_len {
+            return Err(DecodeError::Truncated {
+                offset: self.offset + got as u64,
+                what: "the rest of a frame payload",
+            });
+        }
+        self.offset += h.stored_len;
+        if frame::frame_checksum(&h.prefix(), &payload) != h.checksum {
+            return Err(DecodeError::ChecksumMismatch { frame, offset: at });
+        }
+        if kind != FrameKind::Trailer {
+            self.stream.update(&hb);
+        }
+        self.frame += 1;
+        Ok((h, at, payload))
+    }
+}
+
+fn placeholder_meta() -> OverlayMeta {
+    OverlayMeta {
+        base_id: crate::BaseId([0; 32]),
+        spec: crate::VmSpec {
+            machine_type: String::new(),
+            cpu_model: String::new(),
+            vcpus: 0,
+            ram_bytes: 0,
+            qemu_version: String::new(),
+            accelerator: String::new(),
+            disks: Vec::new(),
+            kernel_cmdline: None,
+        },
+        images: Vec::new(),
+        compression: Compression::None,
+        forwards: Vec::new(),
+        name: String::new(),
+        created_unix: 0,
+        creator: String::new(),
+    }
+}
