@@ -57,6 +57,10 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod blob;
 mod compress;
 pub mod digest;

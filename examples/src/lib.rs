@@ -1,0 +1,4 @@
+//! The subcommands of the `cloudlet` tool, kept out of `src/bin/cloudlet.rs` so that the binary
+//! stays a thin argument parser.
+
+pub mod overlay_info;
