@@ -24,6 +24,8 @@ pub struct OverlayReader<R: Read> {
     meta: OverlayMeta,
     stream: blake3::Hasher,
     device_state: Option<Vec<u8>>,
+    /// blake3 of the device state, once its frame was read.
+    device_state_digest: Option<[u8; 32]>,
     blobs: u64,
     records: u64,
     trailer: Option<Trailer>,
@@ -92,6 +94,7 @@ impl<R: Read> OverlayReader<R> {
             meta: placeholder_meta(),
             stream,
             device_state: None,
+            device_state_digest: None,
             blobs: 0,
             records: 0,
             trailer: None,
@@ -134,9 +137,10 @@ impl<R: Read> OverlayReader<R> {
         self.blobs
     }
 
-    /// The device state (reads its frame if not read yet).
+    /// The device state (reads its frame if not read yet). Empty after
+    /// [`OverlayReader::take_device_state`].
     pub fn device_state(&mut self) -> Result<&[u8], DecodeError> {
-        if self.device_state.is_none() {
+        if self.device_state_digest.is_none() {
             let (h, at, stored) = self.read_frame("the device state")?;
             self.expect_kind(&h, at, FrameKind::DeviceState, "device-state")?;
             let frame = self.frame - 1;
@@ -153,9 +157,10 @@ impl<R: Read> OverlayReader<R> {
                     offset: at,
                     reason,
                 })?;
+            self.device_state_digest = Some(*blake3::hash(&raw).as_bytes());
             self.device_state = Some(raw);
         }
-        Ok(self.device_state.as_deref().expect("just set"))
+        Ok(self.device_state.as_deref().unwrap_or_default())
     }
 
     /// Takes the device state out of the reader (reading it first if needed).
@@ -170,7 +175,7 @@ impl<R: Read> OverlayReader<R> {
         if self.trailer.is_some() {
             return Ok(None);
         }
-        if self.device_state.is_none() && self.blobs == 0 {
+        if self.device_state_digest.is_none() {
             self.device_state()?;
         }
         let (h, at, stored) = self.read_frame("a blob or the trailer")?;
@@ -237,8 +242,7 @@ impl<R: Read> OverlayReader<R> {
                 self.meta.images.len()
             )));
         }
-        let ds = self.device_state.as_deref().map(blake3::hash);
-        if ds.map(|d| *d.as_bytes()) != Some(trailer.device_state_digest) {
+        if self.device_state_digest != Some(trailer.device_state_digest) {
             return Err(mismatch("device state digest differs".into()));
         }
         let mut extra = [0u8; 1];
