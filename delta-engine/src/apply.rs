@@ -1,0 +1,498 @@
+//! Applying an overlay: rebuild the custom VM's images from the base while the overlay streams
+//! in; blobs are decompressed in parallel ahead of the applier; digests checked before success.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use overlay_format::{
+    apply_patch, BaseId, ChunkHash, DecodeError, DecodedBlob, ImageDigest, OverlayMeta,
+    OverlayReader, RecordRef, Trailer, CHUNK_SIZE,
+};
+use rayon::prelude::*;
+
+use crate::base::Base;
+use crate::file::{sparse_copy, zero_range};
+use crate::{KindCounts, Progress};
+
+/// Error applying an overlay. Nothing that looks like a finished image is left behind.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The overlay was made for another base.
+    #[error("overlay is for base {overlay}, but the base given is {base}")]
+    WrongBase {
+        /// The base the overlay names.
+        overlay: BaseId,
+        /// The base given.
+        base: BaseId,
+    },
+    /// The overlay's images do not match the base's.
+    #[error("overlay does not fit the base: {reason}")]
+    Mismatch {
+        /// What differs.
+        reason: String,
+    },
+    /// The overlay stream is damaged.
+    #[error("cannot read the overlay")]
+    Decode(#[from] DecodeError),
+    /// An output file could not be written.
+    #[error("{path}: cannot write")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An output already exists.
+    #[error("{path} already exists")]
+    OutputExists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A record breaks a rule the format checks only at apply time.
+    #[error("record for image '{image}' chunk {chunk}: {reason}")]
+    Record {
+        /// Target image.
+        image: String,
+        /// Target chunk.
+        chunk: u64,
+        /// The rule broken.
+        reason: String,
+    },
+    /// A rebuilt image does not have the digest the overlay promises.
+    #[error("rebuilt image '{image}' has digest {got}, the overlay expects {expected}")]
+    DigestMismatch {
+        /// Image name.
+        image: String,
+        /// Digest from the trailer.
+        expected: ImageDigest,
+        /// Digest of the rebuilt bytes.
+        got: ImageDigest,
+    },
+}
+
+/// What applying did.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    /// The overlay's metadata.
+    pub meta: OverlayMeta,
+    /// The QEMU device state to resume with.
+    pub device_state: Vec<u8>,
+    /// The overlay's trailer.
+    pub trailer: Trailer,
+    /// The rebuilt images: (name, path).
+    pub outputs: Vec<(String, PathBuf)>,
+    /// Chunks and records by kind.
+    pub kinds: KindCounts,
+    /// Overlay bytes read.
+    pub overlay_bytes: u64,
+    /// Time from start until the last byte of the overlay was read.
+    pub receive: Duration,
+    /// Time spent decompressing and checking blobs, summed over threads.
+    pub decode: Duration,
+    /// Time the applier spent writing records.
+    pub apply: Duration,
+    /// Time verifying digests after the last record.
+    pub verify: Duration,
+    /// Wall clock.
+    pub total: Duration,
+}
+
+/// Options of [`apply_overlay`].
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// The base's id; the overlay must name it.
+    pub base_id: BaseId,
+    /// Where to write each rebuilt image, by name. Every image of the overlay needs one; none
+    /// may exist yet.
+    pub outputs: Vec<(String, PathBuf)>,
+    /// fsync the images before renaming them into place.
+    pub fsync: bool,
+}
+
+struct Out {
+    name: String,
+    tmp: PathBuf,
+    path: PathBuf,
+    file: File,
+    size: u64,
+    hashes: Vec<ChunkHash>,
+    /// Chunks whose hash must be read back at the end (untouched chunks straddling a size edge).
+    recheck: Vec<u64>,
+    written: Vec<u64>,
+}
+
+impl Out {
+    fn mark(&mut self, c: u64) {
+        self.written[(c / 64) as usize] |= 1 << (c % 64);
+    }
+    fn was_written(&self, c: u64) -> bool {
+        self.written
+            .get((c / 64) as usize)
+            .is_some_and(|w| w & (1 << (c % 64)) != 0)
+    }
+    fn chunk_len(&self, c: u64) -> usize {
+        (self.size - c * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64) as usize
+    }
+}
+
+/// Removes the temporary outputs unless committed.
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn zero_hash(len: usize) -> ChunkHash {
+    if len == CHUNK_SIZE {
+        ChunkHash::zero()
+    } else {
+        ChunkHash::of(&vec![0u8; len])
+    }
+}
+
+/// Rebuilds the custom VM's images from `base` and the overlay read from `input`.
+///
+/// The overlay is read on its own thread; blobs are decompressed on the rayon pool while the
+/// calling thread applies records in order, so applying starts with the first blob. Digests
+/// are checked before the outputs are renamed into place; on any error the partial outputs are
+/// removed.
+pub fn apply_overlay<R: Read + Send>(
+    base: &Base,
+    input: R,
+    opts: &ApplyOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<ApplyReport, ApplyError> {
+    let t0 = Instant::now();
+    let mut reader = OverlayReader::new(input)?;
+    let meta = reader.meta().clone();
+    if meta.base_id != opts.base_id {
+        return Err(ApplyError::WrongBase {
+            overlay: meta.base_id,
+            base: opts.base_id,
+        });
+    }
+    let idx = base.index();
+    if meta.images.len() != idx.images().len() {
+        return Err(ApplyError::Mismatch {
+            reason: format!(
+                "{} images in the overlay, {} in the base",
+                meta.images.len(),
+                idx.images().len()
+            ),
+        });
+    }
+    for (m, b) in meta.images.iter().zip(idx.images()) {
+        if m.name != b.name || m.base_size != b.size {
+            return Err(ApplyError::Mismatch {
+                reason: format!(
+                    "overlay image '{}' expects a base image of {} bytes, base has '{}' of {} bytes",
+                    m.name, m.base_size, b.name, b.size
+                ),
+            });
+        }
+    }
+    // Prepare outputs: sparse copies of the base images under temporary names.
+    let mut cleanup = Cleanup(Vec::new());
+    let mut outs = Vec::with_capacity(meta.images.len());
+    for (i, m) in meta.images.iter().enumerate() {
+        let Some((_, path)) = opts.outputs.iter().find(|(n, _)| *n == m.name) else {
+            return Err(ApplyError::Mismatch {
+                reason: format!("no output path for image '{}'", m.name),
+            });
+        };
+        if path.exists() {
+            return Err(ApplyError::OutputExists { path: path.clone() });
+        }
+        let tmp = temp_name(path);
+        let _ = std::fs::remove_file(&tmp);
+        let file = sparse_copy(base.path(i), &tmp, m.size).map_err(|source| ApplyError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        cleanup.0.push(tmp.clone());
+        let n = m.size.div_ceil(CHUNK_SIZE as u64);
+        let mut hashes = Vec::with_capacity(n as usize);
+        let mut recheck = Vec::new();
+        for c in 0..n {
+            let len = (m.size - c * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64) as usize;
+            let start = c * CHUNK_SIZE as u64;
+            if len == CHUNK_SIZE && start + CHUNK_SIZE as u64 <= m.base_size {
+                hashes.push(idx.images()[i].hashes[c as usize]);
+            } else if start >= m.base_size {
+                hashes.push(zero_hash(len));
+            } else {
+                hashes.push(ChunkHash::zero());
+                recheck.push(c);
+            }
+        }
+        outs.push(Out {
+            name: m.name.clone(),
+            tmp,
+            path: path.clone(),
+            file,
+            size: m.size,
+            hashes,
+            recheck,
+            written: vec![0u64; n.div_ceil(64) as usize],
+        });
+    }
+    let device_state = reader.take_device_state()?;
+    let total_len: u64 = meta.images.iter().map(|m| m.size).sum();
+
+    let meta_arc = Arc::new(meta.clone());
+    let decode_nanos = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut kinds = KindCounts::default();
+    let mut apply_time = Duration::ZERO;
+    let result: Result<(Trailer, u64, Duration), ApplyError> = std::thread::scope(|s| {
+        type Pending = Receiver<Result<DecodedBlob, DecodeError>>;
+        let (tx, rx) = sync_channel::<Result<Pending, DecodeError>>(8);
+        let meta_r = meta_arc.clone();
+        let dn = decode_nanos.clone();
+        let reader_thread = s.spawn(move || -> Option<(Trailer, u64, Duration)> {
+            loop {
+                match reader.next_blob() {
+                    Ok(Some(blob)) => {
+                        let (btx, brx) = sync_channel(1);
+                        let meta = meta_r.clone();
+                        let dn = dn.clone();
+                        rayon::spawn(move || {
+                            let t = Instant::now();
+                            let r = blob.decode_for(&meta);
+                            dn.fetch_add(
+                                t.elapsed().as_nanos() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                            let _ = btx.send(r);
+                        });
+                        if tx.send(Ok(brx)).is_err() {
+                            return None;
+                        }
+                    }
+                    Ok(None) => {
+                        let t = reader.trailer().cloned().expect("trailer read");
+                        return Some((t, reader.bytes_read(), t0.elapsed()));
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return None;
+                    }
+                }
+            }
+        });
+        let mut applied_bytes = 0u64;
+        for pending in rx {
+            let blob = pending?.recv().map_err(|_| ApplyError::Mismatch {
+                reason: "decoder vanished".into(),
+            })??;
+            let ta = Instant::now();
+            for r in blob.records() {
+                applied_bytes += apply_record(base, &mut outs, &r, &mut kinds)?;
+            }
+            apply_time += ta.elapsed();
+            progress(Progress {
+                phase: "apply",
+                done: applied_bytes.min(total_len),
+                total: total_len,
+            });
+        }
+        match reader_thread.join().expect("reader thread panicked") {
+            Some(t) => Ok(t),
+            None => Err(ApplyError::Mismatch {
+                reason: "overlay ended without a trailer".into(),
+            }),
+        }
+    });
+    let (trailer, overlay_bytes, receive) = result?;
+
+    // Verify.
+    let tv = Instant::now();
+    for (i, o) in outs.iter_mut().enumerate() {
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        for &c in &o.recheck {
+            if !o.was_written(c) {
+                let len = o.chunk_len(c);
+                o.file
+                    .read_exact_at(&mut buf[..len], c * CHUNK_SIZE as u64)
+                    .map_err(|source| ApplyError::Io {
+                        path: o.tmp.clone(),
+                        source,
+                    })?;
+                o.hashes[c as usize] = ChunkHash::of(&buf[..len]);
+            }
+        }
+        let got = ImageDigest::from_chunk_hashes(o.hashes.iter().copied());
+        if got != trailer.image_digests[i] {
+            return Err(ApplyError::DigestMismatch {
+                image: o.name.clone(),
+                expected: trailer.image_digests[i],
+                got,
+            });
+        }
+    }
+    if opts.fsync {
+        outs.par_iter().try_for_each(|o| {
+            o.file.sync_all().map_err(|source| ApplyError::Io {
+                path: o.tmp.clone(),
+                source,
+            })
+        })?;
+    }
+    let verify = tv.elapsed();
+    let mut outputs = Vec::new();
+    for o in &outs {
+        std::fs::rename(&o.tmp, &o.path).map_err(|source| ApplyError::Io {
+            path: o.path.clone(),
+            source,
+        })?;
+        outputs.push((o.name.clone(), o.path.clone()));
+    }
+    cleanup.0.clear();
+    Ok(ApplyReport {
+        meta,
+        device_state,
+        trailer,
+        outputs,
+        kinds,
+        overlay_bytes,
+        receive,
+        decode: Duration::from_nanos(decode_nanos.load(std::sync::atomic::Ordering::Relaxed)),
+        apply: apply_time,
+        verify,
+        total: t0.elapsed(),
+    })
+}
+
+fn temp_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.partial"))
+}
+
+/// Applies one record; returns the bytes it covers.
+fn apply_record(
+    base: &Base,
+    outs: &mut [Out],
+    r: &RecordRef<'_>,
+    kinds: &mut KindCounts,
+) -> Result<u64, ApplyError> {
+    let cs = CHUNK_SIZE as u64;
+    let image = r.image() as usize;
+    let io = |o: &Out| {
+        let p = o.tmp.clone();
+        move |source| ApplyError::Io { path: p, source }
+    };
+    match *r {
+        RecordRef::Zero { chunk, count, .. } => {
+            let o = &mut outs[image];
+            let start = chunk * cs;
+            let end = ((chunk + count) * cs).min(o.size);
+            zero_range(&o.file, start, end - start).map_err(io(o))?;
+            for c in chunk..chunk + count {
+                o.hashes[c as usize] = zero_hash(o.chunk_len(c));
+                o.mark(c);
+            }
+            kinds.zero.add(count);
+            Ok(end - start)
+        }
+        RecordRef::CopyBase {
+            chunk, count, src, ..
+        } => {
+            let o = &mut outs[image];
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            for k in 0..count {
+                let c = chunk + k;
+                let len = o.chunk_len(c);
+                let h = match base.full_chunk(src.image as usize, src.chunk + k) {
+                    Some(b) if len == CHUNK_SIZE => {
+                        o.file.write_all_at(b, c * cs).map_err(io(o))?;
+                        base.full_hash(src.image as usize, src.chunk + k)
+                            .expect("full chunk")
+                    }
+                    _ => {
+                        base.read_padded(src.image as usize, src.chunk + k, &mut buf[..len]);
+                        o.file.write_all_at(&buf[..len], c * cs).map_err(io(o))?;
+                        ChunkHash::of(&buf[..len])
+                    }
+                };
+                o.hashes[c as usize] = h;
+                o.mark(c);
+            }
+            kinds.copy_base.add(count);
+            Ok(count * cs)
+        }
+        RecordRef::CopySelf { chunk, src, .. } => {
+            let bad = |reason: &str| ApplyError::Record {
+                image: outs[image].name.clone(),
+                chunk,
+                reason: reason.into(),
+            };
+            let s = &outs[src.image as usize];
+            if !s.was_written(src.chunk) {
+                return Err(bad("copies a chunk no earlier record wrote"));
+            }
+            let len = outs[image].chunk_len(chunk);
+            if s.chunk_len(src.chunk) != len {
+                return Err(bad("copies a chunk of another length"));
+            }
+            let mut buf = vec![0u8; len];
+            s.file
+                .read_exact_at(&mut buf, src.chunk * cs)
+                .map_err(io(s))?;
+            let h = s.hashes[src.chunk as usize];
+            let o = &mut outs[image];
+            o.file.write_all_at(&buf, chunk * cs).map_err(io(o))?;
+            o.hashes[chunk as usize] = h;
+            o.mark(chunk);
+            kinds.copy_self.add(1);
+            Ok(len as u64)
+        }
+        RecordRef::Patch { chunk, patch, .. } => {
+            let o = &mut outs[image];
+            let len = o.chunk_len(chunk);
+            let mut b = vec![0u8; len];
+            base.read_padded(image, chunk, &mut b);
+            let mut out = vec![0u8; len];
+            apply_patch(&b, patch, &mut out).map_err(|e| ApplyError::Record {
+                image: o.name.clone(),
+                chunk,
+                reason: e.to_string(),
+            })?;
+            o.file.write_all_at(&out, chunk * cs).map_err(io(o))?;
+            o.hashes[chunk as usize] = ChunkHash::of(&out);
+            o.mark(chunk);
+            kinds.patch.add(1);
+            kinds.patch.bytes += patch.len() as u64;
+            Ok(len as u64)
+        }
+        RecordRef::Raw { chunk, data, .. } => {
+            let o = &mut outs[image];
+            o.file.write_all_at(data, chunk * cs).map_err(io(o))?;
+            let n = data.len().div_ceil(CHUNK_SIZE);
+            let hs: Vec<ChunkHash> = data
+                .par_chunks(CHUNK_SIZE)
+                .with_min_len(16)
+                .map(ChunkHash::of)
+                .collect();
+            for (k, h) in hs.into_iter().enumerate() {
+                o.hashes[chunk as usize + k] = h;
+                o.mark(chunk + k as u64);
+            }
+            kinds.raw.add(n as u64);
+            kinds.raw.bytes += data.len() as u64;
+            Ok(data.len() as u64)
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! Creating an overlay: classify every changed chunk of the custom VM's images and write the
+//! records, blobs sealed in parallel.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use overlay_format::{
+    encode_patch, BaseId, BlobBuilder, ChunkHash, ChunkRef, Compression, EncodeError,
+    ImageDigester, ImageMeta, OverlayMeta, OverlayWriter, PortForward, SealedBlob, VmSpec,
+    CHUNK_SIZE,
+};
+use rayon::prelude::*;
+
+use crate::base::Base;
+use crate::file::{data_extents, Mapped};
+use crate::{KindCounts, Progress};
+
+/// One image of the custom VM.
+#[derive(Debug, Clone)]
+pub struct CustomImage {
+    /// Name of the base image it derives from (`memory`, `disk0`, ...).
+    pub name: String,
+    /// Where its bytes are.
+    pub source: CustomSource,
+}
+
+/// Where a custom image's bytes are.
+#[derive(Debug, Clone)]
+pub enum CustomSource {
+    /// A raw image file (a RAM file, a raw disk).
+    Raw(PathBuf),
+}
+
+/// The overlay's descriptive fields (everything in [`OverlayMeta`] the engine does not derive).
+#[derive(Debug, Clone)]
+pub struct OverlayInfo {
+    /// Id of the base VM.
+    pub base_id: BaseId,
+    /// Spec of the custom VM.
+    pub spec: VmSpec,
+    /// Default port forwards of the app.
+    pub forwards: Vec<PortForward>,
+    /// Name of the overlay / app.
+    pub name: String,
+    /// Writer, e.g. `cloudlet 0.1.0`.
+    pub creator: String,
+    /// Creation time, Unix seconds.
+    pub created_unix: u64,
+}
+
+/// Tuning of overlay creation.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Compressor of blobs and device state.
+    pub compression: Compression,
+    /// Compression level (zstd: 1..=19, default 3; xz: 0..=9, default 6).
+    pub level: i32,
+    /// Target size of a blob before compression.
+    pub blob_bytes: usize,
+    /// Address space classified per batch (bounds memory).
+    pub batch_bytes: u64,
+    /// A patch is used when it is at most this long (else the chunk is stored raw).
+    pub patch_limit: usize,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            compression: Compression::Zstd,
+            level: 3,
+            blob_bytes: 4 << 20,
+            batch_bytes: 128 << 20,
+            patch_limit: CHUNK_SIZE / 2,
+        }
+    }
+}
+
+impl CreateOptions {
+    /// Options for xz at `level`.
+    pub fn xz(level: i32) -> Self {
+        CreateOptions {
+            compression: Compression::Xz,
+            level,
+            ..Self::default()
+        }
+    }
+}
+
+/// Error creating an overlay.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// A custom image could not be read.
+    #[error("{path}: cannot read the custom image")]
+    Io {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The custom images do not match the base.
+    #[error("custom images do not match the base: {reason}")]
+    Mismatch {
+        /// What differs.
+        reason: String,
+    },
+    /// Writing the overlay failed.
+    #[error("cannot write the overlay")]
+    Encode(#[from] EncodeError),
+}
+
+/// What creation did and how long it took.
+#[derive(Debug, Clone, Default)]
+pub struct CreateStats {
+    /// Bytes of custom images scanned (address space, holes included).
+    pub scanned_bytes: u64,
+    /// Chunks that differ from the base at the same offset.
+    pub changed_chunks: u64,
+    /// Chunks and records by kind.
+    pub kinds: KindCounts,
+    /// Blob bytes before compression.
+    pub blob_bytes_raw: u64,
+    /// Blob bytes after compression.
+    pub blob_bytes_compressed: u64,
+    /// Blobs written.
+    pub blobs: u64,
+    /// Total overlay size.
+    pub overlay_bytes: u64,
+    /// Time classifying chunks (hash, dedup, patch).
+    pub scan: Duration,
+    /// Time compressing blobs (wall clock, in parallel).
+    pub compress: Duration,
+    /// Time writing the overlay.
+    pub write: Duration,
+    /// Wall clock of the whole creation.
+    pub total: Duration,
+}
+
+#[derive(Clone, Copy)]
+enum Class {
+    Same,
+    Zero,
+    Base(ChunkRef),
+    Fresh,
+}
+
+/// A run being accumulated before it becomes a record.
+enum Run {
+    None,
+    Zero {
+        image: u8,
+        chunk: u64,
+        count: u64,
+    },
+    Base {
+        image: u8,
+        chunk: u64,
+        count: u64,
+        src: ChunkRef,
+    },
+    Raw {
+        image: u8,
+        chunk: u64,
+        count: u64,
+    },
+}
+
+struct Emitter<'a> {
+    run: Run,
+    builder: BlobBuilder,
+    ready: Vec<BlobBuilder>,
+    blob_bytes: usize,
+    customs: &'a [Mapped],
+    kinds: KindCounts,
+}
+
+impl Emitter<'_> {
+    fn flush(&mut self) {
+        match std::mem::replace(&mut self.run, Run::None) {
+            Run::None => return,
+            Run::Zero {
+                image,
+                chunk,
+                count,
+            } => {
+                self.builder.push_zero(image, chunk, count);
+                self.kinds.zero.add(count);
+            }
+            Run::Base {
+                image,
+                chunk,
+                count,
+                src,
+            } => {
+                self.builder.push_copy_base(image, chunk, count, src);
+                self.kinds.copy_base.add(count);
+            }
+            Run::Raw {
+                image,
+                chunk,
+                count,
+            } => {
+                let customs = self.customs;
+                let b = customs[image as usize].bytes();
+                let s = chunk as usize * CHUNK_SIZE;
+                let e = (s + count as usize * CHUNK_SIZE).min(b.len());
+                self.builder.push_raw(image, chunk, &b[s..e]);
+                self.kinds.raw.add(count);
+                self.kinds.raw.bytes += (e - s) as u64;
+            }
+        }
+        self.maybe_cut();
+    }
+
+    fn maybe_cut(&mut self) {
+        if self.builder.uncompressed_len() >= self.blob_bytes {
+            self.ready.push(std::mem::take(&mut self.builder));
+        }
+    }
+
+    fn zero(&mut self, image: u8, chunk: u64) {
+        if let Run::Zero {
+            image: i,
+            chunk: c,
+            count,
+        } = &mut self.run
+        {
+            if *i == image && *c + *count == chunk {
+                *count += 1;
+                return;
+            }
+        }
+        self.flush();
+        self.run = Run::Zero {
+            image,
+            chunk,
+            count: 1,
+        };
+    }
+
+    fn base(&mut self, image: u8, chunk: u64, src: ChunkRef) {
+        if let Run::Base {
+            image: i,
+            chunk: c,
+            count,
+            src: s,
+        } = &mut self.run
+        {
+            if *i == image
+                && *c + *count == chunk
+                && s.image == src.image
+                && s.chunk + *count == src.chunk
+            {
+                *count += 1;
+                return;
+            }
+        }
+        self.flush();
+        self.run = Run::Base {
+            image,
+            chunk,
+            count: 1,
+            src,
+        };
+    }
+
+    fn raw(&mut self, image: u8, chunk: u64) {
+        if let Run::Raw {
+            image: i,
+            chunk: c,
+            count,
+        } = &mut self.run
+        {
+            if *i == image
+                && *c + *count == chunk
+                && ((*count as usize + 1) * CHUNK_SIZE) <= self.blob_bytes
+            {
+                *count += 1;
+                return;
+            }
+        }
+        self.flush();
+        self.run = Run::Raw {
+            image,
+            chunk,
+            count: 1,
+        };
+    }
+
+    fn copy_self(&mut self, image: u8, chunk: u64, src: ChunkRef) {
+        self.flush();
+        self.builder.push_copy_self(image, chunk, src);
+        self.kinds.copy_self.add(1);
+        self.maybe_cut();
+    }
+
+    fn patch(&mut self, image: u8, chunk: u64, patch: &[u8]) {
+        self.flush();
+        self.builder.push_patch(image, chunk, patch);
+        self.kinds.patch.add(1);
+        self.kinds.patch.bytes += patch.len() as u64;
+        self.maybe_cut();
+    }
+}
+
+fn chunk_len(size: u64, c: u64) -> usize {
+    (size - c * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64) as usize
+}
+
+/// Creates an overlay that rebuilds `custom` from `base`, writing it to `out`.
+///
+/// `custom` names every base image exactly once. Chunks are classified in batches of
+/// `opts.batch_bytes` in parallel; blobs are sealed in parallel and written in order.
+pub fn create_overlay<W: Write>(
+    base: &Base,
+    custom: &[CustomImage],
+    info: &OverlayInfo,
+    device_state: &[u8],
+    opts: &CreateOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+    out: W,
+) -> Result<(W, CreateStats), CreateError> {
+    let t0 = Instant::now();
+    let idx = base.index();
+    if custom.len() != idx.images().len() {
+        return Err(CreateError::Mismatch {
+            reason: format!(
+                "{} custom images for {} base images",
+                custom.len(),
+                idx.images().len()
+            ),
+        });
+    }
+    // Custom images in base order.
+    let mut maps = Vec::with_capacity(custom.len());
+    let mut files = Vec::with_capacity(custom.len());
+    let mut paths = Vec::with_capacity(custom.len());
+    for bi in idx.images() {
+        let Some(ci) = custom.iter().find(|c| c.name == bi.name) else {
+            return Err(CreateError::Mismatch {
+                reason: format!("no custom image for base image '{}'", bi.name),
+            });
+        };
+        let CustomSource::Raw(path) = &ci.source;
+        let (file, map) = Mapped::open(path).map_err(|source| CreateError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        maps.push(map);
+        files.push(file);
+        paths.push(path.clone());
+    }
+    let images: Vec<ImageMeta> = idx
+        .images()
+        .iter()
+        .zip(&maps)
+        .map(|(bi, m)| ImageMeta {
+            name: bi.name.clone(),
+            kind: bi.kind,
+            size: m.len(),
+            base_size: bi.size,
+        })
+        .collect();
+    let meta = OverlayMeta {
+        base_id: info.base_id,
+        spec: info.spec.clone(),
+        images,
+        compression: opts.compression,
+        forwards: info.forwards.clone(),
+        name: info.name.clone(),
+        created_unix: info.created_unix,
+        creator: info.creator.clone(),
+    };
+    let mut writer = OverlayWriter::new(
+        Counting {
+            inner: out,
+            bytes: 0,
+        },
+        &meta,
+    )?;
+    writer.write_device_state(device_state, opts.level)?;
+
+    let total: u64 = maps.iter().map(|m| m.len()).sum();
+    let mut stats = CreateStats::default();
+    let mut em = Emitter {
+        run: Run::None,
+        builder: BlobBuilder::new(),
+        ready: Vec::new(),
+        blob_bytes: opts.blob_bytes,
+        customs: &maps,
+        kinds: KindCounts::default(),
+    };
+    let mut self_map: HashMap<ChunkHash, ChunkRef> = HashMap::new();
+    let mut digests = Vec::with_capacity(maps.len());
+    let batch_chunks = (opts.batch_bytes / CHUNK_SIZE as u64).max(1);
+    let mut scanned = 0u64;
+
+    for (ii, map) in maps.iter().enumerate() {
+        let size = map.len();
+        let bytes = map.bytes();
+        let n_chunks = size.div_ceil(CHUNK_SIZE as u64);
+        let extents = data_extents(&files[ii], size);
+        let mut digester = ImageDigester::new();
+        let mut c0 = 0u64;
+        while c0 < n_chunks {
+            let c1 = (c0 + batch_chunks).min(n_chunks);
+            let ts = Instant::now();
+            // Parallel classification of chunks c0..c1.
+            let classes: Vec<(Class, ChunkHash, Option<Vec<u8>>)> = (c0 as usize..c1 as usize)
+                .into_par_iter()
+                .with_min_len(256)
+                .map(|c| {
+                    let c = c as u64;
+                    let len = chunk_len(size, c);
+                    let s = (c * CHUNK_SIZE as u64) as usize;
+                    let off = c * CHUNK_SIZE as u64;
+                    let p = extents.partition_point(|&(a, _)| a <= off);
+                    let in_data = p > 0 && off < extents[p - 1].1;
+                    if !in_data {
+                        let h = if len == CHUNK_SIZE {
+                            ChunkHash::zero()
+                        } else {
+                            ChunkHash::of(&vec![0u8; len])
+                        };
+                        let class = if base.chunk_is_zero(ii, c, len) {
+                            Class::Same
+                        } else {
+                            Class::Zero
+                        };
+                        return (class, h, None);
+                    }
+                    let chunk = &bytes[s..s + len];
+                    if len == CHUNK_SIZE {
+                        if let Some(b) = base.full_chunk(ii, c) {
+                            if b == chunk {
+                                let h = base.full_hash(ii, c).expect("full chunk has a hash");
+                                return (Class::Same, h, None);
+                            }
+                        }
+                    } else {
+                        let mut padded = vec![0u8; len];
+                        base.read_padded(ii, c, &mut padded);
+                        if padded == chunk {
+                            return (Class::Same, ChunkHash::of(chunk), None);
+                        }
+                    }
+                    if overlay_format::digest::is_zero(chunk) {
+                        let h = ChunkHash::of(chunk);
+                        return (Class::Zero, h, None);
+                    }
+                    let h = ChunkHash::of(chunk);
+                    if len == CHUNK_SIZE {
+                        if let Some(r) = base.index().find(&h) {
+                            if base.full_chunk(r.image as usize, r.chunk) == Some(chunk) {
+                                return (Class::Base(r), h, None);
+                            }
+                        }
+                    }
+                    // A patch against the same-offset base chunk, if that chunk has content.
+                    let patch = if !base.chunk_is_zero(ii, c, len) {
+                        let mut b = vec![0u8; len];
+                        base.read_padded(ii, c, &mut b);
+                        encode_patch(&b, chunk, opts.patch_limit)
+                    } else {
+                        None
+                    };
+                    (Class::Fresh, h, patch)
+                })
+                .collect();
+            stats.scan += ts.elapsed();
+            // Sequential pass: self-dedup, runs, blobs.
+            for (k, (class, h, patch)) in classes.into_iter().enumerate() {
+                let c = c0 + k as u64;
+                digester.push(h);
+                let image = ii as u8;
+                match class {
+                    Class::Same => {
+                        em.flush();
+                    }
+                    Class::Zero => {
+                        stats.changed_chunks += 1;
+                        em.zero(image, c);
+                    }
+                    Class::Base(src) => {
+                        stats.changed_chunks += 1;
+                        em.base(image, c, src);
+                    }
+                    Class::Fresh => {
+                        stats.changed_chunks += 1;
+                        let len = chunk_len(size, c);
+                        let s = (c * CHUNK_SIZE as u64) as usize;
+                        let chunk = &bytes[s..s + len];
+                        if len == CHUNK_SIZE {
+                            if let Some(&src) = self_map.get(&h) {
+                                let sb = maps[src.image as usize].bytes();
+                                let ss = src.chunk as usize * CHUNK_SIZE;
+                                if sb.get(ss..ss + CHUNK_SIZE) == Some(chunk) {
+                                    em.copy_self(image, c, src);
+                                    continue;
+                                }
+                            }
+                            self_map.insert(h, ChunkRef { image, chunk: c });
+                        }
+                        match patch {
+                            Some(p) => em.patch(image, c, &p),
+                            None => em.raw(image, c),
+                        }
+                    }
+                }
+            }
+            em.flush();
+            scanned += (c1 - c0) * CHUNK_SIZE as u64;
+            progress(Progress {
+                phase: "scan",
+                done: scanned.min(total),
+                total,
+            });
+            // Seal the full blobs of this batch in parallel, write them in order.
+            write_ready(&mut em.ready, &mut writer, opts, &mut stats)?;
+            c0 = c1;
+        }
+        digests.push(digester.finish());
+    }
+    em.flush();
+    if !em.builder.is_empty() {
+        let last = std::mem::take(&mut em.builder);
+        em.ready.push(last);
+    }
+    write_ready(&mut em.ready, &mut writer, opts, &mut stats)?;
+    stats.kinds = em.kinds;
+    stats.scanned_bytes = total;
+    let trailer = writer.trailer(digests);
+    let tw = Instant::now();
+    let out = writer.finish(&trailer)?;
+    stats.write += tw.elapsed();
+    stats.overlay_bytes = out.bytes;
+    stats.total = t0.elapsed();
+    Ok((out.inner, stats))
+}
+
+/// Counts the bytes written through it.
+struct Counting<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn write_ready<W: Write>(
+    ready: &mut Vec<BlobBuilder>,
+    writer: &mut OverlayWriter<W>,
+    opts: &CreateOptions,
+    stats: &mut CreateStats,
+) -> Result<(), CreateError> {
+    if ready.is_empty() {
+        return Ok(());
+    }
+    let tc = Instant::now();
+    let sealed: Vec<SealedBlob> = std::mem::take(ready)
+        .into_par_iter()
+        .map(|b| b.seal(opts.compression, opts.level))
+        .collect::<Result<_, _>>()?;
+    stats.compress += tc.elapsed();
+    let tw = Instant::now();
+    for s in &sealed {
+        stats.blob_bytes_raw += s.uncompressed_len() as u64;
+        stats.blob_bytes_compressed += s.compressed_len() as u64;
+        stats.blobs += 1;
+        writer.write_blob(s)?;
+    }
+    stats.write += tw.elapsed();
+    Ok(())
+}
