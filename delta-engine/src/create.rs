@@ -433,18 +433,21 @@ pub fn create_overlay<W: Write>(
                         return (class, h, None);
                     }
                     let chunk = &bytes[s..s + len];
-                    if len == CHUNK_SIZE {
-                        if let Some(b) = base.full_chunk(ii, c) {
+                    match base.full_chunk(ii, c) {
+                        Some(b) if len == CHUNK_SIZE => {
                             if b == chunk {
                                 let h = base.full_hash(ii, c).expect("full chunk has a hash");
                                 return (Class::Same, h, None);
                             }
                         }
-                    } else {
-                        let mut padded = vec![0u8; len];
-                        base.read_padded(ii, c, &mut padded);
-                        if padded == chunk {
-                            return (Class::Same, ChunkHash::of(chunk), None);
+                        _ => {
+                            // Straddles or lies past the base image's end: compare with the
+                            // zero-padded base bytes.
+                            let mut padded = vec![0u8; len];
+                            base.read_padded(ii, c, &mut padded);
+                            if padded == chunk {
+                                return (Class::Same, ChunkHash::of(chunk), None);
+                            }
                         }
                     }
                     if overlay_format::digest::is_zero(chunk) {
