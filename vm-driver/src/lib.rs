@@ -1,2 +1,370 @@
-//! A consumer-side hypervisor trait and its QEMU implementation.
+//! A small consumer-side hypervisor interface — what VM synthesis needs: launch, pause,
+//! resume, snapshot, restore, shut down, console, forwarded ports — and its QEMU
+//! implementation over QMP.
+//!
+//! Snapshots follow one recipe: guest RAM lives in a `memory-backend-file` with `share=on`, so
+//! after `stop` the RAM file *is* the guest's memory, byte for byte; only the device state is
+//! migrated (capability `x-ignore-shared`) into a `file:` blob, which takes milliseconds. A
+//! restore starts a new QEMU with `-incoming defer` over the RAM file, either mapped
+//! copy-on-write (`share=off`, the file is never written) or as a private writable copy.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use vm_driver::*;
+//!
+//! let qemu = Qemu::new()?; // finds qemu-system-x86_64, probes KVM, falls back to TCG
+//! let spec = LaunchSpec::new(256 << 20)
+//!     .kernel("vmlinuz", "initrd.img", "console=ttyS0 quiet")
+//!     .disk("disk0", "disk.raw", DiskFormat::Raw)
+//!     .forward(0, 80);
+//! let mut vm = qemu.launch(&spec)?;
+//! vm.console()?.wait_for_text("ready", Duration::from_secs(60))?;
+//! let (out, status) = vm.console()?.run("uname -r", Duration::from_secs(10))?;
+//! let snap = vm.snapshot("snapshot-dir".as_ref())?; // VM is left paused
+//! drop(vm); // kills QEMU, removes its runtime dir
+//! let restored = qemu.restore(&snap, &RestoreOptions::default())?;
+//! println!("{out} {status} {:?}", restored.host_port(80));
+//! # Ok::<(), DriverError>(())
+//! ```
 #![deny(missing_docs)]
+
+mod accel;
+mod console;
+mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use accel::Accel;
+pub use console::Console;
+pub use qemu::{qcow2_layer, Qemu, QemuVm};
+use serde::{Deserialize, Serialize};
+
+/// The hypervisor operations the synthesis flows use.
+pub trait Hypervisor {
+    /// A running VM.
+    type Vm: Vm;
+    /// Boots a new VM.
+    fn launch(&self, spec: &LaunchSpec) -> Result<Self::Vm, DriverError>;
+    /// Starts a VM from a snapshot, running.
+    fn restore(&self, snapshot: &Snapshot, opts: &RestoreOptions) -> Result<Self::Vm, DriverError>;
+}
+
+/// A VM the flows drive.
+pub trait Vm {
+    /// Pauses the vCPUs.
+    fn pause(&mut self) -> Result<(), DriverError>;
+    /// Resumes the vCPUs.
+    fn resume(&mut self) -> Result<(), DriverError>;
+    /// Pauses the VM and writes a snapshot (RAM image, device state, disks, manifest) into
+    /// `dir`, which must not exist or be empty. The VM stays paused.
+    fn snapshot(&mut self, dir: &std::path::Path) -> Result<Snapshot, DriverError>;
+    /// The host port forwarded to `guest_port`, if any.
+    fn host_port(&self, guest_port: u16) -> Option<u16>;
+    /// The serial console.
+    fn console(&mut self) -> Result<&mut Console, DriverError>;
+    /// Stops the VM and releases everything it held.
+    fn shutdown(self) -> Result<(), DriverError>;
+}
+
+/// Disk image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskFormat {
+    /// Raw bytes.
+    Raw,
+    /// qcow2 (e.g. a layer over a raw base disk).
+    Qcow2,
+}
+
+/// A disk to attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// Name (`disk0`, ...).
+    pub name: String,
+    /// Image file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+}
+
+/// Direct kernel boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelBoot {
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// The initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// A TCP port forward from the host's loopback into the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    /// Host port; 0 picks a free one.
+    pub host_port: u16,
+    /// Guest port.
+    pub guest_port: u16,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// Versioned machine type.
+    pub machine_type: String,
+    /// Named CPU model.
+    pub cpu_model: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in bytes (a multiple of 1 MiB).
+    pub ram_bytes: u64,
+    /// Kernel boot, or firmware boot from the first disk when `None`.
+    pub kernel: Option<KernelBoot>,
+    /// Disks, attached as virtio-blk in order.
+    pub disks: Vec<Disk>,
+    /// Port forwards (user networking).
+    pub forwards: Vec<Forward>,
+    /// Address the forwards listen on.
+    pub forward_address: String,
+    /// Serve a VNC display on this loopback display number (port 5900 + n).
+    pub vnc_display: Option<u16>,
+    /// Directory for the RAM file (default: /dev/shm when present).
+    pub ram_dir: Option<PathBuf>,
+}
+
+impl LaunchSpec {
+    /// A spec with the portable defaults: `pc-q35-10.0`, `qemu64`, 1 vCPU.
+    pub fn new(ram_bytes: u64) -> Self {
+        LaunchSpec {
+            machine_type: "pc-q35-10.0".into(),
+            cpu_model: "qemu64".into(),
+            vcpus: 1,
+            ram_bytes,
+            kernel: None,
+            disks: Vec::new(),
+            forwards: Vec::new(),
+            forward_address: "127.0.0.1".into(),
+            vnc_display: None,
+            ram_dir: None,
+        }
+    }
+
+    /// Boots `kernel` with `initrd` and `cmdline`.
+    pub fn kernel(
+        mut self,
+        kernel: impl Into<PathBuf>,
+        initrd: impl Into<PathBuf>,
+        cmdline: &str,
+    ) -> Self {
+        self.kernel = Some(KernelBoot {
+            kernel: kernel.into(),
+            initrd: Some(initrd.into()),
+            cmdline: cmdline.into(),
+        });
+        self
+    }
+
+    /// Adds a disk.
+    pub fn disk(mut self, name: &str, path: impl Into<PathBuf>, format: DiskFormat) -> Self {
+        self.disks.push(Disk {
+            name: name.into(),
+            path: path.into(),
+            format,
+        });
+        self
+    }
+
+    /// Adds a port forward.
+    pub fn forward(mut self, host_port: u16, guest_port: u16) -> Self {
+        self.forwards.push(Forward {
+            host_port,
+            guest_port,
+        });
+        self
+    }
+}
+
+/// How a restore maps the snapshot's RAM image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RamMode {
+    /// Map the RAM image privately, copy-on-write (`share=off`): fast, the file is untouched,
+    /// but the restored VM cannot be snapshotted again.
+    #[default]
+    CopyOnWrite,
+    /// Copy the RAM image (sparse) and share it (`share=on`): the VM can be snapshotted again.
+    PrivateCopy,
+}
+
+/// Options of a restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// RAM mapping.
+    pub ram: RamMode,
+    /// Disks to attach instead of the snapshot's (same names and order), e.g. a qcow2 layer
+    /// over the snapshot's disk.
+    pub disks: Option<Vec<Disk>>,
+    /// Port forwards; `None` keeps the snapshot's guest ports with fresh host ports.
+    pub forwards: Option<Vec<Forward>>,
+    /// VNC display, as in [`LaunchSpec::vnc_display`].
+    pub vnc_display: Option<u16>,
+}
+
+/// A snapshot on disk: `snapshot.json` in `dir` plus the files it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The directory (not serialised).
+    #[serde(skip)]
+    pub dir: PathBuf,
+    /// Manifest format version.
+    pub format: u32,
+    /// Machine type.
+    pub machine_type: String,
+    /// CPU model.
+    pub cpu_model: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// RAM size.
+    pub ram_bytes: u64,
+    /// QEMU version that took it.
+    pub qemu_version: String,
+    /// Accelerator it ran under (`tcg` or `kvm`).
+    pub accelerator: String,
+    /// Kernel boot (paths relative to `dir`).
+    pub kernel: Option<KernelBoot>,
+    /// Disks (paths relative to `dir`).
+    pub disks: Vec<Disk>,
+    /// Guest ports that were forwarded.
+    pub guest_ports: Vec<u16>,
+    /// RAM image file name.
+    pub memory_file: String,
+    /// Device-state file name.
+    pub device_state_file: String,
+    /// blake3 over the RAM image then the device state, hex.
+    pub state_hash: String,
+}
+
+impl Snapshot {
+    /// Reads `dir/snapshot.json`.
+    pub fn load(dir: &std::path::Path) -> Result<Self, DriverError> {
+        let p = dir.join("snapshot.json");
+        let bytes = std::fs::read(&p).map_err(|source| DriverError::Io {
+            what: format!("read {}", p.display()),
+            source,
+        })?;
+        if bytes.len() > 1 << 20 {
+            return Err(DriverError::BadSnapshot {
+                dir: dir.to_owned(),
+                reason: "snapshot.json over 1 MiB".into(),
+            });
+        }
+        let mut s: Snapshot =
+            serde_json::from_slice(&bytes).map_err(|e| DriverError::BadSnapshot {
+                dir: dir.to_owned(),
+                reason: e.to_string(),
+            })?;
+        if s.format != 1 {
+            return Err(DriverError::BadSnapshot {
+                dir: dir.to_owned(),
+                reason: format!("manifest format {}", s.format),
+            });
+        }
+        s.dir = dir.to_owned();
+        Ok(s)
+    }
+
+    /// The RAM image.
+    pub fn memory_path(&self) -> PathBuf {
+        self.dir.join(&self.memory_file)
+    }
+
+    /// The device state.
+    pub fn device_state_path(&self) -> PathBuf {
+        self.dir.join(&self.device_state_file)
+    }
+}
+
+/// Errors of the driver.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// The QEMU binary is missing or unusable.
+    #[error("QEMU binary {path} cannot be run")]
+    MissingQemu {
+        /// The binary.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the VM needs is missing or unusable.
+    #[error("{what} {path}: {reason}")]
+    BadImage {
+        /// Which input.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The host cannot honour what a snapshot or spec asks for.
+    #[error("this host cannot run it: {what} is {wanted}, but {reason}")]
+    Incompatible {
+        /// `machine type`, `CPU model`, `QEMU version`, `accelerator`.
+        what: &'static str,
+        /// The value asked for.
+        wanted: String,
+        /// Why the host cannot.
+        reason: String,
+    },
+    /// A snapshot's files do not match its recorded hash, or its manifest is bad.
+    #[error("snapshot {dir}: {reason}")]
+    BadSnapshot {
+        /// Snapshot directory.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A forwarded host port is taken.
+    #[error("host port {port} is already in use")]
+    PortInUse {
+        /// The port.
+        port: u16,
+    },
+    /// QEMU exited.
+    #[error("QEMU exited ({status}); its last words:\n{stderr_tail}")]
+    QemuDied {
+        /// Exit status.
+        status: String,
+        /// Last lines of its stderr.
+        stderr_tail: String,
+    },
+    /// A QMP exchange failed.
+    #[error("QMP")]
+    Qmp(#[from] qmp::QmpError),
+    /// A wait ran out.
+    #[error("timed out after {timeout:?} waiting for {waiting_for}")]
+    Timeout {
+        /// What was awaited.
+        waiting_for: String,
+        /// How long.
+        timeout: Duration,
+    },
+    /// Migration (snapshot or restore) failed.
+    #[error("migration failed: {reason}")]
+    Migration {
+        /// QEMU's status or error.
+        reason: String,
+    },
+    /// Host I/O.
+    #[error("cannot {what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}

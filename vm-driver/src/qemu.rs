@@ -1,0 +1,947 @@
+//! The QEMU implementation of [`Hypervisor`] and [`Vm`].
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::accel::{self, Accel, Choice};
+use crate::console::Console;
+use crate::qmp::Qmp;
+use crate::{
+    Disk, DiskFormat, DriverError, Forward, Hypervisor, KernelBoot, LaunchSpec, RamMode,
+    RestoreOptions, Snapshot, Vm,
+};
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A QEMU installation (`qemu-system-x86_64`).
+pub struct Qemu {
+    binary: PathBuf,
+    version: String,
+    machines: String,
+    cpus: String,
+    accel: Mutex<Option<Choice>>,
+}
+
+impl std::fmt::Debug for Qemu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qemu")
+            .field("binary", &self.binary)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+fn run_capture(binary: &Path, args: &[&str]) -> Result<String, DriverError> {
+    let out = Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| DriverError::MissingQemu {
+            path: binary.to_owned(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn version_tuple(v: &str) -> Vec<u64> {
+    v.split('.').map(|p| p.parse().unwrap_or(0)).collect()
+}
+
+static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Qemu {
+    /// The binary from `CLOUDLET_QEMU`, else `qemu-system-x86_64` on the PATH.
+    pub fn new() -> Result<Self, DriverError> {
+        let bin = std::env::var_os("CLOUDLET_QEMU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "qemu-system-x86_64".into());
+        Self::with_binary(&bin)
+    }
+
+    /// A specific binary.
+    pub fn with_binary(binary: &Path) -> Result<Self, DriverError> {
+        let v = run_capture(binary, &["--version"])?;
+        let version = v
+            .split_whitespace()
+            .skip_while(|w| *w != "version")
+            .nth(1)
+            .map(|s| s.trim_end_matches(',').to_string())
+            .ok_or_else(|| DriverError::MissingQemu {
+                path: binary.to_owned(),
+                source: std::io::Error::other(format!("unexpected --version output: {v}")),
+            })?;
+        let machines = run_capture(binary, &["-machine", "help"])?;
+        let cpus = run_capture(binary, &["-cpu", "help"])?;
+        Ok(Qemu {
+            binary: binary.to_owned(),
+            version,
+            machines,
+            cpus,
+            accel: Mutex::new(None),
+        })
+    }
+
+    /// QEMU's version, e.g. `10.0.2`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The accelerator VMs get, and why (probes KVM with `probe_kernel` the first time).
+    pub fn accelerator(&self, probe_kernel: Option<&KernelBoot>) -> (Accel, String) {
+        let mut g = self.accel.lock().unwrap_or_else(|e| e.into_inner());
+        let c = g.get_or_insert_with(|| accel::choose(&self.binary, &self.version, probe_kernel));
+        (c.accel, c.reason.clone())
+    }
+
+    fn check_machine(&self, machine: &str, cpu: &str) -> Result<(), DriverError> {
+        if !self
+            .machines
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(machine))
+        {
+            return Err(DriverError::Incompatible {
+                what: "machine type",
+                wanted: machine.into(),
+                reason: format!("QEMU {} does not offer it (`-machine help`)", self.version),
+            });
+        }
+        let known = self
+            .cpus
+            .lines()
+            .any(|l| l.split_whitespace().any(|w| w == cpu));
+        if !known {
+            return Err(DriverError::Incompatible {
+                what: "CPU model",
+                wanted: cpu.into(),
+                reason: format!("QEMU {} does not know it (`-cpu help`)", self.version),
+            });
+        }
+        Ok(())
+    }
+
+    fn start(&self, p: Start<'_>) -> Result<QemuVm, DriverError> {
+        self.check_machine(p.machine, p.cpu)?;
+        if let Some(k) = p.kernel {
+            check_file("kernel", &k.kernel)?;
+            if let Some(i) = &k.initrd {
+                check_file("initrd", i)?;
+            }
+        }
+        for d in p.disks {
+            check_file("disk image", &d.path)?;
+        }
+        let forwards = resolve_forwards(p.forwards)?;
+        let runtime = p.runtime;
+        let qmp_sock = runtime.join("qmp.sock");
+        let ser_sock = runtime.join("serial.sock");
+        let ser_log = runtime.join("serial.log");
+        let stderr_log = runtime.join("qemu.stderr");
+        let mut args: Vec<String> = vec![
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-machine".into(),
+            format!(
+                "{},accel={},memory-backend=ram0",
+                p.machine,
+                p.accel.as_str()
+            ),
+            "-cpu".into(),
+            p.cpu.into(),
+            "-smp".into(),
+            p.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", p.ram_bytes >> 20),
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=ram0,size={},mem-path={},share={},readonly={},rom=off",
+                p.ram_bytes,
+                p.ram_path.display(),
+                if p.ram_share { "on" } else { "off" },
+                if p.ram_readonly { "on" } else { "off" },
+            ),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp_sock.display()),
+            "-chardev".into(),
+            format!(
+                "socket,id=ser0,path={},server=on,wait=off,logfile={},logappend=on",
+                ser_sock.display(),
+                ser_log.display()
+            ),
+            "-serial".into(),
+            "chardev:ser0".into(),
+            "-device".into(),
+            "virtio-balloon-pci,free-page-reporting=on".into(),
+        ];
+        match p.vnc {
+            Some(n) => args.extend([
+                "-vga".into(),
+                "std".into(),
+                "-vnc".into(),
+                format!("127.0.0.1:{n}"),
+            ]),
+            None => args.extend(["-display".into(), "none".into()]),
+        }
+        if let Some(k) = p.kernel {
+            args.extend([
+                "-kernel".into(),
+                k.kernel.display().to_string(),
+                "-append".into(),
+                k.cmdline.clone(),
+            ]);
+            if let Some(i) = &k.initrd {
+                args.extend(["-initrd".into(), i.display().to_string()]);
+            }
+        }
+        for (i, d) in p.disks.iter().enumerate() {
+            let fmt = match d.format {
+                DiskFormat::Raw => "raw",
+                DiskFormat::Qcow2 => "qcow2",
+            };
+            args.extend([
+                "-drive".into(),
+                format!(
+                    "file={},format={fmt},if=none,id=d{i},discard=unmap,cache=writeback",
+                    d.path.display()
+                ),
+                "-device".into(),
+                format!("virtio-blk-pci,drive=d{i}"),
+            ]);
+        }
+        let mut netdev = "user,id=n0".to_string();
+        for f in &forwards {
+            netdev.push_str(&format!(
+                ",hostfwd=tcp:{}:{}-:{}",
+                p.forward_address, f.host_port, f.guest_port
+            ));
+        }
+        args.extend([
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            "virtio-net-pci,netdev=n0".into(),
+        ]);
+        if p.incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
+        let stderr = fs::File::create(&stderr_log).map_err(|source| DriverError::Io {
+            what: format!("create {}", stderr_log.display()),
+            source,
+        })?;
+        let child = Command::new(&self.binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| DriverError::MissingQemu {
+                path: self.binary.clone(),
+                source,
+            })?;
+        let mut vm = QemuVm {
+            child: Some(child),
+            qmp: None,
+            runtime: runtime.to_owned(),
+            ram_path: p.ram_path.to_owned(),
+            serial_socket: ser_sock,
+            serial_log: ser_log,
+            console: None,
+            forwards,
+            machine: p.machine.into(),
+            cpu: p.cpu.into(),
+            vcpus: p.vcpus,
+            ram_bytes: p.ram_bytes,
+            kernel: p.kernel.cloned(),
+            disks: p.disks.to_vec(),
+            accel: p.accel,
+            qemu_version: self.version.clone(),
+        };
+        match Qmp::connect(&vm.runtime.join("qmp.sock"), Duration::from_secs(15)) {
+            Ok(q) => vm.qmp = Some(q),
+            Err(e) => return Err(vm.died_or(e.into())),
+        }
+        Ok(vm)
+    }
+}
+
+fn check_file(what: &'static str, path: &Path) -> Result<(), DriverError> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(DriverError::BadImage {
+            what,
+            path: path.to_owned(),
+            reason: "not a regular file".into(),
+        }),
+        Err(e) => Err(DriverError::BadImage {
+            what,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn resolve_forwards(fw: &[Forward]) -> Result<Vec<Forward>, DriverError> {
+    let mut out = Vec::new();
+    for f in fw {
+        let port = if f.host_port == 0 {
+            let l = TcpListener::bind(("127.0.0.1", 0)).map_err(|source| DriverError::Io {
+                what: "find a free port".into(),
+                source,
+            })?;
+            l.local_addr()
+                .map_err(|source| DriverError::Io {
+                    what: "find a free port".into(),
+                    source,
+                })?
+                .port()
+        } else {
+            if TcpListener::bind(("127.0.0.1", f.host_port)).is_err() {
+                return Err(DriverError::PortInUse { port: f.host_port });
+            }
+            f.host_port
+        };
+        out.push(Forward {
+            host_port: port,
+            guest_port: f.guest_port,
+        });
+    }
+    Ok(out)
+}
+
+fn runtime_dir() -> Result<PathBuf, DriverError> {
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!(
+        "cloudlet-vm-{}-{}",
+        std::process::id(),
+        VM_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|source| DriverError::Io {
+        what: format!("create {}", dir.display()),
+        source,
+    })?;
+    Ok(dir)
+}
+
+/// Copies a file keeping holes (and reflinking where the filesystem can).
+fn sparse_copy(src: &Path, dst: &Path) -> Result<(), DriverError> {
+    let st = Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(src)
+        .arg(dst)
+        .status()
+        .map_err(|source| DriverError::Io {
+            what: "run cp".into(),
+            source,
+        })?;
+    if !st.success() {
+        return Err(DriverError::Io {
+            what: format!("copy {} to {}", src.display(), dst.display()),
+            source: std::io::Error::other(format!("cp exited with {st}")),
+        });
+    }
+    Ok(())
+}
+
+/// Creates a qcow2 layer at `layer` whose backing file is `backing`.
+pub fn qcow2_layer(
+    backing: &Path,
+    backing_format: DiskFormat,
+    layer: &Path,
+) -> Result<(), DriverError> {
+    let backing = fs::canonicalize(backing).map_err(|e| DriverError::BadImage {
+        what: "disk image",
+        path: backing.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let fmt = match backing_format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+        .arg(&backing)
+        .arg(layer)
+        .output()
+        .map_err(|source| DriverError::Io {
+            what: "run qemu-img".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(DriverError::BadImage {
+            what: "disk image",
+            path: backing,
+            reason: format!(
+                "qemu-img create failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn state_hash(memory: &Path, device_state: &Path) -> Result<String, DriverError> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(memory)
+        .map_err(|source| DriverError::Io {
+            what: format!("hash {}", memory.display()),
+            source,
+        })?;
+    h.update_mmap(device_state)
+        .map_err(|source| DriverError::Io {
+            what: format!("hash {}", device_state.display()),
+            source,
+        })?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+struct Start<'a> {
+    machine: &'a str,
+    cpu: &'a str,
+    vcpus: u32,
+    ram_bytes: u64,
+    kernel: Option<&'a KernelBoot>,
+    disks: &'a [Disk],
+    forwards: &'a [Forward],
+    forward_address: &'a str,
+    vnc: Option<u16>,
+    runtime: &'a Path,
+    ram_path: &'a Path,
+    ram_share: bool,
+    ram_readonly: bool,
+    incoming: bool,
+    accel: Accel,
+}
+
+impl Hypervisor for Qemu {
+    type Vm = QemuVm;
+
+    fn launch(&self, spec: &LaunchSpec) -> Result<QemuVm, DriverError> {
+        if spec.ram_bytes == 0 || !spec.ram_bytes.is_multiple_of(1 << 20) {
+            return Err(DriverError::BadImage {
+                what: "RAM size",
+                path: PathBuf::new(),
+                reason: format!(
+                    "{} bytes is not a positive multiple of 1 MiB",
+                    spec.ram_bytes
+                ),
+            });
+        }
+        let (accel, _) = self.accelerator(spec.kernel.as_ref());
+        let runtime = runtime_dir()?;
+        let ram_path = match &spec.ram_dir {
+            Some(d) => d.join(format!(
+                "{}.ram",
+                runtime.file_name().unwrap_or_default().to_string_lossy()
+            )),
+            None => runtime.join("ram"),
+        };
+        let r = self.start(Start {
+            machine: &spec.machine_type,
+            cpu: &spec.cpu_model,
+            vcpus: spec.vcpus,
+            ram_bytes: spec.ram_bytes,
+            kernel: spec.kernel.as_ref(),
+            disks: &spec.disks,
+            forwards: &spec.forwards,
+            forward_address: &spec.forward_address,
+            vnc: spec.vnc_display,
+            runtime: &runtime,
+            ram_path: &ram_path,
+            ram_share: true,
+            ram_readonly: false,
+            incoming: false,
+            accel,
+        });
+        if r.is_err() {
+            let _ = fs::remove_dir_all(&runtime);
+            let _ = fs::remove_file(&ram_path);
+        }
+        r
+    }
+
+    fn restore(&self, snap: &Snapshot, opts: &RestoreOptions) -> Result<QemuVm, DriverError> {
+        if version_tuple(&snap.qemu_version) > version_tuple(&self.version) {
+            return Err(DriverError::Incompatible {
+                what: "QEMU version",
+                wanted: snap.qemu_version.clone(),
+                reason: format!("this host has the older QEMU {}", self.version),
+            });
+        }
+        let kernel = snap.kernel.as_ref().map(|k| KernelBoot {
+            kernel: snap.dir.join(&k.kernel),
+            initrd: k.initrd.as_ref().map(|i| snap.dir.join(i)),
+            cmdline: k.cmdline.clone(),
+        });
+        let want = Accel::parse(&snap.accelerator).ok_or_else(|| DriverError::BadSnapshot {
+            dir: snap.dir.clone(),
+            reason: format!("unknown accelerator {}", snap.accelerator),
+        })?;
+        let (have, why) = self.accelerator(kernel.as_ref());
+        if want == Accel::Kvm && have != Accel::Kvm {
+            return Err(DriverError::Incompatible {
+                what: "accelerator",
+                wanted: "kvm".into(),
+                reason: why,
+            });
+        }
+        let memory = snap.memory_path();
+        let device_state = snap.device_state_path();
+        let msize = fs::metadata(&memory)
+            .map_err(|e| DriverError::BadImage {
+                what: "RAM image",
+                path: memory.clone(),
+                reason: e.to_string(),
+            })?
+            .len();
+        if msize != snap.ram_bytes {
+            return Err(DriverError::BadImage {
+                what: "RAM image",
+                path: memory,
+                reason: format!(
+                    "{msize} bytes, the snapshot's RAM is {} bytes",
+                    snap.ram_bytes
+                ),
+            });
+        }
+        check_file("device state", &device_state)?;
+        if state_hash(&memory, &device_state)? != snap.state_hash {
+            return Err(DriverError::BadSnapshot {
+                dir: snap.dir.clone(),
+                reason: "RAM image and device state do not match the recorded hash (files from another snapshot, or damaged)".into(),
+            });
+        }
+        let forwards = opts.forwards.clone().unwrap_or_else(|| {
+            snap.guest_ports
+                .iter()
+                .map(|&g| Forward {
+                    host_port: 0,
+                    guest_port: g,
+                })
+                .collect()
+        });
+        let runtime = runtime_dir()?;
+        let disks: Vec<Disk> = match &opts.disks {
+            Some(d) => d.clone(),
+            None => {
+                // The snapshot's disks stay untouched: the VM writes to qcow2 layers over them.
+                let mut v = Vec::new();
+                for d in &snap.disks {
+                    let layer = runtime.join(format!("{}.qcow2", d.name));
+                    if let Err(e) = qcow2_layer(&snap.dir.join(&d.path), d.format, &layer) {
+                        let _ = fs::remove_dir_all(&runtime);
+                        return Err(e);
+                    }
+                    v.push(Disk {
+                        name: d.name.clone(),
+                        path: layer,
+                        format: DiskFormat::Qcow2,
+                    });
+                }
+                v
+            }
+        };
+        let (ram_path, share, readonly) = match opts.ram {
+            RamMode::CopyOnWrite => (memory.clone(), false, true),
+            RamMode::PrivateCopy => {
+                let p = runtime.join("ram");
+                if let Err(e) = sparse_copy(&memory, &p) {
+                    let _ = fs::remove_dir_all(&runtime);
+                    return Err(e);
+                }
+                (p, true, false)
+            }
+        };
+        let started = self.start(Start {
+            machine: &snap.machine_type,
+            cpu: &snap.cpu_model,
+            vcpus: snap.vcpus,
+            ram_bytes: snap.ram_bytes,
+            kernel: kernel.as_ref(),
+            disks: &disks,
+            forwards: &forwards,
+            forward_address: "127.0.0.1",
+            vnc: opts.vnc_display,
+            runtime: &runtime,
+            ram_path: &ram_path,
+            ram_share: share,
+            ram_readonly: readonly,
+            incoming: true,
+            accel: want,
+        });
+        let mut vm = match started {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&runtime);
+                return Err(e);
+            }
+        };
+        if opts.ram == RamMode::CopyOnWrite {
+            // The RAM file belongs to the snapshot: never delete it with the VM.
+            vm.ram_path = PathBuf::new();
+        }
+        vm.incoming(&device_state)?;
+        Ok(vm)
+    }
+}
+
+/// A running QEMU process. Dropping it kills QEMU and removes its runtime directory.
+pub struct QemuVm {
+    child: Option<Child>,
+    qmp: Option<Qmp>,
+    runtime: PathBuf,
+    ram_path: PathBuf,
+    serial_socket: PathBuf,
+    serial_log: PathBuf,
+    console: Option<Console>,
+    forwards: Vec<Forward>,
+    machine: String,
+    cpu: String,
+    vcpus: u32,
+    ram_bytes: u64,
+    kernel: Option<KernelBoot>,
+    disks: Vec<Disk>,
+    accel: Accel,
+    qemu_version: String,
+}
+
+impl std::fmt::Debug for QemuVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuVm")
+            .field("runtime", &self.runtime)
+            .field("forwards", &self.forwards)
+            .finish()
+    }
+}
+
+impl QemuVm {
+    /// The accelerator this VM runs under.
+    pub fn accelerator(&self) -> Accel {
+        self.accel
+    }
+
+    /// All port forwards, with the host ports chosen.
+    pub fn forwards(&self) -> &[Forward] {
+        &self.forwards
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The guest's serial output so far.
+    pub fn serial_log(&self) -> String {
+        fs::read(&self.serial_log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Runs a QMP command.
+    pub fn qmp(
+        &mut self,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, DriverError> {
+        let q = self.qmp.as_mut().expect("connected at start");
+        match q.execute(command, args, QMP_TIMEOUT) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.died_or(e.into())),
+        }
+    }
+
+    /// The run state (`running`, `paused`, ...).
+    pub fn status(&mut self) -> Result<String, DriverError> {
+        let v = self.qmp("query-status", None)?;
+        Ok(v.get("status")
+            .and_then(|s| s.as_str())
+            .unwrap_or("unknown")
+            .to_string())
+    }
+
+    fn stderr_tail(&self) -> String {
+        let text = fs::read(self.runtime.join("qemu.stderr")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// If QEMU has exited, the error says so with its stderr; else `e`.
+    fn died_or(&mut self, e: DriverError) -> DriverError {
+        let Some(child) = self.child.as_mut() else {
+            return e;
+        };
+        // Give a dying QEMU a moment to finish exiting.
+        for _ in 0..20 {
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = self.stderr_tail();
+                if let Some(port) = tail
+                    .lines()
+                    .find(|l| l.contains("Could not set up host forwarding rule"))
+                    .and_then(|l| {
+                        l.split(':')
+                            .filter_map(|w| w.trim_end_matches('-').parse::<u16>().ok())
+                            .next()
+                    })
+                {
+                    return DriverError::PortInUse { port };
+                }
+                return DriverError::QemuDied {
+                    status: status.to_string(),
+                    stderr_tail: tail,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        e
+    }
+
+    fn set_migration_caps(&mut self) -> Result<(), DriverError> {
+        self.qmp(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": true},
+                {"capability": "events", "state": true}
+            ]})),
+        )?;
+        Ok(())
+    }
+
+    fn wait_migration(&mut self) -> Result<(), DriverError> {
+        let start = Instant::now();
+        loop {
+            let q = self.qmp.as_mut().expect("connected");
+            let remaining = MIGRATION_TIMEOUT.saturating_sub(start.elapsed());
+            let ev = q.wait_event(
+                "MIGRATION",
+                remaining.min(Duration::from_millis(500)),
+                |d| {
+                    matches!(
+                        d.get("status").and_then(|s| s.as_str()),
+                        Some("completed" | "failed" | "cancelled")
+                    )
+                },
+            );
+            match ev {
+                Ok(e) => {
+                    let status = e
+                        .data
+                        .get("status")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or("?")
+                        .to_string();
+                    if status == "completed" {
+                        return Ok(());
+                    }
+                    let info = self.qmp("query-migrate", None).unwrap_or_default();
+                    let detail = info
+                        .get("error-desc")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or("")
+                        .to_string();
+                    let tail = self.stderr_tail();
+                    return Err(DriverError::Migration {
+                        reason: format!("{status} {detail}\n{tail}"),
+                    });
+                }
+                Err(crate::qmp::QmpError::Timeout { .. }) => {
+                    if let Some(c) = self.child.as_mut() {
+                        if let Ok(Some(_)) = c.try_wait() {
+                            let tail = self.stderr_tail();
+                            return Err(DriverError::Migration {
+                                reason: format!("QEMU exited:\n{tail}"),
+                            });
+                        }
+                    }
+                    if start.elapsed() >= MIGRATION_TIMEOUT {
+                        return Err(DriverError::Timeout {
+                            waiting_for: "migration".into(),
+                            timeout: MIGRATION_TIMEOUT,
+                        });
+                    }
+                }
+                Err(e) => return Err(self.died_or(e.into())),
+            }
+        }
+    }
+
+    fn incoming(&mut self, device_state: &Path) -> Result<(), DriverError> {
+        self.set_migration_caps()?;
+        self.qmp(
+            "migrate-incoming",
+            Some(json!({"uri": format!("file:{}", device_state.display())})),
+        )?;
+        self.wait_migration()?;
+        self.qmp("cont", None)?;
+        Ok(())
+    }
+}
+
+impl Vm for QemuVm {
+    fn pause(&mut self) -> Result<(), DriverError> {
+        self.qmp("stop", None).map(|_| ())
+    }
+
+    fn resume(&mut self) -> Result<(), DriverError> {
+        self.qmp("cont", None).map(|_| ())
+    }
+
+    fn snapshot(&mut self, dir: &Path) -> Result<Snapshot, DriverError> {
+        if self.ram_path.as_os_str().is_empty() {
+            return Err(DriverError::Incompatible {
+                what: "RAM mapping",
+                wanted: "a snapshot".into(),
+                reason: "this VM maps its RAM copy-on-write (restore it with RamMode::PrivateCopy to snapshot it again)".into(),
+            });
+        }
+        let io = |what: String| move |source| DriverError::Io { what, source };
+        fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        if fs::read_dir(dir)
+            .map_err(io(format!("read {}", dir.display())))?
+            .next()
+            .is_some()
+        {
+            return Err(DriverError::Io {
+                what: format!("snapshot into {}", dir.display()),
+                source: std::io::Error::other("directory is not empty"),
+            });
+        }
+        self.qmp("stop", None)?;
+        self.set_migration_caps()?;
+        self.qmp(
+            "migrate-set-parameters",
+            Some(json!({"max-bandwidth": 100u64 << 30})),
+        )?;
+        let ds = dir.join("device-state");
+        self.qmp(
+            "migrate",
+            Some(json!({"uri": format!("file:{}", ds.display())})),
+        )?;
+        self.wait_migration()?;
+        let memory = dir.join("memory");
+        sparse_copy(&self.ram_path, &memory)?;
+        let mut disks = Vec::new();
+        for d in &self.disks {
+            let ext = match d.format {
+                DiskFormat::Raw => "raw",
+                DiskFormat::Qcow2 => "qcow2",
+            };
+            let name = format!("{}.{ext}", d.name);
+            sparse_copy(&d.path, &dir.join(&name))?;
+            disks.push(Disk {
+                name: d.name.clone(),
+                path: name.into(),
+                format: d.format,
+            });
+        }
+        let kernel = match &self.kernel {
+            Some(k) => {
+                sparse_copy(&k.kernel, &dir.join("vmlinuz"))?;
+                let initrd = match &k.initrd {
+                    Some(i) => {
+                        sparse_copy(i, &dir.join("initrd.img"))?;
+                        Some(PathBuf::from("initrd.img"))
+                    }
+                    None => None,
+                };
+                Some(KernelBoot {
+                    kernel: "vmlinuz".into(),
+                    initrd,
+                    cmdline: k.cmdline.clone(),
+                })
+            }
+            None => None,
+        };
+        let snap = Snapshot {
+            dir: dir.to_owned(),
+            format: 1,
+            machine_type: self.machine.clone(),
+            cpu_model: self.cpu.clone(),
+            vcpus: self.vcpus,
+            ram_bytes: self.ram_bytes,
+            qemu_version: self.qemu_version.clone(),
+            accelerator: self.accel.as_str().into(),
+            kernel,
+            disks,
+            guest_ports: self.forwards.iter().map(|f| f.guest_port).collect(),
+            memory_file: "memory".into(),
+            device_state_file: "device-state".into(),
+            state_hash: state_hash(&memory, &ds)?,
+        };
+        let json = serde_json::to_vec_pretty(&snap).expect("serialising a snapshot cannot fail");
+        fs::write(dir.join("snapshot.json"), json)
+            .map_err(io(format!("write {}/snapshot.json", dir.display())))?;
+        Ok(snap)
+    }
+
+    fn host_port(&self, guest_port: u16) -> Option<u16> {
+        self.forwards
+            .iter()
+            .find(|f| f.guest_port == guest_port)
+            .map(|f| f.host_port)
+    }
+
+    fn console(&mut self) -> Result<&mut Console, DriverError> {
+        if self.console.is_none() {
+            self.console = Some(Console::connect(&self.serial_socket, &self.serial_log)?);
+        }
+        Ok(self.console.as_mut().expect("just set"))
+    }
+
+    fn shutdown(mut self) -> Result<(), DriverError> {
+        self.kill();
+        Ok(())
+    }
+}
+
+impl QemuVm {
+    fn kill(&mut self) {
+        self.console = None;
+        if let Some(q) = self.qmp.as_mut() {
+            let _ = q.execute("quit", None, Duration::from_secs(2));
+        }
+        self.qmp = None;
+        if let Some(mut c) = self.child.take() {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(2) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !self.ram_path.as_os_str().is_empty() && !self.ram_path.starts_with(&self.runtime) {
+            let _ = fs::remove_file(&self.ram_path);
+        }
+        let _ = fs::remove_dir_all(&self.runtime);
+    }
+
+    /// Reads up to `max` bytes of QEMU's stderr (for diagnostics).
+    pub fn stderr(&self, max: usize) -> String {
+        let mut s = String::new();
+        if let Ok(f) = fs::File::open(self.runtime.join("qemu.stderr")) {
+            let _ = f.take(max as u64).read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
