@@ -1,4 +1,5 @@
 //! The subcommands of the `cloudlet` tool, kept out of `src/bin/cloudlet.rs` so that the binary
 //! stays a thin argument parser.
 
+pub mod flows;
 pub mod overlay_info;

@@ -1,2 +1,120 @@
-//! VM synthesis flows composed from the overlay format, delta engine, driver and registry.
+//! VM synthesis flows composed from the overlay format, the delta engine and the QEMU driver:
+//!
+//! - **base**: boot a raw disk image, prepare it, snapshot disk + memory + device state, index
+//!   it ([`create_base`]);
+//! - **overlay**: resume the base, customize it, snapshot it, write the overlay
+//!   ([`create_overlay_file`]);
+//! - **synthesis**: rebuild the custom VM from base + overlay while the overlay streams in, and
+//!   resume it with its port forwards ([`synthesize`]).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use synthesis::*;
+//! use vm_driver::Qemu;
+//!
+//! let qemu = Qemu::new()?;
+//! let base = BaseDir::open("bases/debian".as_ref())?;
+//! let overlay = std::fs::File::open("app.overlay").map_err(|source| FlowError::Io { path: "app.overlay".into(), source })?;
+//! let s = synthesize(&qemu, &base, overlay, "vms/app".as_ref(), Some(8080), &|e| eprintln!("{e:?}"))?;
+//! println!("app answers on 127.0.0.1:{:?} after {:?}", s.ports, s.timeline.total);
+//! # Ok::<(), FlowError>(())
+//! ```
 #![deny(missing_docs)]
+
+mod base;
+mod flows;
+mod forward;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use base::{BaseDir, BaseManifest};
+pub use flows::{
+    base_images, create_base, create_overlay_file, http_get_until, synthesize, BaseRequest,
+    BaseTimings, OverlayOutcome, OverlayRequest, Synthesized, Timeline,
+};
+pub use forward::{parse_forward, ForwardParseError};
+
+/// Progress reported by the flows.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A step starts.
+    Step(String),
+    /// Bytes done in a long phase.
+    Progress {
+        /// `scan` or `apply`.
+        phase: &'static str,
+        /// Done.
+        done: u64,
+        /// Total.
+        total: u64,
+    },
+}
+
+/// Errors of the flows.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlowError {
+    /// The hypervisor failed.
+    #[error("hypervisor")]
+    Driver(#[from] vm_driver::DriverError),
+    /// Creating the overlay failed.
+    #[error("creating the overlay")]
+    Create(#[from] delta_engine::CreateError),
+    /// Applying the overlay failed.
+    #[error("applying the overlay")]
+    Apply(#[from] delta_engine::ApplyError),
+    /// The base index failed.
+    #[error("base index")]
+    Index(#[from] delta_engine::IndexError),
+    /// A file operation failed.
+    #[error("{path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A base directory is not usable.
+    #[error("base {dir}: {reason}")]
+    BadBase {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An output exists already.
+    #[error("{path} already exists")]
+    Exists {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A guest command failed.
+    #[error("guest command '{command}' exited with {status}: {output}")]
+    GuestCommand {
+        /// The command.
+        command: String,
+        /// Its status.
+        status: i32,
+        /// Its output.
+        output: String,
+    },
+    /// A host tool failed.
+    #[error("{tool} failed: {output}")]
+    Tool {
+        /// The tool.
+        tool: String,
+        /// Its stderr.
+        output: String,
+    },
+    /// The app did not answer on its forwarded port.
+    #[error("no HTTP answer from guest port forwarded to 127.0.0.1:{port} within {timeout:?}")]
+    NoAnswer {
+        /// Host port.
+        port: u16,
+        /// How long we tried.
+        timeout: Duration,
+    },
+}

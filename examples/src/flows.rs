@@ -1,0 +1,316 @@
+//! `cloudlet base`, `overlay`, `synthesis` and `demo`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use delta_engine::CreateOptions;
+use overlay_format::Compression;
+use synthesis::{
+    create_base, create_overlay_file, parse_forward, synthesize, BaseDir, BaseRequest, Event,
+    OverlayRequest,
+};
+use vm_driver::Qemu;
+
+/// Prints flow events on stderr (steps, and progress at most every 10%).
+pub fn printer(quiet: bool) -> impl Fn(Event) + Sync {
+    let last = std::sync::atomic::AtomicU64::new(u64::MAX);
+    move |e| {
+        if quiet {
+            return;
+        }
+        match e {
+            Event::Step(s) => eprintln!("  - {s}"),
+            Event::Progress { phase, done, total } => {
+                let pct = (done * 100).checked_div(total).unwrap_or(100);
+                let bucket = pct / 10;
+                if last.swap(bucket, std::sync::atomic::Ordering::Relaxed) != bucket {
+                    eprintln!("    {phase}: {pct:>3}% of {} MiB", total >> 20);
+                }
+            }
+        }
+    }
+}
+
+/// Human size.
+pub fn size(b: u64) -> String {
+    if b >= 10 << 20 {
+        format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Options of `cloudlet base`.
+pub struct BaseArgs {
+    /// Name.
+    pub name: String,
+    /// Kernel.
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: PathBuf,
+    /// Command line.
+    pub append: String,
+    /// Raw disk.
+    pub disk: PathBuf,
+    /// RAM MiB.
+    pub ram_mib: u64,
+    /// Ready text.
+    pub ready: String,
+    /// Commands.
+    pub prepare: Vec<String>,
+    /// Output dir.
+    pub out: PathBuf,
+}
+
+/// `cloudlet base`.
+pub fn base(qemu: &Qemu, a: &BaseArgs, quiet: bool) -> Result<BaseDir> {
+    let req = BaseRequest {
+        name: a.name.clone(),
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        cmdline: a.append.clone(),
+        disk: a.disk.clone(),
+        ram_bytes: a.ram_mib << 20,
+        ready_text: a.ready.clone(),
+        prepare: a.prepare.clone(),
+        out_dir: a.out.clone(),
+    };
+    let (b, t) = create_base(qemu, &req, &printer(quiet)).context("creating the base VM")?;
+    let (alloc, apparent) = b.sizes();
+    println!("base {} ({})", b.manifest.id, b.manifest.name);
+    println!(
+        "  size {} on disk ({} apparent); boot {}, snapshot {}, index {}",
+        size(alloc),
+        size(apparent),
+        ms(t.boot),
+        ms(t.snapshot),
+        ms(t.index)
+    );
+    Ok(b)
+}
+
+/// Options of `cloudlet overlay`.
+pub struct OverlayArgs {
+    /// Base dir.
+    pub base: PathBuf,
+    /// Name.
+    pub name: String,
+    /// Commands.
+    pub customize: Vec<String>,
+    /// Forwards, both spellings.
+    pub forwards: Vec<String>,
+    /// Output file.
+    pub out: PathBuf,
+    /// xz instead of zstd.
+    pub xz: bool,
+    /// Level.
+    pub level: Option<i32>,
+}
+
+/// `cloudlet overlay`.
+pub fn overlay(qemu: &Qemu, a: &OverlayArgs, quiet: bool) -> Result<synthesis::OverlayOutcome> {
+    let base =
+        BaseDir::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
+    let forwards = a
+        .forwards
+        .iter()
+        .map(|f| parse_forward(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut options = if a.xz {
+        CreateOptions::xz(6)
+    } else {
+        CreateOptions::default()
+    };
+    if let Some(l) = a.level {
+        options.level = l;
+    }
+    let req = OverlayRequest {
+        name: a.name.clone(),
+        customize: a.customize.clone(),
+        forwards,
+        out: a.out.clone(),
+        options,
+    };
+    let o =
+        create_overlay_file(qemu, &base, &req, &printer(quiet)).context("creating the overlay")?;
+    let s = &o.stats;
+    let (base_alloc, _) = base.sizes();
+    println!(
+        "overlay {} for base {}",
+        o.path.display(),
+        &base.manifest.id[..16]
+    );
+    println!(
+        "  size {} ({:.4} of the base's {}), {} changed chunks ({}), compression {:?}",
+        size(s.overlay_bytes),
+        s.overlay_bytes as f64 / base_alloc.max(1) as f64,
+        size(base_alloc),
+        s.changed_chunks,
+        size(s.changed_chunks * 4096),
+        req.options.compression
+    );
+    println!(
+        "  chunks: zero {}, copy-base {}, copy-self {}, patch {}, raw {}",
+        s.kinds.zero.chunks,
+        s.kinds.copy_base.chunks,
+        s.kinds.copy_self.chunks,
+        s.kinds.patch.chunks,
+        s.kinds.raw.chunks
+    );
+    println!(
+        "  resume {}, customize {}, snapshot {}, diff {} (scan {}, compress {}, write {})",
+        ms(o.resume),
+        ms(o.customize),
+        ms(o.snapshot),
+        ms(s.total),
+        ms(s.scan),
+        ms(s.compress),
+        ms(s.write)
+    );
+    Ok(o)
+}
+
+/// `cloudlet synthesis`: returns the running VM.
+pub fn synth(
+    qemu: &Qemu,
+    base: &Path,
+    overlay: &Path,
+    out: &Path,
+    probe: Option<u16>,
+    quiet: bool,
+) -> Result<synthesis::Synthesized> {
+    let base = BaseDir::open(base).with_context(|| format!("opening base {}", base.display()))?;
+    let f =
+        std::fs::File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
+    let s = synthesize(
+        qemu,
+        &base,
+        std::io::BufReader::with_capacity(1 << 20, f),
+        out,
+        probe,
+        &printer(quiet),
+    )
+    .context("synthesis")?;
+    let t = &s.timeline;
+    println!(
+        "synthesized '{}' from base {} into {}",
+        s.meta.name,
+        &base.manifest.id[..16],
+        out.display()
+    );
+    println!(
+        "  timeline: read+decompress+apply+verify {} (receive {}, decompress {} on the pool, apply {}, verify {}), resume {}, first answer {}, total {}",
+        ms(t.rebuild),
+        ms(t.receive),
+        ms(t.decompress),
+        ms(t.apply),
+        ms(t.verify),
+        ms(t.resume),
+        t.first_answer.map(ms).unwrap_or_else(|| "-".into()),
+        ms(t.total)
+    );
+    for (g, h) in &s.ports {
+        println!("  forward: 127.0.0.1:{h} -> guest :{g}");
+    }
+    Ok(s)
+}
+
+/// `cloudlet demo`: the whole flow on the test guest.
+pub fn demo(work: &Path, guest: &Path) -> Result<()> {
+    for f in ["vmlinuz", "initrd.img", "disk.raw"] {
+        if !guest.join(f).exists() {
+            bail!(
+                "{} is missing: run scripts/build-guest.sh first",
+                guest.join(f).display()
+            );
+        }
+    }
+    if work.exists() {
+        std::fs::remove_dir_all(work).with_context(|| format!("cleaning {}", work.display()))?;
+    }
+    std::fs::create_dir_all(work)?;
+    let qemu = Qemu::new()?;
+    let t0 = std::time::Instant::now();
+    println!("== 1/3 base: boot the test guest, snapshot it, index it");
+    let b = base(
+        &qemu,
+        &BaseArgs {
+            name: "debian-busybox".into(),
+            kernel: guest.join("vmlinuz"),
+            initrd: guest.join("initrd.img"),
+            append: "console=ttyS0 quiet panic=-1".into(),
+            disk: guest.join("disk.raw"),
+            ram_mib: 256,
+            ready: "cloudlet-guest: ready".into(),
+            prepare: vec![],
+            out: work.join("base"),
+        },
+        false,
+    )?;
+    println!(
+        "== 2/3 overlay: resume the base, install a web app on port 8080, capture the overlay"
+    );
+    let app = [
+        "mkdir -p /mnt/disk/app/cgi-bin",
+        "echo '<h1>hello from the synthesized app</h1>' > /mnt/disk/app/index.html",
+        "printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho app uptime; cat /proc/uptime\\n' > /mnt/disk/app/cgi-bin/uptime",
+        "chmod +x /mnt/disk/app/cgi-bin/uptime",
+        "dd if=/dev/urandom of=/mnt/disk/app/data.bin bs=1M count=4 2>/dev/null",
+        "cat /lib/modules/*.ko > /tmp/modules-copy",
+        "httpd -p 8080 -h /mnt/disk/app",
+    ];
+    let o = overlay(
+        &qemu,
+        &OverlayArgs {
+            base: b.dir.clone(),
+            name: "webapp".into(),
+            customize: app.iter().map(|s| s.to_string()).collect(),
+            forwards: vec!["tcp:0:8080".into()],
+            out: work.join("webapp.overlay"),
+            xz: false,
+            level: None,
+        },
+        false,
+    )?;
+    println!("== 3/3 synthesis: rebuild the custom VM from base + overlay, resume it, ask the app");
+    let s = synth(&qemu, &b.dir, &o.path, &work.join("vm"), Some(8080), false)?;
+    let body = s.answer.as_deref().unwrap_or("");
+    let first = body
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or(body)
+        .lines()
+        .next()
+        .unwrap_or("");
+    println!("  the app answered: {first}");
+    let (base_alloc, base_apparent) = b.sizes();
+    println!("== summary");
+    println!(
+        "  base VM:  {} on disk ({} apparent)",
+        size(base_alloc),
+        size(base_apparent)
+    );
+    println!(
+        "  overlay:  {} = {:.2}% of the base on disk",
+        size(o.stats.overlay_bytes),
+        o.stats.overlay_bytes as f64 * 100.0 / base_alloc.max(1) as f64
+    );
+    println!("  synthesis to first answer: {}", ms(s.timeline.total));
+    println!("  whole demo: {}", ms(t0.elapsed()));
+    drop(s);
+    Ok(())
+}
+
+/// Parses `--compression`.
+pub fn compression(xz: bool) -> Compression {
+    if xz {
+        Compression::Xz
+    } else {
+        Compression::Zstd
+    }
+}

@@ -1,0 +1,548 @@
+//! The three flows: base, overlay, synthesis.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use delta_engine::{
+    apply_overlay, create_overlay, ApplyOptions, CreateOptions, CreateStats, CustomImage,
+    CustomSource, OverlayInfo,
+};
+use overlay_format::PortForward;
+use vm_driver::{
+    DiskFormat, Forward, Hypervisor, LaunchSpec, Qemu, QemuVm, RamMode, RestoreOptions, Snapshot,
+    Vm,
+};
+
+use crate::base::{images_of, BaseDir};
+use crate::{Event, FlowError};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Removes a path on drop unless disarmed: nothing half-written is left behind.
+struct Guard(Option<PathBuf>);
+
+impl Guard {
+    fn new(p: &Path) -> Self {
+        Guard(Some(p.to_owned()))
+    }
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            if p.is_dir() {
+                let _ = std::fs::remove_dir_all(&p);
+            } else {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+}
+
+fn run_all(
+    vm: &mut QemuVm,
+    commands: &[String],
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<(), FlowError> {
+    for c in commands {
+        events(Event::Step(format!("guest$ {c}")));
+        let (out, status) = vm.console()?.run(c, COMMAND_TIMEOUT)?;
+        if status != 0 {
+            return Err(FlowError::GuestCommand {
+                command: c.clone(),
+                status,
+                output: out,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What the base flow boots.
+#[derive(Debug, Clone)]
+pub struct BaseRequest {
+    /// Name of the base.
+    pub name: String,
+    /// Kernel, initrd, command line.
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Raw disk image (copied, never modified).
+    pub disk: PathBuf,
+    /// Guest RAM.
+    pub ram_bytes: u64,
+    /// Text on the serial console that says the guest is ready.
+    pub ready_text: String,
+    /// Shell commands run in the guest before the snapshot.
+    pub prepare: Vec<String>,
+    /// The base directory to create (must not exist).
+    pub out_dir: PathBuf,
+}
+
+/// Timings of the base flow.
+#[derive(Debug, Clone, Default)]
+pub struct BaseTimings {
+    /// Boot until ready.
+    pub boot: Duration,
+    /// Snapshot (device state + copies).
+    pub snapshot: Duration,
+    /// Index build and id.
+    pub index: Duration,
+}
+
+/// Boots a raw disk image, prepares it, snapshots it, indexes it: a base VM directory.
+pub fn create_base(
+    qemu: &Qemu,
+    req: &BaseRequest,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<(BaseDir, BaseTimings), FlowError> {
+    if req.out_dir.exists() {
+        return Err(FlowError::Exists {
+            path: req.out_dir.clone(),
+        });
+    }
+    let mut t = BaseTimings::default();
+    let work = req.out_dir.with_extension("work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|source| FlowError::Io {
+        path: work.clone(),
+        source,
+    })?;
+    let _work_guard = Guard::new(&work);
+    let mut out_guard = Guard::new(&req.out_dir);
+    let disk = work.join("disk0.raw");
+    std::fs::copy(&req.disk, &disk).map_err(|source| FlowError::Io {
+        path: req.disk.clone(),
+        source,
+    })?;
+    let spec = LaunchSpec::new(req.ram_bytes)
+        .kernel(&req.kernel, &req.initrd, &req.cmdline)
+        .disk("disk0", &disk, DiskFormat::Raw);
+    let (accel, why) = qemu.accelerator(spec.kernel.as_ref());
+    events(Event::Step(format!(
+        "booting the base VM (accelerator {}: {why})",
+        accel.as_str()
+    )));
+    let t0 = Instant::now();
+    let mut vm = qemu.launch(&spec)?;
+    vm.console()?.wait_for_text(&req.ready_text, BOOT_TIMEOUT)?;
+    t.boot = t0.elapsed();
+    run_all(&mut vm, &req.prepare, events)?;
+    events(Event::Step("snapshotting the base VM".into()));
+    let t1 = Instant::now();
+    let snap = vm.snapshot(&req.out_dir)?;
+    drop(vm);
+    t.snapshot = t1.elapsed();
+    events(Event::Step("indexing the base images".into()));
+    let t2 = Instant::now();
+    let base = BaseDir::create(snap, &req.name, &|_| {})?;
+    t.index = t2.elapsed();
+    out_guard.disarm();
+    Ok((base, t))
+}
+
+/// What the overlay flow does to the base.
+#[derive(Debug, Clone)]
+pub struct OverlayRequest {
+    /// Name of the overlay / app.
+    pub name: String,
+    /// Shell commands that customize the guest.
+    pub customize: Vec<String>,
+    /// The app's port forwards (recorded in the overlay).
+    pub forwards: Vec<PortForward>,
+    /// The overlay file to write (must not exist).
+    pub out: PathBuf,
+    /// Engine options (compression, level).
+    pub options: CreateOptions,
+}
+
+/// Result of the overlay flow.
+#[derive(Debug, Clone)]
+pub struct OverlayOutcome {
+    /// The overlay file.
+    pub path: PathBuf,
+    /// Engine statistics.
+    pub stats: CreateStats,
+    /// Resume of the base VM.
+    pub resume: Duration,
+    /// Customization commands.
+    pub customize: Duration,
+    /// Snapshot of the custom VM.
+    pub snapshot: Duration,
+}
+
+/// Resumes the base, customizes it, snapshots it and writes the overlay.
+pub fn create_overlay_file(
+    qemu: &Qemu,
+    base: &BaseDir,
+    req: &OverlayRequest,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<OverlayOutcome, FlowError> {
+    if req.out.exists() {
+        return Err(FlowError::Exists {
+            path: req.out.clone(),
+        });
+    }
+    let work = req.out.with_extension("work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|source| FlowError::Io {
+        path: work.clone(),
+        source,
+    })?;
+    let _work_guard = Guard::new(&work);
+    events(Event::Step(format!(
+        "resuming base {}",
+        &base.manifest.id[..12]
+    )));
+    let t0 = Instant::now();
+    let forwards: Vec<Forward> = req
+        .forwards
+        .iter()
+        .map(|f| Forward {
+            host_port: 0,
+            guest_port: f.guest_port,
+        })
+        .collect();
+    let mut vm = qemu.restore(
+        &base.snapshot,
+        &RestoreOptions {
+            ram: RamMode::PrivateCopy,
+            forwards: Some(forwards),
+            ..Default::default()
+        },
+    )?;
+    let resume = t0.elapsed();
+    let t1 = Instant::now();
+    run_all(&mut vm, &req.customize, events)?;
+    run_all(&mut vm, &["sync".to_string()], events)?;
+    let customize = t1.elapsed();
+    events(Event::Step("snapshotting the custom VM".into()));
+    let t2 = Instant::now();
+    let snap_dir = work.join("custom");
+    let snap = vm.snapshot(&snap_dir)?;
+    drop(vm);
+    let snapshot = t2.elapsed();
+    // The custom disk is a qcow2 layer over the base disk: read it as raw.
+    let mut custom = vec![CustomImage {
+        name: "memory".into(),
+        source: CustomSource::Raw(snap.memory_path()),
+    }];
+    for d in &snap.disks {
+        let raw = work.join(format!("{}.raw", d.name));
+        let out = Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(snap.dir.join(&d.path))
+            .arg(&raw)
+            .output()
+            .map_err(|source| FlowError::Io {
+                path: raw.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(FlowError::Tool {
+                tool: "qemu-img convert".into(),
+                output: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        custom.push(CustomImage {
+            name: d.name.clone(),
+            source: CustomSource::Raw(raw),
+        });
+    }
+    events(Event::Step("computing the overlay".into()));
+    let engine_base = base.engine_base()?;
+    let device_state = std::fs::read(snap.device_state_path()).map_err(|source| FlowError::Io {
+        path: snap.device_state_path(),
+        source,
+    })?;
+    let info = OverlayInfo {
+        base_id: base.id(),
+        spec: base.manifest.spec.clone(),
+        forwards: req.forwards.clone(),
+        name: req.name.clone(),
+        creator: format!("cloudlet {}", env!("CARGO_PKG_VERSION")),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let partial = req.out.with_extension("partial");
+    let mut partial_guard = Guard::new(&partial);
+    let file = std::fs::File::create(&partial).map_err(|source| FlowError::Io {
+        path: partial.clone(),
+        source,
+    })?;
+    let progress = |p: delta_engine::Progress| {
+        events(Event::Progress {
+            phase: p.phase,
+            done: p.done,
+            total: p.total,
+        })
+    };
+    let (w, stats) = create_overlay(
+        &engine_base,
+        &custom,
+        &info,
+        &device_state,
+        &req.options,
+        &progress,
+        std::io::BufWriter::with_capacity(1 << 20, file),
+    )?;
+    let file = w.into_inner().map_err(|e| FlowError::Io {
+        path: partial.clone(),
+        source: e.into_error(),
+    })?;
+    file.sync_all().map_err(|source| FlowError::Io {
+        path: partial.clone(),
+        source,
+    })?;
+    std::fs::rename(&partial, &req.out).map_err(|source| FlowError::Io {
+        path: req.out.clone(),
+        source,
+    })?;
+    partial_guard.disarm();
+    Ok(OverlayOutcome {
+        path: req.out.clone(),
+        stats,
+        resume,
+        customize,
+        snapshot,
+    })
+}
+
+/// The synthesis timeline.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    /// Until the last overlay byte was read.
+    pub receive: Duration,
+    /// Decompression, summed over threads.
+    pub decompress: Duration,
+    /// Writing records.
+    pub apply: Duration,
+    /// Digest check of the rebuilt images.
+    pub verify: Duration,
+    /// Rebuild total (read + decompress + apply + verify, overlapped).
+    pub rebuild: Duration,
+    /// Starting QEMU and loading the device state.
+    pub resume: Duration,
+    /// From resume until the first answer on the probed port.
+    pub first_answer: Option<Duration>,
+    /// Everything.
+    pub total: Duration,
+}
+
+/// Result of synthesis: the running VM and how it went.
+pub struct Synthesized {
+    /// The running custom VM.
+    pub vm: QemuVm,
+    /// The overlay's metadata.
+    pub meta: overlay_format::OverlayMeta,
+    /// Timeline.
+    pub timeline: Timeline,
+    /// Forwarded ports: (guest, host).
+    pub ports: Vec<(u16, u16)>,
+    /// The first answer on the probed port, if probed.
+    pub answer: Option<String>,
+}
+
+/// Rebuilds the custom VM from `base` and the overlay streamed from `overlay`, into `out_dir`
+/// (must not exist), then resumes it with the overlay's port forwards (host ports chosen
+/// freely). With `probe_port`, waits for the guest to answer an HTTP GET on that guest port.
+pub fn synthesize<R: Read + Send>(
+    qemu: &Qemu,
+    base: &BaseDir,
+    overlay: R,
+    out_dir: &Path,
+    probe_port: Option<u16>,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<Synthesized, FlowError> {
+    let t0 = Instant::now();
+    if out_dir.exists() {
+        return Err(FlowError::Exists {
+            path: out_dir.to_owned(),
+        });
+    }
+    std::fs::create_dir_all(out_dir).map_err(|source| FlowError::Io {
+        path: out_dir.to_owned(),
+        source,
+    })?;
+    let mut out_guard = Guard::new(out_dir);
+    let engine_base = base.engine_base()?;
+    let snap = &base.snapshot;
+    let mut outputs = vec![("memory".to_string(), out_dir.join("memory"))];
+    for d in &snap.disks {
+        outputs.push((d.name.clone(), out_dir.join(format!("{}.raw", d.name))));
+    }
+    events(Event::Step("rebuilding the custom VM".into()));
+    let progress = |p: delta_engine::Progress| {
+        events(Event::Progress {
+            phase: p.phase,
+            done: p.done,
+            total: p.total,
+        })
+    };
+    let report = apply_overlay(
+        &engine_base,
+        overlay,
+        &ApplyOptions {
+            base_id: base.id(),
+            outputs: outputs.clone(),
+            fsync: false,
+        },
+        &progress,
+    )?;
+    let rebuild = t0.elapsed();
+    let ds = out_dir.join("device-state");
+    std::fs::write(&ds, &report.device_state).map_err(|source| FlowError::Io {
+        path: ds.clone(),
+        source,
+    })?;
+    // A driver snapshot over the rebuilt images; kernel and initrd stay in the base.
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(&outputs[0].1)
+        .map_err(|source| FlowError::Io {
+            path: outputs[0].1.clone(),
+            source,
+        })?;
+    h.update(&report.device_state);
+    let kernel = snap.kernel.as_ref().map(|k| vm_driver::KernelBoot {
+        kernel: base.dir.join(&k.kernel),
+        initrd: k.initrd.as_ref().map(|i| base.dir.join(i)),
+        cmdline: k.cmdline.clone(),
+    });
+    let custom = Snapshot {
+        dir: out_dir.to_owned(),
+        format: 1,
+        kernel,
+        disks: snap
+            .disks
+            .iter()
+            .map(|d| vm_driver::Disk {
+                name: d.name.clone(),
+                path: format!("{}.raw", d.name).into(),
+                format: DiskFormat::Raw,
+            })
+            .collect(),
+        guest_ports: report.meta.forwards.iter().map(|f| f.guest_port).collect(),
+        memory_file: "memory".into(),
+        device_state_file: "device-state".into(),
+        state_hash: h.finalize().to_hex().to_string(),
+        ..snap.clone()
+    };
+    let manifest = out_dir.join("snapshot.json");
+    std::fs::write(
+        &manifest,
+        serde_json::to_vec_pretty(&custom).expect("serialisable"),
+    )
+    .map_err(|source| FlowError::Io {
+        path: manifest.clone(),
+        source,
+    })?;
+    events(Event::Step("resuming the custom VM".into()));
+    let t1 = Instant::now();
+    let forwards: Vec<Forward> = report
+        .meta
+        .forwards
+        .iter()
+        .map(|f| Forward {
+            host_port: f.host_port,
+            guest_port: f.guest_port,
+        })
+        .collect();
+    let vm = match qemu.restore(
+        &custom,
+        &RestoreOptions {
+            forwards: Some(forwards.clone()),
+            ..Default::default()
+        },
+    ) {
+        Ok(vm) => vm,
+        Err(vm_driver::DriverError::PortInUse { .. }) => {
+            // The app's default host port is taken here: let the host choose.
+            let any = forwards
+                .iter()
+                .map(|f| Forward { host_port: 0, ..*f })
+                .collect();
+            qemu.restore(
+                &custom,
+                &RestoreOptions {
+                    forwards: Some(any),
+                    ..Default::default()
+                },
+            )?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let resume = t1.elapsed();
+    let ports: Vec<(u16, u16)> = vm
+        .forwards()
+        .iter()
+        .map(|f| (f.guest_port, f.host_port))
+        .collect();
+    let mut answer = None;
+    let mut first_answer = None;
+    if let Some(gp) = probe_port {
+        let hp = vm.host_port(gp).ok_or(FlowError::NoAnswer {
+            port: gp,
+            timeout: Duration::ZERO,
+        })?;
+        let t2 = Instant::now();
+        answer = Some(http_get_until(hp, Duration::from_secs(60))?);
+        first_answer = Some(t2.elapsed());
+    }
+    out_guard.disarm();
+    let timeline = Timeline {
+        receive: report.receive,
+        decompress: report.decode,
+        apply: report.apply,
+        verify: report.verify,
+        rebuild,
+        resume,
+        first_answer,
+        total: t0.elapsed(),
+    };
+    Ok(Synthesized {
+        vm,
+        meta: report.meta,
+        timeline,
+        ports,
+        answer,
+    })
+}
+
+/// GETs `/` on 127.0.0.1:`port` until a 200 answer arrives.
+pub fn http_get_until(port: u16, timeout: Duration) -> Result<String, FlowError> {
+    let start = Instant::now();
+    loop {
+        let r = (|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")?;
+            let mut out = String::new();
+            s.take(1 << 20).read_to_string(&mut out)?;
+            Ok(out)
+        })();
+        match r {
+            Ok(body) if body.starts_with("HTTP/1.") && body.contains(" 200 ") => return Ok(body),
+            _ if start.elapsed() > timeout => return Err(FlowError::NoAnswer { port, timeout }),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// The images of a base as (name, path), for callers that need them.
+pub fn base_images(base: &BaseDir) -> Vec<(String, PathBuf)> {
+    images_of(&base.snapshot)
+        .into_iter()
+        .map(|i| (i.name, i.path))
+        .collect()
+}
