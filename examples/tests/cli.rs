@@ -83,3 +83,138 @@ fn overlay_info_exits_2_on_damage() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.ovl"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn guest_dir() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::var_os("CLOUDLET_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".cache/guest"));
+    if !dir.join("stamp").exists() {
+        let st = Command::new(root.join("scripts/build-guest.sh"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "scripts/build-guest.sh failed");
+    }
+    dir
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && !cmd.contains("cargo") {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn full_flow_through_the_cli() {
+    let work = tempfile::tempdir().unwrap();
+    let guest = guest_dir();
+    let g = |f: &str| guest.join(f);
+    let base = work.path().join("base");
+    let out = cloudlet()
+        .args(["base", "--name", "t", "--kernel"])
+        .arg(g("vmlinuz"))
+        .arg("--initrd")
+        .arg(g("initrd.img"))
+        .arg("--out")
+        .arg(&base)
+        .arg(g("disk.raw"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "base: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ovl = work.path().join("app.overlay");
+    let out = cloudlet()
+        .args(["overlay", "--base"])
+        .arg(&base)
+        .args([
+            "--customize",
+            "mkdir -p /mnt/disk/app && echo flow-ok > /mnt/disk/app/index.html",
+        ])
+        .args(["--customize", "httpd -p 8080 -h /mnt/disk/app"])
+        .args(["-r", "tcp:0::8080", "--name", "flowapp", "--out"])
+        .arg(&ovl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "overlay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = cloudlet()
+        .arg("overlay-info")
+        .arg(&ovl)
+        .arg("--verify")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.status.success() && text.contains("forwards       tcp:0:8080"),
+        "{text}"
+    );
+    let vm = work.path().join("vm");
+    let out = cloudlet()
+        .args(["synthesis", "--base"])
+        .arg(&base)
+        .arg("--overlay")
+        .arg(&ovl)
+        .arg("--out")
+        .arg(&vm)
+        .args(["--probe", "8080"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "synthesis: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("timeline:") && stdout.contains("first answer"),
+        "{stdout}"
+    );
+    // Refuses to write over an existing VM directory, and a damaged overlay leaves nothing.
+    let again = cloudlet()
+        .args(["synthesis", "--base"])
+        .arg(&base)
+        .arg("--overlay")
+        .arg(&ovl)
+        .arg("--out")
+        .arg(&vm)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    let mut bytes = std::fs::read(&ovl).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x40;
+    let bad = work.path().join("bad.overlay");
+    std::fs::write(&bad, bytes).unwrap();
+    let vm2 = work.path().join("vm2");
+    let out = cloudlet()
+        .args(["synthesis", "--base"])
+        .arg(&base)
+        .arg("--overlay")
+        .arg(&bad)
+        .arg("--out")
+        .arg(&vm2)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!vm2.exists(), "a failed synthesis left {}", vm2.display());
+    // No QEMU left running for this work dir.
+    assert_eq!(
+        processes_mentioning(&work.path().display().to_string()),
+        Vec::<String>::new()
+    );
+}
