@@ -133,6 +133,9 @@ pub struct LaunchSpec {
     pub vnc_display: Option<u16>,
     /// Directory for the RAM file (default: /dev/shm when present).
     pub ram_dir: Option<PathBuf>,
+    /// Attach virtio-balloon with free page reporting, so pages the guest frees become holes
+    /// in the RAM file (default on).
+    pub free_page_reporting: bool,
 }
 
 impl LaunchSpec {
@@ -149,6 +152,7 @@ impl LaunchSpec {
             forward_address: "127.0.0.1".into(),
             vnc_display: None,
             ram_dir: None,
+            free_page_reporting: true,
         }
     }
 
@@ -244,6 +248,13 @@ pub struct Snapshot {
     pub device_state_file: String,
     /// blake3 over the RAM image then the device state, hex.
     pub state_hash: String,
+    /// Whether the balloon device had free page reporting (part of the device layout).
+    #[serde(default = "yes")]
+    pub free_page_reporting: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Snapshot {

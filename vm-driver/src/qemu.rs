@@ -179,7 +179,10 @@ impl Qemu {
             "-serial".into(),
             "chardev:ser0".into(),
             "-device".into(),
-            "virtio-balloon-pci,free-page-reporting=on".into(),
+            format!(
+                "virtio-balloon-pci,free-page-reporting={}",
+                if p.free_page_reporting { "on" } else { "off" }
+            ),
         ];
         match p.vnc {
             Some(n) => args.extend([
@@ -263,6 +266,7 @@ impl Qemu {
             disks: p.disks.to_vec(),
             accel: p.accel,
             qemu_version: self.version.clone(),
+            free_page_reporting: p.free_page_reporting,
         };
         match Qmp::connect(&vm.runtime.join("qmp.sock"), Duration::from_secs(15)) {
             Ok(q) => vm.qmp = Some(q),
@@ -423,6 +427,7 @@ struct Start<'a> {
     ram_readonly: bool,
     incoming: bool,
     accel: Accel,
+    free_page_reporting: bool,
 }
 
 impl Hypervisor for Qemu {
@@ -464,6 +469,7 @@ impl Hypervisor for Qemu {
             ram_readonly: false,
             incoming: false,
             accel,
+            free_page_reporting: spec.free_page_reporting,
         });
         if r.is_err() {
             let _ = fs::remove_dir_all(&runtime);
@@ -580,6 +586,7 @@ impl Hypervisor for Qemu {
             ram_readonly: readonly,
             incoming: true,
             accel: want,
+            free_page_reporting: snap.free_page_reporting,
         });
         let mut vm = match started {
             Ok(vm) => vm,
@@ -615,6 +622,7 @@ pub struct QemuVm {
     disks: Vec<Disk>,
     accel: Accel,
     qemu_version: String,
+    free_page_reporting: bool,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -879,6 +887,7 @@ impl Vm for QemuVm {
             memory_file: "memory".into(),
             device_state_file: "device-state".into(),
             state_hash: state_hash(&memory, &ds)?,
+            free_page_reporting: self.free_page_reporting,
         };
         let json = serde_json::to_vec_pretty(&snap).expect("serialising a snapshot cannot fail");
         fs::write(dir.join("snapshot.json"), json)
