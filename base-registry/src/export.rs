@@ -31,36 +31,20 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 pub(crate) fn write(b: &BaseEntry, out: impl Write) -> Result<(), RegistryError> {
-    let io_err = |source| RegistryError::Io {
-        path: b.dir.clone(),
-        source,
-    };
+    let io_err = |source| RegistryError::Io { path: b.dir.clone(), source };
     let enc = zstd::Encoder::new(out, 3).map_err(io_err)?;
-    let mut w = Hashing {
-        inner: enc,
-        hasher: blake3::Hasher::new(),
-    };
+    let mut w = Hashing { inner: enc, hasher: blake3::Hasher::new() };
     let manifest = serde_json::to_vec(&b.manifest).expect("serialisable");
     w.write_all(MAGIC).map_err(io_err)?;
-    w.write_all(&(manifest.len() as u32).to_le_bytes())
-        .map_err(io_err)?;
+    w.write_all(&(manifest.len() as u32).to_le_bytes()).map_err(io_err)?;
     w.write_all(&manifest).map_err(io_err)?;
-    let files: Vec<&FileEntry> = b
-        .manifest
-        .files
-        .iter()
-        .chain(b.manifest.index.iter())
-        .collect();
+    let files: Vec<&FileEntry> = b.manifest.files.iter().chain(b.manifest.index.iter()).collect();
     for f in files {
-        w.write_all(&(f.name.len() as u16).to_le_bytes())
-            .map_err(io_err)?;
+        w.write_all(&(f.name.len() as u16).to_le_bytes()).map_err(io_err)?;
         w.write_all(f.name.as_bytes()).map_err(io_err)?;
         w.write_all(&f.size.to_le_bytes()).map_err(io_err)?;
         let p = b.dir.join(&f.name);
-        let mut src = File::open(&p).map_err(|source| RegistryError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let mut src = File::open(&p).map_err(|source| RegistryError::Io { path: p.clone(), source })?;
         let copied = io::copy(&mut (&mut src).take(f.size), &mut w).map_err(io_err)?;
         if copied != f.size {
             return Err(RegistryError::Corrupt {
@@ -97,10 +81,7 @@ impl<R: Read> Counting<R> {
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    return Err(RegistryError::BadExport {
-                        offset: at + got as u64,
-                        reason: format!("{what}: {e}"),
-                    })
+                    return Err(RegistryError::BadExport { offset: at + got as u64, reason: format!("{what}: {e}") })
                 }
             }
         }
@@ -113,15 +94,8 @@ impl<R: Read> Counting<R> {
 /// Reads an export into `dir` (files written sparse, read-only); returns its manifest after
 /// checking the checksum, every digest and the id.
 pub(crate) fn read(input: impl Read, dir: &Path) -> Result<Manifest, RegistryError> {
-    let dec = zstd::Decoder::new(input).map_err(|e| RegistryError::BadExport {
-        offset: 0,
-        reason: e.to_string(),
-    })?;
-    let mut r = Counting {
-        inner: dec,
-        hasher: blake3::Hasher::new(),
-        pos: 0,
-    };
+    let dec = zstd::Decoder::new(input).map_err(|e| RegistryError::BadExport { offset: 0, reason: e.to_string() })?;
+    let mut r = Counting { inner: dec, hasher: blake3::Hasher::new(), pos: 0 };
     let bad = |offset: u64, reason: String| RegistryError::BadExport { offset, reason };
     let mut magic = [0u8; 8];
     r.exact(&mut magic, "the magic")?;
@@ -137,12 +111,7 @@ pub(crate) fn read(input: impl Read, dir: &Path) -> Result<Manifest, RegistryErr
     let mut mbytes = vec![0u8; mlen as usize];
     r.exact(&mut mbytes, "the manifest")?;
     let manifest = Manifest::parse(&mbytes, dir).map_err(|e| bad(12, e.to_string()))?;
-    let files: Vec<FileEntry> = manifest
-        .files
-        .iter()
-        .chain(manifest.index.iter())
-        .cloned()
-        .collect();
+    let files: Vec<FileEntry> = manifest.files.iter().chain(manifest.index.iter()).cloned().collect();
     let mut buf = vec![0u8; 1 << 20];
     for f in &files {
         let at = r.pos;
@@ -161,23 +130,14 @@ pub(crate) fn read(input: impl Read, dir: &Path) -> Result<Manifest, RegistryErr
         r.exact(&mut b8, "a file size")?;
         let size = u64::from_le_bytes(b8);
         if size != f.size || size > MAX_IMAGE_SIZE {
-            return Err(bad(
-                at,
-                format!(
-                    "file '{}' is {size} bytes, the manifest says {}",
-                    f.name, f.size
-                ),
-            ));
+            return Err(bad(at, format!("file '{}' is {size} bytes, the manifest says {}", f.name, f.size)));
         }
         let p = dir.join(&f.name);
         let out = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&p)
-            .map_err(|source| RegistryError::Io {
-                path: p.clone(),
-                source,
-            })?;
+            .map_err(|source| RegistryError::Io { path: p.clone(), source })?;
         let mut pos = 0u64;
         while pos < size {
             let n = ((size - pos) as usize).min(buf.len());
@@ -185,30 +145,19 @@ pub(crate) fn read(input: impl Read, dir: &Path) -> Result<Manifest, RegistryErr
             for (i, c) in buf[..n].chunks(CHUNK_SIZE).enumerate() {
                 if !overlay_format::digest::is_zero(c) {
                     out.write_all_at(c, pos + (i * CHUNK_SIZE) as u64)
-                        .map_err(|source| RegistryError::Io {
-                            path: p.clone(),
-                            source,
-                        })?;
+                        .map_err(|source| RegistryError::Io { path: p.clone(), source })?;
                 }
             }
             pos += n as u64;
         }
-        out.set_len(size).map_err(|source| RegistryError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        out.sync_all().map_err(|source| RegistryError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        out.set_len(size).map_err(|source| RegistryError::Io { path: p.clone(), source })?;
+        out.sync_all().map_err(|source| RegistryError::Io { path: p.clone(), source })?;
         let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444));
     }
     let expect = r.hasher.finalize();
     let mut sum = [0u8; 32];
     let at = r.pos;
-    r.inner
-        .read_exact(&mut sum)
-        .map_err(|_| bad(at, "truncated in the checksum".into()))?;
+    r.inner.read_exact(&mut sum).map_err(|_| bad(at, "truncated in the checksum".into()))?;
     if sum != *expect.as_bytes() {
         return Err(bad(at, "checksum mismatch".into()));
     }
@@ -220,25 +169,15 @@ pub(crate) fn read(input: impl Read, dir: &Path) -> Result<Manifest, RegistryErr
     let mut refs: Vec<(String, ImageDigest)> = Vec::new();
     for f in &manifest.files {
         let p = dir.join(&f.name);
-        let d = digest_file(&p).map_err(|source| RegistryError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let d = digest_file(&p).map_err(|source| RegistryError::Io { path: p.clone(), source })?;
         if d.to_string() != f.digest {
-            return Err(bad(
-                at,
-                format!("file '{}' does not match its digest", f.name),
-            ));
+            return Err(bad(at, format!("file '{}' does not match its digest", f.name)));
         }
         refs.push((f.name.clone(), d));
     }
     if let Some(i) = &manifest.index {
         let p = dir.join("index");
-        if blake3_file(&p).map_err(|source| RegistryError::Io {
-            path: p.clone(),
-            source,
-        })? != i.digest
-        {
+        if blake3_file(&p).map_err(|source| RegistryError::Io { path: p.clone(), source })? != i.digest {
             return Err(bad(at, "index does not match its digest".into()));
         }
     }

@@ -35,18 +35,10 @@ pub(crate) fn blake3_file(path: &Path) -> io::Result<String> {
 pub(crate) fn place_file(src: &Path, dst: &Path, link: bool) -> io::Result<()> {
     let linked = link && fs::hard_link(src, dst).is_ok();
     if !linked {
-        let st = Command::new("cp")
-            .args(["--sparse=always", "--reflink=auto"])
-            .arg(src)
-            .arg(dst)
-            .status()?;
+        let st = Command::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(src).arg(dst).status()?;
         if !st.success() {
             let _ = fs::remove_file(dst);
-            return Err(io::Error::other(format!(
-                "cp {} {} failed: {st}",
-                src.display(),
-                dst.display()
-            )));
+            return Err(io::Error::other(format!("cp {} {} failed: {st}", src.display(), dst.display())));
         }
     }
     fs::set_permissions(dst, fs::Permissions::from_mode(0o444))?;

@@ -33,6 +33,7 @@
 //!     spec,
 //!     files: ["memory", "disk0", "device-state"].iter().map(|n| (n.to_string(), src.join(n))).collect(),
 //!     mode: Mode::Copy,
+//!     labels: Default::default(),
 //! })?;
 //! assert_eq!(reg.find("tiny")?.id(), base.id());
 //! assert_eq!(reg.find(&base.id().to_hex()[..8])?.id(), base.id());
@@ -139,10 +140,7 @@ pub enum RegistryError {
 type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
-    move |source| RegistryError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| RegistryError::Io { path: path.to_owned(), source }
 }
 
 /// One file of a base in its manifest.
@@ -175,6 +173,9 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     /// The delta engine's index, if attached.
     pub index: Option<FileEntry>,
+    /// Free-form labels (not part of the id), e.g. the driver's snapshot hash.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// blake3 of this manifest's JSON with `checksum` empty, hex.
     pub checksum: String,
 }
@@ -183,9 +184,7 @@ impl Manifest {
     fn compute_checksum(&self) -> String {
         let mut m = self.clone();
         m.checksum = String::new();
-        blake3::hash(&serde_json::to_vec(&m).expect("serialisable"))
-            .to_hex()
-            .to_string()
+        blake3::hash(&serde_json::to_vec(&m).expect("serialisable")).to_hex().to_string()
     }
 
     fn seal(mut self) -> Self {
@@ -194,12 +193,8 @@ impl Manifest {
     }
 
     fn parse(bytes: &[u8], at: &Path) -> Result<Self> {
-        let bad = |reason: String| RegistryError::Corrupt {
-            dir: at.to_owned(),
-            reason,
-        };
-        let m: Manifest =
-            serde_json::from_slice(bytes).map_err(|e| bad(format!("manifest: {e}")))?;
+        let bad = |reason: String| RegistryError::Corrupt { dir: at.to_owned(), reason };
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(format!("manifest: {e}")))?;
         if m.format != 1 {
             return Err(bad(format!("manifest format {}", m.format)));
         }
@@ -233,8 +228,8 @@ impl BaseEntry {
     }
     /// Path of the file called `name`, if the base has it.
     pub fn path(&self, name: &str) -> Option<PathBuf> {
-        let known = self.manifest.files.iter().any(|f| f.name == name)
-            || (name == "index" && self.manifest.index.is_some());
+        let known =
+            self.manifest.files.iter().any(|f| f.name == name) || (name == "index" && self.manifest.index.is_some());
         known.then(|| self.dir.join(name))
     }
     /// The memory image.
@@ -247,17 +242,11 @@ impl BaseEntry {
     }
     /// A disk image.
     pub fn disk_path(&self, name: &str) -> Option<PathBuf> {
-        self.manifest
-            .spec
-            .disks
-            .iter()
-            .any(|d| d.name == name)
-            .then(|| self.dir.join(name))
+        self.manifest.spec.disks.iter().any(|d| d.name == name).then(|| self.dir.join(name))
     }
     /// Total bytes of the base's files (apparent sizes).
     pub fn size(&self) -> u64 {
-        self.manifest.files.iter().map(|f| f.size).sum::<u64>()
-            + self.manifest.index.as_ref().map_or(0, |i| i.size)
+        self.manifest.files.iter().map(|f| f.size).sum::<u64>() + self.manifest.index.as_ref().map_or(0, |i| i.size)
     }
 }
 
@@ -285,6 +274,8 @@ pub struct NewBase {
     pub files: Vec<(String, PathBuf)>,
     /// Move or copy.
     pub mode: Mode,
+    /// Free-form labels stored in the manifest (not part of the id).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What [`Registry::verify`] found, per file.
@@ -315,8 +306,7 @@ const OPTIONAL: [&str; 2] = ["kernel", "initrd"];
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && !n.starts_with('.')
 }
 
@@ -329,17 +319,11 @@ fn crash_point(step: &str) {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn unique(prefix: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
@@ -362,17 +346,13 @@ impl Registry {
         if let Some(p) = std::env::var_os("XDG_DATA_HOME") {
             return PathBuf::from(p).join("cloudlet/bases");
         }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/".into());
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/".into());
         home.join(".local/share/cloudlet/bases")
     }
 
     /// Opens (creating if needed) the registry at `root`. Refuses a newer layout.
     pub fn open(root: &Path) -> Result<Self> {
-        let r = Registry {
-            root: root.to_owned(),
-        };
+        let r = Registry { root: root.to_owned() };
         let meta = root.join("registry.json");
         match fs::read(&meta) {
             Ok(b) => {
@@ -391,10 +371,7 @@ impl Registry {
                     reason: format!("registry.json: {e}"),
                 })?;
                 if m.format > REGISTRY_FORMAT {
-                    return Err(RegistryError::NewerFormat {
-                        dir: root.to_owned(),
-                        found: m.format,
-                    });
+                    return Err(RegistryError::NewerFormat { dir: root.to_owned(), found: m.format });
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -402,8 +379,7 @@ impl Registry {
                     fs::create_dir_all(&d).map_err(io(&d))?;
                 }
                 let tmp = root.join(unique(".registry.json"));
-                fs::write(&tmp, format!("{{\"format\": {REGISTRY_FORMAT}}}\n"))
-                    .map_err(io(&tmp))?;
+                fs::write(&tmp, format!("{{\"format\": {REGISTRY_FORMAT}}}\n")).map_err(io(&tmp))?;
                 // Another process may have created it meanwhile: keep theirs if so.
                 if fs::hard_link(&tmp, &meta).is_err() && !meta.exists() {
                     fs::rename(&tmp, &meta).map_err(io(&meta))?;
@@ -411,12 +387,7 @@ impl Registry {
                 let _ = fs::remove_file(&tmp);
                 fsync_dir(root);
             }
-            Err(e) => {
-                return Err(RegistryError::Io {
-                    path: meta,
-                    source: e,
-                })
-            }
+            Err(e) => return Err(RegistryError::Io { path: meta, source: e }),
         }
         for d in [root.join("bases"), root.join("staging")] {
             fs::create_dir_all(&d).map_err(io(&d))?;
@@ -431,12 +402,7 @@ impl Registry {
 
     fn lock(&self) -> Result<Lock> {
         let p = self.root.join("lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(io(&p))?;
+        let f = OpenOptions::new().create(true).truncate(false).write(true).open(&p).map_err(io(&p))?;
         f.lock().map_err(io(&p))?;
         Ok(Lock(f))
     }
@@ -445,14 +411,9 @@ impl Registry {
         let p = dir.join("manifest.json");
         let f = File::open(&p).map_err(io(&p))?;
         let mut bytes = Vec::new();
-        f.take(MAX_MANIFEST_LEN + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io(&p))?;
+        f.take(MAX_MANIFEST_LEN + 1).read_to_end(&mut bytes).map_err(io(&p))?;
         if bytes.len() as u64 > MAX_MANIFEST_LEN {
-            return Err(RegistryError::Corrupt {
-                dir: dir.to_owned(),
-                reason: "manifest over 1 MiB".into(),
-            });
+            return Err(RegistryError::Corrupt { dir: dir.to_owned(), reason: "manifest over 1 MiB".into() });
         }
         let manifest = Manifest::parse(&bytes, dir)?;
         if dir.file_name().and_then(|n| n.to_str()) != Some(manifest.id.as_str()) {
@@ -461,10 +422,7 @@ impl Registry {
                 reason: "directory name is not the manifest's id".into(),
             });
         }
-        Ok(BaseEntry {
-            dir: dir.to_owned(),
-            manifest,
-        })
+        Ok(BaseEntry { dir: dir.to_owned(), manifest })
     }
 
     /// Every complete base (entries whose manifest does not check out are skipped).
@@ -498,40 +456,27 @@ impl Registry {
         }
         let q = query.to_ascii_lowercase();
         if q.len() >= 4 && q.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let m: Vec<&BaseEntry> = all
-                .iter()
-                .filter(|b| b.manifest.id.starts_with(&q))
-                .collect();
+            let m: Vec<&BaseEntry> = all.iter().filter(|b| b.manifest.id.starts_with(&q)).collect();
             match m.len() {
                 0 => {}
                 1 => return Ok(m[0].clone()),
                 _ => {
                     return Err(RegistryError::Ambiguous {
                         query: query.into(),
-                        candidates: m
-                            .iter()
-                            .map(|b| (b.id(), b.manifest.name.clone()))
-                            .collect(),
+                        candidates: m.iter().map(|b| (b.id(), b.manifest.name.clone())).collect(),
                     })
                 }
             }
         }
-        Err(RegistryError::NotFound {
-            query: query.into(),
-        })
+        Err(RegistryError::NotFound { query: query.into() })
     }
 
     /// Registers a base atomically: either it is complete and listed afterwards, or the
     /// registry is unchanged.
     pub fn register(&self, new: NewBase) -> Result<BaseEntry> {
-        let bad = |reason: String| RegistryError::BadInput {
-            name: new.name.clone(),
-            reason,
-        };
+        let bad = |reason: String| RegistryError::BadInput { name: new.name.clone(), reason };
         if !valid_name(&new.name) {
-            return Err(bad(
-                "names are 1-64 characters of [A-Za-z0-9._-], not starting with '.'".into(),
-            ));
+            return Err(bad("names are 1-64 characters of [A-Za-z0-9._-], not starting with '.'".into()));
         }
         let mut wanted: Vec<String> = REQUIRED.iter().map(|s| s.to_string()).collect();
         wanted.extend(new.spec.disks.iter().map(|d| d.name.clone()));
@@ -540,7 +485,9 @@ impl Registry {
                 return Err(bad(format!("bad file name '{n}'")));
             }
             if !wanted.contains(n) && !OPTIONAL.contains(&n.as_str()) && n != "index" {
-                return Err(bad(format!("unexpected file '{n}' (not memory, device-state, a disk of the spec, kernel, initrd or index)")));
+                return Err(bad(format!(
+                    "unexpected file '{n}' (not memory, device-state, a disk of the spec, kernel, initrd or index)"
+                )));
             }
             if new.files.iter().filter(|(m, _)| m == n).count() > 1 {
                 return Err(bad(format!("file '{n}' given twice")));
@@ -561,40 +508,22 @@ impl Registry {
             }
             let size = meta.len();
             if n == "memory" && size != new.spec.ram_bytes {
-                return Err(bad(format!(
-                    "memory image is {size} bytes, the spec says {}",
-                    new.spec.ram_bytes
-                )));
+                return Err(bad(format!("memory image is {size} bytes, the spec says {}", new.spec.ram_bytes)));
             }
             if let Some(d) = new.spec.disks.iter().find(|d| &d.name == n) {
                 if size != d.size_bytes {
-                    return Err(bad(format!(
-                        "disk '{n}' is {size} bytes, the spec says {}",
-                        d.size_bytes
-                    )));
+                    return Err(bad(format!("disk '{n}' is {size} bytes, the spec says {}", d.size_bytes)));
                 }
             }
             if n == "index" {
                 let h = files::blake3_file(p).map_err(io(p))?;
-                index = Some(FileEntry {
-                    name: n.clone(),
-                    size,
-                    digest: h,
-                });
+                index = Some(FileEntry { name: n.clone(), size, digest: h });
             } else {
                 let d = digest_file(p).map_err(io(p))?;
-                entries.push((
-                    FileEntry {
-                        name: n.clone(),
-                        size,
-                        digest: d.to_string(),
-                    },
-                    d,
-                ));
+                entries.push((FileEntry { name: n.clone(), size, digest: d.to_string() }, d));
             }
         }
-        let refs: Vec<(&str, ImageDigest)> =
-            entries.iter().map(|(e, d)| (e.name.as_str(), *d)).collect();
+        let refs: Vec<(&str, ImageDigest)> = entries.iter().map(|(e, d)| (e.name.as_str(), *d)).collect();
         let id = BaseId::compute(&new.spec, &refs);
         let manifest = Manifest {
             format: 1,
@@ -605,6 +534,7 @@ impl Registry {
             spec: new.spec.clone(),
             files: entries.into_iter().map(|(e, _)| e).collect(),
             index,
+            labels: new.labels.clone(),
             checksum: String::new(),
         }
         .seal();
@@ -613,16 +543,10 @@ impl Registry {
         crash_point("locked");
         for b in self.list()? {
             if b.id() == id {
-                return Err(RegistryError::AlreadyRegistered {
-                    id,
-                    name: b.manifest.name,
-                });
+                return Err(RegistryError::AlreadyRegistered { id, name: b.manifest.name });
             }
             if b.manifest.name == new.name {
-                return Err(RegistryError::NameTaken {
-                    name: new.name.clone(),
-                    id: b.id(),
-                });
+                return Err(RegistryError::NameTaken { name: new.name.clone(), id: b.id() });
             }
         }
         let staging = self.root.join("staging").join(unique("register"));
@@ -665,17 +589,13 @@ impl Registry {
             let p = b.dir.join(&f.name);
             match fs::metadata(&p) {
                 Err(e) => problems.push((f.name.clone(), format!("missing: {e}"))),
-                Ok(m) if m.len() != f.size => problems.push((
-                    f.name.clone(),
-                    format!("size {} bytes, expected {}", m.len(), f.size),
-                )),
+                Ok(m) if m.len() != f.size => {
+                    problems.push((f.name.clone(), format!("size {} bytes, expected {}", m.len(), f.size)))
+                }
                 Ok(_) => {
                     let d = digest_file(&p).map_err(io(&p))?;
                     if d.to_string() != f.digest {
-                        problems.push((
-                            f.name.clone(),
-                            "content does not match its digest (corrupt)".into(),
-                        ));
+                        problems.push((f.name.clone(), "content does not match its digest (corrupt)".into()));
                     }
                     refs.push((f.name.as_str(), d));
                 }
@@ -685,18 +605,12 @@ impl Registry {
             let p = b.dir.join("index");
             match files::blake3_file(&p) {
                 Ok(h) if h == i.digest => {}
-                Ok(_) => problems.push((
-                    "index".into(),
-                    "content does not match its digest (corrupt)".into(),
-                )),
+                Ok(_) => problems.push(("index".into(), "content does not match its digest (corrupt)".into())),
                 Err(e) => problems.push(("index".into(), format!("unreadable: {e}"))),
             }
         }
         if problems.is_empty() && BaseId::compute(&b.manifest.spec, &refs) != *id {
-            problems.push((
-                "manifest".into(),
-                "the id does not match the spec and files".into(),
-            ));
+            problems.push(("manifest".into(), "the id does not match the spec and files".into()));
         }
         Ok(VerifyReport { id: *id, problems })
     }
@@ -726,11 +640,7 @@ impl Registry {
         }
         fs::rename(&tmp, &dest).map_err(io(&dest))?;
         let mut m = b.manifest.clone();
-        m.index = Some(FileEntry {
-            name: "index".into(),
-            size,
-            digest,
-        });
+        m.index = Some(FileEntry { name: "index".into(), size, digest });
         write_manifest(&b.dir, &m.seal())?;
         self.get(id)
     }
@@ -742,11 +652,7 @@ impl Registry {
         let mut removed = Vec::new();
         for e in fs::read_dir(&st).map_err(io(&st))? {
             let p = e.map_err(io(&st))?.path();
-            let r = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
+            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
             r.map_err(io(&p))?;
             removed.push(p);
         }
@@ -769,16 +675,10 @@ impl Registry {
             let _lock = self.lock()?;
             for b in self.list()? {
                 if b.id() == id {
-                    return Err(RegistryError::AlreadyRegistered {
-                        id,
-                        name: b.manifest.name,
-                    });
+                    return Err(RegistryError::AlreadyRegistered { id, name: b.manifest.name });
                 }
                 if b.manifest.name == manifest.name {
-                    return Err(RegistryError::NameTaken {
-                        name: manifest.name.clone(),
-                        id: b.id(),
-                    });
+                    return Err(RegistryError::NameTaken { name: manifest.name.clone(), id: b.id() });
                 }
             }
             fsync_dir(&staging);

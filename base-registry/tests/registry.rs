@@ -18,10 +18,7 @@ fn spec() -> VmSpec {
         ram_bytes: MEM,
         qemu_version: "10.0.2".into(),
         accelerator: "tcg".into(),
-        disks: vec![DiskSpec {
-            name: "disk0".into(),
-            size_bytes: DISK,
-        }],
+        disks: vec![DiskSpec { name: "disk0".into(), size_bytes: DISK }],
         kernel_cmdline: Some("console=ttyS0".into()),
     }
 }
@@ -33,20 +30,12 @@ fn files(dir: &Path, seed: u8) -> Vec<(String, PathBuf)> {
     let f = std::fs::File::create(&mem).unwrap();
     f.set_len(MEM).unwrap();
     for i in 0..8u64 {
-        f.write_all_at(&[seed.wrapping_add(i as u8 + 1); 4096], i * 65536)
-            .unwrap();
+        f.write_all_at(&[seed.wrapping_add(i as u8 + 1); 4096], i * 65536).unwrap();
     }
     std::fs::write(dir.join("disk0"), vec![seed; DISK as usize]).unwrap();
-    std::fs::write(
-        dir.join("device-state"),
-        [b"QEVM".as_slice(), &[seed]].concat(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("device-state"), [b"QEVM".as_slice(), &[seed]].concat()).unwrap();
     std::fs::write(dir.join("kernel"), b"kernel").unwrap();
-    ["memory", "disk0", "device-state", "kernel"]
-        .iter()
-        .map(|n| (n.to_string(), dir.join(n)))
-        .collect()
+    ["memory", "disk0", "device-state", "kernel"].iter().map(|n| (n.to_string(), dir.join(n))).collect()
 }
 
 fn new_base(dir: &Path, name: &str, seed: u8, mode: Mode) -> NewBase {
@@ -56,6 +45,7 @@ fn new_base(dir: &Path, name: &str, seed: u8, mode: Mode) -> NewBase {
         spec: spec(),
         files: files(dir, seed),
         mode,
+        labels: Default::default(),
     }
 }
 
@@ -67,50 +57,25 @@ fn staging_entries(root: &Path) -> usize {
 fn register_find_verify_remove() {
     let t = tempfile::tempdir().unwrap();
     let reg = Registry::open(&t.path().join("reg")).unwrap();
-    let a = reg
-        .register(new_base(&t.path().join("a"), "alpha", 1, Mode::Copy))
-        .unwrap();
-    let b = reg
-        .register(new_base(&t.path().join("b"), "beta", 2, Mode::Move))
-        .unwrap();
-    assert!(
-        !t.path().join("b/memory").exists(),
-        "move mode removes the sources"
-    );
-    assert!(
-        t.path().join("a/memory").exists(),
-        "copy mode keeps the sources"
-    );
-    let names: Vec<String> = reg
-        .list()
-        .unwrap()
-        .into_iter()
-        .map(|e| e.manifest.name)
-        .collect();
+    let a = reg.register(new_base(&t.path().join("a"), "alpha", 1, Mode::Copy)).unwrap();
+    let b = reg.register(new_base(&t.path().join("b"), "beta", 2, Mode::Move)).unwrap();
+    assert!(!t.path().join("b/memory").exists(), "move mode removes the sources");
+    assert!(t.path().join("a/memory").exists(), "copy mode keeps the sources");
+    let names: Vec<String> = reg.list().unwrap().into_iter().map(|e| e.manifest.name).collect();
     assert_eq!(names, ["alpha", "beta"]);
     assert_eq!(reg.find("alpha").unwrap().id(), a.id());
     assert_eq!(reg.find(&b.id().to_hex()).unwrap().id(), b.id());
     assert_eq!(reg.find(&b.id().to_hex()[..6]).unwrap().id(), b.id());
-    assert!(matches!(
-        reg.find("gamma"),
-        Err(RegistryError::NotFound { .. })
-    ));
+    assert!(matches!(reg.find("gamma"), Err(RegistryError::NotFound { .. })));
     assert!(reg.verify(&a.id()).unwrap().is_ok());
     // Files are read-only and sparse copies stay sparse.
     let m = std::fs::metadata(a.memory_path()).unwrap();
     assert_eq!(m.mode() & 0o222, 0);
     assert!(m.blocks() * 512 < MEM / 2, "memory image lost its holes");
     // The same content again, or the same name, is refused.
-    let again = reg
-        .register(new_base(&t.path().join("a2"), "alpha2", 1, Mode::Copy))
-        .unwrap_err();
-    assert!(
-        matches!(again, RegistryError::AlreadyRegistered { .. }),
-        "{again}"
-    );
-    let taken = reg
-        .register(new_base(&t.path().join("c"), "alpha", 3, Mode::Copy))
-        .unwrap_err();
+    let again = reg.register(new_base(&t.path().join("a2"), "alpha2", 1, Mode::Copy)).unwrap_err();
+    assert!(matches!(again, RegistryError::AlreadyRegistered { .. }), "{again}");
+    let taken = reg.register(new_base(&t.path().join("c"), "alpha", 3, Mode::Copy)).unwrap_err();
     assert!(matches!(taken, RegistryError::NameTaken { .. }), "{taken}");
     // A flipped byte is found and named.
     let disk = a.disk_path("disk0").unwrap();
@@ -118,20 +83,12 @@ fn register_find_verify_remove() {
     #[allow(clippy::permissions_set_readonly_false)]
     perm.set_readonly(false);
     std::fs::set_permissions(&disk, perm).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk)
-        .unwrap()
-        .write_all_at(&[0xff], 12345)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().write_all_at(&[0xff], 12345).unwrap();
     let rep = reg.verify(&a.id()).unwrap();
     assert_eq!(rep.problems.len(), 1, "{rep:?}");
     assert_eq!(rep.problems[0].0, "disk0");
     reg.remove(&a.id()).unwrap();
-    assert!(matches!(
-        reg.get(&a.id()),
-        Err(RegistryError::NotFound { .. })
-    ));
+    assert!(matches!(reg.get(&a.id()), Err(RegistryError::NotFound { .. })));
     assert_eq!(reg.list().unwrap().len(), 1);
     // Index attach.
     let idx = t.path().join("index");
@@ -147,35 +104,19 @@ fn bad_inputs_leave_the_registry_unchanged() {
     let reg = Registry::open(&t.path().join("reg")).unwrap();
     let mut nb = new_base(&t.path().join("a"), "a", 1, Mode::Copy);
     nb.files.retain(|(n, _)| n != "device-state");
-    assert!(matches!(
-        reg.register(nb),
-        Err(RegistryError::BadInput { .. })
-    ));
+    assert!(matches!(reg.register(nb), Err(RegistryError::BadInput { .. })));
     let mut nb = new_base(&t.path().join("b"), "b", 1, Mode::Copy);
     nb.spec.ram_bytes = MEM * 2;
     let e = reg.register(nb).unwrap_err();
     assert!(e.to_string().contains("memory image"), "{e}");
     let mut nb = new_base(&t.path().join("c"), "c", 1, Mode::Copy);
-    nb.spec.disks.push(DiskSpec {
-        name: "disk1".into(),
-        size_bytes: 1,
-    });
-    assert!(reg
-        .register(nb)
-        .unwrap_err()
-        .to_string()
-        .contains("missing file 'disk1'"));
+    nb.spec.disks.push(DiskSpec { name: "disk1".into(), size_bytes: 1 });
+    assert!(reg.register(nb).unwrap_err().to_string().contains("missing file 'disk1'"));
     let mut nb = new_base(&t.path().join("d"), "d", 1, Mode::Copy);
     nb.files[0].1 = t.path().join("nope");
-    assert!(matches!(
-        reg.register(nb),
-        Err(RegistryError::BadInput { .. })
-    ));
+    assert!(matches!(reg.register(nb), Err(RegistryError::BadInput { .. })));
     let nb = new_base(&t.path().join("e"), "../evil", 1, Mode::Copy);
-    assert!(matches!(
-        reg.register(nb),
-        Err(RegistryError::BadInput { .. })
-    ));
+    assert!(matches!(reg.register(nb), Err(RegistryError::BadInput { .. })));
     assert!(reg.list().unwrap().is_empty());
     assert_eq!(staging_entries(reg.root()), 0);
 }
@@ -185,9 +126,7 @@ fn ambiguous_prefix_lists_candidates() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("reg");
     let reg = Registry::open(&root).unwrap();
-    let a = reg
-        .register(new_base(&t.path().join("a"), "alpha", 1, Mode::Copy))
-        .unwrap();
+    let a = reg.register(new_base(&t.path().join("a"), "alpha", 1, Mode::Copy)).unwrap();
     // Two more entries whose ids share a prefix: copies of alpha's entry under crafted ids.
     for (i, name) in ["x1", "x2"].iter().enumerate() {
         let id = format!("abcd{}{}", i, "0".repeat(59));
@@ -197,9 +136,7 @@ fn ambiguous_prefix_lists_candidates() {
         m.id = id;
         m.name = name.to_string();
         m.checksum = String::new();
-        m.checksum = blake3::hash(&serde_json::to_vec(&m).unwrap())
-            .to_hex()
-            .to_string();
+        m.checksum = blake3::hash(&serde_json::to_vec(&m).unwrap()).to_hex().to_string();
         std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
     }
     match reg.find("abcd") {
@@ -215,30 +152,18 @@ fn newer_registry_format_is_refused() {
     let root = t.path().join("reg");
     Registry::open(&root).unwrap();
     std::fs::write(root.join("registry.json"), "{\"format\": 99}").unwrap();
-    assert!(matches!(
-        Registry::open(&root),
-        Err(RegistryError::NewerFormat { found: 99, .. })
-    ));
-    assert_eq!(
-        std::fs::read_to_string(root.join("registry.json")).unwrap(),
-        "{\"format\": 99}"
-    );
+    assert!(matches!(Registry::open(&root), Err(RegistryError::NewerFormat { found: 99, .. })));
+    assert_eq!(std::fs::read_to_string(root.join("registry.json")).unwrap(), "{\"format\": 99}");
 }
 
 #[test]
 fn export_import_round_trip_and_damage() {
     let t = tempfile::tempdir().unwrap();
     let reg = Registry::open(&t.path().join("reg")).unwrap();
-    let a = reg
-        .register(new_base(&t.path().join("a"), "alpha", 1, Mode::Copy))
-        .unwrap();
+    let a = reg.register(new_base(&t.path().join("a"), "alpha", 1, Mode::Copy)).unwrap();
     let mut export = Vec::new();
     reg.export(&a.id(), &mut export).unwrap();
-    assert!(
-        (export.len() as u64) < MEM / 4,
-        "export of a sparse base should be small: {}",
-        export.len()
-    );
+    assert!((export.len() as u64) < MEM / 4, "export of a sparse base should be small: {}", export.len());
     let reg2 = Registry::open(&t.path().join("reg2")).unwrap();
     for (what, bytes) in [
         ("truncated", export[..export.len() / 2].to_vec()),
@@ -251,10 +176,7 @@ fn export_import_round_trip_and_damage() {
         }),
         ("empty", vec![]),
     ] {
-        assert!(
-            reg2.import(&bytes[..]).is_err(),
-            "{what} export was accepted"
-        );
+        assert!(reg2.import(&bytes[..]).is_err(), "{what} export was accepted");
         assert!(reg2.list().unwrap().is_empty(), "{what}");
         assert_eq!(staging_entries(reg2.root()), 0, "{what}");
     }
@@ -263,10 +185,7 @@ fn export_import_round_trip_and_damage() {
     assert!(reg2.verify(&b.id()).unwrap().is_ok());
     let m = std::fs::metadata(b.memory_path()).unwrap();
     assert!(m.blocks() * 512 < MEM / 2, "import lost the holes");
-    assert!(matches!(
-        reg2.import(&export[..]),
-        Err(RegistryError::AlreadyRegistered { .. })
-    ));
+    assert!(matches!(reg2.import(&export[..]), Err(RegistryError::AlreadyRegistered { .. })));
 }
 
 /// Child process entry: registers a base as told by CLOUDLET_TEST_CHILD (and may crash at
@@ -277,24 +196,15 @@ fn child_role() {
         return;
     };
     let parts: Vec<&str> = spec.split('|').collect();
-    let (root, src, name, seed) = (
-        parts[0],
-        parts[1],
-        parts[2],
-        parts[3].parse::<u8>().unwrap(),
-    );
+    let (root, src, name, seed) = (parts[0], parts[1], parts[2], parts[3].parse::<u8>().unwrap());
     let reg = Registry::open(Path::new(root)).unwrap();
-    reg.register(new_base(Path::new(src), name, seed, Mode::Move))
-        .unwrap();
+    reg.register(new_base(Path::new(src), name, seed, Mode::Move)).unwrap();
 }
 
 fn child(root: &Path, src: &Path, name: &str, seed: u8, crash: Option<&str>) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
     c.args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
-        .env(
-            "CLOUDLET_TEST_CHILD",
-            format!("{}|{}|{name}|{seed}", root.display(), src.display()),
-        )
+        .env("CLOUDLET_TEST_CHILD", format!("{}|{}|{name}|{seed}", root.display(), src.display()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     if let Some(step) = crash {
@@ -309,26 +219,13 @@ fn concurrent_writers_and_readers() {
     let root = t.path().join("reg");
     let reg = Registry::open(&root).unwrap();
     let mut kids: Vec<_> = (0..6u8)
-        .map(|i| {
-            child(
-                &root,
-                &t.path().join(format!("src{i}")),
-                &format!("b{i}"),
-                i * 10,
-                None,
-            )
-            .spawn()
-            .unwrap()
-        })
+        .map(|i| child(&root, &t.path().join(format!("src{i}")), &format!("b{i}"), i * 10, None).spawn().unwrap())
         .collect();
     // Read while they write: every listed entry must be complete.
     for _ in 0..50 {
         for e in reg.list().unwrap() {
             for f in &e.manifest.files {
-                assert_eq!(
-                    std::fs::metadata(e.dir.join(&f.name)).unwrap().len(),
-                    f.size
-                );
+                assert_eq!(std::fs::metadata(e.dir.join(&f.name)).unwrap().len(), f.size);
             }
         }
     }
@@ -348,40 +245,20 @@ fn a_crash_at_any_step_leaves_no_partial_entry() {
     let t = tempfile::tempdir().unwrap();
     let root = t.path().join("reg");
     let reg = Registry::open(&root).unwrap();
-    let steps = [
-        "locked",
-        "staging-created",
-        "file-placed",
-        "files-placed",
-        "manifest-written",
-        "renamed",
-    ];
+    let steps = ["locked", "staging-created", "file-placed", "files-placed", "manifest-written", "renamed"];
     for (i, step) in steps.iter().enumerate() {
         let src = t.path().join(format!("src-{step}"));
         let name = format!("crash-{i}");
-        let st = child(&root, &src, &name, 100 + i as u8, Some(step))
-            .status()
-            .unwrap();
+        let st = child(&root, &src, &name, 100 + i as u8, Some(step)).status().unwrap();
         assert!(!st.success(), "the child should have crashed at {step}");
-        let listed: Vec<_> = reg
-            .list()
-            .unwrap()
-            .into_iter()
-            .filter(|e| e.manifest.name == name)
-            .collect();
+        let listed: Vec<_> = reg.list().unwrap().into_iter().filter(|e| e.manifest.name == name).collect();
         if *step == "renamed" {
             assert_eq!(listed.len(), 1, "after the rename the entry is complete");
             assert!(reg.verify(&listed[0].id()).unwrap().is_ok());
         } else {
-            assert!(
-                listed.is_empty(),
-                "partial entry listed after a crash at {step}"
-            );
+            assert!(listed.is_empty(), "partial entry listed after a crash at {step}");
             // The sources survive a crash before the entry exists (move mode links first).
-            assert!(
-                src.join("memory").exists(),
-                "crash at {step} lost the source"
-            );
+            assert!(src.join("memory").exists(), "crash at {step} lost the source");
         }
         reg.gc().unwrap();
         assert_eq!(staging_entries(&root), 0);
@@ -392,6 +269,7 @@ fn a_crash_at_any_step_leaves_no_partial_entry() {
                 spec: spec(),
                 files: files(&src, 100 + i as u8),
                 mode: Mode::Copy,
+                labels: Default::default(),
             };
             reg.register(nb).unwrap();
         }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use overlay_format::{
-    apply_patch, BaseId, ChunkHash, DecodeError, DecodedBlob, ImageDigest, OverlayMeta,
-    OverlayReader, RecordRef, Trailer, CHUNK_SIZE,
+    apply_patch, BaseId, ChunkHash, DecodeError, DecodedBlob, ImageDigest, OverlayMeta, OverlayReader, RecordRef,
+    Trailer, CHUNK_SIZE,
 };
 use rayon::prelude::*;
 
@@ -133,9 +133,7 @@ impl Out {
         self.written[(c / 64) as usize] |= 1 << (c % 64);
     }
     fn was_written(&self, c: u64) -> bool {
-        self.written
-            .get((c / 64) as usize)
-            .is_some_and(|w| w & (1 << (c % 64)) != 0)
+        self.written.get((c / 64) as usize).is_some_and(|w| w & (1 << (c % 64)) != 0)
     }
     fn chunk_len(&self, c: u64) -> usize {
         (self.size - c * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64) as usize
@@ -173,23 +171,26 @@ pub fn apply_overlay<R: Read + Send>(
     opts: &ApplyOptions,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<ApplyReport, ApplyError> {
+    apply_overlay_reader(base, OverlayReader::new(input)?, opts, progress)
+}
+
+/// [`apply_overlay`] on a reader whose metadata the caller has already looked at (e.g. to find
+/// the base named by `reader.meta().base_id`).
+pub fn apply_overlay_reader<R: Read + Send>(
+    base: &Base,
+    mut reader: OverlayReader<R>,
+    opts: &ApplyOptions,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<ApplyReport, ApplyError> {
     let t0 = Instant::now();
-    let mut reader = OverlayReader::new(input)?;
     let meta = reader.meta().clone();
     if meta.base_id != opts.base_id {
-        return Err(ApplyError::WrongBase {
-            overlay: meta.base_id,
-            base: opts.base_id,
-        });
+        return Err(ApplyError::WrongBase { overlay: meta.base_id, base: opts.base_id });
     }
     let idx = base.index();
     if meta.images.len() != idx.images().len() {
         return Err(ApplyError::Mismatch {
-            reason: format!(
-                "{} images in the overlay, {} in the base",
-                meta.images.len(),
-                idx.images().len()
-            ),
+            reason: format!("{} images in the overlay, {} in the base", meta.images.len(), idx.images().len()),
         });
     }
     for (m, b) in meta.images.iter().zip(idx.images()) {
@@ -207,19 +208,15 @@ pub fn apply_overlay<R: Read + Send>(
     let mut outs = Vec::with_capacity(meta.images.len());
     for (i, m) in meta.images.iter().enumerate() {
         let Some((_, path)) = opts.outputs.iter().find(|(n, _)| *n == m.name) else {
-            return Err(ApplyError::Mismatch {
-                reason: format!("no output path for image '{}'", m.name),
-            });
+            return Err(ApplyError::Mismatch { reason: format!("no output path for image '{}'", m.name) });
         };
         if path.exists() {
             return Err(ApplyError::OutputExists { path: path.clone() });
         }
         let tmp = temp_name(path);
         let _ = std::fs::remove_file(&tmp);
-        let file = sparse_copy(base.path(i), &tmp, m.size).map_err(|source| ApplyError::Io {
-            path: tmp.clone(),
-            source,
-        })?;
+        let file =
+            sparse_copy(base.path(i), &tmp, m.size).map_err(|source| ApplyError::Io { path: tmp.clone(), source })?;
         cleanup.0.push(tmp.clone());
         let n = m.size.div_ceil(CHUNK_SIZE as u64);
         let mut hashes = Vec::with_capacity(n as usize);
@@ -269,10 +266,7 @@ pub fn apply_overlay<R: Read + Send>(
                         rayon::spawn(move || {
                             let t = Instant::now();
                             let r = blob.decode_for(&meta);
-                            dn.fetch_add(
-                                t.elapsed().as_nanos() as u64,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
+                            dn.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                             let _ = btx.send(r);
                         });
                         if tx.send(Ok(brx)).is_err() {
@@ -292,25 +286,17 @@ pub fn apply_overlay<R: Read + Send>(
         });
         let mut applied_bytes = 0u64;
         for pending in rx {
-            let blob = pending?.recv().map_err(|_| ApplyError::Mismatch {
-                reason: "decoder vanished".into(),
-            })??;
+            let blob = pending?.recv().map_err(|_| ApplyError::Mismatch { reason: "decoder vanished".into() })??;
             let ta = Instant::now();
             for r in blob.records() {
                 applied_bytes += apply_record(base, &mut outs, &r, &mut kinds)?;
             }
             apply_time += ta.elapsed();
-            progress(Progress {
-                phase: "apply",
-                done: applied_bytes.min(total_len),
-                total: total_len,
-            });
+            progress(Progress { phase: "apply", done: applied_bytes.min(total_len), total: total_len });
         }
         match reader_thread.join().expect("reader thread panicked") {
             Some(t) => Ok(t),
-            None => Err(ApplyError::Mismatch {
-                reason: "overlay ended without a trailer".into(),
-            }),
+            None => Err(ApplyError::Mismatch { reason: "overlay ended without a trailer".into() }),
         }
     });
     let (trailer, overlay_bytes, receive) = result?;
@@ -324,37 +310,23 @@ pub fn apply_overlay<R: Read + Send>(
                 let len = o.chunk_len(c);
                 o.file
                     .read_exact_at(&mut buf[..len], c * CHUNK_SIZE as u64)
-                    .map_err(|source| ApplyError::Io {
-                        path: o.tmp.clone(),
-                        source,
-                    })?;
+                    .map_err(|source| ApplyError::Io { path: o.tmp.clone(), source })?;
                 o.hashes[c as usize] = ChunkHash::of(&buf[..len]);
             }
         }
         let got = ImageDigest::from_chunk_hashes(o.hashes.iter().copied());
         if got != trailer.image_digests[i] {
-            return Err(ApplyError::DigestMismatch {
-                image: o.name.clone(),
-                expected: trailer.image_digests[i],
-                got,
-            });
+            return Err(ApplyError::DigestMismatch { image: o.name.clone(), expected: trailer.image_digests[i], got });
         }
     }
     if opts.fsync {
-        outs.par_iter().try_for_each(|o| {
-            o.file.sync_all().map_err(|source| ApplyError::Io {
-                path: o.tmp.clone(),
-                source,
-            })
-        })?;
+        outs.par_iter()
+            .try_for_each(|o| o.file.sync_all().map_err(|source| ApplyError::Io { path: o.tmp.clone(), source }))?;
     }
     let verify = tv.elapsed();
     let mut outputs = Vec::new();
     for o in &outs {
-        std::fs::rename(&o.tmp, &o.path).map_err(|source| ApplyError::Io {
-            path: o.path.clone(),
-            source,
-        })?;
+        std::fs::rename(&o.tmp, &o.path).map_err(|source| ApplyError::Io { path: o.path.clone(), source })?;
         outputs.push((o.name.clone(), o.path.clone()));
     }
     cleanup.0.clear();
@@ -374,20 +346,12 @@ pub fn apply_overlay<R: Read + Send>(
 }
 
 fn temp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.partial"))
 }
 
 /// Applies one record; returns the bytes it covers.
-fn apply_record(
-    base: &Base,
-    outs: &mut [Out],
-    r: &RecordRef<'_>,
-    kinds: &mut KindCounts,
-) -> Result<u64, ApplyError> {
+fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut KindCounts) -> Result<u64, ApplyError> {
     let cs = CHUNK_SIZE as u64;
     let image = r.image() as usize;
     let io = |o: &Out| {
@@ -407,9 +371,7 @@ fn apply_record(
             kinds.zero.add(count);
             Ok(end - start)
         }
-        RecordRef::CopyBase {
-            chunk, count, src, ..
-        } => {
+        RecordRef::CopyBase { chunk, count, src, .. } => {
             let o = &mut outs[image];
             let mut buf = vec![0u8; CHUNK_SIZE];
             for k in 0..count {
@@ -418,8 +380,7 @@ fn apply_record(
                 let h = match base.full_chunk(src.image as usize, src.chunk + k) {
                     Some(b) if len == CHUNK_SIZE => {
                         o.file.write_all_at(b, c * cs).map_err(io(o))?;
-                        base.full_hash(src.image as usize, src.chunk + k)
-                            .expect("full chunk")
+                        base.full_hash(src.image as usize, src.chunk + k).expect("full chunk")
                     }
                     _ => {
                         base.read_padded(src.image as usize, src.chunk + k, &mut buf[..len]);
@@ -434,11 +395,8 @@ fn apply_record(
             Ok(count * cs)
         }
         RecordRef::CopySelf { chunk, src, .. } => {
-            let bad = |reason: &str| ApplyError::Record {
-                image: outs[image].name.clone(),
-                chunk,
-                reason: reason.into(),
-            };
+            let bad =
+                |reason: &str| ApplyError::Record { image: outs[image].name.clone(), chunk, reason: reason.into() };
             let s = &outs[src.image as usize];
             if !s.was_written(src.chunk) {
                 return Err(bad("copies a chunk no earlier record wrote"));
@@ -448,9 +406,7 @@ fn apply_record(
                 return Err(bad("copies a chunk of another length"));
             }
             let mut buf = vec![0u8; len];
-            s.file
-                .read_exact_at(&mut buf, src.chunk * cs)
-                .map_err(io(s))?;
+            s.file.read_exact_at(&mut buf, src.chunk * cs).map_err(io(s))?;
             let h = s.hashes[src.chunk as usize];
             let o = &mut outs[image];
             o.file.write_all_at(&buf, chunk * cs).map_err(io(o))?;
@@ -481,11 +437,7 @@ fn apply_record(
             let o = &mut outs[image];
             o.file.write_all_at(data, chunk * cs).map_err(io(o))?;
             let n = data.len().div_ceil(CHUNK_SIZE);
-            let hs: Vec<ChunkHash> = data
-                .par_chunks(CHUNK_SIZE)
-                .with_min_len(16)
-                .map(ChunkHash::of)
-                .collect();
+            let hs: Vec<ChunkHash> = data.par_chunks(CHUNK_SIZE).with_min_len(16).map(ChunkHash::of).collect();
             for (k, h) in hs.into_iter().enumerate() {
                 o.hashes[chunk as usize + k] = h;
                 o.mark(chunk + k as u64);

@@ -16,10 +16,7 @@ pub struct Base {
 
 impl std::fmt::Debug for Base {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Base")
-            .field("index", &self.index)
-            .field("paths", &self.paths)
-            .finish()
+        f.debug_struct("Base").field("index", &self.index).field("paths", &self.paths).finish()
     }
 }
 
@@ -31,31 +28,18 @@ impl Base {
         let mut paths = Vec::new();
         if images.len() != index.images().len() {
             return Err(IndexError::Invalid {
-                reason: format!(
-                    "{} image files for an index of {} images",
-                    images.len(),
-                    index.images().len()
-                ),
+                reason: format!("{} image files for an index of {} images", images.len(), index.images().len()),
             });
         }
         for ii in index.images() {
             let Some(img) = images.iter().find(|i| i.name == ii.name) else {
-                return Err(IndexError::Invalid {
-                    reason: format!("no file given for base image '{}'", ii.name),
-                });
+                return Err(IndexError::Invalid { reason: format!("no file given for base image '{}'", ii.name) });
             };
-            let (_, map) = Mapped::open(&img.path).map_err(|source| IndexError::Io {
-                path: img.path.clone(),
-                source,
-            })?;
+            let (_, map) =
+                Mapped::open(&img.path).map_err(|source| IndexError::Io { path: img.path.clone(), source })?;
             if map.len() != ii.size {
                 return Err(IndexError::Invalid {
-                    reason: format!(
-                        "{} is {} bytes, the index says {}",
-                        img.path.display(),
-                        map.len(),
-                        ii.size
-                    ),
+                    reason: format!("{} is {} bytes, the index says {}", img.path.display(), map.len(), ii.size),
                 });
             }
             maps.push(map);
@@ -65,10 +49,7 @@ impl Base {
     }
 
     /// Builds the index of `images` and opens them.
-    pub fn build(
-        images: &[BaseImage],
-        progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<Self, IndexError> {
+    pub fn build(images: &[BaseImage], progress: &(dyn Fn(u64) + Sync)) -> Result<Self, IndexError> {
         let index = BaseIndex::build(images, progress)?;
         Self::open(index, images)
     }

@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use overlay_format::{
-    encode_patch, BaseId, BlobBuilder, ChunkHash, ChunkRef, Compression, EncodeError,
-    ImageDigester, ImageMeta, OverlayMeta, OverlayWriter, PortForward, SealedBlob, VmSpec,
-    CHUNK_SIZE,
+    encode_patch, BaseId, BlobBuilder, ChunkHash, ChunkRef, Compression, EncodeError, ImageDigester, ImageMeta,
+    OverlayMeta, OverlayWriter, PortForward, SealedBlob, VmSpec, CHUNK_SIZE,
 };
 use rayon::prelude::*;
 
@@ -80,11 +79,7 @@ impl Default for CreateOptions {
 impl CreateOptions {
     /// Options for xz at `level`.
     pub fn xz(level: i32) -> Self {
-        CreateOptions {
-            compression: Compression::Xz,
-            level,
-            ..Self::default()
-        }
+        CreateOptions { compression: Compression::Xz, level, ..Self::default() }
     }
 }
 
@@ -150,22 +145,9 @@ enum Class {
 /// A run being accumulated before it becomes a record.
 enum Run {
     None,
-    Zero {
-        image: u8,
-        chunk: u64,
-        count: u64,
-    },
-    Base {
-        image: u8,
-        chunk: u64,
-        count: u64,
-        src: ChunkRef,
-    },
-    Raw {
-        image: u8,
-        chunk: u64,
-        count: u64,
-    },
+    Zero { image: u8, chunk: u64, count: u64 },
+    Base { image: u8, chunk: u64, count: u64, src: ChunkRef },
+    Raw { image: u8, chunk: u64, count: u64 },
 }
 
 struct Emitter<'a> {
@@ -181,28 +163,15 @@ impl Emitter<'_> {
     fn flush(&mut self) {
         match std::mem::replace(&mut self.run, Run::None) {
             Run::None => return,
-            Run::Zero {
-                image,
-                chunk,
-                count,
-            } => {
+            Run::Zero { image, chunk, count } => {
                 self.builder.push_zero(image, chunk, count);
                 self.kinds.zero.add(count);
             }
-            Run::Base {
-                image,
-                chunk,
-                count,
-                src,
-            } => {
+            Run::Base { image, chunk, count, src } => {
                 self.builder.push_copy_base(image, chunk, count, src);
                 self.kinds.copy_base.add(count);
             }
-            Run::Raw {
-                image,
-                chunk,
-                count,
-            } => {
+            Run::Raw { image, chunk, count } => {
                 let customs = self.customs;
                 let b = customs[image as usize].bytes();
                 let s = chunk as usize * CHUNK_SIZE;
@@ -222,72 +191,36 @@ impl Emitter<'_> {
     }
 
     fn zero(&mut self, image: u8, chunk: u64) {
-        if let Run::Zero {
-            image: i,
-            chunk: c,
-            count,
-        } = &mut self.run
-        {
+        if let Run::Zero { image: i, chunk: c, count } = &mut self.run {
             if *i == image && *c + *count == chunk {
                 *count += 1;
                 return;
             }
         }
         self.flush();
-        self.run = Run::Zero {
-            image,
-            chunk,
-            count: 1,
-        };
+        self.run = Run::Zero { image, chunk, count: 1 };
     }
 
     fn base(&mut self, image: u8, chunk: u64, src: ChunkRef) {
-        if let Run::Base {
-            image: i,
-            chunk: c,
-            count,
-            src: s,
-        } = &mut self.run
-        {
-            if *i == image
-                && *c + *count == chunk
-                && s.image == src.image
-                && s.chunk + *count == src.chunk
-            {
+        if let Run::Base { image: i, chunk: c, count, src: s } = &mut self.run {
+            if *i == image && *c + *count == chunk && s.image == src.image && s.chunk + *count == src.chunk {
                 *count += 1;
                 return;
             }
         }
         self.flush();
-        self.run = Run::Base {
-            image,
-            chunk,
-            count: 1,
-            src,
-        };
+        self.run = Run::Base { image, chunk, count: 1, src };
     }
 
     fn raw(&mut self, image: u8, chunk: u64) {
-        if let Run::Raw {
-            image: i,
-            chunk: c,
-            count,
-        } = &mut self.run
-        {
-            if *i == image
-                && *c + *count == chunk
-                && ((*count as usize + 1) * CHUNK_SIZE) <= self.blob_bytes
-            {
+        if let Run::Raw { image: i, chunk: c, count } = &mut self.run {
+            if *i == image && *c + *count == chunk && ((*count as usize + 1) * CHUNK_SIZE) <= self.blob_bytes {
                 *count += 1;
                 return;
             }
         }
         self.flush();
-        self.run = Run::Raw {
-            image,
-            chunk,
-            count: 1,
-        };
+        self.run = Run::Raw { image, chunk, count: 1 };
     }
 
     fn copy_self(&mut self, image: u8, chunk: u64, src: ChunkRef) {
@@ -327,11 +260,7 @@ pub fn create_overlay<W: Write>(
     let idx = base.index();
     if custom.len() != idx.images().len() {
         return Err(CreateError::Mismatch {
-            reason: format!(
-                "{} custom images for {} base images",
-                custom.len(),
-                idx.images().len()
-            ),
+            reason: format!("{} custom images for {} base images", custom.len(), idx.images().len()),
         });
     }
     // Custom images in base order.
@@ -340,15 +269,10 @@ pub fn create_overlay<W: Write>(
     let mut paths = Vec::with_capacity(custom.len());
     for bi in idx.images() {
         let Some(ci) = custom.iter().find(|c| c.name == bi.name) else {
-            return Err(CreateError::Mismatch {
-                reason: format!("no custom image for base image '{}'", bi.name),
-            });
+            return Err(CreateError::Mismatch { reason: format!("no custom image for base image '{}'", bi.name) });
         };
         let CustomSource::Raw(path) = &ci.source;
-        let (file, map) = Mapped::open(path).map_err(|source| CreateError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let (file, map) = Mapped::open(path).map_err(|source| CreateError::Io { path: path.clone(), source })?;
         maps.push(map);
         files.push(file);
         paths.push(path.clone());
@@ -357,12 +281,7 @@ pub fn create_overlay<W: Write>(
         .images()
         .iter()
         .zip(&maps)
-        .map(|(bi, m)| ImageMeta {
-            name: bi.name.clone(),
-            kind: bi.kind,
-            size: m.len(),
-            base_size: bi.size,
-        })
+        .map(|(bi, m)| ImageMeta { name: bi.name.clone(), kind: bi.kind, size: m.len(), base_size: bi.size })
         .collect();
     let meta = OverlayMeta {
         base_id: info.base_id,
@@ -374,13 +293,7 @@ pub fn create_overlay<W: Write>(
         created_unix: info.created_unix,
         creator: info.creator.clone(),
     };
-    let mut writer = OverlayWriter::new(
-        Counting {
-            inner: out,
-            bytes: 0,
-        },
-        &meta,
-    )?;
+    let mut writer = OverlayWriter::new(Counting { inner: out, bytes: 0 }, &meta)?;
     writer.write_device_state(device_state, opts.level)?;
 
     let total: u64 = maps.iter().map(|m| m.len()).sum();
@@ -420,16 +333,8 @@ pub fn create_overlay<W: Write>(
                     let p = extents.partition_point(|&(a, _)| a <= off);
                     let in_data = p > 0 && off < extents[p - 1].1;
                     if !in_data {
-                        let h = if len == CHUNK_SIZE {
-                            ChunkHash::zero()
-                        } else {
-                            ChunkHash::of(&vec![0u8; len])
-                        };
-                        let class = if base.chunk_is_zero(ii, c, len) {
-                            Class::Same
-                        } else {
-                            Class::Zero
-                        };
+                        let h = if len == CHUNK_SIZE { ChunkHash::zero() } else { ChunkHash::of(&vec![0u8; len]) };
+                        let class = if base.chunk_is_zero(ii, c, len) { Class::Same } else { Class::Zero };
                         return (class, h, None);
                     }
                     let chunk = &bytes[s..s + len];
@@ -516,11 +421,7 @@ pub fn create_overlay<W: Write>(
             }
             em.flush();
             scanned += (c1 - c0) * CHUNK_SIZE as u64;
-            progress(Progress {
-                phase: "scan",
-                done: scanned.min(total),
-                total,
-            });
+            progress(Progress { phase: "scan", done: scanned.min(total), total });
             // Seal the full blobs of this batch in parallel, write them in order.
             write_ready(&mut em.ready, &mut writer, opts, &mut stats)?;
             c0 = c1;

@@ -78,16 +78,11 @@ pub(crate) fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
 pub(crate) fn sparse_copy(src: &Path, dst: &Path, len: u64) -> io::Result<File> {
     let input = File::open(src)?;
     let src_len = input.metadata()?.len();
-    let out = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(dst)?;
+    let out = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dst)?;
     // FICLONE = _IOW(0x94, 9, int)
     const FICLONE: libc::c_ulong = 0x4004_9409;
     // SAFETY: ioctl with two valid open file descriptors; FICLONE reads no user memory.
-    let cloned = src_len > 0
-        && unsafe { libc::ioctl(out.as_raw_fd(), FICLONE as _, input.as_raw_fd()) } == 0;
+    let cloned = src_len > 0 && unsafe { libc::ioctl(out.as_raw_fd(), FICLONE as _, input.as_raw_fd()) } == 0;
     if !cloned {
         for (start, end) in data_extents(&input, src_len) {
             copy_range(&input, &out, start, end - start)?;
@@ -103,22 +98,11 @@ fn copy_range(input: &File, out: &File, start: u64, len: u64) -> io::Result<()> 
     let mut left = len as usize;
     while left > 0 {
         // SAFETY: valid fds, and the offsets are plain integers owned by this frame.
-        let n = unsafe {
-            libc::copy_file_range(
-                input.as_raw_fd(),
-                &mut off_in,
-                out.as_raw_fd(),
-                &mut off_out,
-                left,
-                0,
-            )
-        };
+        let n =
+            unsafe { libc::copy_file_range(input.as_raw_fd(), &mut off_in, out.as_raw_fd(), &mut off_out, left, 0) };
         if n < 0 {
             let err = io::Error::last_os_error();
-            if matches!(
-                err.raw_os_error(),
-                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-            ) {
+            if matches!(err.raw_os_error(), Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)) {
                 return copy_range_rw(input, out, off_in as u64, left as u64);
             }
             return Err(err);

@@ -20,9 +20,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use overlay_format::{
-    ChunkHash, ChunkRef, ImageDigest, ImageKind, CHUNK_SIZE, MAX_IMAGES, MAX_IMAGE_SIZE,
-};
+use overlay_format::{ChunkHash, ChunkRef, ImageDigest, ImageKind, CHUNK_SIZE, MAX_IMAGES, MAX_IMAGE_SIZE};
 use rayon::prelude::*;
 
 use crate::file::{data_extents, Mapped};
@@ -116,24 +114,14 @@ pub struct BaseIndex {
 impl std::fmt::Debug for BaseIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BaseIndex")
-            .field(
-                "images",
-                &self
-                    .images
-                    .iter()
-                    .map(|i| (&i.name, i.size))
-                    .collect::<Vec<_>>(),
-            )
+            .field("images", &self.images.iter().map(|i| (&i.name, i.size)).collect::<Vec<_>>())
             .field("distinct_chunks", &self.lookup.len())
             .finish()
     }
 }
 
 /// Chunk hashes of one file, hashing in parallel; holes hash as zero without being read.
-pub(crate) fn hash_file(
-    path: &Path,
-    progress: &(dyn Fn(u64) + Sync),
-) -> io::Result<(u64, Vec<ChunkHash>)> {
+pub(crate) fn hash_file(path: &Path, progress: &(dyn Fn(u64) + Sync)) -> io::Result<(u64, Vec<ChunkHash>)> {
     let (file, map) = Mapped::open(path)?;
     let len = map.len();
     let n = len.div_ceil(CHUNK_SIZE as u64) as usize;
@@ -145,23 +133,17 @@ pub(crate) fn hash_file(
     }
     let bytes = map.bytes();
     for (start, end) in data_extents(&file, len) {
-        let (c0, c1) = (
-            (start / CHUNK_SIZE as u64) as usize,
-            (end.div_ceil(CHUNK_SIZE as u64)) as usize,
-        );
-        hashes[c0..c1]
-            .par_chunks_mut(1024)
-            .enumerate()
-            .for_each(|(i, hs)| {
-                let first = c0 + i * 1024;
-                for (j, h) in hs.iter_mut().enumerate() {
-                    let c = first + j;
-                    let s = c * CHUNK_SIZE;
-                    let e = (s + CHUNK_SIZE).min(len as usize);
-                    *h = ChunkHash::of(&bytes[s..e]);
-                }
-                progress((hs.len() * CHUNK_SIZE) as u64);
-            });
+        let (c0, c1) = ((start / CHUNK_SIZE as u64) as usize, (end.div_ceil(CHUNK_SIZE as u64)) as usize);
+        hashes[c0..c1].par_chunks_mut(1024).enumerate().for_each(|(i, hs)| {
+            let first = c0 + i * 1024;
+            for (j, h) in hs.iter_mut().enumerate() {
+                let c = first + j;
+                let s = c * CHUNK_SIZE;
+                let e = (s + CHUNK_SIZE).min(len as usize);
+                *h = ChunkHash::of(&bytes[s..e]);
+            }
+            progress((hs.len() * CHUNK_SIZE) as u64);
+        });
     }
     Ok((len, hashes))
 }
@@ -169,43 +151,24 @@ pub(crate) fn hash_file(
 impl BaseIndex {
     /// Hashes every image (in parallel) and builds the lookup map. `progress` receives bytes
     /// hashed (holes are skipped and not reported).
-    pub fn build(
-        images: &[BaseImage],
-        progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<Self, IndexError> {
+    pub fn build(images: &[BaseImage], progress: &(dyn Fn(u64) + Sync)) -> Result<Self, IndexError> {
         if images.is_empty() || images.len() > MAX_IMAGES {
-            return Err(IndexError::Invalid {
-                reason: format!("{} images, 1 to {MAX_IMAGES} allowed", images.len()),
-            });
+            return Err(IndexError::Invalid { reason: format!("{} images, 1 to {MAX_IMAGES} allowed", images.len()) });
         }
         let mut out = Vec::with_capacity(images.len());
         for img in images {
-            if img.name.is_empty()
-                || img.name.len() > 255
-                || out.iter().any(|o: &IndexedImage| o.name == img.name)
-            {
-                return Err(IndexError::Invalid {
-                    reason: format!("bad or duplicate image name '{}'", img.name),
-                });
+            if img.name.is_empty() || img.name.len() > 255 || out.iter().any(|o: &IndexedImage| o.name == img.name) {
+                return Err(IndexError::Invalid { reason: format!("bad or duplicate image name '{}'", img.name) });
             }
             let (size, hashes) =
-                hash_file(&img.path, progress).map_err(|source| IndexError::Io {
-                    path: img.path.clone(),
-                    source,
-                })?;
+                hash_file(&img.path, progress).map_err(|source| IndexError::Io { path: img.path.clone(), source })?;
             if size > MAX_IMAGE_SIZE {
                 return Err(IndexError::Invalid {
                     reason: format!("{} is larger than {MAX_IMAGE_SIZE} bytes", img.name),
                 });
             }
             let digest = ImageDigest::from_chunk_hashes(hashes.iter().copied());
-            out.push(IndexedImage {
-                name: img.name.clone(),
-                kind: img.kind,
-                size,
-                digest,
-                hashes,
-            });
+            out.push(IndexedImage { name: img.name.clone(), kind: img.kind, size, digest, hashes });
         }
         Ok(Self::from_images(out))
     }
@@ -218,10 +181,7 @@ impl BaseIndex {
             let full = img.size / CHUNK_SIZE as u64;
             for (c, h) in img.hashes.iter().enumerate().take(full as usize) {
                 if *h != zero {
-                    lookup.entry(key(h)).or_insert(ChunkRef {
-                        image: ii as u8,
-                        chunk: c as u64,
-                    });
+                    lookup.entry(key(h)).or_insert(ChunkRef { image: ii as u8, chunk: c as u64 });
                 }
             }
         }
@@ -262,16 +222,10 @@ impl BaseIndex {
 
     /// Writes the index to `path` (via a temporary file renamed into place).
     pub fn save(&self, path: &Path) -> Result<(), IndexError> {
-        let io_err = |source| IndexError::Io {
-            path: path.to_owned(),
-            source,
-        };
+        let io_err = |source| IndexError::Io { path: path.to_owned(), source };
         let tmp = path.with_extension("partial");
         let f = File::create(&tmp).map_err(io_err)?;
-        let mut w = HashingWriter {
-            inner: BufWriter::with_capacity(1 << 20, f),
-            hasher: blake3::Hasher::new(),
-        };
+        let mut w = HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hasher: blake3::Hasher::new() };
         let res = (|| -> io::Result<()> {
             w.write_all(MAGIC)?;
             w.write_all(&(self.images.len() as u32).to_le_bytes())?;
@@ -303,22 +257,12 @@ impl BaseIndex {
 
     /// Reads an index written by [`BaseIndex::save`], checking its structure and checksum.
     pub fn load(path: &Path) -> Result<Self, IndexError> {
-        let io_err = |source| IndexError::Io {
-            path: path.to_owned(),
-            source,
-        };
+        let io_err = |source| IndexError::Io { path: path.to_owned(), source };
         let f = File::open(path).map_err(io_err)?;
         let file_len = f.metadata().map_err(io_err)?.len();
-        let mut r = CountingReader {
-            inner: BufReader::with_capacity(1 << 20, f),
-            hasher: blake3::Hasher::new(),
-            pos: 0,
-        };
-        let corrupt = |offset: u64, reason: String| IndexError::Corrupt {
-            path: path.to_owned(),
-            offset,
-            reason,
-        };
+        let mut r =
+            CountingReader { inner: BufReader::with_capacity(1 << 20, f), hasher: blake3::Hasher::new(), pos: 0 };
+        let corrupt = |offset: u64, reason: String| IndexError::Corrupt { path: path.to_owned(), offset, reason };
         let read = |r: &mut CountingReader<_>, buf: &mut [u8]| -> Result<(), IndexError> {
             let at = r.pos;
             r.read_exact(buf).map_err(|e| {
@@ -351,8 +295,7 @@ impl BaseIndex {
             }
             let mut name = vec![0u8; nlen];
             read(&mut r, &mut name)?;
-            let name = String::from_utf8(name)
-                .map_err(|_| corrupt(at, "image name is not UTF-8".into()))?;
+            let name = String::from_utf8(name).map_err(|_| corrupt(at, "image name is not UTF-8".into()))?;
             let mut kind = [0u8; 1];
             let at = r.pos;
             read(&mut r, &mut kind)?;
@@ -377,40 +320,24 @@ impl BaseIndex {
                 return Err(corrupt(at, format!("{n} chunk hashes for {size} bytes")));
             }
             if n * 16 > file_len.saturating_sub(r.pos) {
-                return Err(corrupt(
-                    at,
-                    format!("{n} chunk hashes do not fit in the file"),
-                ));
+                return Err(corrupt(at, format!("{n} chunk hashes do not fit in the file")));
             }
             let mut raw = vec![0u8; (n * 16) as usize];
             read(&mut r, &mut raw)?;
-            let hashes: Vec<ChunkHash> = raw
-                .chunks_exact(16)
-                .map(|c| ChunkHash(c.try_into().expect("16 bytes")))
-                .collect();
+            let hashes: Vec<ChunkHash> =
+                raw.chunks_exact(16).map(|c| ChunkHash(c.try_into().expect("16 bytes"))).collect();
             if ImageDigest::from_chunk_hashes(hashes.iter().copied()).0 != digest {
-                return Err(corrupt(
-                    at,
-                    format!("digest of image '{name}' does not match its chunk hashes"),
-                ));
+                return Err(corrupt(at, format!("digest of image '{name}' does not match its chunk hashes")));
             }
             if images.iter().any(|i| i.name == name) {
                 return Err(corrupt(at, format!("image '{name}' appears twice")));
             }
-            images.push(IndexedImage {
-                name,
-                kind,
-                size,
-                digest: ImageDigest(digest),
-                hashes,
-            });
+            images.push(IndexedImage { name, kind, size, digest: ImageDigest(digest), hashes });
         }
         let expect = r.hasher.finalize();
         let mut sum = [0u8; 32];
         let at = r.pos;
-        r.inner
-            .read_exact(&mut sum)
-            .map_err(|_| corrupt(at, "checksum missing".into()))?;
+        r.inner.read_exact(&mut sum).map_err(|_| corrupt(at, "checksum missing".into()))?;
         if sum != *expect.as_bytes() {
             return Err(corrupt(at, "checksum mismatch".into()));
         }

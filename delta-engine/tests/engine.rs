@@ -41,10 +41,7 @@ fn info() -> OverlayInfo {
 impl Pair {
     fn new(base: Vec<(&str, ImageKind, Vec<u8>)>, custom: Vec<Vec<u8>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let base: Vec<_> = base
-            .into_iter()
-            .map(|(n, k, b)| (n.to_string(), k, b))
-            .collect();
+        let base: Vec<_> = base.into_iter().map(|(n, k, b)| (n.to_string(), k, b)).collect();
         for (i, (n, _, b)) in base.iter().enumerate() {
             std::fs::write(dir.path().join(format!("base-{n}")), b).unwrap();
             std::fs::write(dir.path().join(format!("custom-{n}")), &custom[i]).unwrap();
@@ -55,11 +52,7 @@ impl Pair {
     fn base_images(&self) -> Vec<BaseImage> {
         self.base
             .iter()
-            .map(|(n, k, _)| BaseImage {
-                name: n.clone(),
-                kind: *k,
-                path: self.dir.path().join(format!("base-{n}")),
-            })
+            .map(|(n, k, _)| BaseImage { name: n.clone(), kind: *k, path: self.dir.path().join(format!("base-{n}")) })
             .collect()
     }
 
@@ -75,34 +68,19 @@ impl Pair {
 
     fn create(&self, opts: &CreateOptions) -> (Base, Vec<u8>, CreateStats) {
         let base = Base::build(&self.base_images(), &|_| {}).unwrap();
-        let (ovl, stats) = create_overlay(
-            &base,
-            &self.customs(),
-            &info(),
-            b"device",
-            opts,
-            &|_| {},
-            Vec::new(),
-        )
-        .unwrap();
+        let (ovl, stats) =
+            create_overlay(&base, &self.customs(), &info(), b"device", opts, &|_| {}, Vec::new()).unwrap();
         (base, ovl, stats)
     }
 
     fn outputs(&self, tag: &str) -> Vec<(String, PathBuf)> {
-        self.base
-            .iter()
-            .map(|(n, ..)| (n.clone(), self.dir.path().join(format!("out-{tag}-{n}"))))
-            .collect()
+        self.base.iter().map(|(n, ..)| (n.clone(), self.dir.path().join(format!("out-{tag}-{n}")))).collect()
     }
 
     fn round_trip(&self, opts: &CreateOptions, tag: &str) -> CreateStats {
         let (base, ovl, stats) = self.create(opts);
         let outputs = self.outputs(tag);
-        let a = ApplyOptions {
-            base_id: BaseId([9; 32]),
-            outputs: outputs.clone(),
-            fsync: false,
-        };
+        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: false };
         let report = apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap();
         assert_eq!(report.device_state, b"device");
         for (i, (_, p)) in outputs.iter().enumerate() {
@@ -143,13 +121,8 @@ fn each_rule_produces_its_record_kind() {
     cm[9 * PAGE..10 * PAGE].copy_from_slice(&page(999)); // raw
     cm[10 * PAGE..11 * PAGE].copy_from_slice(&page(999)); // self copy of the raw page
     cm[2 * PAGE + 17] ^= 0xff; // patch
-    let pair = Pair::new(
-        vec![
-            ("memory", ImageKind::Memory, mem),
-            ("disk0", ImageKind::Disk, disk.clone()),
-        ],
-        vec![cm, disk],
-    );
+    let pair =
+        Pair::new(vec![("memory", ImageKind::Memory, mem), ("disk0", ImageKind::Disk, disk.clone())], vec![cm, disk]);
     let s = pair.round_trip(&CreateOptions::default(), "kinds");
     assert_eq!(s.kinds.zero.chunks, 1);
     assert_eq!(s.kinds.copy_base.chunks, 1);
@@ -163,21 +136,15 @@ fn each_rule_produces_its_record_kind() {
 fn holes_and_odd_sizes_and_growth() {
     // Sparse custom memory (a file with a hole), a disk that grows to an odd size.
     let mem: Vec<u8> = (0..32).flat_map(page).collect();
-    let disk: Vec<u8> =
-        (0..5).flat_map(|i| page(i + 50)).collect::<Vec<u8>>()[..5 * PAGE - 100].to_vec();
+    let disk: Vec<u8> = (0..5).flat_map(|i| page(i + 50)).collect::<Vec<u8>>()[..5 * PAGE - 100].to_vec();
     let mut cm = mem.clone();
     cm[10 * PAGE..20 * PAGE].fill(0);
     let mut cd = disk.clone();
     cd.resize(7 * PAGE + 33, 0);
     cd[6 * PAGE..6 * PAGE + 33].copy_from_slice(&page(7)[..33]);
     cd[5 * PAGE - 200] ^= 1;
-    let pair = Pair::new(
-        vec![
-            ("memory", ImageKind::Memory, mem),
-            ("disk0", ImageKind::Disk, disk),
-        ],
-        vec![cm.clone(), cd],
-    );
+    let pair =
+        Pair::new(vec![("memory", ImageKind::Memory, mem), ("disk0", ImageKind::Disk, disk)], vec![cm.clone(), cd]);
     // Re-write custom memory sparsely: punch the zero range.
     let p = pair.dir.path().join("custom-memory");
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
@@ -185,15 +152,10 @@ fn holes_and_odd_sizes_and_growth() {
     f.set_len(cm.len() as u64).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(&cm[..10 * PAGE], 0).unwrap();
-    f.write_all_at(&cm[20 * PAGE..], (20 * PAGE) as u64)
-        .unwrap();
+    f.write_all_at(&cm[20 * PAGE..], (20 * PAGE) as u64).unwrap();
     drop(f);
     for c in [Compression::None, Compression::Zstd, Compression::Xz] {
-        let opts = CreateOptions {
-            compression: c,
-            level: 1,
-            ..CreateOptions::default()
-        };
+        let opts = CreateOptions { compression: c, level: 1, ..CreateOptions::default() };
         let s = pair.round_trip(&opts, &format!("{c:?}"));
         assert_eq!(s.kinds.zero.chunks, 10);
     }
@@ -207,17 +169,10 @@ fn overlay_for_another_base_is_refused_naming_both_ids() {
     let pair = Pair::new(vec![("memory", ImageKind::Memory, mem)], vec![cm]);
     let (base, ovl, _) = pair.create(&CreateOptions::default());
     let outputs = pair.outputs("wrong");
-    let a = ApplyOptions {
-        base_id: BaseId([8; 32]),
-        outputs: outputs.clone(),
-        fsync: false,
-    };
+    let a = ApplyOptions { base_id: BaseId([8; 32]), outputs: outputs.clone(), fsync: false };
     let err = apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains(&BaseId([9; 32]).to_hex()) && msg.contains(&BaseId([8; 32]).to_hex()),
-        "{msg}"
-    );
+    assert!(msg.contains(&BaseId([9; 32]).to_hex()) && msg.contains(&BaseId([8; 32]).to_hex()), "{msg}");
     assert!(!outputs[0].1.exists());
 }
 
@@ -237,32 +192,18 @@ fn damaged_overlays_fail_and_leave_nothing_behind() {
         cm[i * PAGE..(i + 1) * PAGE].copy_from_slice(&page(1000 + i as u64));
     }
     let pair = Pair::new(vec![("memory", ImageKind::Memory, mem)], vec![cm]);
-    let opts = CreateOptions {
-        blob_bytes: 16 << 10,
-        ..CreateOptions::default()
-    };
+    let opts = CreateOptions { blob_bytes: 16 << 10, ..CreateOptions::default() };
     let (base, ovl, stats) = pair.create(&opts);
     assert!(stats.blobs > 2);
     let cuts = [ovl.len() / 3, ovl.len() / 2, ovl.len() - 1];
     for (k, cut) in cuts.into_iter().enumerate() {
-        let a = ApplyOptions {
-            base_id: BaseId([9; 32]),
-            outputs: pair.outputs(&format!("cut{k}")),
-            fsync: false,
-        };
+        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: pair.outputs(&format!("cut{k}")), fsync: false };
         assert!(apply_overlay(&base, &ovl[..cut], &a, &|_| {}).is_err());
     }
-    for (k, at) in [200usize, ovl.len() / 2, ovl.len() - 50]
-        .into_iter()
-        .enumerate()
-    {
+    for (k, at) in [200usize, ovl.len() / 2, ovl.len() - 50].into_iter().enumerate() {
         let mut bad = ovl.clone();
         bad[at] ^= 0x20;
-        let a = ApplyOptions {
-            base_id: BaseId([9; 32]),
-            outputs: pair.outputs(&format!("flip{k}")),
-            fsync: false,
-        };
+        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: pair.outputs(&format!("flip{k}")), fsync: false };
         assert!(apply_overlay(&base, &bad[..], &a, &|_| {}).is_err());
     }
     assert_eq!(leftovers(pair.dir.path()), Vec::<String>::new());
@@ -283,17 +224,11 @@ fn index_round_trips_and_rejects_corruption() {
         let mut b = bytes.clone();
         b[at] ^= 1;
         std::fs::write(&p, &b).unwrap();
-        assert!(
-            matches!(BaseIndex::load(&p), Err(IndexError::Corrupt { .. })),
-            "flip at {at}"
-        );
+        assert!(matches!(BaseIndex::load(&p), Err(IndexError::Corrupt { .. })), "flip at {at}");
     }
     for cut in [0usize, 5, 20, bytes.len() - 1] {
         std::fs::write(&p, &bytes[..cut]).unwrap();
-        assert!(
-            matches!(BaseIndex::load(&p), Err(IndexError::Corrupt { .. })),
-            "cut at {cut}"
-        );
+        assert!(matches!(BaseIndex::load(&p), Err(IndexError::Corrupt { .. })), "cut at {cut}");
     }
 }
 

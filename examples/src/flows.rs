@@ -4,11 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use base_registry::Registry;
 use delta_engine::CreateOptions;
-use overlay_format::Compression;
 use synthesis::{
-    create_base, create_overlay_file, parse_forward, synthesize, BaseDir, BaseRequest, Event,
-    OverlayRequest,
+    create_base, create_overlay_file, parse_forward, synthesize, BaseRequest, Event, OverlayRequest, RegisteredBase,
 };
 use vm_driver::Qemu;
 
@@ -63,12 +62,10 @@ pub struct BaseArgs {
     pub ready: String,
     /// Commands.
     pub prepare: Vec<String>,
-    /// Output dir.
-    pub out: PathBuf,
 }
 
 /// `cloudlet base`.
-pub fn base(qemu: &Qemu, a: &BaseArgs, quiet: bool) -> Result<BaseDir> {
+pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<RegisteredBase> {
     let req = BaseRequest {
         name: a.name.clone(),
         kernel: a.kernel.clone(),
@@ -78,11 +75,11 @@ pub fn base(qemu: &Qemu, a: &BaseArgs, quiet: bool) -> Result<BaseDir> {
         ram_bytes: a.ram_mib << 20,
         ready_text: a.ready.clone(),
         prepare: a.prepare.clone(),
-        out_dir: a.out.clone(),
+        work_dir: reg.root().join(format!(".work-{}", std::process::id())),
     };
-    let (b, t) = create_base(qemu, &req, &printer(quiet)).context("creating the base VM")?;
+    let (b, t) = create_base(qemu, reg, &req, &printer(quiet)).context("creating the base VM")?;
     let (alloc, apparent) = b.sizes();
-    println!("base {} ({})", b.manifest.id, b.manifest.name);
+    println!("base {} ({}) registered in {}", b.entry.manifest.id, b.entry.manifest.name, reg.root().display());
     println!(
         "  size {} on disk ({} apparent); boot {}, snapshot {}, index {}",
         size(alloc),
@@ -96,8 +93,8 @@ pub fn base(qemu: &Qemu, a: &BaseArgs, quiet: bool) -> Result<BaseDir> {
 
 /// Options of `cloudlet overlay`.
 pub struct OverlayArgs {
-    /// Base dir.
-    pub base: PathBuf,
+    /// Base name, id or id prefix.
+    pub base: String,
     /// Name.
     pub name: String,
     /// Commands.
@@ -113,38 +110,19 @@ pub struct OverlayArgs {
 }
 
 /// `cloudlet overlay`.
-pub fn overlay(qemu: &Qemu, a: &OverlayArgs, quiet: bool) -> Result<synthesis::OverlayOutcome> {
-    let base =
-        BaseDir::open(&a.base).with_context(|| format!("opening base {}", a.base.display()))?;
-    let forwards = a
-        .forwards
-        .iter()
-        .map(|f| parse_forward(f))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut options = if a.xz {
-        CreateOptions::xz(6)
-    } else {
-        CreateOptions::default()
-    };
+pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Result<synthesis::OverlayOutcome> {
+    let base = RegisteredBase::find(reg, &a.base).with_context(|| format!("finding base '{}'", a.base))?;
+    let forwards = a.forwards.iter().map(|f| parse_forward(f)).collect::<Result<Vec<_>, _>>()?;
+    let mut options = if a.xz { CreateOptions::xz(6) } else { CreateOptions::default() };
     if let Some(l) = a.level {
         options.level = l;
     }
-    let req = OverlayRequest {
-        name: a.name.clone(),
-        customize: a.customize.clone(),
-        forwards,
-        out: a.out.clone(),
-        options,
-    };
-    let o =
-        create_overlay_file(qemu, &base, &req, &printer(quiet)).context("creating the overlay")?;
+    let req =
+        OverlayRequest { name: a.name.clone(), customize: a.customize.clone(), forwards, out: a.out.clone(), options };
+    let o = create_overlay_file(qemu, &base, &req, &printer(quiet)).context("creating the overlay")?;
     let s = &o.stats;
     let (base_alloc, _) = base.sizes();
-    println!(
-        "overlay {} for base {}",
-        o.path.display(),
-        &base.manifest.id[..16]
-    );
+    println!("overlay {} for base {} ({})", o.path.display(), &base.entry.manifest.id[..16], base.entry.manifest.name);
     println!(
         "  size {} ({:.4} of the base's {}), {} changed chunks ({}), compression {:?}",
         size(s.overlay_bytes),
@@ -178,29 +156,22 @@ pub fn overlay(qemu: &Qemu, a: &OverlayArgs, quiet: bool) -> Result<synthesis::O
 /// `cloudlet synthesis`: returns the running VM.
 pub fn synth(
     qemu: &Qemu,
-    base: &Path,
+    reg: &Registry,
     overlay: &Path,
     out: &Path,
     probe: Option<u16>,
     quiet: bool,
 ) -> Result<synthesis::Synthesized> {
-    let base = BaseDir::open(base).with_context(|| format!("opening base {}", base.display()))?;
-    let f =
-        std::fs::File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
-    let s = synthesize(
-        qemu,
-        &base,
-        std::io::BufReader::with_capacity(1 << 20, f),
-        out,
-        probe,
-        &printer(quiet),
-    )
-    .context("synthesis")?;
+    let f = std::fs::File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
+    let s = synthesize(qemu, reg, std::io::BufReader::with_capacity(1 << 20, f), out, probe, &printer(quiet))
+        .context("synthesis")?;
+    let base = &s.base;
     let t = &s.timeline;
     println!(
-        "synthesized '{}' from base {} into {}",
+        "synthesized '{}' from base {} ({}) into {}",
         s.meta.name,
-        &base.manifest.id[..16],
+        &base.entry.manifest.id[..16],
+        base.entry.manifest.name,
         out.display()
     );
     println!(
@@ -224,10 +195,7 @@ pub fn synth(
 pub fn demo(work: &Path, guest: &Path) -> Result<()> {
     for f in ["vmlinuz", "initrd.img", "disk.raw"] {
         if !guest.join(f).exists() {
-            bail!(
-                "{} is missing: run scripts/build-guest.sh first",
-                guest.join(f).display()
-            );
+            bail!("{} is missing: run scripts/build-guest.sh first", guest.join(f).display());
         }
     }
     if work.exists() {
@@ -235,10 +203,12 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(work)?;
     let qemu = Qemu::new()?;
+    let reg = Registry::open(&work.join("registry"))?;
     let t0 = std::time::Instant::now();
     println!("== 1/3 base: boot the test guest, snapshot it, index it");
     let b = base(
         &qemu,
+        &reg,
         &BaseArgs {
             name: "debian-busybox".into(),
             kernel: guest.join("vmlinuz"),
@@ -248,13 +218,10 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             ram_mib: 256,
             ready: "cloudlet-guest: ready".into(),
             prepare: vec![],
-            out: work.join("base"),
         },
         false,
     )?;
-    println!(
-        "== 2/3 overlay: resume the base, install a web app on port 8080, capture the overlay"
-    );
+    println!("== 2/3 overlay: resume the base, install a web app on port 8080, capture the overlay");
     let app = [
         "mkdir -p /mnt/disk/app/cgi-bin",
         "echo '<h1>hello from the synthesized app</h1>' > /mnt/disk/app/index.html",
@@ -266,8 +233,9 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
     ];
     let o = overlay(
         &qemu,
+        &reg,
         &OverlayArgs {
-            base: b.dir.clone(),
+            base: b.entry.manifest.name.clone(),
             name: "webapp".into(),
             customize: app.iter().map(|s| s.to_string()).collect(),
             forwards: vec!["tcp:0:8080".into()],
@@ -278,23 +246,13 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
         false,
     )?;
     println!("== 3/3 synthesis: rebuild the custom VM from base + overlay, resume it, ask the app");
-    let s = synth(&qemu, &b.dir, &o.path, &work.join("vm"), Some(8080), false)?;
+    let s = synth(&qemu, &reg, &o.path, &work.join("vm"), Some(8080), false)?;
     let body = s.answer.as_deref().unwrap_or("");
-    let first = body
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or(body)
-        .lines()
-        .next()
-        .unwrap_or("");
+    let first = body.split("\r\n\r\n").nth(1).unwrap_or(body).lines().next().unwrap_or("");
     println!("  the app answered: {first}");
     let (base_alloc, base_apparent) = b.sizes();
     println!("== summary");
-    println!(
-        "  base VM:  {} on disk ({} apparent)",
-        size(base_alloc),
-        size(base_apparent)
-    );
+    println!("  base VM:  {} on disk ({} apparent)", size(base_alloc), size(base_apparent));
     println!(
         "  overlay:  {} = {:.2}% of the base on disk",
         size(o.stats.overlay_bytes),
@@ -306,11 +264,33 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Parses `--compression`.
-pub fn compression(xz: bool) -> Compression {
-    if xz {
-        Compression::Xz
-    } else {
-        Compression::Zstd
+/// `cloudlet list-base`.
+pub fn list_base(reg: &Registry, json: bool) -> Result<()> {
+    let all = reg.list()?;
+    if json {
+        let v: Vec<_> = all
+            .iter()
+            .map(|b| serde_json::json!({"id": b.manifest.id, "name": b.manifest.name, "bytes": b.size(),
+                "created_unix": b.manifest.created_unix, "source_image": b.manifest.source_image, "spec": b.manifest.spec}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
     }
+    if all.is_empty() {
+        println!("no bases in {}", reg.root().display());
+    }
+    for b in all {
+        let s = &b.manifest.spec;
+        println!(
+            "{}  {:<20} {:>10}  {} MiB RAM, {} disk(s), {} {}",
+            &b.manifest.id[..16],
+            b.manifest.name,
+            size(b.size()),
+            s.ram_bytes >> 20,
+            s.disks.len(),
+            s.machine_type,
+            s.accelerator
+        );
+    }
+    Ok(())
 }

@@ -81,11 +81,7 @@ fn hex(b: &[u8]) -> String {
 /// the first error.
 pub fn inspect(path: &Path, verify: bool) -> std::io::Result<(Info, Option<DecodeError>)> {
     let file = File::open(path)?;
-    let mut info = Info {
-        file: path.display().to_string(),
-        file_bytes: file.metadata()?.len(),
-        ..Info::default()
-    };
+    let mut info = Info { file: path.display().to_string(), file_bytes: file.metadata()?.len(), ..Info::default() };
     let result = read_into(BufReader::with_capacity(1 << 20, file), verify, &mut info);
     let err = result.err();
     info.error = err.as_ref().map(|e| error_chain(e));
@@ -106,11 +102,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn read_into(input: impl std::io::Read, verify: bool, info: &mut Info) -> Result<(), DecodeError> {
     let mut r = OverlayReader::new(input)?;
     let m = r.meta().clone();
-    info.format_version = format!(
-        "{}.{}",
-        overlay_format::FORMAT_MAJOR,
-        overlay_format::FORMAT_MINOR
-    );
+    info.format_version = format!("{}.{}", overlay_format::FORMAT_MAJOR, overlay_format::FORMAT_MINOR);
     info.name = m.name.clone();
     info.creator = m.creator.clone();
     info.created_unix = m.created_unix;
@@ -119,14 +111,7 @@ fn read_into(input: impl std::io::Read, verify: bool, info: &mut Info) -> Result
     info.images = m
         .images
         .iter()
-        .map(|i| {
-            (
-                i.name.clone(),
-                format!("{:?}", i.kind).to_lowercase(),
-                i.size,
-                i.base_size,
-            )
-        })
+        .map(|i| (i.name.clone(), format!("{:?}", i.kind).to_lowercase(), i.size, i.base_size))
         .collect();
     info.forwards = m
         .forwards
@@ -155,24 +140,15 @@ fn read_into(input: impl std::io::Read, verify: bool, info: &mut Info) -> Result
             let stats: Vec<[KindStats; 5]> = batch
                 .par_iter()
                 .map(|b| {
-                    let d = if verify {
-                        b.decode_for(&m)?
-                    } else {
-                        b.decode(m.compression)?
-                    };
+                    let d = if verify { b.decode_for(&m)? } else { b.decode(m.compression)? };
                     Ok(count(d.records()))
                 })
                 .collect::<Result<_, DecodeError>>()?;
             for s in stats {
-                for (acc, x) in [
-                    &mut info.zero,
-                    &mut info.copy_base,
-                    &mut info.copy_self,
-                    &mut info.patch,
-                    &mut info.raw,
-                ]
-                .into_iter()
-                .zip(s)
+                for (acc, x) in
+                    [&mut info.zero, &mut info.copy_base, &mut info.copy_self, &mut info.patch, &mut info.raw]
+                        .into_iter()
+                        .zip(s)
                 {
                     acc.records += x.records;
                     acc.chunks += x.chunks;
@@ -185,9 +161,7 @@ fn read_into(input: impl std::io::Read, verify: bool, info: &mut Info) -> Result
             break;
         }
     }
-    let t = r
-        .trailer()
-        .expect("next_blob returned None, so the trailer was read");
+    let t = r.trailer().expect("next_blob returned None, so the trailer was read");
     info.image_digests = t.image_digests.iter().map(|d| d.to_string()).collect();
     info.device_state_digest = hex(&t.device_state_digest);
     Ok(())
@@ -214,18 +188,10 @@ fn count<'a>(records: impl Iterator<Item = RecordRef<'a>>) -> [KindStats; 5] {
 pub fn render(info: &Info) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "overlay        {} ({} bytes)",
-        info.file, info.file_bytes
-    );
+    let _ = writeln!(o, "overlay        {} ({} bytes)", info.file, info.file_bytes);
     let _ = writeln!(o, "format         v{}", info.format_version);
     let _ = writeln!(o, "name           {}", info.name);
-    let _ = writeln!(
-        o,
-        "creator        {} at {} (unix)",
-        info.creator, info.created_unix
-    );
+    let _ = writeln!(o, "creator        {} at {} (unix)", info.creator, info.created_unix);
     let _ = writeln!(o, "base id        {}", info.base_id);
     if let Some(s) = &info.spec {
         let _ = writeln!(
@@ -240,10 +206,7 @@ pub fn render(info: &Info) -> String {
         );
     }
     for (name, kind, size, base) in &info.images {
-        let _ = writeln!(
-            o,
-            "image          {name:<10} {kind:<7} {size} bytes (base {base})"
-        );
+        let _ = writeln!(o, "image          {name:<10} {kind:<7} {size} bytes (base {base})");
     }
     if !info.forwards.is_empty() {
         let _ = writeln!(o, "forwards       {}", info.forwards.join(", "));
@@ -278,11 +241,7 @@ pub fn render(info: &Info) -> String {
         let _ = writeln!(o, "digest         {name:<10} {d}");
     }
     if !info.device_state_digest.is_empty() {
-        let _ = writeln!(
-            o,
-            "digest         {:<10} {}",
-            "device", info.device_state_digest
-        );
+        let _ = writeln!(o, "digest         {:<10} {}", "device", info.device_state_digest);
     }
     if let Some(e) = &info.error {
         let _ = writeln!(o, "DAMAGED        {e}");

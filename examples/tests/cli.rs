@@ -8,35 +8,20 @@ fn cloudlet() -> Command {
 }
 
 fn golden(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../overlay-format/tests/golden")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../overlay-format/tests/golden").join(name)
 }
 
 #[test]
 fn overlay_info_reads_golden_files() {
     for name in ["v1-none.ovl", "v1-zstd.ovl", "v1-xz.ovl"] {
-        let out = cloudlet()
-            .arg("overlay-info")
-            .arg(golden(name))
-            .arg("--verify")
-            .output()
-            .unwrap();
+        let out = cloudlet().arg("overlay-info").arg(golden(name)).arg("--verify").output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{name}: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{name}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains("base id        4242424242"), "{stdout}");
         assert!(stdout.contains("verify         OK"), "{stdout}");
         assert!(stdout.contains("records        7"), "{stdout}");
     }
-    let out = cloudlet()
-        .args(["overlay-info", "--json"])
-        .arg(golden("v1-zstd.ovl"))
-        .output()
-        .unwrap();
+    let out = cloudlet().args(["overlay-info", "--json"]).arg(golden("v1-zstd.ovl")).output().unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["compression"], "zstd");
@@ -53,32 +38,14 @@ fn overlay_info_exits_2_on_damage() {
     bytes[n - 60] ^= 0x10;
     let bad = dir.join("damaged.ovl");
     std::fs::write(&bad, &bytes).unwrap();
-    let out = cloudlet()
-        .arg("overlay-info")
-        .arg(&bad)
-        .arg("--verify")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = cloudlet().arg("overlay-info").arg(&bad).arg("--verify").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("DAMAGED"));
     let truncated = dir.join("truncated.ovl");
     std::fs::write(&truncated, &bytes[..n / 2]).unwrap();
-    let out = cloudlet()
-        .arg("overlay-info")
-        .arg(&truncated)
-        .output()
-        .unwrap();
+    let out = cloudlet().arg("overlay-info").arg(&truncated).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let missing = cloudlet()
-        .arg("overlay-info")
-        .arg(dir.join("nope.ovl"))
-        .output()
-        .unwrap();
+    let missing = cloudlet().arg("overlay-info").arg(dir.join("nope.ovl")).output().unwrap();
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.ovl"));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -86,14 +53,10 @@ fn overlay_info_exits_2_on_damage() {
 
 fn guest_dir() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = std::env::var_os("CLOUDLET_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".cache/guest"));
+    let dir = std::env::var_os("CLOUDLET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".cache/guest"));
     if !dir.join("stamp").exists() {
-        let st = Command::new(root.join("scripts/build-guest.sh"))
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
+        let st =
+            Command::new(root.join("scripts/build-guest.sh")).stdout(std::process::Stdio::null()).status().unwrap();
         assert!(st.success(), "scripts/build-guest.sh failed");
     }
     dir
@@ -118,56 +81,42 @@ fn full_flow_through_the_cli() {
     let work = tempfile::tempdir().unwrap();
     let guest = guest_dir();
     let g = |f: &str| guest.join(f);
-    let base = work.path().join("base");
-    let out = cloudlet()
-        .args(["base", "--name", "t", "--kernel"])
+    let reg = work.path().join("registry");
+    let cl = || {
+        let mut c = cloudlet();
+        c.arg("--registry").arg(&reg);
+        c
+    };
+    let out = cl()
+        .args(["base", "--name", "deb", "--kernel"])
         .arg(g("vmlinuz"))
         .arg("--initrd")
         .arg(g("initrd.img"))
-        .arg("--out")
-        .arg(&base)
         .arg(g("disk.raw"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "base: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
+    let list = cl().arg("list-base").output().unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains(" deb "), "{text}");
+    let verify = cl().args(["verify-base", "deb"]).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
     let ovl = work.path().join("app.overlay");
-    let out = cloudlet()
-        .args(["overlay", "--base"])
-        .arg(&base)
-        .args([
-            "--customize",
-            "mkdir -p /mnt/disk/app && echo flow-ok > /mnt/disk/app/index.html",
-        ])
+    let out = cl()
+        .args(["overlay", "--base", "deb"])
+        .args(["--customize", "mkdir -p /mnt/disk/app && echo flow-ok > /mnt/disk/app/index.html"])
         .args(["--customize", "httpd -p 8080 -h /mnt/disk/app"])
         .args(["-r", "tcp:0::8080", "--name", "flowapp", "--out"])
         .arg(&ovl)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "overlay: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let info = cloudlet()
-        .arg("overlay-info")
-        .arg(&ovl)
-        .arg("--verify")
-        .output()
-        .unwrap();
+    assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
+    let info = cloudlet().arg("overlay-info").arg(&ovl).arg("--verify").output().unwrap();
     let text = String::from_utf8_lossy(&info.stdout);
-    assert!(
-        info.status.success() && text.contains("forwards       tcp:0:8080"),
-        "{text}"
-    );
+    assert!(info.status.success() && text.contains("forwards       tcp:0:8080"), "{text}");
     let vm = work.path().join("vm");
-    let out = cloudlet()
-        .args(["synthesis", "--base"])
-        .arg(&base)
-        .arg("--overlay")
+    let out = cl()
+        .args(["synthesis", "--overlay"])
         .arg(&ovl)
         .arg("--out")
         .arg(&vm)
@@ -175,25 +124,10 @@ fn full_flow_through_the_cli() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "synthesis: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("timeline:") && stdout.contains("first answer"),
-        "{stdout}"
-    );
+    assert!(out.status.success(), "synthesis: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("timeline:") && stdout.contains("first answer"), "{stdout}");
     // Refuses to write over an existing VM directory, and a damaged overlay leaves nothing.
-    let again = cloudlet()
-        .args(["synthesis", "--base"])
-        .arg(&base)
-        .arg("--overlay")
-        .arg(&ovl)
-        .arg("--out")
-        .arg(&vm)
-        .output()
-        .unwrap();
+    let again = cl().args(["synthesis", "--overlay"]).arg(&ovl).arg("--out").arg(&vm).output().unwrap();
     assert_eq!(again.status.code(), Some(1));
     let mut bytes = std::fs::read(&ovl).unwrap();
     let n = bytes.len();
@@ -201,20 +135,37 @@ fn full_flow_through_the_cli() {
     let bad = work.path().join("bad.overlay");
     std::fs::write(&bad, bytes).unwrap();
     let vm2 = work.path().join("vm2");
-    let out = cloudlet()
-        .args(["synthesis", "--base"])
-        .arg(&base)
-        .arg("--overlay")
-        .arg(&bad)
-        .arg("--out")
-        .arg(&vm2)
-        .output()
-        .unwrap();
+    let out = cl().args(["synthesis", "--overlay"]).arg(&bad).arg("--out").arg(&vm2).output().unwrap();
     assert!(!out.status.success());
     assert!(!vm2.exists(), "a failed synthesis left {}", vm2.display());
+    // Export to another registry; an overlay for a base this cloudlet lacks names the base.
+    let exp = work.path().join("deb.base");
+    assert!(cl().args(["export-base", "deb", "--out"]).arg(&exp).status().unwrap().success());
+    let reg2 = work.path().join("registry2");
+    let vm3 = work.path().join("vm3");
+    let out = cloudlet()
+        .arg("--registry")
+        .arg(&reg2)
+        .args(["synthesis", "--overlay"])
+        .arg(&ovl)
+        .arg("--out")
+        .arg(&vm3)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("which is not in the registry"));
+    assert!(cloudlet().arg("--registry").arg(&reg2).arg("import-base").arg(&exp).status().unwrap().success());
+    let out = cloudlet()
+        .arg("--registry")
+        .arg(&reg2)
+        .args(["synthesis", "--overlay"])
+        .arg(&ovl)
+        .arg("--out")
+        .arg(&vm3)
+        .args(["--probe", "8080"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "synthesis on the imported base: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(cl().args(["rm-base", "deb"]).status().unwrap().success());
     // No QEMU left running for this work dir.
-    assert_eq!(
-        processes_mentioning(&work.path().display().to_string()),
-        Vec::<String>::new()
-    );
+    assert_eq!(processes_mentioning(&work.path().display().to_string()), Vec::<String>::new());
 }

@@ -86,23 +86,10 @@ impl BlobBuilder {
     /// Appends any record.
     pub fn push(&mut self, record: &Record) {
         match record {
-            Record::Zero {
-                image,
-                chunk,
-                count,
-            } => self.push_zero(*image, *chunk, *count),
-            Record::CopyBase {
-                image,
-                chunk,
-                count,
-                src,
-            } => self.push_copy_base(*image, *chunk, *count, *src),
+            Record::Zero { image, chunk, count } => self.push_zero(*image, *chunk, *count),
+            Record::CopyBase { image, chunk, count, src } => self.push_copy_base(*image, *chunk, *count, *src),
             Record::CopySelf { image, chunk, src } => self.push_copy_self(*image, *chunk, *src),
-            Record::Patch {
-                image,
-                chunk,
-                patch,
-            } => self.push_patch(*image, *chunk, patch),
+            Record::Patch { image, chunk, patch } => self.push_patch(*image, *chunk, patch),
             Record::Raw { image, chunk, data } => self.push_raw(*image, *chunk, data),
         }
     }
@@ -126,11 +113,7 @@ impl BlobBuilder {
     pub fn seal(self, compression: Compression, level: i32) -> Result<SealedBlob, EncodeError> {
         let raw_len = self.uncompressed_len() as u64;
         if raw_len > MAX_BLOB_LEN {
-            return Err(EncodeError::TooLarge {
-                what: "blob",
-                len: raw_len,
-                max: MAX_BLOB_LEN,
-            });
+            return Err(EncodeError::TooLarge { what: "blob", len: raw_len, max: MAX_BLOB_LEN });
         }
         let record_count = u32::try_from(self.records).map_err(|_| EncodeError::TooLarge {
             what: "blob record count",
@@ -142,12 +125,8 @@ impl BlobBuilder {
         raw.extend_from_slice(&self.table);
         raw.extend_from_slice(&self.data);
         drop(self);
-        let stored = compress::compress(compression, level, &raw).map_err(|source| {
-            EncodeError::Compress {
-                what: "blob",
-                source,
-            }
-        })?;
+        let stored = compress::compress(compression, level, &raw)
+            .map_err(|source| EncodeError::Compress { what: "blob", source })?;
         let mut header = FrameHeader {
             kind: FrameKind::Blob as u8,
             codec: frame::codec_byte(compression),
@@ -157,12 +136,7 @@ impl BlobBuilder {
             checksum: [0; 16],
         };
         header.checksum = frame::frame_checksum(&header.prefix(), &stored);
-        Ok(SealedBlob {
-            header,
-            stored,
-            frame: 0,
-            offset: 0,
-        })
+        Ok(SealedBlob { header, stored, frame: 0, offset: 0 })
     }
 }
 
@@ -213,10 +187,7 @@ impl SealedBlob {
             return Err(DecodeError::Malformed {
                 frame,
                 offset,
-                reason: format!(
-                    "blob codec {} differs from the overlay's {compression:?}",
-                    self.header.codec
-                ),
+                reason: format!("blob codec {} differs from the overlay's {compression:?}", self.header.codec),
             });
         }
         if self.header.raw_len > MAX_BLOB_LEN {
@@ -229,11 +200,7 @@ impl SealedBlob {
             });
         }
         let raw = compress::decompress(compression, &self.stored, self.header.raw_len as usize)
-            .map_err(|reason| DecodeError::Decompress {
-                frame,
-                offset,
-                reason,
-            })?;
+            .map_err(|reason| DecodeError::Decompress { frame, offset, reason })?;
         DecodedBlob::parse(raw, self.header.record_count as u64, frame, offset)
     }
 
@@ -249,34 +216,11 @@ impl SealedBlob {
 
 #[derive(Debug, Clone, Copy)]
 enum Entry {
-    Zero {
-        image: u8,
-        chunk: u64,
-        count: u64,
-    },
-    CopyBase {
-        image: u8,
-        chunk: u64,
-        count: u64,
-        src: ChunkRef,
-    },
-    CopySelf {
-        image: u8,
-        chunk: u64,
-        src: ChunkRef,
-    },
-    Patch {
-        image: u8,
-        chunk: u64,
-        start: usize,
-        len: usize,
-    },
-    Raw {
-        image: u8,
-        chunk: u64,
-        start: usize,
-        len: usize,
-    },
+    Zero { image: u8, chunk: u64, count: u64 },
+    CopyBase { image: u8, chunk: u64, count: u64, src: ChunkRef },
+    CopySelf { image: u8, chunk: u64, src: ChunkRef },
+    Patch { image: u8, chunk: u64, start: usize, len: usize },
+    Raw { image: u8, chunk: u64, start: usize, len: usize },
 }
 
 /// A record borrowing its bytes from a decoded blob.
@@ -335,41 +279,11 @@ impl RecordRef<'_> {
     /// An owned copy.
     pub fn to_owned(&self) -> Record {
         match *self {
-            RecordRef::Zero {
-                image,
-                chunk,
-                count,
-            } => Record::Zero {
-                image,
-                chunk,
-                count,
-            },
-            RecordRef::CopyBase {
-                image,
-                chunk,
-                count,
-                src,
-            } => Record::CopyBase {
-                image,
-                chunk,
-                count,
-                src,
-            },
+            RecordRef::Zero { image, chunk, count } => Record::Zero { image, chunk, count },
+            RecordRef::CopyBase { image, chunk, count, src } => Record::CopyBase { image, chunk, count, src },
             RecordRef::CopySelf { image, chunk, src } => Record::CopySelf { image, chunk, src },
-            RecordRef::Patch {
-                image,
-                chunk,
-                patch,
-            } => Record::Patch {
-                image,
-                chunk,
-                patch: patch.to_vec(),
-            },
-            RecordRef::Raw { image, chunk, data } => Record::Raw {
-                image,
-                chunk,
-                data: data.to_vec(),
-            },
+            RecordRef::Patch { image, chunk, patch } => Record::Patch { image, chunk, patch: patch.to_vec() },
+            RecordRef::Raw { image, chunk, data } => Record::Raw { image, chunk, data: data.to_vec() },
         }
     }
 
@@ -444,25 +358,14 @@ impl Cursor<'_> {
 }
 
 impl DecodedBlob {
-    fn parse(
-        raw: Vec<u8>,
-        record_count: u64,
-        frame: u64,
-        offset: u64,
-    ) -> Result<Self, DecodeError> {
-        let bad = |reason: String| DecodeError::Malformed {
-            frame,
-            offset,
-            reason,
-        };
+    fn parse(raw: Vec<u8>, record_count: u64, frame: u64, offset: u64) -> Result<Self, DecodeError> {
+        let bad = |reason: String| DecodeError::Malformed { frame, offset, reason };
         if raw.len() < 4 {
             return Err(bad("blob shorter than its table length".into()));
         }
         let table_len = u32::from_le_bytes(raw[..4].try_into().expect("4 bytes")) as u64;
         if table_len > MAX_TABLE_LEN || table_len > raw.len() as u64 - 4 {
-            return Err(bad(format!(
-                "record table length {table_len} exceeds the blob"
-            )));
+            return Err(bad(format!("record table length {table_len} exceeds the blob")));
         }
         let table = &raw[4..4 + table_len as usize];
         let data_len = raw.len() - 4 - table_len as usize;
@@ -477,18 +380,15 @@ impl DecodedBlob {
             let tag = cur.byte().ok_or_else(|| bad(short()))?;
             let image = cur.byte().ok_or_else(|| bad(short()))?;
             let chunk = cur.varint().ok_or_else(|| bad(short()))?;
-            let take_data =
-                |cur: &mut Cursor, data_pos: &mut usize| -> Result<(usize, usize), DecodeError> {
-                    let len = cur.varint().ok_or_else(|| bad(short()))?;
-                    if len > (data_len - *data_pos) as u64 {
-                        return Err(bad(format!(
-                            "record at table byte {at} overruns the data area"
-                        )));
-                    }
-                    let start = data_base + *data_pos;
-                    *data_pos += len as usize;
-                    Ok((start, len as usize))
-                };
+            let take_data = |cur: &mut Cursor, data_pos: &mut usize| -> Result<(usize, usize), DecodeError> {
+                let len = cur.varint().ok_or_else(|| bad(short()))?;
+                if len > (data_len - *data_pos) as u64 {
+                    return Err(bad(format!("record at table byte {at} overruns the data area")));
+                }
+                let start = data_base + *data_pos;
+                *data_pos += len as usize;
+                Ok((start, len as usize))
+            };
             let entry = match tag {
                 TAG_ZERO | TAG_COPY_BASE => {
                     let count = cur.varint().ok_or_else(|| bad(short()))?;
@@ -496,86 +396,42 @@ impl DecodedBlob {
                         return Err(bad(format!("record at table byte {at} covers no chunk")));
                     }
                     if tag == TAG_ZERO {
-                        Entry::Zero {
-                            image,
-                            chunk,
-                            count,
-                        }
+                        Entry::Zero { image, chunk, count }
                     } else {
                         let src_image = cur.byte().ok_or_else(|| bad(short()))?;
                         let src_chunk = cur.varint().ok_or_else(|| bad(short()))?;
-                        Entry::CopyBase {
-                            image,
-                            chunk,
-                            count,
-                            src: ChunkRef {
-                                image: src_image,
-                                chunk: src_chunk,
-                            },
-                        }
+                        Entry::CopyBase { image, chunk, count, src: ChunkRef { image: src_image, chunk: src_chunk } }
                     }
                 }
                 TAG_COPY_SELF => {
                     let src_image = cur.byte().ok_or_else(|| bad(short()))?;
                     let src_chunk = cur.varint().ok_or_else(|| bad(short()))?;
-                    Entry::CopySelf {
-                        image,
-                        chunk,
-                        src: ChunkRef {
-                            image: src_image,
-                            chunk: src_chunk,
-                        },
-                    }
+                    Entry::CopySelf { image, chunk, src: ChunkRef { image: src_image, chunk: src_chunk } }
                 }
                 TAG_PATCH => {
                     let (start, len) = take_data(&mut cur, &mut data_pos)?;
                     patch::check_patch(CHUNK_SIZE, &raw[start..start + len])
                         .map_err(|e| bad(format!("record at table byte {at}: {e}")))?;
-                    Entry::Patch {
-                        image,
-                        chunk,
-                        start,
-                        len,
-                    }
+                    Entry::Patch { image, chunk, start, len }
                 }
                 TAG_RAW => {
                     let (start, len) = take_data(&mut cur, &mut data_pos)?;
                     if len == 0 {
                         return Err(bad(format!("raw record at table byte {at} has no bytes")));
                     }
-                    Entry::Raw {
-                        image,
-                        chunk,
-                        start,
-                        len,
-                    }
+                    Entry::Raw { image, chunk, start, len }
                 }
-                other => {
-                    return Err(bad(format!(
-                        "unknown record tag {other} at table byte {at}"
-                    )))
-                }
+                other => return Err(bad(format!("unknown record tag {other} at table byte {at}"))),
             };
             entries.push(entry);
         }
         if data_pos != data_len {
-            return Err(bad(format!(
-                "{} bytes of the data area are not used by any record",
-                data_len - data_pos
-            )));
+            return Err(bad(format!("{} bytes of the data area are not used by any record", data_len - data_pos)));
         }
         if entries.len() as u64 != record_count {
-            return Err(bad(format!(
-                "frame header says {record_count} records, table holds {}",
-                entries.len()
-            )));
+            return Err(bad(format!("frame header says {record_count} records, table holds {}", entries.len())));
         }
-        Ok(DecodedBlob {
-            raw,
-            entries,
-            frame,
-            offset,
-        })
+        Ok(DecodedBlob { raw, entries, frame, offset })
     }
 
     /// Checks every record against the overlay's images (see [`SealedBlob::decode_for`]).
@@ -592,10 +448,7 @@ impl DecodedBlob {
                 return Err(bad(format!("image {} does not exist", r.image())));
             };
             let total = chunks_of(img.size);
-            let end = r
-                .chunk()
-                .checked_add(r.chunk_count())
-                .filter(|&e| e <= total);
+            let end = r.chunk().checked_add(r.chunk_count()).filter(|&e| e <= total);
             if end.is_none() {
                 return Err(bad(format!(
                     "chunks {}+{} outside image '{}' of {total} chunks",
@@ -622,10 +475,7 @@ impl DecodedBlob {
                         return Err(bad(format!("source image {} does not exist", src.image)));
                     };
                     if src.chunk >= chunks_of(s.size) {
-                        return Err(bad(format!(
-                            "source chunk {} outside image '{}'",
-                            src.chunk, s.name
-                        )));
+                        return Err(bad(format!("source chunk {} outside image '{}'", src.chunk, s.name)));
                     }
                 }
                 RecordRef::Raw { chunk, data, .. } => {
@@ -640,8 +490,7 @@ impl DecodedBlob {
                 }
                 RecordRef::Patch { chunk, patch, .. } => {
                     let chunk_len = (img.size - chunk * cs).min(cs) as usize;
-                    patch::check_patch(chunk_len, patch)
-                        .map_err(|e| bad(format!("patch of chunk {chunk}: {e}")))?;
+                    patch::check_patch(chunk_len, patch).map_err(|e| bad(format!("patch of chunk {chunk}: {e}")))?;
                 }
                 RecordRef::Zero { .. } => {}
             }
@@ -652,47 +501,15 @@ impl DecodedBlob {
     /// The records, in order.
     pub fn records(&self) -> impl ExactSizeIterator<Item = RecordRef<'_>> + '_ {
         self.entries.iter().map(move |e| match *e {
-            Entry::Zero {
-                image,
-                chunk,
-                count,
-            } => RecordRef::Zero {
-                image,
-                chunk,
-                count,
-            },
-            Entry::CopyBase {
-                image,
-                chunk,
-                count,
-                src,
-            } => RecordRef::CopyBase {
-                image,
-                chunk,
-                count,
-                src,
-            },
+            Entry::Zero { image, chunk, count } => RecordRef::Zero { image, chunk, count },
+            Entry::CopyBase { image, chunk, count, src } => RecordRef::CopyBase { image, chunk, count, src },
             Entry::CopySelf { image, chunk, src } => RecordRef::CopySelf { image, chunk, src },
-            Entry::Patch {
-                image,
-                chunk,
-                start,
-                len,
-            } => RecordRef::Patch {
-                image,
-                chunk,
-                patch: &self.raw[start..start + len],
-            },
-            Entry::Raw {
-                image,
-                chunk,
-                start,
-                len,
-            } => RecordRef::Raw {
-                image,
-                chunk,
-                data: &self.raw[start..start + len],
-            },
+            Entry::Patch { image, chunk, start, len } => {
+                RecordRef::Patch { image, chunk, patch: &self.raw[start..start + len] }
+            }
+            Entry::Raw { image, chunk, start, len } => {
+                RecordRef::Raw { image, chunk, data: &self.raw[start..start + len] }
+            }
         })
     }
 

@@ -28,22 +28,15 @@ pub(crate) fn decompress(c: Compression, stored: &[u8], raw_len: usize) -> Resul
         Compression::None => stored.to_vec(),
         Compression::Zstd => zstd::bulk::decompress(stored, raw_len).map_err(|e| e.to_string())?,
         Compression::Xz => {
-            let stream = liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, 0)
-                .map_err(|e| e.to_string())?;
+            let stream = liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, 0).map_err(|e| e.to_string())?;
             let mut dec = liblzma::read::XzDecoder::new_stream(stored, stream);
             let mut out = Vec::with_capacity(raw_len);
-            (&mut dec)
-                .take(raw_len as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| e.to_string())?;
+            (&mut dec).take(raw_len as u64 + 1).read_to_end(&mut out).map_err(|e| e.to_string())?;
             out
         }
     };
     if out.len() != raw_len {
-        return Err(format!(
-            "decompressed to {} bytes, header says {raw_len}",
-            out.len()
-        ));
+        return Err(format!("decompressed to {} bytes, header says {raw_len}", out.len()));
     }
     Ok(out)
 }

@@ -44,9 +44,8 @@ impl ChunkHash {
 }
 
 /// `ChunkHash::compute(&[0; 4096])`, checked by a unit test.
-const ZERO_CHUNK_HASH: ChunkHash = ChunkHash([
-    0xb6, 0xfb, 0x73, 0xfc, 0x46, 0x93, 0x8c, 0x98, 0x1e, 0x2b, 0x0b, 0x4b, 0x1e, 0xf2, 0x82, 0xad,
-]);
+const ZERO_CHUNK_HASH: ChunkHash =
+    ChunkHash([0xb6, 0xfb, 0x73, 0xfc, 0x46, 0x93, 0x8c, 0x98, 0x1e, 0x2b, 0x0b, 0x4b, 0x1e, 0xf2, 0x82, 0xad]);
 
 impl fmt::Debug for ChunkHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -62,9 +61,7 @@ pub fn is_zero(buf: &[u8]) -> bool {
         // middle part of the slice.
         unsafe { buf.align_to::<u64>() }
     };
-    prefix.iter().all(|&b| b == 0)
-        && suffix.iter().all(|&b| b == 0)
-        && words.iter().fold(0u64, |acc, &w| acc | w) == 0
+    prefix.iter().all(|&b| b == 0) && suffix.iter().all(|&b| b == 0) && words.iter().fold(0u64, |acc, &w| acc | w) == 0
 }
 
 /// Digest of a whole image: blake3 over its chunk hashes in order.
@@ -110,10 +107,7 @@ pub struct ImageDigester {
 impl ImageDigester {
     /// A digester for an image with no chunks yet.
     pub fn new() -> Self {
-        ImageDigester {
-            hasher: blake3::Hasher::new(),
-            chunks: 0,
-        }
+        ImageDigester { hasher: blake3::Hasher::new(), chunks: 0 }
     }
 
     /// Appends the hash of the next chunk.
@@ -154,8 +148,7 @@ impl BaseId {
     pub fn compute(spec: &VmSpec, files: &[(&str, ImageDigest)]) -> Self {
         let mut h = blake3::Hasher::new();
         h.update(b"cloudlet-base-id-v1\0");
-        let spec_bytes =
-            postcard::to_stdvec(spec).expect("postcard encoding into a Vec cannot fail");
+        let spec_bytes = postcard::to_stdvec(spec).expect("postcard encoding into a Vec cannot fail");
         h.update(&(spec_bytes.len() as u64).to_le_bytes());
         h.update(&spec_bytes);
         let mut files: Vec<&(&str, ImageDigest)> = files.iter().collect();
@@ -242,10 +235,7 @@ mod tests {
         img[5000] = 7;
         let hashes: Vec<ChunkHash> = img.chunks(CHUNK_SIZE).map(ChunkHash::of).collect();
         assert_eq!(hashes.len(), 4);
-        assert_eq!(
-            ImageDigest::of_bytes(&img),
-            ImageDigest::from_chunk_hashes(hashes)
-        );
+        assert_eq!(ImageDigest::of_bytes(&img), ImageDigest::from_chunk_hashes(hashes));
     }
 
     #[test]

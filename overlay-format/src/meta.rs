@@ -82,10 +82,7 @@ pub(crate) fn check_meta(meta: &OverlayMeta) -> Result<(), String> {
         return Err("no images".into());
     }
     if meta.images.len() > MAX_IMAGES {
-        return Err(format!(
-            "{} images, at most {MAX_IMAGES} allowed",
-            meta.images.len()
-        ));
+        return Err(format!("{} images, at most {MAX_IMAGES} allowed", meta.images.len()));
     }
     for (i, img) in meta.images.iter().enumerate() {
         if img.name.is_empty() || img.name.len() > 255 {
@@ -95,10 +92,7 @@ pub(crate) fn check_meta(meta: &OverlayMeta) -> Result<(), String> {
             return Err(format!("image name '{}' appears twice", img.name));
         }
         if img.size > MAX_IMAGE_SIZE || img.base_size > MAX_IMAGE_SIZE {
-            return Err(format!(
-                "image '{}': size over {MAX_IMAGE_SIZE} bytes",
-                img.name
-            ));
+            return Err(format!("image '{}': size over {MAX_IMAGE_SIZE} bytes", img.name));
         }
     }
     Ok(())

@@ -12,15 +12,8 @@ const MERGE_GAP: usize = 8;
 /// Encodes `new` as a patch against `base` (same length, at most 64 KiB). Returns `None` when
 /// the encoding would be longer than `max_len`.
 pub fn encode_patch(base: &[u8], new: &[u8], max_len: usize) -> Option<Vec<u8>> {
-    assert_eq!(
-        base.len(),
-        new.len(),
-        "patch operands must have the same length"
-    );
-    assert!(
-        base.len() <= u16::MAX as usize + 1,
-        "patch operands must be at most 64 KiB"
-    );
+    assert_eq!(base.len(), new.len(), "patch operands must have the same length");
+    assert!(base.len() <= u16::MAX as usize + 1, "patch operands must be at most 64 KiB");
     let mut out = Vec::new();
     let n = base.len();
     let mut i = 0;
@@ -65,57 +58,33 @@ pub fn check_patch(chunk_len: usize, patch: &[u8]) -> Result<(), PatchError> {
 /// Writes `base` with the patch's runs replaced into `out` (`out.len() == base.len()`).
 pub fn apply_patch(base: &[u8], patch: &[u8], out: &mut [u8]) -> Result<(), PatchError> {
     if out.len() != base.len() {
-        return Err(PatchError::LengthMismatch {
-            base: base.len(),
-            out: out.len(),
-        });
+        return Err(PatchError::LengthMismatch { base: base.len(), out: out.len() });
     }
     check_patch(base.len(), patch)?;
     out.copy_from_slice(base);
-    for_each_run(base.len(), patch, |offset, bytes| {
-        out[offset..offset + bytes.len()].copy_from_slice(bytes)
-    })
+    for_each_run(base.len(), patch, |offset, bytes| out[offset..offset + bytes.len()].copy_from_slice(bytes))
 }
 
-fn for_each_run(
-    chunk_len: usize,
-    patch: &[u8],
-    mut f: impl FnMut(usize, &[u8]),
-) -> Result<(), PatchError> {
+fn for_each_run(chunk_len: usize, patch: &[u8], mut f: impl FnMut(usize, &[u8])) -> Result<(), PatchError> {
     let mut p = 0usize;
     let mut min_offset = 0usize;
     while p < patch.len() {
         let Some(head) = patch.get(p..p + 4) else {
-            return Err(PatchError::Malformed {
-                offset: p,
-                reason: "run header cut short",
-            });
+            return Err(PatchError::Malformed { offset: p, reason: "run header cut short" });
         };
         let offset = u16::from_le_bytes([head[0], head[1]]) as usize;
         let len = u16::from_le_bytes([head[2], head[3]]) as usize;
         if len == 0 {
-            return Err(PatchError::Malformed {
-                offset: p,
-                reason: "empty run",
-            });
+            return Err(PatchError::Malformed { offset: p, reason: "empty run" });
         }
         if offset < min_offset {
-            return Err(PatchError::Malformed {
-                offset: p,
-                reason: "runs out of order or overlapping",
-            });
+            return Err(PatchError::Malformed { offset: p, reason: "runs out of order or overlapping" });
         }
         if offset + len > chunk_len {
-            return Err(PatchError::Malformed {
-                offset: p,
-                reason: "run past the end of the chunk",
-            });
+            return Err(PatchError::Malformed { offset: p, reason: "run past the end of the chunk" });
         }
         let Some(bytes) = patch.get(p + 4..p + 4 + len) else {
-            return Err(PatchError::Malformed {
-                offset: p,
-                reason: "run bytes cut short",
-            });
+            return Err(PatchError::Malformed { offset: p, reason: "run bytes cut short" });
         };
         f(offset, bytes);
         min_offset = offset + len;

@@ -6,8 +6,8 @@ use crate::blob::SealedBlob;
 use crate::compress;
 use crate::error::DecodeError;
 use crate::frame::{
-    self, FrameHeader, FrameKind, FORMAT_MAJOR, FORMAT_MINOR, FRAME_HEADER_LEN, HEADER_LEN, MAGIC,
-    MAX_BLOB_LEN, MAX_DEVICE_STATE_LEN, MAX_META_LEN, MAX_TRAILER_LEN,
+    self, FrameHeader, FrameKind, FORMAT_MAJOR, FORMAT_MINOR, FRAME_HEADER_LEN, HEADER_LEN, MAGIC, MAX_BLOB_LEN,
+    MAX_DEVICE_STATE_LEN, MAX_META_LEN, MAX_TRAILER_LEN,
 };
 use crate::meta::{Compression, OverlayMeta, Trailer};
 
@@ -40,20 +40,12 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8], offset: u64) -> Result<bool, De
                 return if got == 0 {
                     Ok(false)
                 } else {
-                    Err(DecodeError::Truncated {
-                        offset: offset + got as u64,
-                        what: "more bytes",
-                    })
+                    Err(DecodeError::Truncated { offset: offset + got as u64, what: "more bytes" })
                 };
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(DecodeError::Io {
-                    offset: offset + got as u64,
-                    source,
-                })
-            }
+            Err(source) => return Err(DecodeError::Io { offset: offset + got as u64, source }),
         }
     }
     Ok(true)
@@ -64,10 +56,7 @@ impl<R: Read> OverlayReader<R> {
     pub fn new(mut input: R) -> Result<Self, DecodeError> {
         let mut header = [0u8; HEADER_LEN];
         if !read_full(&mut input, &mut header, 0)? {
-            return Err(DecodeError::Truncated {
-                offset: 0,
-                what: "the file header",
-            });
+            return Err(DecodeError::Truncated { offset: 0, what: "the file header" });
         }
         let magic: [u8; 8] = header[..8].try_into().expect("8 bytes");
         if magic != MAGIC {
@@ -102,12 +91,11 @@ impl<R: Read> OverlayReader<R> {
         let (h, at, payload) = r.read_frame("metadata")?;
         r.expect_kind(&h, at, FrameKind::Meta, "metadata")?;
         r.expect_uncompressed(&h, at, &payload)?;
-        let meta: OverlayMeta =
-            postcard::from_bytes(&payload).map_err(|e| DecodeError::Malformed {
-                frame: 0,
-                offset: at,
-                reason: format!("metadata does not decode: {e}"),
-            })?;
+        let meta: OverlayMeta = postcard::from_bytes(&payload).map_err(|e| DecodeError::Malformed {
+            frame: 0,
+            offset: at,
+            reason: format!("metadata does not decode: {e}"),
+        })?;
         crate::meta::check_meta(&meta).map_err(|reason| DecodeError::Malformed {
             frame: 0,
             offset: at,
@@ -152,11 +140,7 @@ impl<R: Read> OverlayReader<R> {
                 });
             }
             let raw = compress::decompress(self.meta.compression, &stored, h.raw_len as usize)
-                .map_err(|reason| DecodeError::Decompress {
-                    frame,
-                    offset: at,
-                    reason,
-                })?;
+                .map_err(|reason| DecodeError::Decompress { frame, offset: at, reason })?;
             self.device_state_digest = Some(*blake3::hash(&raw).as_bytes());
             self.device_state = Some(raw);
         }
@@ -184,32 +168,17 @@ impl<R: Read> OverlayReader<R> {
             Some(FrameKind::Blob) => {
                 self.blobs += 1;
                 self.records += h.record_count as u64;
-                Ok(Some(SealedBlob {
-                    header: h,
-                    stored,
-                    frame,
-                    offset: at,
-                }))
+                Ok(Some(SealedBlob { header: h, stored, frame, offset: at }))
             }
             Some(FrameKind::Trailer) => {
                 self.finish_trailer(&h, at, &stored)?;
                 Ok(None)
             }
-            _ => Err(DecodeError::UnexpectedFrame {
-                frame,
-                offset: at,
-                expected: "blob or trailer",
-                found: h.kind,
-            }),
+            _ => Err(DecodeError::UnexpectedFrame { frame, offset: at, expected: "blob or trailer", found: h.kind }),
         }
     }
 
-    fn finish_trailer(
-        &mut self,
-        h: &FrameHeader,
-        at: u64,
-        payload: &[u8],
-    ) -> Result<(), DecodeError> {
+    fn finish_trailer(&mut self, h: &FrameHeader, at: u64, payload: &[u8]) -> Result<(), DecodeError> {
         self.expect_uncompressed(h, at, payload)?;
         let mismatch = |reason: String| DecodeError::TrailerMismatch { offset: at, reason };
         if payload.len() < 32 {
@@ -217,17 +186,12 @@ impl<R: Read> OverlayReader<R> {
         }
         let stream = self.stream.finalize();
         if payload[..32] != *stream.as_bytes() {
-            return Err(mismatch(
-                "stream digest differs: frames were dropped, added or reordered".into(),
-            ));
+            return Err(mismatch("stream digest differs: frames were dropped, added or reordered".into()));
         }
-        let trailer: Trailer = postcard::from_bytes(&payload[32..])
-            .map_err(|e| mismatch(format!("trailer does not decode: {e}")))?;
+        let trailer: Trailer =
+            postcard::from_bytes(&payload[32..]).map_err(|e| mismatch(format!("trailer does not decode: {e}")))?;
         if trailer.blob_count != self.blobs {
-            return Err(mismatch(format!(
-                "{} blobs in the stream, trailer says {}",
-                self.blobs, trailer.blob_count
-            )));
+            return Err(mismatch(format!("{} blobs in the stream, trailer says {}", self.blobs, trailer.blob_count)));
         }
         if trailer.record_count != self.records {
             return Err(mismatch(format!(
@@ -247,21 +211,13 @@ impl<R: Read> OverlayReader<R> {
         }
         let mut extra = [0u8; 1];
         if read_full(&mut self.input, &mut extra, self.offset)? {
-            return Err(DecodeError::TrailingData {
-                offset: self.offset,
-            });
+            return Err(DecodeError::TrailingData { offset: self.offset });
         }
         self.trailer = Some(trailer);
         Ok(())
     }
 
-    fn expect_kind(
-        &self,
-        h: &FrameHeader,
-        at: u64,
-        kind: FrameKind,
-        name: &'static str,
-    ) -> Result<(), DecodeError> {
+    fn expect_kind(&self, h: &FrameHeader, at: u64, kind: FrameKind, name: &'static str) -> Result<(), DecodeError> {
         if h.kind != kind as u8 {
             return Err(DecodeError::UnexpectedFrame {
                 frame: self.frame - 1,
@@ -273,28 +229,19 @@ impl<R: Read> OverlayReader<R> {
         Ok(())
     }
 
-    fn expect_uncompressed(
-        &self,
-        h: &FrameHeader,
-        at: u64,
-        payload: &[u8],
-    ) -> Result<(), DecodeError> {
+    fn expect_uncompressed(&self, h: &FrameHeader, at: u64, payload: &[u8]) -> Result<(), DecodeError> {
         if h.codec != 0 || h.raw_len != payload.len() as u64 || h.record_count != 0 {
             return Err(DecodeError::Malformed {
                 frame: self.frame - 1,
                 offset: at,
-                reason: "metadata and trailer frames must be stored uncompressed, with no records"
-                    .into(),
+                reason: "metadata and trailer frames must be stored uncompressed, with no records".into(),
             });
         }
         Ok(())
     }
 
     /// Reads one frame header and its payload, checking the limits and the checksum.
-    fn read_frame(
-        &mut self,
-        what: &'static str,
-    ) -> Result<(FrameHeader, u64, Vec<u8>), DecodeError> {
+    fn read_frame(&mut self, what: &'static str) -> Result<(FrameHeader, u64, Vec<u8>), DecodeError> {
         let at = self.offset;
         let frame = self.frame;
         let mut hb = [0u8; FRAME_HEADER_LEN];
@@ -308,19 +255,10 @@ impl<R: Read> OverlayReader<R> {
             reason: reason.into(),
         })?;
         let Some(kind) = FrameKind::from_u8(h.kind) else {
-            return Err(DecodeError::UnexpectedFrame {
-                frame,
-                offset: at,
-                expected: what,
-                found: h.kind,
-            });
+            return Err(DecodeError::UnexpectedFrame { frame, offset: at, expected: what, found: h.kind });
         };
         if frame::codec_from_byte(h.codec).is_none() {
-            return Err(DecodeError::Malformed {
-                frame,
-                offset: at,
-                reason: format!("unknown codec {}", h.codec),
-            });
+            return Err(DecodeError::Malformed { frame, offset: at, reason: format!("unknown codec {}", h.codec) });
         }
         let (raw_max, name) = match kind {
             FrameKind::Meta => (MAX_META_LEN, "metadata"),
@@ -329,19 +267,9 @@ impl<R: Read> OverlayReader<R> {
             FrameKind::Trailer => (MAX_TRAILER_LEN, "trailer"),
         };
         if h.raw_len > raw_max {
-            return Err(DecodeError::LengthTooLarge {
-                frame,
-                offset: at,
-                what: name,
-                len: h.raw_len,
-                max: raw_max,
-            });
+            return Err(DecodeError::LengthTooLarge { frame, offset: at, what: name, len: h.raw_len, max: raw_max });
         }
-        let stored_max = if h.codec == 0 {
-            h.raw_len
-        } else {
-            frame::max_stored(h.raw_len)
-        };
+        let stored_max = if h.codec == 0 { h.raw_len } else { frame::max_stored(h.raw_len) };
         if h.stored_len > stored_max {
             return Err(DecodeError::LengthTooLarge {
                 frame,
@@ -356,10 +284,7 @@ impl<R: Read> OverlayReader<R> {
         let got = (&mut self.input)
             .take(h.stored_len)
             .read_to_end(&mut payload)
-            .map_err(|source| DecodeError::Io {
-                offset: self.offset,
-                source,
-            })?;
+            .map_err(|source| DecodeError::Io { offset: self.offset, source })?;
         if (got as u64) < h.stored_len {
             return Err(DecodeError::Truncated {
                 offset: self.offset + got as u64,

@@ -25,14 +25,9 @@ pub struct OverlayWriter<W: Write> {
 impl<W: Write> OverlayWriter<W> {
     /// Writes the file header and the metadata frame.
     pub fn new(mut out: W, meta: &OverlayMeta) -> Result<Self, EncodeError> {
-        crate::meta::check_meta(meta).map_err(|reason| EncodeError::Invalid {
-            what: "meta",
-            reason,
-        })?;
-        let payload = postcard::to_stdvec(meta).map_err(|e| EncodeError::Invalid {
-            what: "meta",
-            reason: e.to_string(),
-        })?;
+        crate::meta::check_meta(meta).map_err(|reason| EncodeError::Invalid { what: "meta", reason })?;
+        let payload =
+            postcard::to_stdvec(meta).map_err(|e| EncodeError::Invalid { what: "meta", reason: e.to_string() })?;
         if payload.len() as u64 > frame::MAX_META_LEN {
             return Err(EncodeError::TooLarge {
                 what: "metadata",
@@ -53,13 +48,7 @@ impl<W: Write> OverlayWriter<W> {
             bytes: header.len() as u64,
         };
         w.stream.update(&header);
-        w.frame(
-            FrameKind::Meta,
-            Compression::None,
-            0,
-            payload.len() as u64,
-            &payload,
-        )?;
+        w.frame(FrameKind::Meta, Compression::None, 0, payload.len() as u64, &payload)?;
         Ok(w)
     }
 
@@ -98,14 +87,10 @@ impl<W: Write> OverlayWriter<W> {
     /// Exactly once, before the first blob.
     pub fn write_device_state(&mut self, state: &[u8], level: i32) -> Result<(), EncodeError> {
         if self.device_state_digest.is_some() {
-            return Err(EncodeError::Order {
-                reason: "device state written twice",
-            });
+            return Err(EncodeError::Order { reason: "device state written twice" });
         }
         if self.blobs > 0 {
-            return Err(EncodeError::Order {
-                reason: "device state must precede the blobs",
-            });
+            return Err(EncodeError::Order { reason: "device state must precede the blobs" });
         }
         if state.len() as u64 > MAX_DEVICE_STATE_LEN {
             return Err(EncodeError::TooLarge {
@@ -114,19 +99,9 @@ impl<W: Write> OverlayWriter<W> {
                 max: MAX_DEVICE_STATE_LEN,
             });
         }
-        let stored = compress::compress(self.compression, level, state).map_err(|source| {
-            EncodeError::Compress {
-                what: "device state",
-                source,
-            }
-        })?;
-        self.frame(
-            FrameKind::DeviceState,
-            self.compression,
-            0,
-            state.len() as u64,
-            &stored,
-        )?;
+        let stored = compress::compress(self.compression, level, state)
+            .map_err(|source| EncodeError::Compress { what: "device state", source })?;
+        self.frame(FrameKind::DeviceState, self.compression, 0, state.len() as u64, &stored)?;
         self.device_state_digest = Some(*blake3::hash(state).as_bytes());
         Ok(())
     }
@@ -134,17 +109,12 @@ impl<W: Write> OverlayWriter<W> {
     /// Writes one sealed blob (sealed with the overlay's compressor).
     pub fn write_blob(&mut self, blob: &SealedBlob) -> Result<(), EncodeError> {
         if self.device_state_digest.is_none() {
-            return Err(EncodeError::Order {
-                reason: "the device state must be written before blobs",
-            });
+            return Err(EncodeError::Order { reason: "the device state must be written before blobs" });
         }
         if blob.header.codec != frame::codec_byte(self.compression) {
             return Err(EncodeError::Invalid {
                 what: "blob",
-                reason: format!(
-                    "sealed with codec {}, overlay uses {:?}",
-                    blob.header.codec, self.compression
-                ),
+                reason: format!("sealed with codec {}, overlay uses {:?}", blob.header.codec, self.compression),
             });
         }
         self.write_frame(&blob.header, &blob.stored)?;
@@ -177,47 +147,24 @@ impl<W: Write> OverlayWriter<W> {
     /// state digest must match what was written.
     pub fn finish(mut self, trailer: &Trailer) -> Result<W, EncodeError> {
         let Some(ds) = self.device_state_digest else {
-            return Err(EncodeError::Order {
-                reason: "no device state was written",
-            });
+            return Err(EncodeError::Order { reason: "no device state was written" });
         };
-        let mismatch = |reason: String| EncodeError::Invalid {
-            what: "trailer",
-            reason,
-        };
+        let mismatch = |reason: String| EncodeError::Invalid { what: "trailer", reason };
         if trailer.blob_count != self.blobs {
-            return Err(mismatch(format!(
-                "blob_count {} but {} written",
-                trailer.blob_count, self.blobs
-            )));
+            return Err(mismatch(format!("blob_count {} but {} written", trailer.blob_count, self.blobs)));
         }
         if trailer.record_count != self.records {
-            return Err(mismatch(format!(
-                "record_count {} but {} written",
-                trailer.record_count, self.records
-            )));
+            return Err(mismatch(format!("record_count {} but {} written", trailer.record_count, self.records)));
         }
         if trailer.image_digests.len() != self.images {
-            return Err(mismatch(format!(
-                "{} image digests for {} images",
-                trailer.image_digests.len(),
-                self.images
-            )));
+            return Err(mismatch(format!("{} image digests for {} images", trailer.image_digests.len(), self.images)));
         }
         if trailer.device_state_digest != ds {
-            return Err(mismatch(
-                "device_state_digest differs from the device state written".into(),
-            ));
+            return Err(mismatch("device_state_digest differs from the device state written".into()));
         }
         let mut payload = self.stream.finalize().as_bytes().to_vec();
         postcard::to_io(trailer, &mut payload).map_err(|e| mismatch(e.to_string()))?;
-        self.frame(
-            FrameKind::Trailer,
-            Compression::None,
-            0,
-            payload.len() as u64,
-            &payload,
-        )?;
+        self.frame(FrameKind::Trailer, Compression::None, 0, payload.len() as u64, &payload)?;
         self.out.flush().map_err(EncodeError::Io)?;
         Ok(self.out)
     }

@@ -14,10 +14,7 @@ fn spec() -> VmSpec {
         ram_bytes: 64 * 4096,
         qemu_version: "10.0.2".into(),
         accelerator: "tcg".into(),
-        disks: vec![DiskSpec {
-            name: "disk0".into(),
-            size_bytes: 10 * 4096 + 100,
-        }],
+        disks: vec![DiskSpec { name: "disk0".into(), size_bytes: 10 * 4096 + 100 }],
         kernel_cmdline: Some("console=ttyS0".into()),
     }
 }
@@ -27,25 +24,11 @@ fn meta(compression: Compression) -> OverlayMeta {
         base_id: BaseId([0x42; 32]),
         spec: spec(),
         images: vec![
-            ImageMeta {
-                name: "memory".into(),
-                kind: ImageKind::Memory,
-                size: 64 * 4096,
-                base_size: 64 * 4096,
-            },
-            ImageMeta {
-                name: "disk0".into(),
-                kind: ImageKind::Disk,
-                size: 10 * 4096 + 100,
-                base_size: 8 * 4096,
-            },
+            ImageMeta { name: "memory".into(), kind: ImageKind::Memory, size: 64 * 4096, base_size: 64 * 4096 },
+            ImageMeta { name: "disk0".into(), kind: ImageKind::Disk, size: 10 * 4096 + 100, base_size: 8 * 4096 },
         ],
         compression,
-        forwards: vec![PortForward {
-            protocol: Protocol::Tcp,
-            host_port: 2222,
-            guest_port: 22,
-        }],
+        forwards: vec![PortForward { protocol: Protocol::Tcp, host_port: 2222, guest_port: 22 }],
         name: "golden".into(),
         created_unix: 1_700_000_000,
         creator: "overlay-format tests".into(),
@@ -65,60 +48,29 @@ fn sample_blobs() -> Vec<Vec<Record>> {
     let patch = encode_patch(&patch_base, &patch_new, 2048).unwrap();
     vec![
         vec![
-            Record::Zero {
-                image: 0,
-                chunk: 0,
-                count: 3,
-            },
-            Record::CopyBase {
-                image: 0,
-                chunk: 3,
-                count: 2,
-                src: ChunkRef { image: 1, chunk: 4 },
-            },
-            Record::Raw {
-                image: 0,
-                chunk: 5,
-                data: (0..8192u32).map(|i| (i * 31 % 256) as u8).collect(),
-            },
-            Record::CopySelf {
-                image: 0,
-                chunk: 9,
-                src: ChunkRef { image: 0, chunk: 5 },
-            },
+            Record::Zero { image: 0, chunk: 0, count: 3 },
+            Record::CopyBase { image: 0, chunk: 3, count: 2, src: ChunkRef { image: 1, chunk: 4 } },
+            Record::Raw { image: 0, chunk: 5, data: (0..8192u32).map(|i| (i * 31 % 256) as u8).collect() },
+            Record::CopySelf { image: 0, chunk: 9, src: ChunkRef { image: 0, chunk: 5 } },
         ],
         vec![
-            Record::Patch {
-                image: 1,
-                chunk: 2,
-                patch,
-            },
+            Record::Patch { image: 1, chunk: 2, patch },
             // The disk's last chunk is 100 bytes long.
-            Record::Raw {
-                image: 1,
-                chunk: 9,
-                data: [vec![1u8; 4096], vec![2u8; 100]].concat(),
-            },
-            Record::Zero {
-                image: 1,
-                chunk: 0,
-                count: 1,
-            },
+            Record::Raw { image: 1, chunk: 9, data: [vec![1u8; 4096], vec![2u8; 100]].concat() },
+            Record::Zero { image: 1, chunk: 0, count: 1 },
         ],
     ]
 }
 
 fn write_overlay(meta: &OverlayMeta, blobs: &[Vec<Record>], level: i32) -> Vec<u8> {
     let mut w = OverlayWriter::new(Vec::new(), meta).unwrap();
-    w.write_device_state(b"QEVM device state bytes", level)
-        .unwrap();
+    w.write_device_state(b"QEVM device state bytes", level).unwrap();
     for records in blobs {
         let mut b = BlobBuilder::new();
         for r in records {
             b.push(r);
         }
-        w.write_blob(&b.seal(meta.compression, level).unwrap())
-            .unwrap();
+        w.write_blob(&b.seal(meta.compression, level).unwrap()).unwrap();
     }
     let t = w.trailer(vec![ImageDigest([1; 32]), ImageDigest([2; 32])]);
     w.finish(&t).unwrap()
@@ -140,12 +92,7 @@ fn read_overlay(input: impl Read) -> Result<Read_, DecodeError> {
         let d = b.decode_for(r.meta())?;
         blobs.push(d.records().map(|x| x.to_owned()).collect());
     }
-    Ok(Read_ {
-        meta: r.meta().clone(),
-        device_state,
-        blobs,
-        trailer: r.trailer().unwrap().clone(),
-    })
+    Ok(Read_ { meta: r.meta().clone(), device_state, blobs, trailer: r.trailer().unwrap().clone() })
 }
 
 const ALL: [Compression; 3] = [Compression::None, Compression::Zstd, Compression::Xz];
@@ -187,11 +134,7 @@ fn short_reads_give_identical_results() {
         let bytes = write_overlay(&meta(c), &sample_blobs(), 3);
         let whole = read_overlay(&bytes[..]).unwrap();
         for (seed, max) in [(1u64, 1usize), (2, 7), (3, 100), (4, 5000)] {
-            let sr = ShortReads {
-                inner: &bytes[..],
-                rng: rand::rngs::StdRng::seed_from_u64(seed),
-                max,
-            };
+            let sr = ShortReads { inner: &bytes[..], rng: rand::rngs::StdRng::seed_from_u64(seed), max };
             assert_eq!(read_overlay(sr).unwrap(), whole);
         }
     }
@@ -203,10 +146,7 @@ fn truncation_at_every_byte_is_an_error() {
         let bytes = write_overlay(&meta(c), &sample_blobs(), 3);
         for len in 0..bytes.len() {
             let err = read_overlay(&bytes[..len]).expect_err("a truncated overlay must not read");
-            assert!(
-                matches!(err, DecodeError::Truncated { .. }),
-                "cut at {len}: expected Truncated, got {err}"
-            );
+            assert!(matches!(err, DecodeError::Truncated { .. }), "cut at {len}: expected Truncated, got {err}");
         }
     }
 }
@@ -218,10 +158,7 @@ fn every_flipped_bit_is_detected() {
         for bit in 0..8 {
             let mut b = bytes.clone();
             b[i] ^= 1 << bit;
-            assert!(
-                read_overlay(&b[..]).is_err(),
-                "flip of bit {bit} at byte {i} went unnoticed"
-            );
+            assert!(read_overlay(&b[..]).is_err(), "flip of bit {bit} at byte {i} went unnoticed");
         }
     }
 }
@@ -252,15 +189,9 @@ fn dropped_or_duplicated_blob_frames_are_detected() {
     assert_eq!(frames.len(), 5, "meta, device state, 2 blobs, trailer");
     let (b0, b0len) = frames[2];
     let dropped = [&bytes[..b0], &bytes[b0 + b0len..]].concat();
-    assert!(matches!(
-        read_overlay(&dropped[..]),
-        Err(DecodeError::TrailerMismatch { .. })
-    ));
+    assert!(matches!(read_overlay(&dropped[..]), Err(DecodeError::TrailerMismatch { .. })));
     let doubled = [&bytes[..b0 + b0len], &bytes[b0..]].concat();
-    assert!(matches!(
-        read_overlay(&doubled[..]),
-        Err(DecodeError::TrailerMismatch { .. })
-    ));
+    assert!(matches!(read_overlay(&doubled[..]), Err(DecodeError::TrailerMismatch { .. })));
 }
 
 fn frame_header(kind: u8, codec: u8, records: u32, stored: u64, raw: u64) -> Vec<u8> {
@@ -285,18 +216,12 @@ fn oversized_lengths_are_rejected_before_allocating() {
         }
     }
     // A blob frame claiming 2^60 bytes after a valid start.
-    let meta_end =
-        16 + 40 + u64::from_le_bytes(bytes[16 + 8..16 + 16].try_into().unwrap()) as usize;
-    let ds_end = meta_end
-        + 40
-        + u64::from_le_bytes(bytes[meta_end + 8..meta_end + 16].try_into().unwrap()) as usize;
+    let meta_end = 16 + 40 + u64::from_le_bytes(bytes[16 + 8..16 + 16].try_into().unwrap()) as usize;
+    let ds_end = meta_end + 40 + u64::from_le_bytes(bytes[meta_end + 8..meta_end + 16].try_into().unwrap()) as usize;
     let mut b = bytes[..ds_end].to_vec();
     b.extend(frame_header(3, 0, 1, 1 << 60, 1 << 60));
     let mut r = OverlayReader::new(&b[..]).unwrap();
-    assert!(matches!(
-        r.next_blob(),
-        Err(DecodeError::LengthTooLarge { what: "blob", .. })
-    ));
+    assert!(matches!(r.next_blob(), Err(DecodeError::LengthTooLarge { what: "blob", .. })));
 }
 
 #[test]
@@ -304,86 +229,30 @@ fn wrong_magic_and_versions_are_rejected() {
     let bytes = write_overlay(&meta(Compression::None), &sample_blobs(), 0);
     let mut b = bytes.clone();
     b[1] = b'X';
-    assert!(matches!(
-        read_overlay(&b[..]),
-        Err(DecodeError::BadMagic { .. })
-    ));
+    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::BadMagic { .. })));
     let mut b = bytes.clone();
     b[8] = 2; // major 2
-    assert!(matches!(
-        read_overlay(&b[..]),
-        Err(DecodeError::UnsupportedVersion { major: 2, minor: 0 })
-    ));
+    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 2, minor: 0 })));
     let mut b = bytes.clone();
     b[10] = 1; // minor 1, newer than this reader
-    assert!(matches!(
-        read_overlay(&b[..]),
-        Err(DecodeError::UnsupportedVersion { major: 1, minor: 1 })
-    ));
-    assert!(matches!(
-        read_overlay(&b""[..]),
-        Err(DecodeError::Truncated { offset: 0, .. })
-    ));
+    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 1, minor: 1 })));
+    assert!(matches!(read_overlay(&b""[..]), Err(DecodeError::Truncated { offset: 0, .. })));
 }
 
 #[test]
 fn records_outside_the_images_are_rejected() {
     let m = meta(Compression::None);
     for bad in [
-        Record::Zero {
-            image: 2,
-            chunk: 0,
-            count: 1,
-        },
-        Record::Zero {
-            image: 0,
-            chunk: 63,
-            count: 2,
-        },
-        Record::Zero {
-            image: 0,
-            chunk: u64::MAX,
-            count: 2,
-        },
-        Record::CopyBase {
-            image: 0,
-            chunk: 0,
-            count: 1,
-            src: ChunkRef { image: 1, chunk: 8 },
-        },
-        Record::CopySelf {
-            image: 0,
-            chunk: 0,
-            src: ChunkRef {
-                image: 1,
-                chunk: 11,
-            },
-        },
-        Record::Raw {
-            image: 1,
-            chunk: 10,
-            data: vec![0; 4096],
-        },
-        Record::Raw {
-            image: 1,
-            chunk: 9,
-            data: vec![0; 4096 + 50],
-        },
-        Record::Raw {
-            image: 0,
-            chunk: 0,
-            data: vec![0; 100],
-        },
-        Record::Patch {
-            image: 1,
-            chunk: 11,
-            patch: vec![0, 0, 1, 0, 1],
-        },
-        Record::Patch {
-            image: 1,
-            chunk: 10,
-            patch: vec![100, 0, 1, 0, 1],
-        },
+        Record::Zero { image: 2, chunk: 0, count: 1 },
+        Record::Zero { image: 0, chunk: 63, count: 2 },
+        Record::Zero { image: 0, chunk: u64::MAX, count: 2 },
+        Record::CopyBase { image: 0, chunk: 0, count: 1, src: ChunkRef { image: 1, chunk: 8 } },
+        Record::CopySelf { image: 0, chunk: 0, src: ChunkRef { image: 1, chunk: 11 } },
+        Record::Raw { image: 1, chunk: 10, data: vec![0; 4096] },
+        Record::Raw { image: 1, chunk: 9, data: vec![0; 4096 + 50] },
+        Record::Raw { image: 0, chunk: 0, data: vec![0; 100] },
+        Record::Patch { image: 1, chunk: 11, patch: vec![0, 0, 1, 0, 1] },
+        Record::Patch { image: 1, chunk: 10, patch: vec![100, 0, 1, 0, 1] },
     ] {
         let mut b = BlobBuilder::new();
         b.push(&bad);
@@ -405,15 +274,9 @@ fn writer_enforces_order_and_trailer_counts() {
         b.push_zero(0, 0, 1);
         b.seal(Compression::None, 0).unwrap()
     };
-    assert!(matches!(
-        w.write_blob(&blob()),
-        Err(EncodeError::Order { .. })
-    ));
+    assert!(matches!(w.write_blob(&blob()), Err(EncodeError::Order { .. })));
     w.write_device_state(b"x", 0).unwrap();
-    assert!(matches!(
-        w.write_device_state(b"x", 0),
-        Err(EncodeError::Order { .. })
-    ));
+    assert!(matches!(w.write_device_state(b"x", 0), Err(EncodeError::Order { .. })));
     w.write_blob(&blob()).unwrap();
     let mut t = w.trailer(vec![ImageDigest([0; 32]); 2]);
     t.record_count = 5;
@@ -425,10 +288,7 @@ fn writer_enforces_order_and_trailer_counts() {
     };
     let mut w = OverlayWriter::new(Vec::new(), &m).unwrap();
     w.write_device_state(b"x", 0).unwrap();
-    assert!(matches!(
-        w.write_blob(&zstd_blob),
-        Err(EncodeError::Invalid { .. })
-    ));
+    assert!(matches!(w.write_blob(&zstd_blob), Err(EncodeError::Invalid { .. })));
     let mut dup = meta(Compression::None);
     dup.images[1].name = "memory".into();
     assert!(OverlayWriter::new(Vec::new(), &dup).is_err());
@@ -437,11 +297,7 @@ fn writer_enforces_order_and_trailer_counts() {
 fn arb_record() -> impl Strategy<Value = Record> {
     let img = 0u8..2;
     prop_oneof![
-        (img, 0u64..60, 1u64..4).prop_map(|(image, chunk, count)| Record::Zero {
-            image,
-            chunk: chunk.min(8),
-            count
-        }),
+        (img, 0u64..60, 1u64..4).prop_map(|(image, chunk, count)| Record::Zero { image, chunk: chunk.min(8), count }),
         (0u64..60, 1u64..4, 0u64..5).prop_map(|(chunk, count, s)| Record::CopyBase {
             image: 0,
             chunk,
@@ -453,28 +309,14 @@ fn arb_record() -> impl Strategy<Value = Record> {
             chunk,
             src: ChunkRef { image: 0, chunk: s }
         }),
-        (0u64..64, proptest::collection::vec(any::<u8>(), 4096)).prop_map(|(chunk, data)| {
-            Record::Raw {
-                image: 0,
-                chunk,
-                data,
-            }
+        (0u64..64, proptest::collection::vec(any::<u8>(), 4096))
+            .prop_map(|(chunk, data)| { Record::Raw { image: 0, chunk, data } }),
+        (0u64..64, 0usize..4000, proptest::collection::vec(any::<u8>(), 1..90)).prop_map(|(chunk, off, bytes)| {
+            let mut p = (off as u16).to_le_bytes().to_vec();
+            p.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+            p.extend_from_slice(&bytes);
+            Record::Patch { image: 0, chunk, patch: p }
         }),
-        (
-            0u64..64,
-            0usize..4000,
-            proptest::collection::vec(any::<u8>(), 1..90)
-        )
-            .prop_map(|(chunk, off, bytes)| {
-                let mut p = (off as u16).to_le_bytes().to_vec();
-                p.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
-                p.extend_from_slice(&bytes);
-                Record::Patch {
-                    image: 0,
-                    chunk,
-                    patch: p,
-                }
-            }),
     ]
 }
 
@@ -507,16 +349,11 @@ proptest! {
 
 // ---- Golden files ----------------------------------------------------------------------------
 
-const GOLDEN: [(&str, Compression, i32); 3] = [
-    ("v1-none.ovl", Compression::None, 0),
-    ("v1-zstd.ovl", Compression::Zstd, 3),
-    ("v1-xz.ovl", Compression::Xz, 6),
-];
+const GOLDEN: [(&str, Compression, i32); 3] =
+    [("v1-none.ovl", Compression::None, 0), ("v1-zstd.ovl", Compression::Zstd, 3), ("v1-xz.ovl", Compression::Xz, 6)];
 
 fn golden_path(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
 }
 
 /// Regenerates the golden files: `CLOUDLET_WRITE_GOLDEN=1 cargo test -p overlay-format --test format golden`.
@@ -533,17 +370,10 @@ fn golden_files_read_byte_exact() {
         assert_eq!(got.meta, meta(c), "{name}");
         assert_eq!(got.device_state, b"QEVM device state bytes", "{name}");
         assert_eq!(got.blobs, sample_blobs(), "{name}");
-        assert_eq!(
-            got.trailer.image_digests,
-            vec![ImageDigest([1; 32]), ImageDigest([2; 32])]
-        );
+        assert_eq!(got.trailer.image_digests, vec![ImageDigest([1; 32]), ImageDigest([2; 32])]);
         if c == Compression::None {
             // Uncompressed encoding is fully determined by the format.
-            assert_eq!(
-                bytes,
-                write_overlay(&meta(c), &sample_blobs(), level),
-                "{name} re-encodes differently"
-            );
+            assert_eq!(bytes, write_overlay(&meta(c), &sample_blobs(), level), "{name} re-encodes differently");
         }
     }
 }

@@ -1,73 +1,135 @@
-//! A base VM on disk: the driver's snapshot directory plus the delta engine's index and a
-//! `base.json` with the base id and spec.
+//! Bases as the flows use them: a registry entry, seen by the driver as a snapshot and by the
+//! delta engine as indexed images.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
 
+use base_registry::{BaseEntry, Mode, NewBase, Registry};
 use delta_engine::{Base, BaseImage, BaseIndex};
-use overlay_format::{BaseId, DiskSpec, ImageDigest, ImageKind, VmSpec};
-use serde::{Deserialize, Serialize};
-use vm_driver::Snapshot;
+use overlay_format::{BaseId, DiskSpec, ImageKind, VmSpec};
+use vm_driver::{Disk, DiskFormat, KernelBoot, Snapshot};
 
 use crate::FlowError;
 
-/// `base.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BaseManifest {
-    /// Manifest format.
-    pub format: u32,
-    /// Base id, hex.
-    pub id: String,
-    /// Human name.
-    pub name: String,
-    /// The VM spec the id covers.
-    pub spec: VmSpec,
-}
-
-/// A base VM directory.
+/// A registered base VM.
 #[derive(Debug, Clone)]
-pub struct BaseDir {
-    /// The directory.
-    pub dir: PathBuf,
-    /// The driver snapshot it holds.
+pub struct RegisteredBase {
+    /// The registry entry.
+    pub entry: BaseEntry,
+    /// The entry as a driver snapshot (paths inside the entry's directory).
     pub snapshot: Snapshot,
-    /// Its manifest.
-    pub manifest: BaseManifest,
 }
 
-/// The images of a base, as the delta engine sees them: `memory`, then the disks.
-pub(crate) fn images_of(snap: &Snapshot) -> Vec<BaseImage> {
-    let mut v = vec![BaseImage {
-        name: "memory".into(),
-        kind: ImageKind::Memory,
-        path: snap.memory_path(),
-    }];
-    for d in &snap.disks {
-        v.push(BaseImage {
-            name: d.name.clone(),
-            kind: ImageKind::Disk,
-            path: snap.dir.join(&d.path),
-        });
+/// The delta engine's view of a base: `memory`, then the disks.
+fn images(entry: &BaseEntry) -> Vec<BaseImage> {
+    let mut v = vec![BaseImage { name: "memory".into(), kind: ImageKind::Memory, path: entry.memory_path() }];
+    for d in &entry.manifest.spec.disks {
+        v.push(BaseImage { name: d.name.clone(), kind: ImageKind::Disk, path: entry.dir.join(&d.name) });
     }
     v
 }
 
-/// The overlay-format spec of a driver snapshot.
-pub(crate) fn spec_of(snap: &Snapshot) -> Result<VmSpec, FlowError> {
+impl RegisteredBase {
+    /// Wraps a registry entry.
+    pub fn from_entry(entry: BaseEntry) -> Result<Self, FlowError> {
+        let spec = &entry.manifest.spec;
+        let labels = &entry.manifest.labels;
+        let Some(state_hash) = labels.get("state_hash").cloned() else {
+            return Err(FlowError::BadBase {
+                dir: entry.dir.clone(),
+                reason: "no state_hash label: not registered by the base flow".into(),
+            });
+        };
+        let kernel = entry.path("kernel").map(|_| KernelBoot {
+            kernel: "kernel".into(),
+            initrd: entry.path("initrd").map(|_| "initrd".into()),
+            cmdline: spec.kernel_cmdline.clone().unwrap_or_default(),
+        });
+        let snapshot = Snapshot {
+            dir: entry.dir.clone(),
+            format: 1,
+            machine_type: spec.machine_type.clone(),
+            cpu_model: spec.cpu_model.clone(),
+            vcpus: spec.vcpus,
+            ram_bytes: spec.ram_bytes,
+            qemu_version: spec.qemu_version.clone(),
+            accelerator: spec.accelerator.clone(),
+            kernel,
+            disks: spec
+                .disks
+                .iter()
+                .map(|d| Disk { name: d.name.clone(), path: d.name.clone().into(), format: DiskFormat::Raw })
+                .collect(),
+            guest_ports: Vec::new(),
+            memory_file: "memory".into(),
+            device_state_file: "device-state".into(),
+            state_hash,
+            free_page_reporting: labels.get("free_page_reporting").map(String::as_str) != Some("false"),
+        };
+        Ok(RegisteredBase { entry, snapshot })
+    }
+
+    /// Finds a base by name, id or unique id prefix.
+    pub fn find(registry: &Registry, query: &str) -> Result<Self, FlowError> {
+        Self::from_entry(registry.find(query)?)
+    }
+
+    /// The base id.
+    pub fn id(&self) -> BaseId {
+        self.entry.id()
+    }
+
+    /// Loads the index (building it if the base has none) and maps the images.
+    pub fn engine_base(&self) -> Result<Base, FlowError> {
+        let imgs = images(&self.entry);
+        let index = match self.entry.path("index") {
+            Some(p) => BaseIndex::load(&p)?,
+            None => BaseIndex::build(&imgs, &|_| {})?,
+        };
+        Ok(Base::open(index, &imgs)?)
+    }
+
+    /// Allocated and apparent bytes of the base's files.
+    pub fn sizes(&self) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let mut alloc = 0;
+        let mut apparent = 0;
+        if let Ok(rd) = std::fs::read_dir(&self.entry.dir) {
+            for e in rd.flatten() {
+                if let Ok(m) = e.metadata() {
+                    alloc += m.blocks() * 512;
+                    apparent += m.len();
+                }
+            }
+        }
+        (alloc, apparent)
+    }
+}
+
+/// Indexes a driver snapshot and registers it (files are moved in).
+pub(crate) fn register_snapshot(
+    registry: &Registry,
+    snap: &Snapshot,
+    name: &str,
+    source_image: Option<String>,
+) -> Result<RegisteredBase, FlowError> {
     let mut disks = Vec::new();
+    let mut files = vec![("memory".to_string(), snap.memory_path()), ("device-state".into(), snap.device_state_path())];
     for d in &snap.disks {
         let p = snap.dir.join(&d.path);
-        let size = std::fs::metadata(&p)
-            .map_err(|source| FlowError::Io {
-                path: p.clone(),
-                source,
-            })?
-            .len();
-        disks.push(DiskSpec {
-            name: d.name.clone(),
-            size_bytes: size,
-        });
+        if d.format != DiskFormat::Raw {
+            return Err(FlowError::BadBase { dir: snap.dir.clone(), reason: format!("disk {} is not raw", d.name) });
+        }
+        let size = std::fs::metadata(&p).map_err(|source| FlowError::Io { path: p.clone(), source })?.len();
+        disks.push(DiskSpec { name: d.name.clone(), size_bytes: size });
+        files.push((d.name.clone(), p));
     }
-    Ok(VmSpec {
+    if let Some(k) = &snap.kernel {
+        files.push(("kernel".into(), snap.dir.join(&k.kernel)));
+        if let Some(i) = &k.initrd {
+            files.push(("initrd".into(), snap.dir.join(i)));
+        }
+    }
+    let spec = VmSpec {
         machine_type: snap.machine_type.clone(),
         cpu_model: snap.cpu_model.clone(),
         vcpus: snap.vcpus,
@@ -76,115 +138,25 @@ pub(crate) fn spec_of(snap: &Snapshot) -> Result<VmSpec, FlowError> {
         accelerator: snap.accelerator.clone(),
         disks,
         kernel_cmdline: snap.kernel.as_ref().map(|k| k.cmdline.clone()),
-    })
-}
-
-fn file_digest(path: &Path) -> Result<ImageDigest, FlowError> {
-    let bytes = std::fs::read(path).map_err(|source| FlowError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(ImageDigest::of_bytes(&bytes))
-}
-
-impl BaseDir {
-    /// Turns a driver snapshot directory into a base: builds the index (saved as `index`),
-    /// computes the base id, writes `base.json`.
-    pub fn create(
-        snapshot: Snapshot,
-        name: &str,
-        progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<Self, FlowError> {
-        let images = images_of(&snapshot);
-        let index = BaseIndex::build(&images, progress)?;
-        index.save(&snapshot.dir.join("index"))?;
-        let spec = spec_of(&snapshot)?;
-        let mut files: Vec<(String, ImageDigest)> = index
-            .images()
-            .iter()
-            .map(|i| (i.name.clone(), i.digest))
-            .collect();
-        files.push((
-            "device-state".into(),
-            file_digest(&snapshot.device_state_path())?,
-        ));
-        if let Some(k) = &snapshot.kernel {
-            files.push(("kernel".into(), file_digest(&snapshot.dir.join(&k.kernel))?));
-            if let Some(i) = &k.initrd {
-                files.push(("initrd".into(), file_digest(&snapshot.dir.join(i))?));
-            }
-        }
-        let refs: Vec<(&str, ImageDigest)> = files.iter().map(|(n, d)| (n.as_str(), *d)).collect();
-        let id = BaseId::compute(&spec, &refs);
-        let manifest = BaseManifest {
-            format: 1,
-            id: id.to_hex(),
-            name: name.into(),
-            spec,
-        };
-        let p = snapshot.dir.join("base.json");
-        std::fs::write(
-            &p,
-            serde_json::to_vec_pretty(&manifest).expect("serialisable"),
-        )
-        .map_err(|source| FlowError::Io { path: p, source })?;
-        Ok(BaseDir {
-            dir: snapshot.dir.clone(),
-            snapshot,
-            manifest,
-        })
-    }
-
-    /// Opens a base directory made by [`BaseDir::create`].
-    pub fn open(dir: &Path) -> Result<Self, FlowError> {
-        let snapshot = Snapshot::load(dir)?;
-        let p = dir.join("base.json");
-        let bytes = std::fs::read(&p).map_err(|source| FlowError::Io {
+    };
+    // The delta engine's index over memory and disks.
+    let imgs: Vec<BaseImage> = files
+        .iter()
+        .filter(|(n, _)| n == "memory" || spec.disks.iter().any(|d| &d.name == n))
+        .map(|(n, p)| BaseImage {
+            name: n.clone(),
+            kind: if n == "memory" { ImageKind::Memory } else { ImageKind::Disk },
             path: p.clone(),
-            source,
-        })?;
-        let manifest: BaseManifest =
-            serde_json::from_slice(&bytes).map_err(|e| FlowError::BadBase {
-                dir: dir.to_owned(),
-                reason: e.to_string(),
-            })?;
-        if manifest.format != 1 || BaseId::from_hex(&manifest.id).is_none() {
-            return Err(FlowError::BadBase {
-                dir: dir.to_owned(),
-                reason: "unsupported base.json".into(),
-            });
-        }
-        Ok(BaseDir {
-            dir: dir.to_owned(),
-            snapshot,
-            manifest,
         })
-    }
-
-    /// The base id.
-    pub fn id(&self) -> BaseId {
-        BaseId::from_hex(&self.manifest.id).expect("checked on open")
-    }
-
-    /// Loads the index and maps the images for the delta engine.
-    pub fn engine_base(&self) -> Result<Base, FlowError> {
-        let index = BaseIndex::load(&self.dir.join("index"))?;
-        Ok(Base::open(index, &images_of(&self.snapshot))?)
-    }
-
-    /// Bytes the base occupies on disk (allocated blocks) and its apparent size.
-    pub fn sizes(&self) -> (u64, u64) {
-        let mut alloc = 0;
-        let mut apparent = 0;
-        if let Ok(rd) = std::fs::read_dir(&self.dir) {
-            for e in rd.flatten() {
-                if let Ok(m) = e.metadata() {
-                    use std::os::unix::fs::MetadataExt;
-                    alloc += m.blocks() * 512;
-                    apparent += m.len();
-                }
-            }
-        }
-        (alloc, apparent)
-    }
+        .collect();
+    let index = BaseIndex::build(&imgs, &|_| {})?;
+    let index_path = snap.dir.join("index");
+    index.save(&index_path)?;
+    files.push(("index".into(), index_path));
+    let mut labels = BTreeMap::new();
+    labels.insert("state_hash".to_string(), snap.state_hash.clone());
+    labels.insert("free_page_reporting".to_string(), snap.free_page_reporting.to_string());
+    let entry =
+        registry.register(NewBase { name: name.into(), source_image, spec, files, mode: Mode::Move, labels })?;
+    RegisteredBase::from_entry(entry)
 }

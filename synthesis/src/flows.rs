@@ -6,17 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use base_registry::Registry;
 use delta_engine::{
-    apply_overlay, create_overlay, ApplyOptions, CreateOptions, CreateStats, CustomImage,
-    CustomSource, OverlayInfo,
+    apply_overlay_reader, create_overlay, ApplyOptions, CreateOptions, CreateStats, CustomImage, CustomSource,
+    OverlayInfo,
 };
-use overlay_format::PortForward;
-use vm_driver::{
-    DiskFormat, Forward, Hypervisor, LaunchSpec, Qemu, QemuVm, RamMode, RestoreOptions, Snapshot,
-    Vm,
-};
+use overlay_format::{OverlayReader, PortForward};
+use vm_driver::{DiskFormat, Forward, Hypervisor, LaunchSpec, Qemu, QemuVm, RamMode, RestoreOptions, Snapshot, Vm};
 
-use crate::base::{images_of, BaseDir};
+use crate::base::{register_snapshot, RegisteredBase};
 use crate::{Event, FlowError};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -46,20 +44,12 @@ impl Drop for Guard {
     }
 }
 
-fn run_all(
-    vm: &mut QemuVm,
-    commands: &[String],
-    events: &(dyn Fn(Event) + Sync),
-) -> Result<(), FlowError> {
+fn run_all(vm: &mut QemuVm, commands: &[String], events: &(dyn Fn(Event) + Sync)) -> Result<(), FlowError> {
     for c in commands {
         events(Event::Step(format!("guest$ {c}")));
         let (out, status) = vm.console()?.run(c, COMMAND_TIMEOUT)?;
         if status != 0 {
-            return Err(FlowError::GuestCommand {
-                command: c.clone(),
-                status,
-                output: out,
-            });
+            return Err(FlowError::GuestCommand { command: c.clone(), status, output: out });
         }
     }
     Ok(())
@@ -84,8 +74,9 @@ pub struct BaseRequest {
     pub ready_text: String,
     /// Shell commands run in the guest before the snapshot.
     pub prepare: Vec<String>,
-    /// The base directory to create (must not exist).
-    pub out_dir: PathBuf,
+    /// Scratch directory for the snapshot before it moves into the registry (must not
+    /// exist; removed afterwards).
+    pub work_dir: PathBuf,
 }
 
 /// Timings of the base flow.
@@ -99,39 +90,32 @@ pub struct BaseTimings {
     pub index: Duration,
 }
 
-/// Boots a raw disk image, prepares it, snapshots it, indexes it: a base VM directory.
+/// Boots a raw disk image, prepares it, snapshots it, indexes it and registers it.
 pub fn create_base(
     qemu: &Qemu,
+    registry: &Registry,
     req: &BaseRequest,
     events: &(dyn Fn(Event) + Sync),
-) -> Result<(BaseDir, BaseTimings), FlowError> {
-    if req.out_dir.exists() {
-        return Err(FlowError::Exists {
-            path: req.out_dir.clone(),
-        });
+) -> Result<(RegisteredBase, BaseTimings), FlowError> {
+    if req.work_dir.exists() {
+        return Err(FlowError::Exists { path: req.work_dir.clone() });
+    }
+    if let Ok(b) = registry.find(&req.name) {
+        return Err(FlowError::BadBase { dir: b.dir, reason: format!("a base named '{}' exists already", req.name) });
     }
     let mut t = BaseTimings::default();
-    let work = req.out_dir.with_extension("work");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).map_err(|source| FlowError::Io {
-        path: work.clone(),
-        source,
-    })?;
+    let work = req.work_dir.clone();
+    std::fs::create_dir_all(&work).map_err(|source| FlowError::Io { path: work.clone(), source })?;
     let _work_guard = Guard::new(&work);
-    let mut out_guard = Guard::new(&req.out_dir);
     let disk = work.join("disk0.raw");
-    std::fs::copy(&req.disk, &disk).map_err(|source| FlowError::Io {
-        path: req.disk.clone(),
-        source,
-    })?;
-    let spec = LaunchSpec::new(req.ram_bytes)
-        .kernel(&req.kernel, &req.initrd, &req.cmdline)
-        .disk("disk0", &disk, DiskFormat::Raw);
+    std::fs::copy(&req.disk, &disk).map_err(|source| FlowError::Io { path: req.disk.clone(), source })?;
+    let spec = LaunchSpec::new(req.ram_bytes).kernel(&req.kernel, &req.initrd, &req.cmdline).disk(
+        "disk0",
+        &disk,
+        DiskFormat::Raw,
+    );
     let (accel, why) = qemu.accelerator(spec.kernel.as_ref());
-    events(Event::Step(format!(
-        "booting the base VM (accelerator {}: {why})",
-        accel.as_str()
-    )));
+    events(Event::Step(format!("booting the base VM (accelerator {}: {why})", accel.as_str())));
     let t0 = Instant::now();
     let mut vm = qemu.launch(&spec)?;
     vm.console()?.wait_for_text(&req.ready_text, BOOT_TIMEOUT)?;
@@ -139,14 +123,13 @@ pub fn create_base(
     run_all(&mut vm, &req.prepare, events)?;
     events(Event::Step("snapshotting the base VM".into()));
     let t1 = Instant::now();
-    let snap = vm.snapshot(&req.out_dir)?;
+    let snap = vm.snapshot(&work.join("snapshot"))?;
     drop(vm);
     t.snapshot = t1.elapsed();
-    events(Event::Step("indexing the base images".into()));
+    events(Event::Step("indexing and registering the base".into()));
     let t2 = Instant::now();
-    let base = BaseDir::create(snap, &req.name, &|_| {})?;
+    let base = register_snapshot(registry, &snap, &req.name, Some(req.disk.display().to_string()))?;
     t.index = t2.elapsed();
-    out_guard.disarm();
     Ok((base, t))
 }
 
@@ -183,42 +166,24 @@ pub struct OverlayOutcome {
 /// Resumes the base, customizes it, snapshots it and writes the overlay.
 pub fn create_overlay_file(
     qemu: &Qemu,
-    base: &BaseDir,
+    base: &RegisteredBase,
     req: &OverlayRequest,
     events: &(dyn Fn(Event) + Sync),
 ) -> Result<OverlayOutcome, FlowError> {
     if req.out.exists() {
-        return Err(FlowError::Exists {
-            path: req.out.clone(),
-        });
+        return Err(FlowError::Exists { path: req.out.clone() });
     }
     let work = req.out.with_extension("work");
     let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).map_err(|source| FlowError::Io {
-        path: work.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&work).map_err(|source| FlowError::Io { path: work.clone(), source })?;
     let _work_guard = Guard::new(&work);
-    events(Event::Step(format!(
-        "resuming base {}",
-        &base.manifest.id[..12]
-    )));
+    events(Event::Step(format!("resuming base {} ({})", &base.entry.manifest.id[..12], base.entry.manifest.name)));
     let t0 = Instant::now();
-    let forwards: Vec<Forward> = req
-        .forwards
-        .iter()
-        .map(|f| Forward {
-            host_port: 0,
-            guest_port: f.guest_port,
-        })
-        .collect();
+    let forwards: Vec<Forward> =
+        req.forwards.iter().map(|f| Forward { host_port: 0, guest_port: f.guest_port }).collect();
     let mut vm = qemu.restore(
         &base.snapshot,
-        &RestoreOptions {
-            ram: RamMode::PrivateCopy,
-            forwards: Some(forwards),
-            ..Default::default()
-        },
+        &RestoreOptions { ram: RamMode::PrivateCopy, forwards: Some(forwards), ..Default::default() },
     )?;
     let resume = t0.elapsed();
     let t1 = Instant::now();
@@ -232,10 +197,7 @@ pub fn create_overlay_file(
     drop(vm);
     let snapshot = t2.elapsed();
     // The custom disk is a qcow2 layer over the base disk: read it as raw.
-    let mut custom = vec![CustomImage {
-        name: "memory".into(),
-        source: CustomSource::Raw(snap.memory_path()),
-    }];
+    let mut custom = vec![CustomImage { name: "memory".into(), source: CustomSource::Raw(snap.memory_path()) }];
     for d in &snap.disks {
         let raw = work.join(format!("{}.raw", d.name));
         let out = Command::new("qemu-img")
@@ -243,30 +205,22 @@ pub fn create_overlay_file(
             .arg(snap.dir.join(&d.path))
             .arg(&raw)
             .output()
-            .map_err(|source| FlowError::Io {
-                path: raw.clone(),
-                source,
-            })?;
+            .map_err(|source| FlowError::Io { path: raw.clone(), source })?;
         if !out.status.success() {
             return Err(FlowError::Tool {
                 tool: "qemu-img convert".into(),
                 output: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
         }
-        custom.push(CustomImage {
-            name: d.name.clone(),
-            source: CustomSource::Raw(raw),
-        });
+        custom.push(CustomImage { name: d.name.clone(), source: CustomSource::Raw(raw) });
     }
     events(Event::Step("computing the overlay".into()));
     let engine_base = base.engine_base()?;
-    let device_state = std::fs::read(snap.device_state_path()).map_err(|source| FlowError::Io {
-        path: snap.device_state_path(),
-        source,
-    })?;
+    let device_state = std::fs::read(snap.device_state_path())
+        .map_err(|source| FlowError::Io { path: snap.device_state_path(), source })?;
     let info = OverlayInfo {
         base_id: base.id(),
-        spec: base.manifest.spec.clone(),
+        spec: base.entry.manifest.spec.clone(),
         forwards: req.forwards.clone(),
         name: req.name.clone(),
         creator: format!("cloudlet {}", env!("CARGO_PKG_VERSION")),
@@ -277,17 +231,8 @@ pub fn create_overlay_file(
     };
     let partial = req.out.with_extension("partial");
     let mut partial_guard = Guard::new(&partial);
-    let file = std::fs::File::create(&partial).map_err(|source| FlowError::Io {
-        path: partial.clone(),
-        source,
-    })?;
-    let progress = |p: delta_engine::Progress| {
-        events(Event::Progress {
-            phase: p.phase,
-            done: p.done,
-            total: p.total,
-        })
-    };
+    let file = std::fs::File::create(&partial).map_err(|source| FlowError::Io { path: partial.clone(), source })?;
+    let progress = |p: delta_engine::Progress| events(Event::Progress { phase: p.phase, done: p.done, total: p.total });
     let (w, stats) = create_overlay(
         &engine_base,
         &custom,
@@ -297,26 +242,11 @@ pub fn create_overlay_file(
         &progress,
         std::io::BufWriter::with_capacity(1 << 20, file),
     )?;
-    let file = w.into_inner().map_err(|e| FlowError::Io {
-        path: partial.clone(),
-        source: e.into_error(),
-    })?;
-    file.sync_all().map_err(|source| FlowError::Io {
-        path: partial.clone(),
-        source,
-    })?;
-    std::fs::rename(&partial, &req.out).map_err(|source| FlowError::Io {
-        path: req.out.clone(),
-        source,
-    })?;
+    let file = w.into_inner().map_err(|e| FlowError::Io { path: partial.clone(), source: e.into_error() })?;
+    file.sync_all().map_err(|source| FlowError::Io { path: partial.clone(), source })?;
+    std::fs::rename(&partial, &req.out).map_err(|source| FlowError::Io { path: req.out.clone(), source })?;
     partial_guard.disarm();
-    Ok(OverlayOutcome {
-        path: req.out.clone(),
-        stats,
-        resume,
-        customize,
-        snapshot,
-    })
+    Ok(OverlayOutcome { path: req.out.clone(), stats, resume, customize, snapshot })
 }
 
 /// The synthesis timeline.
@@ -344,6 +274,8 @@ pub struct Timeline {
 pub struct Synthesized {
     /// The running custom VM.
     pub vm: QemuVm,
+    /// The base it was rebuilt from.
+    pub base: RegisteredBase,
     /// The overlay's metadata.
     pub meta: overlay_format::OverlayMeta,
     /// Timeline.
@@ -354,12 +286,13 @@ pub struct Synthesized {
     pub answer: Option<String>,
 }
 
-/// Rebuilds the custom VM from `base` and the overlay streamed from `overlay`, into `out_dir`
-/// (must not exist), then resumes it with the overlay's port forwards (host ports chosen
-/// freely). With `probe_port`, waits for the guest to answer an HTTP GET on that guest port.
+/// Rebuilds the custom VM from the overlay streamed from `overlay` and the registered base it
+/// names, into `out_dir` (must not exist), then resumes it with the overlay's port forwards
+/// (the recorded host ports, or free ones when those are taken). With `probe_port`, waits for
+/// the guest to answer an HTTP GET on that guest port.
 pub fn synthesize<R: Read + Send>(
     qemu: &Qemu,
-    base: &BaseDir,
+    registry: &Registry,
     overlay: R,
     out_dir: &Path,
     probe_port: Option<u16>,
@@ -367,14 +300,16 @@ pub fn synthesize<R: Read + Send>(
 ) -> Result<Synthesized, FlowError> {
     let t0 = Instant::now();
     if out_dir.exists() {
-        return Err(FlowError::Exists {
-            path: out_dir.to_owned(),
-        });
+        return Err(FlowError::Exists { path: out_dir.to_owned() });
     }
-    std::fs::create_dir_all(out_dir).map_err(|source| FlowError::Io {
-        path: out_dir.to_owned(),
-        source,
-    })?;
+    let reader = OverlayReader::new(overlay).map_err(|e| FlowError::Apply(e.into()))?;
+    let base_id = reader.meta().base_id;
+    let base = match registry.get(&base_id) {
+        Ok(e) => RegisteredBase::from_entry(e)?,
+        Err(base_registry::RegistryError::NotFound { .. }) => return Err(FlowError::UnknownBase { id: base_id }),
+        Err(e) => return Err(e.into()),
+    };
+    std::fs::create_dir_all(out_dir).map_err(|source| FlowError::Io { path: out_dir.to_owned(), source })?;
     let mut out_guard = Guard::new(out_dir);
     let engine_base = base.engine_base()?;
     let snap = &base.snapshot;
@@ -383,40 +318,23 @@ pub fn synthesize<R: Read + Send>(
         outputs.push((d.name.clone(), out_dir.join(format!("{}.raw", d.name))));
     }
     events(Event::Step("rebuilding the custom VM".into()));
-    let progress = |p: delta_engine::Progress| {
-        events(Event::Progress {
-            phase: p.phase,
-            done: p.done,
-            total: p.total,
-        })
-    };
-    let report = apply_overlay(
+    let progress = |p: delta_engine::Progress| events(Event::Progress { phase: p.phase, done: p.done, total: p.total });
+    let report = apply_overlay_reader(
         &engine_base,
-        overlay,
-        &ApplyOptions {
-            base_id: base.id(),
-            outputs: outputs.clone(),
-            fsync: false,
-        },
+        reader,
+        &ApplyOptions { base_id: base.id(), outputs: outputs.clone(), fsync: false },
         &progress,
     )?;
     let rebuild = t0.elapsed();
     let ds = out_dir.join("device-state");
-    std::fs::write(&ds, &report.device_state).map_err(|source| FlowError::Io {
-        path: ds.clone(),
-        source,
-    })?;
+    std::fs::write(&ds, &report.device_state).map_err(|source| FlowError::Io { path: ds.clone(), source })?;
     // A driver snapshot over the rebuilt images; kernel and initrd stay in the base.
     let mut h = blake3::Hasher::new();
-    h.update_mmap_rayon(&outputs[0].1)
-        .map_err(|source| FlowError::Io {
-            path: outputs[0].1.clone(),
-            source,
-        })?;
+    h.update_mmap_rayon(&outputs[0].1).map_err(|source| FlowError::Io { path: outputs[0].1.clone(), source })?;
     h.update(&report.device_state);
     let kernel = snap.kernel.as_ref().map(|k| vm_driver::KernelBoot {
-        kernel: base.dir.join(&k.kernel),
-        initrd: k.initrd.as_ref().map(|i| base.dir.join(i)),
+        kernel: base.entry.dir.join(&k.kernel),
+        initrd: k.initrd.as_ref().map(|i| base.entry.dir.join(i)),
         cmdline: k.cmdline.clone(),
     });
     let custom = Snapshot {
@@ -439,62 +357,27 @@ pub fn synthesize<R: Read + Send>(
         ..snap.clone()
     };
     let manifest = out_dir.join("snapshot.json");
-    std::fs::write(
-        &manifest,
-        serde_json::to_vec_pretty(&custom).expect("serialisable"),
-    )
-    .map_err(|source| FlowError::Io {
-        path: manifest.clone(),
-        source,
-    })?;
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&custom).expect("serialisable"))
+        .map_err(|source| FlowError::Io { path: manifest.clone(), source })?;
     events(Event::Step("resuming the custom VM".into()));
     let t1 = Instant::now();
-    let forwards: Vec<Forward> = report
-        .meta
-        .forwards
-        .iter()
-        .map(|f| Forward {
-            host_port: f.host_port,
-            guest_port: f.guest_port,
-        })
-        .collect();
-    let vm = match qemu.restore(
-        &custom,
-        &RestoreOptions {
-            forwards: Some(forwards.clone()),
-            ..Default::default()
-        },
-    ) {
+    let forwards: Vec<Forward> =
+        report.meta.forwards.iter().map(|f| Forward { host_port: f.host_port, guest_port: f.guest_port }).collect();
+    let vm = match qemu.restore(&custom, &RestoreOptions { forwards: Some(forwards.clone()), ..Default::default() }) {
         Ok(vm) => vm,
         Err(vm_driver::DriverError::PortInUse { .. }) => {
             // The app's default host port is taken here: let the host choose.
-            let any = forwards
-                .iter()
-                .map(|f| Forward { host_port: 0, ..*f })
-                .collect();
-            qemu.restore(
-                &custom,
-                &RestoreOptions {
-                    forwards: Some(any),
-                    ..Default::default()
-                },
-            )?
+            let any = forwards.iter().map(|f| Forward { host_port: 0, ..*f }).collect();
+            qemu.restore(&custom, &RestoreOptions { forwards: Some(any), ..Default::default() })?
         }
         Err(e) => return Err(e.into()),
     };
     let resume = t1.elapsed();
-    let ports: Vec<(u16, u16)> = vm
-        .forwards()
-        .iter()
-        .map(|f| (f.guest_port, f.host_port))
-        .collect();
+    let ports: Vec<(u16, u16)> = vm.forwards().iter().map(|f| (f.guest_port, f.host_port)).collect();
     let mut answer = None;
     let mut first_answer = None;
     if let Some(gp) = probe_port {
-        let hp = vm.host_port(gp).ok_or(FlowError::NoAnswer {
-            port: gp,
-            timeout: Duration::ZERO,
-        })?;
+        let hp = vm.host_port(gp).ok_or(FlowError::NoAnswer { port: gp, timeout: Duration::ZERO })?;
         let t2 = Instant::now();
         answer = Some(http_get_until(hp, Duration::from_secs(60))?);
         first_answer = Some(t2.elapsed());
@@ -510,13 +393,7 @@ pub fn synthesize<R: Read + Send>(
         first_answer,
         total: t0.elapsed(),
     };
-    Ok(Synthesized {
-        vm,
-        meta: report.meta,
-        timeline,
-        ports,
-        answer,
-    })
+    Ok(Synthesized { vm, base, meta: report.meta, timeline, ports, answer })
 }
 
 /// GETs `/` on 127.0.0.1:`port` until a 200 answer arrives.
@@ -537,12 +414,4 @@ pub fn http_get_until(port: u16, timeout: Duration) -> Result<String, FlowError>
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     }
-}
-
-/// The images of a base as (name, path), for callers that need them.
-pub fn base_images(base: &BaseDir) -> Vec<(String, PathBuf)> {
-    images_of(&base.snapshot)
-        .into_iter()
-        .map(|i| (i.name, i.path))
-        .collect()
 }

@@ -30,11 +30,7 @@ pub fn parse_forward(spec: &str) -> Result<PortForward, ForwardParseError> {
     if guest_port == 0 {
         return Err(err());
     }
-    Ok(PortForward {
-        protocol: proto,
-        host_port,
-        guest_port,
-    })
+    Ok(PortForward { protocol: proto, host_port, guest_port })
 }
 
 #[cfg(test)]
@@ -43,22 +39,11 @@ mod tests {
 
     #[test]
     fn both_spellings() {
-        let f = PortForward {
-            protocol: Protocol::Tcp,
-            host_port: 2222,
-            guest_port: 22,
-        };
+        let f = PortForward { protocol: Protocol::Tcp, host_port: 2222, guest_port: 22 };
         assert_eq!(parse_forward("tcp:2222:22"), Ok(f));
         assert_eq!(parse_forward("tcp:2222::22"), Ok(f));
         assert_eq!(parse_forward("2222:22"), Ok(f));
-        for bad in [
-            "tcp:22",
-            "tcp:x:22",
-            "tcp:1:0",
-            "sctp:1:2",
-            "tcp:1:::2",
-            "tcp:70000:22",
-        ] {
+        for bad in ["tcp:22", "tcp:x:22", "tcp:1:0", "sctp:1:2", "tcp:1:::2", "tcp:70000:22"] {
             assert!(parse_forward(bad).is_err(), "{bad}");
         }
     }

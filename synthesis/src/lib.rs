@@ -14,9 +14,10 @@
 //! use vm_driver::Qemu;
 //!
 //! let qemu = Qemu::new()?;
-//! let base = BaseDir::open("bases/debian".as_ref())?;
+//! let registry = base_registry::Registry::open(&base_registry::Registry::default_dir())?;
 //! let overlay = std::fs::File::open("app.overlay").map_err(|source| FlowError::Io { path: "app.overlay".into(), source })?;
-//! let s = synthesize(&qemu, &base, overlay, "vms/app".as_ref(), Some(8080), &|e| eprintln!("{e:?}"))?;
+//! // The overlay names its base by id; synthesis finds it in the registry.
+//! let s = synthesize(&qemu, &registry, overlay, "vms/app".as_ref(), Some(8080), &|e| eprintln!("{e:?}"))?;
 //! println!("app answers on 127.0.0.1:{:?} after {:?}", s.ports, s.timeline.total);
 //! # Ok::<(), FlowError>(())
 //! ```
@@ -29,10 +30,10 @@ mod forward;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use base::{BaseDir, BaseManifest};
+pub use base::RegisteredBase;
 pub use flows::{
-    base_images, create_base, create_overlay_file, http_get_until, synthesize, BaseRequest,
-    BaseTimings, OverlayOutcome, OverlayRequest, Synthesized, Timeline,
+    create_base, create_overlay_file, http_get_until, synthesize, BaseRequest, BaseTimings, OverlayOutcome,
+    OverlayRequest, Synthesized, Timeline,
 };
 pub use forward::{parse_forward, ForwardParseError};
 
@@ -68,6 +69,15 @@ pub enum FlowError {
     /// The base index failed.
     #[error("base index")]
     Index(#[from] delta_engine::IndexError),
+    /// The base registry failed.
+    #[error("base registry")]
+    Registry(#[from] base_registry::RegistryError),
+    /// The overlay needs a base this cloudlet does not have.
+    #[error("the overlay needs base {id}, which is not in the registry")]
+    UnknownBase {
+        /// The base id the overlay names.
+        id: overlay_format::BaseId,
+    },
     /// A file operation failed.
     #[error("{path}")]
     Io {

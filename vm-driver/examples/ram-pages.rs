@@ -9,10 +9,7 @@ use std::time::Duration;
 use vm_driver::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let guest = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| ".cache/guest".into());
+    let guest = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| ".cache/guest".into());
     let qemu = Qemu::new()?;
     let tmp = std::env::temp_dir().join(format!("ram-pages-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
@@ -20,16 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let disk = tmp.join(format!("disk-{reporting}.raw"));
         std::fs::copy(guest.join("disk.raw"), &disk)?;
         let mut spec = LaunchSpec::new(256 << 20)
-            .kernel(
-                guest.join("vmlinuz"),
-                guest.join("initrd.img"),
-                "console=ttyS0 quiet panic=-1",
-            )
+            .kernel(guest.join("vmlinuz"), guest.join("initrd.img"), "console=ttyS0 quiet panic=-1")
             .disk("disk0", &disk, DiskFormat::Raw);
         spec.free_page_reporting = reporting;
         let mut vm = qemu.launch(&spec)?;
-        vm.console()?
-            .wait_for_text("cloudlet-guest: ready", Duration::from_secs(120))?;
+        vm.console()?.wait_for_text("cloudlet-guest: ready", Duration::from_secs(120))?;
         vm.console()?.run(
             "dd if=/dev/urandom of=/tmp/x bs=1M count=96 2>/dev/null; rm /tmp/x; echo 3 > /proc/sys/vm/drop_caches",
             Duration::from_secs(120),
@@ -39,10 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let snap = vm.snapshot(&dir)?;
         drop(vm);
         let ram = std::fs::read(snap.memory_path())?;
-        let nonzero = ram
-            .chunks(4096)
-            .filter(|c| c.iter().any(|&b| b != 0))
-            .count();
+        let nonzero = ram.chunks(4096).filter(|c| c.iter().any(|&b| b != 0)).count();
         println!(
             "free page reporting {:>3}: {nonzero:>6} non-zero pages of {} ({:.1} MiB)",
             if reporting { "on" } else { "off" },

@@ -48,36 +48,19 @@ pub(crate) struct Choice {
 pub(crate) fn choose(qemu: &Path, qemu_version: &str, probe_kernel: Option<&KernelBoot>) -> Choice {
     if let Ok(v) = std::env::var("CLOUDLET_ACCEL") {
         if let Some(a) = Accel::parse(&v) {
-            return Choice {
-                accel: a,
-                reason: "CLOUDLET_ACCEL".into(),
-            };
+            return Choice { accel: a, reason: "CLOUDLET_ACCEL".into() };
         }
     }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Choice {
-            accel: Accel::Tcg,
-            reason: "/dev/kvm cannot be opened".into(),
-        };
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return Choice { accel: Accel::Tcg, reason: "/dev/kvm cannot be opened".into() };
     }
     let Some(k) = probe_kernel else {
-        return Choice {
-            accel: Accel::Tcg,
-            reason: "no kernel to probe KVM with".into(),
-        };
+        return Choice { accel: Accel::Tcg, reason: "no kernel to probe KVM with".into() };
     };
     let cache = std::env::temp_dir().join(format!("cloudlet-kvm-probe-{qemu_version}"));
     if let Ok(s) = std::fs::read_to_string(&cache) {
         if let Some(a) = Accel::parse(s.trim()) {
-            return Choice {
-                accel: a,
-                reason: format!("KVM probe (cached in {})", cache.display()),
-            };
+            return Choice { accel: a, reason: format!("KVM probe (cached in {})", cache.display()) };
         }
     }
     let ok = probe(qemu, k);
@@ -98,24 +81,15 @@ fn probe(qemu: &Path, k: &KernelBoot) -> bool {
     let _ = std::fs::create_dir_all(&dir);
     let log = dir.join("serial.log");
     let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-machine",
-        "q35,accel=kvm",
-        "-m",
-        "128M",
-    ])
-    .arg("-kernel")
-    .arg(&k.kernel)
-    .args(["-append", "console=ttyS0 earlyprintk=ttyS0 panic=-1"])
-    .arg("-serial")
-    .arg(format!("file:{}", log.display()))
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-machine", "q35,accel=kvm", "-m", "128M"])
+        .arg("-kernel")
+        .arg(&k.kernel)
+        .args(["-append", "console=ttyS0 earlyprintk=ttyS0 panic=-1"])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     if let Some(i) = &k.initrd {
         cmd.arg("-initrd").arg(i);
     }

@@ -21,19 +21,12 @@ impl Console {
             what: format!("connect to the serial console {}", socket.display()),
             source,
         })?;
-        Ok(Console {
-            stream,
-            log: log.to_owned(),
-            pending: Vec::new(),
-            seq: 0,
-        })
+        Ok(Console { stream, log: log.to_owned(), pending: Vec::new(), seq: 0 })
     }
 
     /// Everything the guest printed on the console since the VM started (from the log file).
     pub fn log(&self) -> String {
-        std::fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// Waits until the console log contains `text`.
@@ -44,10 +37,7 @@ impl Console {
                 return Ok(());
             }
             if start.elapsed() > timeout {
-                return Err(DriverError::Timeout {
-                    waiting_for: format!("'{text}' on the serial console"),
-                    timeout,
-                });
+                return Err(DriverError::Timeout { waiting_for: format!("'{text}' on the serial console"), timeout });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -59,14 +49,11 @@ impl Console {
         let n = self.seq;
         // The markers are split by quotes in the command so that an echoed command line can
         // never look like the markers themselves.
-        let line = format!("echo '__CLB''{n}__'; {command}\necho \"__CLE''{n}__ $?\"\n")
-            .replace("__CLE''", "__CLE\"\"");
+        let line =
+            format!("echo '__CLB''{n}__'; {command}\necho \"__CLE''{n}__ $?\"\n").replace("__CLE''", "__CLE\"\"");
         self.stream
             .write_all(line.as_bytes())
-            .map_err(|source| DriverError::Io {
-                what: "write to the serial console".into(),
-                source,
-            })?;
+            .map_err(|source| DriverError::Io { what: "write to the serial console".into(), source })?;
         let begin = format!("__CLB{n}__\n");
         let end = format!("__CLE{n}__ ");
         let deadline = Instant::now() + timeout;
@@ -92,10 +79,7 @@ impl Console {
             }
             self.stream
                 .set_read_timeout(Some((deadline - now).min(Duration::from_millis(200))))
-                .map_err(|source| DriverError::Io {
-                    what: "serial console".into(),
-                    source,
-                })?;
+                .map_err(|source| DriverError::Io { what: "serial console".into(), source })?;
             let mut buf = [0u8; 4096];
             match self.stream.read(&mut buf) {
                 Ok(0) => {
@@ -114,16 +98,9 @@ impl Console {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
                     ) => {}
-                Err(source) => {
-                    return Err(DriverError::Io {
-                        what: "read the serial console".into(),
-                        source,
-                    })
-                }
+                Err(source) => return Err(DriverError::Io { what: "read the serial console".into(), source }),
             }
         }
     }

@@ -157,36 +157,20 @@ impl LaunchSpec {
     }
 
     /// Boots `kernel` with `initrd` and `cmdline`.
-    pub fn kernel(
-        mut self,
-        kernel: impl Into<PathBuf>,
-        initrd: impl Into<PathBuf>,
-        cmdline: &str,
-    ) -> Self {
-        self.kernel = Some(KernelBoot {
-            kernel: kernel.into(),
-            initrd: Some(initrd.into()),
-            cmdline: cmdline.into(),
-        });
+    pub fn kernel(mut self, kernel: impl Into<PathBuf>, initrd: impl Into<PathBuf>, cmdline: &str) -> Self {
+        self.kernel = Some(KernelBoot { kernel: kernel.into(), initrd: Some(initrd.into()), cmdline: cmdline.into() });
         self
     }
 
     /// Adds a disk.
     pub fn disk(mut self, name: &str, path: impl Into<PathBuf>, format: DiskFormat) -> Self {
-        self.disks.push(Disk {
-            name: name.into(),
-            path: path.into(),
-            format,
-        });
+        self.disks.push(Disk { name: name.into(), path: path.into(), format });
         self
     }
 
     /// Adds a port forward.
     pub fn forward(mut self, host_port: u16, guest_port: u16) -> Self {
-        self.forwards.push(Forward {
-            host_port,
-            guest_port,
-        });
+        self.forwards.push(Forward { host_port, guest_port });
         self
     }
 }
@@ -261,21 +245,13 @@ impl Snapshot {
     /// Reads `dir/snapshot.json`.
     pub fn load(dir: &std::path::Path) -> Result<Self, DriverError> {
         let p = dir.join("snapshot.json");
-        let bytes = std::fs::read(&p).map_err(|source| DriverError::Io {
-            what: format!("read {}", p.display()),
-            source,
-        })?;
+        let bytes =
+            std::fs::read(&p).map_err(|source| DriverError::Io { what: format!("read {}", p.display()), source })?;
         if bytes.len() > 1 << 20 {
-            return Err(DriverError::BadSnapshot {
-                dir: dir.to_owned(),
-                reason: "snapshot.json over 1 MiB".into(),
-            });
+            return Err(DriverError::BadSnapshot { dir: dir.to_owned(), reason: "snapshot.json over 1 MiB".into() });
         }
-        let mut s: Snapshot =
-            serde_json::from_slice(&bytes).map_err(|e| DriverError::BadSnapshot {
-                dir: dir.to_owned(),
-                reason: e.to_string(),
-            })?;
+        let mut s: Snapshot = serde_json::from_slice(&bytes)
+            .map_err(|e| DriverError::BadSnapshot { dir: dir.to_owned(), reason: e.to_string() })?;
         if s.format != 1 {
             return Err(DriverError::BadSnapshot {
                 dir: dir.to_owned(),

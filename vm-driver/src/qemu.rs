@@ -15,8 +15,7 @@ use crate::accel::{self, Accel, Choice};
 use crate::console::Console;
 use crate::qmp::Qmp;
 use crate::{
-    Disk, DiskFormat, DriverError, Forward, Hypervisor, KernelBoot, LaunchSpec, RamMode,
-    RestoreOptions, Snapshot, Vm,
+    Disk, DiskFormat, DriverError, Forward, Hypervisor, KernelBoot, LaunchSpec, RamMode, RestoreOptions, Snapshot, Vm,
 };
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,10 +32,7 @@ pub struct Qemu {
 
 impl std::fmt::Debug for Qemu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qemu")
-            .field("binary", &self.binary)
-            .field("version", &self.version)
-            .finish()
+        f.debug_struct("Qemu").field("binary", &self.binary).field("version", &self.version).finish()
     }
 }
 
@@ -45,10 +41,7 @@ fn run_capture(binary: &Path, args: &[&str]) -> Result<String, DriverError> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| DriverError::MissingQemu {
-            path: binary.to_owned(),
-            source,
-        })?;
+        .map_err(|source| DriverError::MissingQemu { path: binary.to_owned(), source })?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -61,9 +54,7 @@ static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl Qemu {
     /// The binary from `CLOUDLET_QEMU`, else `qemu-system-x86_64` on the PATH.
     pub fn new() -> Result<Self, DriverError> {
-        let bin = std::env::var_os("CLOUDLET_QEMU")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "qemu-system-x86_64".into());
+        let bin = std::env::var_os("CLOUDLET_QEMU").map(PathBuf::from).unwrap_or_else(|| "qemu-system-x86_64".into());
         Self::with_binary(&bin)
     }
 
@@ -81,13 +72,7 @@ impl Qemu {
             })?;
         let machines = run_capture(binary, &["-machine", "help"])?;
         let cpus = run_capture(binary, &["-cpu", "help"])?;
-        Ok(Qemu {
-            binary: binary.to_owned(),
-            version,
-            machines,
-            cpus,
-            accel: Mutex::new(None),
-        })
+        Ok(Qemu { binary: binary.to_owned(), version, machines, cpus, accel: Mutex::new(None) })
     }
 
     /// QEMU's version, e.g. `10.0.2`.
@@ -103,21 +88,14 @@ impl Qemu {
     }
 
     fn check_machine(&self, machine: &str, cpu: &str) -> Result<(), DriverError> {
-        if !self
-            .machines
-            .lines()
-            .any(|l| l.split_whitespace().next() == Some(machine))
-        {
+        if !self.machines.lines().any(|l| l.split_whitespace().next() == Some(machine)) {
             return Err(DriverError::Incompatible {
                 what: "machine type",
                 wanted: machine.into(),
                 reason: format!("QEMU {} does not offer it (`-machine help`)", self.version),
             });
         }
-        let known = self
-            .cpus
-            .lines()
-            .any(|l| l.split_whitespace().any(|w| w == cpu));
+        let known = self.cpus.lines().any(|l| l.split_whitespace().any(|w| w == cpu));
         if !known {
             return Err(DriverError::Incompatible {
                 what: "CPU model",
@@ -149,11 +127,7 @@ impl Qemu {
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-machine".into(),
-            format!(
-                "{},accel={},memory-backend=ram0",
-                p.machine,
-                p.accel.as_str()
-            ),
+            format!("{},accel={},memory-backend=ram0", p.machine, p.accel.as_str()),
             "-cpu".into(),
             p.cpu.into(),
             "-smp".into(),
@@ -179,27 +153,14 @@ impl Qemu {
             "-serial".into(),
             "chardev:ser0".into(),
             "-device".into(),
-            format!(
-                "virtio-balloon-pci,free-page-reporting={}",
-                if p.free_page_reporting { "on" } else { "off" }
-            ),
+            format!("virtio-balloon-pci,free-page-reporting={}", if p.free_page_reporting { "on" } else { "off" }),
         ];
         match p.vnc {
-            Some(n) => args.extend([
-                "-vga".into(),
-                "std".into(),
-                "-vnc".into(),
-                format!("127.0.0.1:{n}"),
-            ]),
+            Some(n) => args.extend(["-vga".into(), "std".into(), "-vnc".into(), format!("127.0.0.1:{n}")]),
             None => args.extend(["-display".into(), "none".into()]),
         }
         if let Some(k) = p.kernel {
-            args.extend([
-                "-kernel".into(),
-                k.kernel.display().to_string(),
-                "-append".into(),
-                k.cmdline.clone(),
-            ]);
+            args.extend(["-kernel".into(), k.kernel.display().to_string(), "-append".into(), k.cmdline.clone()]);
             if let Some(i) = &k.initrd {
                 args.extend(["-initrd".into(), i.display().to_string()]);
             }
@@ -211,44 +172,28 @@ impl Qemu {
             };
             args.extend([
                 "-drive".into(),
-                format!(
-                    "file={},format={fmt},if=none,id=d{i},discard=unmap,cache=writeback",
-                    d.path.display()
-                ),
+                format!("file={},format={fmt},if=none,id=d{i},discard=unmap,cache=writeback", d.path.display()),
                 "-device".into(),
                 format!("virtio-blk-pci,drive=d{i}"),
             ]);
         }
         let mut netdev = "user,id=n0".to_string();
         for f in &forwards {
-            netdev.push_str(&format!(
-                ",hostfwd=tcp:{}:{}-:{}",
-                p.forward_address, f.host_port, f.guest_port
-            ));
+            netdev.push_str(&format!(",hostfwd=tcp:{}:{}-:{}", p.forward_address, f.host_port, f.guest_port));
         }
-        args.extend([
-            "-netdev".into(),
-            netdev,
-            "-device".into(),
-            "virtio-net-pci,netdev=n0".into(),
-        ]);
+        args.extend(["-netdev".into(), netdev, "-device".into(), "virtio-net-pci,netdev=n0".into()]);
         if p.incoming {
             args.extend(["-incoming".into(), "defer".into()]);
         }
-        let stderr = fs::File::create(&stderr_log).map_err(|source| DriverError::Io {
-            what: format!("create {}", stderr_log.display()),
-            source,
-        })?;
+        let stderr = fs::File::create(&stderr_log)
+            .map_err(|source| DriverError::Io { what: format!("create {}", stderr_log.display()), source })?;
         let child = Command::new(&self.binary)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .map_err(|source| DriverError::MissingQemu {
-                path: self.binary.clone(),
-                source,
-            })?;
+            .map_err(|source| DriverError::MissingQemu { path: self.binary.clone(), source })?;
         let mut vm = QemuVm {
             child: Some(child),
             qmp: None,
@@ -279,16 +224,8 @@ impl Qemu {
 fn check_file(what: &'static str, path: &Path) -> Result<(), DriverError> {
     match fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(DriverError::BadImage {
-            what,
-            path: path.to_owned(),
-            reason: "not a regular file".into(),
-        }),
-        Err(e) => Err(DriverError::BadImage {
-            what,
-            path: path.to_owned(),
-            reason: e.to_string(),
-        }),
+        Ok(_) => Err(DriverError::BadImage { what, path: path.to_owned(), reason: "not a regular file".into() }),
+        Err(e) => Err(DriverError::BadImage { what, path: path.to_owned(), reason: e.to_string() }),
     }
 }
 
@@ -296,46 +233,25 @@ fn resolve_forwards(fw: &[Forward]) -> Result<Vec<Forward>, DriverError> {
     let mut out = Vec::new();
     for f in fw {
         let port = if f.host_port == 0 {
-            let l = TcpListener::bind(("127.0.0.1", 0)).map_err(|source| DriverError::Io {
-                what: "find a free port".into(),
-                source,
-            })?;
-            l.local_addr()
-                .map_err(|source| DriverError::Io {
-                    what: "find a free port".into(),
-                    source,
-                })?
-                .port()
+            let l = TcpListener::bind(("127.0.0.1", 0))
+                .map_err(|source| DriverError::Io { what: "find a free port".into(), source })?;
+            l.local_addr().map_err(|source| DriverError::Io { what: "find a free port".into(), source })?.port()
         } else {
             if TcpListener::bind(("127.0.0.1", f.host_port)).is_err() {
                 return Err(DriverError::PortInUse { port: f.host_port });
             }
             f.host_port
         };
-        out.push(Forward {
-            host_port: port,
-            guest_port: f.guest_port,
-        });
+        out.push(Forward { host_port: port, guest_port: f.guest_port });
     }
     Ok(out)
 }
 
 fn runtime_dir() -> Result<PathBuf, DriverError> {
-    let base = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let dir = base.join(format!(
-        "cloudlet-vm-{}-{}",
-        std::process::id(),
-        VM_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    let dir = base.join(format!("cloudlet-vm-{}-{}", std::process::id(), VM_COUNTER.fetch_add(1, Ordering::Relaxed)));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).map_err(|source| DriverError::Io {
-        what: format!("create {}", dir.display()),
-        source,
-    })?;
+    fs::create_dir_all(&dir).map_err(|source| DriverError::Io { what: format!("create {}", dir.display()), source })?;
     Ok(dir)
 }
 
@@ -346,10 +262,7 @@ fn sparse_copy(src: &Path, dst: &Path) -> Result<(), DriverError> {
         .arg(src)
         .arg(dst)
         .status()
-        .map_err(|source| DriverError::Io {
-            what: "run cp".into(),
-            source,
-        })?;
+        .map_err(|source| DriverError::Io { what: "run cp".into(), source })?;
     if !st.success() {
         return Err(DriverError::Io {
             what: format!("copy {} to {}", src.display(), dst.display()),
@@ -360,11 +273,7 @@ fn sparse_copy(src: &Path, dst: &Path) -> Result<(), DriverError> {
 }
 
 /// Creates a qcow2 layer at `layer` whose backing file is `backing`.
-pub fn qcow2_layer(
-    backing: &Path,
-    backing_format: DiskFormat,
-    layer: &Path,
-) -> Result<(), DriverError> {
+pub fn qcow2_layer(backing: &Path, backing_format: DiskFormat, layer: &Path) -> Result<(), DriverError> {
     let backing = fs::canonicalize(backing).map_err(|e| DriverError::BadImage {
         what: "disk image",
         path: backing.to_owned(),
@@ -379,18 +288,12 @@ pub fn qcow2_layer(
         .arg(&backing)
         .arg(layer)
         .output()
-        .map_err(|source| DriverError::Io {
-            what: "run qemu-img".into(),
-            source,
-        })?;
+        .map_err(|source| DriverError::Io { what: "run qemu-img".into(), source })?;
     if !out.status.success() {
         return Err(DriverError::BadImage {
             what: "disk image",
             path: backing,
-            reason: format!(
-                "qemu-img create failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+            reason: format!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
         });
     }
     Ok(())
@@ -399,15 +302,9 @@ pub fn qcow2_layer(
 fn state_hash(memory: &Path, device_state: &Path) -> Result<String, DriverError> {
     let mut h = blake3::Hasher::new();
     h.update_mmap_rayon(memory)
-        .map_err(|source| DriverError::Io {
-            what: format!("hash {}", memory.display()),
-            source,
-        })?;
+        .map_err(|source| DriverError::Io { what: format!("hash {}", memory.display()), source })?;
     h.update_mmap(device_state)
-        .map_err(|source| DriverError::Io {
-            what: format!("hash {}", device_state.display()),
-            source,
-        })?;
+        .map_err(|source| DriverError::Io { what: format!("hash {}", device_state.display()), source })?;
     Ok(h.finalize().to_hex().to_string())
 }
 
@@ -438,19 +335,13 @@ impl Hypervisor for Qemu {
             return Err(DriverError::BadImage {
                 what: "RAM size",
                 path: PathBuf::new(),
-                reason: format!(
-                    "{} bytes is not a positive multiple of 1 MiB",
-                    spec.ram_bytes
-                ),
+                reason: format!("{} bytes is not a positive multiple of 1 MiB", spec.ram_bytes),
             });
         }
         let (accel, _) = self.accelerator(spec.kernel.as_ref());
         let runtime = runtime_dir()?;
         let ram_path = match &spec.ram_dir {
-            Some(d) => d.join(format!(
-                "{}.ram",
-                runtime.file_name().unwrap_or_default().to_string_lossy()
-            )),
+            Some(d) => d.join(format!("{}.ram", runtime.file_name().unwrap_or_default().to_string_lossy())),
             None => runtime.join("ram"),
         };
         let r = self.start(Start {
@@ -497,29 +388,18 @@ impl Hypervisor for Qemu {
         })?;
         let (have, why) = self.accelerator(kernel.as_ref());
         if want == Accel::Kvm && have != Accel::Kvm {
-            return Err(DriverError::Incompatible {
-                what: "accelerator",
-                wanted: "kvm".into(),
-                reason: why,
-            });
+            return Err(DriverError::Incompatible { what: "accelerator", wanted: "kvm".into(), reason: why });
         }
         let memory = snap.memory_path();
         let device_state = snap.device_state_path();
         let msize = fs::metadata(&memory)
-            .map_err(|e| DriverError::BadImage {
-                what: "RAM image",
-                path: memory.clone(),
-                reason: e.to_string(),
-            })?
+            .map_err(|e| DriverError::BadImage { what: "RAM image", path: memory.clone(), reason: e.to_string() })?
             .len();
         if msize != snap.ram_bytes {
             return Err(DriverError::BadImage {
                 what: "RAM image",
                 path: memory,
-                reason: format!(
-                    "{msize} bytes, the snapshot's RAM is {} bytes",
-                    snap.ram_bytes
-                ),
+                reason: format!("{msize} bytes, the snapshot's RAM is {} bytes", snap.ram_bytes),
             });
         }
         check_file("device state", &device_state)?;
@@ -529,15 +409,10 @@ impl Hypervisor for Qemu {
                 reason: "RAM image and device state do not match the recorded hash (files from another snapshot, or damaged)".into(),
             });
         }
-        let forwards = opts.forwards.clone().unwrap_or_else(|| {
-            snap.guest_ports
-                .iter()
-                .map(|&g| Forward {
-                    host_port: 0,
-                    guest_port: g,
-                })
-                .collect()
-        });
+        let forwards = opts
+            .forwards
+            .clone()
+            .unwrap_or_else(|| snap.guest_ports.iter().map(|&g| Forward { host_port: 0, guest_port: g }).collect());
         let runtime = runtime_dir()?;
         let disks: Vec<Disk> = match &opts.disks {
             Some(d) => d.clone(),
@@ -550,11 +425,7 @@ impl Hypervisor for Qemu {
                         let _ = fs::remove_dir_all(&runtime);
                         return Err(e);
                     }
-                    v.push(Disk {
-                        name: d.name.clone(),
-                        path: layer,
-                        format: DiskFormat::Qcow2,
-                    });
+                    v.push(Disk { name: d.name.clone(), path: layer, format: DiskFormat::Qcow2 });
                 }
                 v
             }
@@ -627,10 +498,7 @@ pub struct QemuVm {
 
 impl std::fmt::Debug for QemuVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QemuVm")
-            .field("runtime", &self.runtime)
-            .field("forwards", &self.forwards)
-            .finish()
+        f.debug_struct("QemuVm").field("runtime", &self.runtime).field("forwards", &self.forwards).finish()
     }
 }
 
@@ -652,17 +520,11 @@ impl QemuVm {
 
     /// The guest's serial output so far.
     pub fn serial_log(&self) -> String {
-        fs::read(&self.serial_log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        fs::read(&self.serial_log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// Runs a QMP command.
-    pub fn qmp(
-        &mut self,
-        command: &str,
-        args: Option<serde_json::Value>,
-    ) -> Result<serde_json::Value, DriverError> {
+    pub fn qmp(&mut self, command: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, DriverError> {
         let q = self.qmp.as_mut().expect("connected at start");
         match q.execute(command, args, QMP_TIMEOUT) {
             Ok(v) => Ok(v),
@@ -673,10 +535,7 @@ impl QemuVm {
     /// The run state (`running`, `paused`, ...).
     pub fn status(&mut self) -> Result<String, DriverError> {
         let v = self.qmp("query-status", None)?;
-        Ok(v.get("status")
-            .and_then(|s| s.as_str())
-            .unwrap_or("unknown")
-            .to_string())
+        Ok(v.get("status").and_then(|s| s.as_str()).unwrap_or("unknown").to_string())
     }
 
     fn stderr_tail(&self) -> String {
@@ -698,18 +557,11 @@ impl QemuVm {
                 if let Some(port) = tail
                     .lines()
                     .find(|l| l.contains("Could not set up host forwarding rule"))
-                    .and_then(|l| {
-                        l.split(':')
-                            .filter_map(|w| w.trim_end_matches('-').parse::<u16>().ok())
-                            .next()
-                    })
+                    .and_then(|l| l.split(':').filter_map(|w| w.trim_end_matches('-').parse::<u16>().ok()).next())
                 {
                     return DriverError::PortInUse { port };
                 }
-                return DriverError::QemuDied {
-                    status: status.to_string(),
-                    stderr_tail: tail,
-                };
+                return DriverError::QemuDied { status: status.to_string(), stderr_tail: tail };
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -732,45 +584,25 @@ impl QemuVm {
         loop {
             let q = self.qmp.as_mut().expect("connected");
             let remaining = MIGRATION_TIMEOUT.saturating_sub(start.elapsed());
-            let ev = q.wait_event(
-                "MIGRATION",
-                remaining.min(Duration::from_millis(500)),
-                |d| {
-                    matches!(
-                        d.get("status").and_then(|s| s.as_str()),
-                        Some("completed" | "failed" | "cancelled")
-                    )
-                },
-            );
+            let ev = q.wait_event("MIGRATION", remaining.min(Duration::from_millis(500)), |d| {
+                matches!(d.get("status").and_then(|s| s.as_str()), Some("completed" | "failed" | "cancelled"))
+            });
             match ev {
                 Ok(e) => {
-                    let status = e
-                        .data
-                        .get("status")
-                        .and_then(|s| s.as_str())
-                        .unwrap_or("?")
-                        .to_string();
+                    let status = e.data.get("status").and_then(|s| s.as_str()).unwrap_or("?").to_string();
                     if status == "completed" {
                         return Ok(());
                     }
                     let info = self.qmp("query-migrate", None).unwrap_or_default();
-                    let detail = info
-                        .get("error-desc")
-                        .and_then(|s| s.as_str())
-                        .unwrap_or("")
-                        .to_string();
+                    let detail = info.get("error-desc").and_then(|s| s.as_str()).unwrap_or("").to_string();
                     let tail = self.stderr_tail();
-                    return Err(DriverError::Migration {
-                        reason: format!("{status} {detail}\n{tail}"),
-                    });
+                    return Err(DriverError::Migration { reason: format!("{status} {detail}\n{tail}") });
                 }
                 Err(crate::qmp::QmpError::Timeout { .. }) => {
                     if let Some(c) = self.child.as_mut() {
                         if let Ok(Some(_)) = c.try_wait() {
                             let tail = self.stderr_tail();
-                            return Err(DriverError::Migration {
-                                reason: format!("QEMU exited:\n{tail}"),
-                            });
+                            return Err(DriverError::Migration { reason: format!("QEMU exited:\n{tail}") });
                         }
                     }
                     if start.elapsed() >= MIGRATION_TIMEOUT {
@@ -787,10 +619,7 @@ impl QemuVm {
 
     fn incoming(&mut self, device_state: &Path) -> Result<(), DriverError> {
         self.set_migration_caps()?;
-        self.qmp(
-            "migrate-incoming",
-            Some(json!({"uri": format!("file:{}", device_state.display())})),
-        )?;
+        self.qmp("migrate-incoming", Some(json!({"uri": format!("file:{}", device_state.display())})))?;
         self.wait_migration()?;
         self.qmp("cont", None)?;
         Ok(())
@@ -811,16 +640,14 @@ impl Vm for QemuVm {
             return Err(DriverError::Incompatible {
                 what: "RAM mapping",
                 wanted: "a snapshot".into(),
-                reason: "this VM maps its RAM copy-on-write (restore it with RamMode::PrivateCopy to snapshot it again)".into(),
+                reason:
+                    "this VM maps its RAM copy-on-write (restore it with RamMode::PrivateCopy to snapshot it again)"
+                        .into(),
             });
         }
         let io = |what: String| move |source| DriverError::Io { what, source };
         fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-        if fs::read_dir(dir)
-            .map_err(io(format!("read {}", dir.display())))?
-            .next()
-            .is_some()
-        {
+        if fs::read_dir(dir).map_err(io(format!("read {}", dir.display())))?.next().is_some() {
             return Err(DriverError::Io {
                 what: format!("snapshot into {}", dir.display()),
                 source: std::io::Error::other("directory is not empty"),
@@ -828,15 +655,9 @@ impl Vm for QemuVm {
         }
         self.qmp("stop", None)?;
         self.set_migration_caps()?;
-        self.qmp(
-            "migrate-set-parameters",
-            Some(json!({"max-bandwidth": 100u64 << 30})),
-        )?;
+        self.qmp("migrate-set-parameters", Some(json!({"max-bandwidth": 100u64 << 30})))?;
         let ds = dir.join("device-state");
-        self.qmp(
-            "migrate",
-            Some(json!({"uri": format!("file:{}", ds.display())})),
-        )?;
+        self.qmp("migrate", Some(json!({"uri": format!("file:{}", ds.display())})))?;
         self.wait_migration()?;
         let memory = dir.join("memory");
         sparse_copy(&self.ram_path, &memory)?;
@@ -848,11 +669,7 @@ impl Vm for QemuVm {
             };
             let name = format!("{}.{ext}", d.name);
             sparse_copy(&d.path, &dir.join(&name))?;
-            disks.push(Disk {
-                name: d.name.clone(),
-                path: name.into(),
-                format: d.format,
-            });
+            disks.push(Disk { name: d.name.clone(), path: name.into(), format: d.format });
         }
         let kernel = match &self.kernel {
             Some(k) => {
@@ -864,11 +681,7 @@ impl Vm for QemuVm {
                     }
                     None => None,
                 };
-                Some(KernelBoot {
-                    kernel: "vmlinuz".into(),
-                    initrd,
-                    cmdline: k.cmdline.clone(),
-                })
+                Some(KernelBoot { kernel: "vmlinuz".into(), initrd, cmdline: k.cmdline.clone() })
             }
             None => None,
         };
@@ -890,16 +703,12 @@ impl Vm for QemuVm {
             free_page_reporting: self.free_page_reporting,
         };
         let json = serde_json::to_vec_pretty(&snap).expect("serialising a snapshot cannot fail");
-        fs::write(dir.join("snapshot.json"), json)
-            .map_err(io(format!("write {}/snapshot.json", dir.display())))?;
+        fs::write(dir.join("snapshot.json"), json).map_err(io(format!("write {}/snapshot.json", dir.display())))?;
         Ok(snap)
     }
 
     fn host_port(&self, guest_port: u16) -> Option<u16> {
-        self.forwards
-            .iter()
-            .find(|f| f.guest_port == guest_port)
-            .map(|f| f.host_port)
+        self.forwards.iter().find(|f| f.guest_port == guest_port).map(|f| f.host_port)
     }
 
     fn console(&mut self) -> Result<&mut Console, DriverError> {

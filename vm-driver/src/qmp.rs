@@ -94,12 +94,7 @@ impl Qmp<UnixStream> {
 impl<S: Read + Write> Qmp<S> {
     /// A session over any stream (tests use an in-memory peer).
     pub fn new(stream: S, set_timeout: fn(&S, Option<Duration>) -> io::Result<()>) -> Self {
-        Qmp {
-            reader: BufReader::new(stream),
-            next_id: 1,
-            events: VecDeque::new(),
-            set_timeout,
-        }
+        Qmp { reader: BufReader::new(stream), next_id: 1, events: VecDeque::new(), set_timeout }
     }
 
     /// Reads the greeting and sends `qmp_capabilities`.
@@ -107,9 +102,7 @@ impl<S: Read + Write> Qmp<S> {
         let deadline = Instant::now() + timeout;
         let greeting = self.read_message(deadline, "greeting")?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol {
-                reason: "first message is not a QMP greeting".into(),
-            });
+            return Err(QmpError::Protocol { reason: "first message is not a QMP greeting".into() });
         }
         self.execute("qmp_capabilities", None, timeout)?;
         Ok(())
@@ -120,25 +113,13 @@ impl<S: Read + Write> Qmp<S> {
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(QmpError::Timeout {
-                    waiting_for: what.into(),
-                    timeout: Duration::ZERO,
-                });
+                return Err(QmpError::Timeout { waiting_for: what.into(), timeout: Duration::ZERO });
             }
-            (self.set_timeout)(self.reader.get_ref(), Some(deadline - now))
-                .map_err(QmpError::Io)?;
+            (self.set_timeout)(self.reader.get_ref(), Some(deadline - now)).map_err(QmpError::Io)?;
             let buf = match self.reader.fill_buf() {
                 Ok(b) => b,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(QmpError::Timeout {
-                        waiting_for: what.into(),
-                        timeout: Duration::ZERO,
-                    });
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(QmpError::Timeout { waiting_for: what.into(), timeout: Duration::ZERO });
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(QmpError::Io(e)),
@@ -151,29 +132,22 @@ impl<S: Read + Write> Qmp<S> {
                 None => (buf.len(), false),
             };
             if line.len() + take > MAX_LINE {
-                return Err(QmpError::Protocol {
-                    reason: format!("line longer than {MAX_LINE} bytes"),
-                });
+                return Err(QmpError::Protocol { reason: format!("line longer than {MAX_LINE} bytes") });
             }
             line.extend_from_slice(&buf[..take]);
             self.reader.consume(take);
             if done {
                 let text = std::str::from_utf8(&line)
-                    .map_err(|_| QmpError::Protocol {
-                        reason: "line is not UTF-8".into(),
-                    })?
+                    .map_err(|_| QmpError::Protocol { reason: "line is not UTF-8".into() })?
                     .trim();
                 if text.is_empty() {
                     line.clear();
                     continue;
                 }
-                let v: Value = serde_json::from_str(text).map_err(|e| QmpError::Protocol {
-                    reason: format!("invalid JSON: {e}"),
-                })?;
+                let v: Value = serde_json::from_str(text)
+                    .map_err(|e| QmpError::Protocol { reason: format!("invalid JSON: {e}") })?;
                 if !v.is_object() {
-                    return Err(QmpError::Protocol {
-                        reason: "message is not a JSON object".into(),
-                    });
+                    return Err(QmpError::Protocol { reason: "message is not a JSON object".into() });
                 }
                 return Ok(v);
             }
@@ -186,10 +160,7 @@ impl<S: Read + Write> Qmp<S> {
             if self.events.len() >= 1024 {
                 self.events.pop_front();
             }
-            self.events.push_back(Event {
-                name: name.to_string(),
-                data,
-            });
+            self.events.push_back(Event { name: name.to_string(), data });
             true
         } else {
             false
@@ -197,12 +168,7 @@ impl<S: Read + Write> Qmp<S> {
     }
 
     /// Runs a command and returns its `return` value.
-    pub fn execute(
-        &mut self,
-        command: &str,
-        args: Option<Value>,
-        timeout: Duration,
-    ) -> Result<Value, QmpError> {
+    pub fn execute(&mut self, command: &str, args: Option<Value>, timeout: Duration) -> Result<Value, QmpError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -211,21 +177,13 @@ impl<S: Read + Write> Qmp<S> {
         }
         let mut bytes = serde_json::to_vec(&msg).expect("serialising a JSON value cannot fail");
         bytes.push(b'\n');
-        self.reader
-            .get_mut()
-            .write_all(&bytes)
-            .map_err(QmpError::Io)?;
+        self.reader.get_mut().write_all(&bytes).map_err(QmpError::Io)?;
         let deadline = Instant::now() + timeout;
         loop {
-            let v = self
-                .read_message(deadline, &format!("reply to {command}"))
-                .map_err(|e| match e {
-                    QmpError::Timeout { waiting_for, .. } => QmpError::Timeout {
-                        waiting_for,
-                        timeout,
-                    },
-                    other => other,
-                })?;
+            let v = self.read_message(deadline, &format!("reply to {command}")).map_err(|e| match e {
+                QmpError::Timeout { waiting_for, .. } => QmpError::Timeout { waiting_for, timeout },
+                other => other,
+            })?;
             if self.stash_event(&v) {
                 continue;
             }
@@ -242,9 +200,7 @@ impl<S: Read + Write> Qmp<S> {
                     desc: e.get("desc").and_then(Value::as_str).unwrap_or("?").into(),
                 });
             }
-            return Err(QmpError::Protocol {
-                reason: format!("reply to {command} has neither return nor error"),
-            });
+            return Err(QmpError::Protocol { reason: format!("reply to {command} has neither return nor error") });
         }
     }
 
@@ -256,32 +212,20 @@ impl<S: Read + Write> Qmp<S> {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Event, QmpError> {
-        if let Some(i) = self
-            .events
-            .iter()
-            .position(|e| e.name == name && pred(&e.data))
-        {
+        if let Some(i) = self.events.iter().position(|e| e.name == name && pred(&e.data)) {
             let e = self.events.remove(i).expect("index found");
             return Ok(e);
         }
         let deadline = Instant::now() + timeout;
         loop {
-            let v = self
-                .read_message(deadline, &format!("event {name}"))
-                .map_err(|e| match e {
-                    QmpError::Timeout { waiting_for, .. } => QmpError::Timeout {
-                        waiting_for,
-                        timeout,
-                    },
-                    other => other,
-                })?;
+            let v = self.read_message(deadline, &format!("event {name}")).map_err(|e| match e {
+                QmpError::Timeout { waiting_for, .. } => QmpError::Timeout { waiting_for, timeout },
+                other => other,
+            })?;
             if v.get("event").and_then(Value::as_str) == Some(name) {
                 let data = v.get("data").cloned().unwrap_or(Value::Null);
                 if pred(&data) {
-                    return Ok(Event {
-                        name: name.into(),
-                        data,
-                    });
+                    return Ok(Event { name: name.into(), data });
                 }
             }
             self.stash_event(&v);
@@ -322,13 +266,7 @@ mod tests {
     }
 
     fn qmp(script: &str) -> Qmp<Peer> {
-        Qmp::new(
-            Peer {
-                input: Cursor::new(script.as_bytes().to_vec()),
-                written: Vec::new(),
-            },
-            |_, _| Ok(()),
-        )
+        Qmp::new(Peer { input: Cursor::new(script.as_bytes().to_vec()), written: Vec::new() }, |_, _| Ok(()))
     }
 
     const T: Duration = Duration::from_secs(1);
@@ -353,45 +291,26 @@ mod tests {
 
     #[test]
     fn errors_and_garbage_are_typed() {
-        let mut q =
-            qmp("{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}, \"id\": 1}\n");
-        assert!(matches!(
-            q.execute("stop", None, T),
-            Err(QmpError::Command { .. })
-        ));
+        let mut q = qmp("{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}, \"id\": 1}\n");
+        assert!(matches!(q.execute("stop", None, T), Err(QmpError::Command { .. })));
         let mut q = qmp("not json\n");
-        assert!(matches!(
-            q.execute("stop", None, T),
-            Err(QmpError::Protocol { .. })
-        ));
+        assert!(matches!(q.execute("stop", None, T), Err(QmpError::Protocol { .. })));
         let mut q = qmp("[1,2]\n");
-        assert!(matches!(
-            q.execute("stop", None, T),
-            Err(QmpError::Protocol { .. })
-        ));
+        assert!(matches!(q.execute("stop", None, T), Err(QmpError::Protocol { .. })));
         let mut q = qmp("{\"return\": {}, \"id\": 1");
         assert!(matches!(q.execute("stop", None, T), Err(QmpError::Closed)));
         let mut q = qmp("");
         assert!(matches!(q.handshake(T), Err(QmpError::Closed)));
         let mut q = qmp("{\"id\": 1}\n");
-        assert!(matches!(
-            q.execute("stop", None, T),
-            Err(QmpError::Protocol { .. })
-        ));
+        assert!(matches!(q.execute("stop", None, T), Err(QmpError::Protocol { .. })));
         let mut q = qmp("\u{ff}\n");
         assert!(q.execute("stop", None, T).is_err());
     }
 
     #[test]
     fn oversized_lines_are_rejected() {
-        let long = format!(
-            "{{\"return\": \"{}\", \"id\": 1}}\n",
-            "a".repeat(MAX_LINE + 10)
-        );
+        let long = format!("{{\"return\": \"{}\", \"id\": 1}}\n", "a".repeat(MAX_LINE + 10));
         let mut q = qmp(&long);
-        assert!(matches!(
-            q.execute("stop", None, T),
-            Err(QmpError::Protocol { .. })
-        ));
+        assert!(matches!(q.execute("stop", None, T), Err(QmpError::Protocol { .. })));
     }
 }

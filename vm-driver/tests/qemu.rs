@@ -13,9 +13,7 @@ const CMD: Duration = Duration::from_secs(30);
 /// The test guest built by scripts/build-guest.sh (built on demand).
 fn guest() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = std::env::var_os("CLOUDLET_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".cache/guest"));
+    let dir = std::env::var_os("CLOUDLET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".cache/guest"));
     if !dir.join("stamp").exists() {
         let st = std::process::Command::new(root.join("scripts/build-guest.sh"))
             .stdout(std::process::Stdio::null())
@@ -31,11 +29,7 @@ fn spec(tmp: &Path) -> LaunchSpec {
     let disk = tmp.join("disk0.raw");
     std::fs::copy(g.join("disk.raw"), &disk).unwrap();
     LaunchSpec::new(256 << 20)
-        .kernel(
-            g.join("vmlinuz"),
-            g.join("initrd.img"),
-            "console=ttyS0 quiet panic=-1",
-        )
+        .kernel(g.join("vmlinuz"), g.join("initrd.img"), "console=ttyS0 quiet panic=-1")
         .disk("disk0", disk, DiskFormat::Raw)
         .forward(0, 80)
 }
@@ -69,16 +63,8 @@ fn uptime(vm: &mut QemuVm) -> f64 {
 
 fn boot(qemu: &Qemu, tmp: &Path) -> QemuVm {
     let mut vm = qemu.launch(&spec(tmp)).unwrap();
-    if let Err(e) = vm
-        .console()
-        .unwrap()
-        .wait_for_text("cloudlet-guest: ready", BOOT)
-    {
-        panic!(
-            "{e}\nserial:\n{}\nstderr:\n{}",
-            vm.serial_log(),
-            vm.stderr(4096)
-        );
+    if let Err(e) = vm.console().unwrap().wait_for_text("cloudlet-guest: ready", BOOT) {
+        panic!("{e}\nserial:\n{}\nstderr:\n{}", vm.serial_log(), vm.stderr(4096));
     }
     vm
 }
@@ -100,57 +86,26 @@ fn boot_snapshot_restore_both_modes_and_snapshot_again() {
     assert!(http_get(port).contains("hello from the cloudlet base guest"));
     let up0 = uptime(&mut vm);
     let snap = vm.snapshot(&tmp.path().join("snap1")).unwrap();
-    assert!(matches!(
-        vm.status().unwrap().as_str(),
-        "paused" | "postmigrate"
-    ));
+    assert!(matches!(vm.status().unwrap().as_str(), "paused" | "postmigrate"));
     drop(vm);
 
     for mode in [RamMode::CopyOnWrite, RamMode::PrivateCopy] {
-        let mut r = qemu
-            .restore(
-                &snap,
-                &RestoreOptions {
-                    ram: mode,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let mut r = qemu.restore(&snap, &RestoreOptions { ram: mode, ..Default::default() }).unwrap();
         assert_eq!(r.status().unwrap(), "running");
-        let (out, st) = r
-            .console()
-            .unwrap()
-            .run("cat /mnt/disk/f /tmp/t", CMD)
-            .unwrap();
+        let (out, st) = r.console().unwrap().run("cat /mnt/disk/f /tmp/t", CMD).unwrap();
         assert_eq!(st, 0, "{out}");
-        assert_eq!(
-            out.split_whitespace().collect::<Vec<_>>(),
-            ["on-disk", "in-tmpfs"]
-        );
+        assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["on-disk", "in-tmpfs"]);
         let up1 = uptime(&mut r);
-        assert!(
-            up1 >= up0 && up1 < up0 + 60.0,
-            "uptime {up0} -> {up1}: not continuous"
-        );
+        assert!(up1 >= up0 && up1 < up0 + 60.0, "uptime {up0} -> {up1}: not continuous");
         let p = r.host_port(80).unwrap();
         assert!(http_get(p).contains("200"));
         if mode == RamMode::PrivateCopy {
-            r.console()
-                .unwrap()
-                .run("echo second > /tmp/t2", CMD)
-                .unwrap();
+            r.console().unwrap().run("echo second > /tmp/t2", CMD).unwrap();
             let snap2 = r.snapshot(&tmp.path().join("snap2")).unwrap();
             drop(r);
             let mut r2 = qemu.restore(&snap2, &RestoreOptions::default()).unwrap();
-            let (out, _) = r2
-                .console()
-                .unwrap()
-                .run("cat /tmp/t /tmp/t2", CMD)
-                .unwrap();
-            assert_eq!(
-                out.split_whitespace().collect::<Vec<_>>(),
-                ["in-tmpfs", "second"]
-            );
+            let (out, _) = r2.console().unwrap().run("cat /tmp/t /tmp/t2", CMD).unwrap();
+            assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["in-tmpfs", "second"]);
         } else {
             let err = r.snapshot(&tmp.path().join("no")).unwrap_err();
             assert!(matches!(err, DriverError::Incompatible { .. }), "{err}");
@@ -167,49 +122,26 @@ fn bad_inputs_get_clear_errors() {
     let qemu = Qemu::new().unwrap();
 
     let missing = Qemu::with_binary(Path::new("/nonexistent/qemu-system-x86_64")).unwrap_err();
-    assert!(
-        matches!(missing, DriverError::MissingQemu { .. }),
-        "{missing}"
-    );
+    assert!(matches!(missing, DriverError::MissingQemu { .. }), "{missing}");
 
     let mut s = spec(tmp.path());
     s.machine_type = "pc-q35-99.0".into();
     let e = qemu.launch(&s).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            DriverError::Incompatible {
-                what: "machine type",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, DriverError::Incompatible { what: "machine type", .. }), "{e}");
 
     let mut s = spec(tmp.path());
     s.cpu_model = "NoSuchCPU".into();
-    assert!(matches!(
-        qemu.launch(&s).unwrap_err(),
-        DriverError::Incompatible {
-            what: "CPU model",
-            ..
-        }
-    ));
+    assert!(matches!(qemu.launch(&s).unwrap_err(), DriverError::Incompatible { what: "CPU model", .. }));
 
     let mut s = spec(tmp.path());
     s.disks[0].path = tmp.path().join("missing.raw");
-    assert!(matches!(
-        qemu.launch(&s).unwrap_err(),
-        DriverError::BadImage { .. }
-    ));
+    assert!(matches!(qemu.launch(&s).unwrap_err(), DriverError::BadImage { .. }));
 
     let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let port = taken.local_addr().unwrap().port();
     let mut s = spec(tmp.path());
     s.forwards[0].host_port = port;
-    assert!(
-        matches!(qemu.launch(&s).unwrap_err(), DriverError::PortInUse { port: p } if p == port)
-    );
+    assert!(matches!(qemu.launch(&s).unwrap_err(), DriverError::PortInUse { port: p } if p == port));
 
     // A real snapshot to damage.
     let mut vm = boot(&qemu, tmp.path());
@@ -226,68 +158,27 @@ fn bad_inputs_get_clear_errors() {
     };
     // RAM file of the wrong size.
     let d = copy("short");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(d.join("memory"))
-        .unwrap()
-        .set_len(128 << 20)
-        .unwrap();
-    let e = qemu
-        .restore(&Snapshot::load(&d).unwrap(), &RestoreOptions::default())
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            DriverError::BadImage {
-                what: "RAM image",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    std::fs::OpenOptions::new().write(true).open(d.join("memory")).unwrap().set_len(128 << 20).unwrap();
+    let e = qemu.restore(&Snapshot::load(&d).unwrap(), &RestoreOptions::default()).unwrap_err();
+    assert!(matches!(e, DriverError::BadImage { what: "RAM image", .. }), "{e}");
     // A device state that does not belong to the RAM file.
     let d = copy("tampered");
     let mut ds = std::fs::read(d.join("device-state")).unwrap();
     let n = ds.len();
     ds[n / 2] ^= 1;
     std::fs::write(d.join("device-state"), ds).unwrap();
-    let e = qemu
-        .restore(&Snapshot::load(&d).unwrap(), &RestoreOptions::default())
-        .unwrap_err();
+    let e = qemu.restore(&Snapshot::load(&d).unwrap(), &RestoreOptions::default()).unwrap_err();
     assert!(matches!(e, DriverError::BadSnapshot { .. }), "{e}");
     // Device state from another machine type.
     let d = copy("machine");
-    let j = std::fs::read_to_string(d.join("snapshot.json"))
-        .unwrap()
-        .replace("pc-q35-10.0", "pc-i440fx-10.0");
+    let j = std::fs::read_to_string(d.join("snapshot.json")).unwrap().replace("pc-q35-10.0", "pc-i440fx-10.0");
     std::fs::write(d.join("snapshot.json"), j).unwrap();
-    let e = qemu
-        .restore(&Snapshot::load(&d).unwrap(), &RestoreOptions::default())
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            DriverError::Migration { .. } | DriverError::QemuDied { .. }
-        ),
-        "{e}"
-    );
+    let e = qemu.restore(&Snapshot::load(&d).unwrap(), &RestoreOptions::default()).unwrap_err();
+    assert!(matches!(e, DriverError::Migration { .. } | DriverError::QemuDied { .. }), "{e}");
     // A snapshot from a newer QEMU.
     let d = copy("newer");
-    let j = std::fs::read_to_string(d.join("snapshot.json"))
-        .unwrap()
-        .replace(qemu.version(), "99.0.0");
+    let j = std::fs::read_to_string(d.join("snapshot.json")).unwrap().replace(qemu.version(), "99.0.0");
     std::fs::write(d.join("snapshot.json"), j).unwrap();
-    let e = qemu
-        .restore(&Snapshot::load(&d).unwrap(), &RestoreOptions::default())
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            DriverError::Incompatible {
-                what: "QEMU version",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    let e = qemu.restore(&Snapshot::load(&d).unwrap(), &RestoreOptions::default()).unwrap_err();
+    assert!(matches!(e, DriverError::Incompatible { what: "QEMU version", .. }), "{e}");
 }

@@ -9,12 +9,20 @@ use clap::{Parser, Subcommand};
     name = "cloudlet",
     version,
     about = "VM synthesis: base VM + overlay -> running custom VM",
-    long_about = "VM synthesis: a cloudlet keeps base VMs (disk + memory snapshot); an overlay \
-                  carries only what a custom VM changed (disk blocks, memory pages, device \
-                  state), deduplicated and compressed; synthesis rebuilds the custom VM from \
-                  base + overlay and resumes it."
+    long_about = "VM synthesis. A cloudlet keeps base VMs (disk + memory snapshot + device state) in a \
+                  registry. An overlay carries only what a custom VM changed (disk blocks, memory pages, \
+                  device state), deduplicated and compressed. Synthesis rebuilds the custom VM from base + \
+                  overlay and resumes it.\n\n\
+                  The flow:\n  \
+                  cloudlet base --name deb --kernel vmlinuz --initrd initrd.img disk.raw\n  \
+                  cloudlet overlay --base deb --customize 'httpd -p 8080 -h /www' --forward tcp:8080:8080 --out app.overlay\n  \
+                  cloudlet synthesis --overlay app.overlay --out vms/app --probe 8080 --keep-running\n\n\
+                  `cloudlet demo` runs all three on the test guest."
 )]
 struct Cli {
+    /// The base registry directory (default: $CLOUDLET_REGISTRY, else $XDG_DATA_HOME/cloudlet/bases).
+    #[arg(long, global = true)]
+    registry: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,7 +31,7 @@ struct Cli {
 enum Command {
     /// Run the whole flow on the test guest: base, overlay (a web app), synthesis.
     Demo {
-        /// Work directory (emptied first).
+        /// Work directory (emptied first; holds its own registry).
         #[arg(long, default_value = ".cache/demo")]
         work: PathBuf,
         /// The test guest (from scripts/build-guest.sh).
@@ -31,7 +39,7 @@ enum Command {
         guest: PathBuf,
     },
     /// Create a base VM: boot a raw disk image, prepare it, snapshot memory + disk + device
-    /// state, index it.
+    /// state, index it, register it.
     Base {
         /// Raw disk image (copied; never modified).
         disk: PathBuf,
@@ -53,18 +61,44 @@ enum Command {
         /// A shell command to run in the guest before the snapshot (repeatable).
         #[arg(long)]
         prepare: Vec<String>,
-        /// Name of the base.
-        #[arg(long, default_value = "base")]
+        /// Name of the base (unique in the registry).
+        #[arg(long)]
         name: String,
-        /// Base directory to create.
+    },
+    /// List the registered bases.
+    ListBase {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute a base's digests; names every damaged file (exit 2 when damaged).
+    VerifyBase {
+        /// Name, id, or unique id prefix.
+        base: String,
+    },
+    /// Remove a base from the registry.
+    RmBase {
+        /// Name, id, or unique id prefix.
+        base: String,
+    },
+    /// Write a base to one portable file.
+    ExportBase {
+        /// Name, id, or unique id prefix.
+        base: String,
+        /// The file to write.
         #[arg(long)]
         out: PathBuf,
     },
+    /// Import a base written by export-base (every digest and the id are checked).
+    ImportBase {
+        /// The export file.
+        file: PathBuf,
+    },
     /// Create an overlay: resume a base, customize it, capture what changed.
     Overlay {
-        /// The base directory.
+        /// The base: name, id, or unique id prefix.
         #[arg(long)]
-        base: PathBuf,
+        base: String,
         /// A shell command that customizes the guest (repeatable).
         #[arg(long)]
         customize: Vec<String>,
@@ -87,12 +121,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Rebuild a custom VM from a base and an overlay and resume it.
+    /// Rebuild a custom VM from an overlay and its registered base, and resume it.
     Synthesis {
-        /// The base directory.
-        #[arg(long)]
-        base: PathBuf,
-        /// The overlay file.
+        /// The overlay file (it names its base by id).
         #[arg(long)]
         overlay: PathBuf,
         /// Directory for the rebuilt VM.
@@ -133,82 +164,78 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
+    use base_registry::Registry;
     use cloudlet_examples::{flows, overlay_info};
+    let registry = || -> anyhow::Result<Registry> {
+        let dir = cli.registry.clone().unwrap_or_else(Registry::default_dir);
+        Registry::open(&dir).with_context(|| format!("opening the base registry {}", dir.display()))
+    };
     match cli.command {
         Command::Demo { work, guest } => {
             flows::demo(&work, &guest)?;
-            Ok(ExitCode::SUCCESS)
         }
-        Command::Base {
-            disk,
-            kernel,
-            initrd,
-            append,
-            ram_mib,
-            ready,
-            prepare,
-            name,
-            out,
-        } => {
+        Command::Base { disk, kernel, initrd, append, ram_mib, ready, prepare, name } => {
             let qemu = vm_driver::Qemu::new()?;
-            let a = flows::BaseArgs {
-                name,
-                kernel,
-                initrd,
-                append,
-                disk,
-                ram_mib,
-                ready,
-                prepare,
-                out,
-            };
-            flows::base(&qemu, &a, false)?;
-            Ok(ExitCode::SUCCESS)
+            let a = flows::BaseArgs { name, kernel, initrd, append, disk, ram_mib, ready, prepare };
+            flows::base(&qemu, &registry()?, &a, false)?;
         }
-        Command::Overlay {
-            base,
-            customize,
-            mut forwards,
-            redir,
-            xz,
-            level,
-            name,
-            out,
-        } => {
+        Command::ListBase { json } => flows::list_base(&registry()?, json)?,
+        Command::VerifyBase { base } => {
+            let reg = registry()?;
+            let b = reg.find(&base)?;
+            let rep = reg.verify(&b.id())?;
+            if rep.is_ok() {
+                println!("base {} ({}): every file matches", b.manifest.id, b.manifest.name);
+            } else {
+                for (file, problem) in &rep.problems {
+                    println!("base {} ({}): {file}: {problem}", &b.manifest.id[..16], b.manifest.name);
+                }
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::RmBase { base } => {
+            let reg = registry()?;
+            let b = reg.find(&base)?;
+            reg.remove(&b.id())?;
+            println!("removed base {} ({})", b.manifest.id, b.manifest.name);
+        }
+        Command::ExportBase { base, out } => {
+            let reg = registry()?;
+            let b = reg.find(&base)?;
+            let tmp = out.with_extension("partial");
+            let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let res = reg.export(&b.id(), std::io::BufWriter::new(f));
+            if let Err(e) = res {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e.into());
+            }
+            std::fs::rename(&tmp, &out)?;
+            println!("exported base {} ({}) to {}", b.manifest.id, b.manifest.name, out.display());
+        }
+        Command::ImportBase { file } => {
+            let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            let b = registry()?.import(std::io::BufReader::new(f))?;
+            println!("imported base {} ({})", b.manifest.id, b.manifest.name);
+        }
+        Command::Overlay { base, customize, mut forwards, redir, xz, level, name, out } => {
             forwards.extend(redir);
             let qemu = vm_driver::Qemu::new()?;
-            let a = flows::OverlayArgs {
-                base,
-                name,
-                customize,
-                forwards,
-                out,
-                xz,
-                level,
-            };
-            flows::overlay(&qemu, &a, false)?;
-            Ok(ExitCode::SUCCESS)
+            let a = flows::OverlayArgs { base, name, customize, forwards, out, xz, level };
+            flows::overlay(&qemu, &registry()?, &a, false)?;
         }
-        Command::Synthesis {
-            base,
-            overlay,
-            out,
-            probe,
-            keep_running,
-        } => {
+        Command::Synthesis { overlay, out, probe, keep_running } => {
             let qemu = vm_driver::Qemu::new()?;
-            let s = flows::synth(&qemu, &base, &overlay, &out, probe, false)?;
+            let s = flows::synth(&qemu, &registry()?, &overlay, &out, probe, false)?;
             if keep_running {
                 println!("VM running; press Enter to stop it.");
                 let mut line = String::new();
                 let _ = std::io::stdin().read_line(&mut line);
             }
             drop(s);
-            Ok(ExitCode::SUCCESS)
         }
         Command::OverlayInfo { file, verify, json } => {
-            let (info, err) = overlay_info::inspect(&file, verify)
-                .with_context(|| format!("cannot open {}", file.display()))?;
+            let (info, err) =
+                overlay_info::inspect(&file, verify).with_context(|| format!("cannot open {}", file.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
@@ -221,11 +248,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
             if verify && !json {
-                println!(
-                    "verify         OK: every frame checksum, record and trailer count checked"
-                );
+                println!("verify         OK: every frame checksum, record and trailer count checked");
             }
-            Ok(ExitCode::SUCCESS)
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
