@@ -1,0 +1,520 @@
+//! Peer comparison harness: builds a realistic VM pair (an ext4 disk of real files with files
+//! added and modified; memory with page-cache copies of disk blocks, moved pages, small edits,
+//! zeros and fresh data), then measures, in one run, overlay size, create time, apply time and
+//! peak memory for our engine and for peer tools, and prints ratios.
+//!
+//! `cargo run --release -p cloudlet-benches --bin peer-compare -- [--quick] [--workdir DIR] [--peer-timeout SECS]`
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cloudlet_benches::{changed_chunks, make_memory_pair, PairSpec};
+
+const GEN_VERSION: &str = "pair-v1";
+
+struct Args {
+    quick: bool,
+    workdir: PathBuf,
+    timeout: Duration,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args { quick: false, workdir: "target/peer-compare".into(), timeout: Duration::from_secs(900) };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--quick" => a.quick = true,
+            "--workdir" => a.workdir = it.next().context("--workdir DIR")?.into(),
+            "--peer-timeout" => a.timeout = Duration::from_secs(it.next().context("--peer-timeout SECS")?.parse()?),
+            "ours-create" | "ours-apply" => return Err(anyhow::anyhow!("internal: {x}")),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// One measured child process: wall time, peak RSS (from wait4), success.
+struct Run {
+    wall: Duration,
+    peak_rss_kib: u64,
+    ok: bool,
+    timed_out: bool,
+}
+
+fn run(cmd: &mut Command, timeout: Duration) -> Result<Run> {
+    let start = Instant::now();
+    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waiting for our own child with valid pointers to locals.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if r == pid {
+            break;
+        }
+        if start.elapsed() > timeout {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // SAFETY: as above.
+            unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+            return Ok(Run { wall: start.elapsed(), peak_rss_kib: ru.ru_maxrss as u64, ok: false, timed_out: true });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    if !ok {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        eprintln!("  command failed: {cmd:?}: {}", err.lines().last().unwrap_or(""));
+    }
+    Ok(Run { wall: start.elapsed(), peak_rss_kib: ru.ru_maxrss as u64, ok, timed_out: false })
+}
+
+fn sh(script: &str) -> Command {
+    let mut c = Command::new("bash");
+    c.args(["-euo", "pipefail", "-c", script]);
+    c
+}
+
+/// A shell without `-e`/`pipefail`, for pipelines that close early (`find | head`).
+fn plain_sh(script: &str) -> Command {
+    let mut c = Command::new("bash");
+    c.args(["-c", script]);
+    c
+}
+
+fn ensure_tools() -> Result<()> {
+    let need: Vec<&str> = [("xdelta3", "xdelta3"), ("rdiff", "rdiff"), ("casync", "casync"), ("zstd", "zstd")]
+        .iter()
+        .filter(|(bin, _)| Command::new("which").arg(bin).output().map(|o| !o.status.success()).unwrap_or(true))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !need.is_empty() {
+        eprintln!("installing {need:?}");
+        let st = Command::new("apt-get").args(["install", "-y", "-qq"]).args(&need).status()?;
+        if !st.success() {
+            let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+            let st = Command::new("apt-get").args(["install", "-y", "-qq"]).args(&need).status()?;
+            if !st.success() {
+                bail!("cannot install {need:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn size_of(p: &Path) -> u64 {
+    if p.is_dir() {
+        fs::read_dir(p).map(|rd| rd.flatten().map(|e| size_of(&e.path())).sum()).unwrap_or(0)
+    } else {
+        fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Builds (or reuses) the pair. Disk: ext4 of real files via `mkfs.ext4 -d`; custom disk: the
+/// same image edited in place with debugfs (files added and rewritten, as a guest would).
+fn build_pair(w: &Path, quick: bool) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf, u64)> {
+    let (disk_mb, mem_mb, add_mb, mem_change) = if quick { (512, 256, 64, 0.5) } else { (2048, 1024, 300, 0.5) };
+    let stamp = format!("{GEN_VERSION} {disk_mb} {mem_mb} {add_mb} {mem_change}");
+    let (bd, cd, bm, cm) =
+        (w.join("base-disk.raw"), w.join("custom-disk.raw"), w.join("base-mem.raw"), w.join("custom-mem.raw"));
+    if fs::read_to_string(w.join("stamp")).ok().as_deref() == Some(stamp.as_str()) {
+        let changed = fs::read_to_string(w.join("changed"))?.trim().parse()?;
+        return Ok((bd, cd, bm, cm, changed));
+    }
+    eprintln!("building the VM pair in {} (disk {disk_mb} MiB, memory {mem_mb} MiB)", w.display());
+    let staging = w.join("rootfs");
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(&staging)?;
+    // Real files, up to ~55% of the disk.
+    let budget = disk_mb * 55 / 100;
+    let st = plain_sh(&format!(
+        "cd {s}; used=0; for d in /usr/lib/x86_64-linux-gnu /usr/share /usr/bin /usr/lib/python3.11; do \
+           [ $used -ge {budget} ] && break; mkdir -p .$d; cp -a $d/. .$d/ 2>/dev/null || true; \
+           used=$(du -sm . | cut -f1); done; \
+         while [ $(du -sm . | cut -f1) -gt {budget} ]; do f=$(find . -type f -size +64k | head -n 50); [ -z \"$f\" ] && break; rm -f $f; done",
+        s = staging.display()
+    ))
+    .status()?;
+    if !st.success() {
+        bail!("staging real files failed");
+    }
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&staging)
+        .arg(&bd)
+        .arg(format!("{disk_mb}M"))
+        .status()?;
+    if !st.success() {
+        bail!("mkfs.ext4 failed");
+    }
+    fs::copy(&bd, &cd)?;
+    // Files added (half text-like from real files, half fresh random) and some rewritten.
+    let adds = w.join("adds");
+    let _ = fs::remove_dir_all(&adds);
+    fs::create_dir_all(&adds)?;
+    let mut cmds = String::from("mkdir /app\n");
+    let n = add_mb / 4;
+    for i in 0..n {
+        let f = adds.join(format!("f{i}"));
+        if i % 2 == 0 {
+            sh(&format!("head -c 4M /dev/urandom > {}", f.display())).status()?;
+        } else {
+            plain_sh(&format!("find /usr/share -type f -size +8k | head -n $(({i} * 40 + 200)) | tail -n 200 | xargs cat | head -c 4M > {}", f.display())).status()?;
+        }
+        cmds.push_str(&format!("write {} /app/f{i}\n", f.display()));
+    }
+    fs::write(w.join("debugfs.cmds"), cmds)?;
+    let st = Command::new("debugfs").args(["-w", "-f"]).arg(w.join("debugfs.cmds")).arg(&cd).output()?;
+    if !st.status.success() {
+        bail!("debugfs failed: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    let spec = PairSpec { mem_bytes: mem_mb << 20, mem_change, seed: 42 };
+    make_memory_pair(&spec, &bd, &cd, &bm, &cm)?;
+    let changed = (changed_chunks(&bd, &cd)? + changed_chunks(&bm, &cm)?) * 4096;
+    fs::write(w.join("changed"), changed.to_string())?;
+    fs::write(w.join("stamp"), stamp)?;
+    let _ = fs::remove_dir_all(&staging);
+    let _ = fs::remove_dir_all(&adds);
+    Ok((bd, cd, bm, cm, changed))
+}
+
+struct Row {
+    method: String,
+    size: Option<u64>,
+    create: Option<Duration>,
+    apply: Option<Duration>,
+    rss_kib: u64,
+    note: String,
+}
+
+fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("ours-create") || argv.get(1).map(String::as_str) == Some("ours-apply") {
+        return ours::main(&argv[1..]);
+    }
+    let a = parse_args()?;
+    ensure_tools()?;
+    fs::create_dir_all(&a.workdir)?;
+    let w = fs::canonicalize(&a.workdir)?;
+    let (bd, cd, bm, cm, changed) = build_pair(&w, a.quick)?;
+    let out = w.join("out");
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out)?;
+    let me = std::env::current_exe()?;
+    let t = a.timeout;
+    let mut rows: Vec<Row> = Vec::new();
+    let q = |p: &Path| p.display().to_string();
+    let verify = |rebuilt: &[(&Path, &Path)]| -> bool {
+        rebuilt.iter().all(|(x, y)| changed_chunks(x, y).map(|n| n == 0).unwrap_or(false))
+    };
+
+    // Floor: copying the images.
+    let cp = run(
+        &mut sh(&format!(
+            "cp --sparse=always {} {}/floor-d && cp --sparse=always {} {}/floor-m",
+            q(&cd),
+            q(&out),
+            q(&cm),
+            q(&out)
+        )),
+        t,
+    )?;
+    rows.push(Row {
+        method: "floor: cp --sparse=always of both custom images".into(),
+        size: None,
+        create: None,
+        apply: Some(cp.wall),
+        rss_kib: cp.peak_rss_kib,
+        note: String::new(),
+    });
+
+    // Ours: the index is built once per base (registry), so it is timed apart.
+    let idx = out.join("ours.index");
+    let r = run(Command::new(&me).args(["ours-create", "index"]).args([&bm, &bd, &cm, &cd, &idx]), t)?;
+    rows.push(Row {
+        method: "ours: base index build (once per base)".into(),
+        size: Some(size_of(&idx)),
+        create: Some(r.wall),
+        apply: None,
+        rss_kib: r.peak_rss_kib,
+        note: String::new(),
+    });
+    for (name, comp) in [("ours zstd-3", "zstd"), ("ours xz-6", "xz")] {
+        let ovl = out.join(format!("{comp}.overlay"));
+        let c = run(Command::new(&me).args(["ours-create", comp]).args([&bm, &bd, &cm, &cd, &idx, &ovl]), t)?;
+        let rm = out.join(format!("{comp}-mem"));
+        let rd = out.join(format!("{comp}-disk"));
+        let ap = run(Command::new(&me).args(["ours-apply"]).args([&bm, &bd, &idx, &ovl, &rm, &rd]), t)?;
+        let ok = c.ok && ap.ok && verify(&[(&rm, &cm), (&rd, &cd)]);
+        rows.push(Row {
+            method: name.into(),
+            size: Some(size_of(&ovl)),
+            create: Some(c.wall),
+            apply: Some(ap.wall),
+            rss_kib: c.peak_rss_kib.max(ap.peak_rss_kib),
+            note: if ok { String::new() } else { "FAILED".into() },
+        });
+        let _ = fs::remove_file(&rm);
+        let _ = fs::remove_file(&rd);
+    }
+
+    // Peers, per image pair.
+    let pairs = [("disk", &bd, &cd), ("mem", &bm, &cm)];
+    type Peer = (&'static str, fn(&str, &str, &str) -> String, fn(&str, &str, &str) -> String, &'static str);
+    let peers: Vec<Peer> = vec![
+        (
+            "qemu-img rebase + convert -c",
+            |b, c, o| {
+                format!("qemu-img create -q -f qcow2 -b {c} -F raw {o}.tmp.qcow2 && qemu-img rebase -q -f qcow2 -b {b} -F raw {o}.tmp.qcow2 && qemu-img convert -c -O qcow2 -B {b} -F raw {o}.tmp.qcow2 {o} && rm {o}.tmp.qcow2")
+            },
+            |b, o, r| format!("qemu-img rebase -q -u -f qcow2 -b {b} -F raw {o} && qemu-img convert -O raw {o} {r}"),
+            "",
+        ),
+        (
+            "qemu-img convert -B (naive)",
+            |b, c, o| format!("qemu-img convert -c -O qcow2 -B {b} -F raw -f raw {c} {o}"),
+            |b, o, r| format!("qemu-img rebase -q -u -f qcow2 -b {b} -F raw {o} && qemu-img convert -O raw {o} {r}"),
+            "",
+        ),
+        (
+            "xdelta3 -9 -B 2GiB",
+            |b, c, o| format!("xdelta3 -9 -B 2147483648 -e -f -s {b} {c} {o}"),
+            |b, o, r| format!("xdelta3 -d -B 2147483648 -f -s {b} {o} {r}"),
+            "",
+        ),
+        ("zstd --patch-from --long=31 -3", |b, c, o| zstd_create(b, c, o, 3), zstd_apply, "1 GiB pieces"),
+        ("zstd --patch-from --long=31 -19", |b, c, o| zstd_create(b, c, o, 19), zstd_apply, "1 GiB pieces"),
+        (
+            "rdiff -b 4096 + zstd -3",
+            |b, c, o| {
+                format!("rdiff -b 4096 signature {b} {o}.sig && rdiff delta {o}.sig {c} - | zstd -q -3 -f -o {o} && rm {o}.sig")
+            },
+            |b, o, r| format!("zstd -q -d -c {o} | rdiff patch {b} - {r}"),
+            "",
+        ),
+        (
+            "casync (new chunks, default store)",
+            |b, c, o| {
+                format!("rm -rf {o}.store && casync make --store={o}.store {o}.base.caibx {b} && s0=$(du -sb {o}.store | cut -f1) && casync make --store={o}.store {o}.caibx {c} && s1=$(du -sb {o}.store | cut -f1) && echo $((s1 - s0 + $(stat -c %s {o}.caibx))) > {o}.size")
+            },
+            |b, o, r| format!("casync extract --store={o}.store --seed={b} {o}.caibx {r}"),
+            "size: new store chunks + index",
+        ),
+    ];
+    for (name, create, apply, note) in &peers {
+        let mut size = 0u64;
+        let (mut ct, mut at) = (Duration::ZERO, Duration::ZERO);
+        let mut rss = 0;
+        let mut ok = true;
+        let mut timed_out = false;
+        for (tag, b, c) in pairs {
+            let o = out.join(format!("{}-{tag}", name.split_whitespace().next().unwrap_or("p")));
+            let r = out.join(format!("{}-{tag}.rebuilt", name.split_whitespace().next().unwrap_or("p")));
+            let cr = run(&mut sh(&create(&q(b), &q(c), &q(&o))), t)?;
+            ct += cr.wall;
+            rss = rss.max(cr.peak_rss_kib);
+            timed_out |= cr.timed_out;
+            if !cr.ok {
+                ok = false;
+                break;
+            }
+            size += fs::read_to_string(format!("{}.size", o.display()))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or_else(|| size_of(&o));
+            let ar = run(&mut sh(&apply(&q(b), &q(&o), &q(&r))), t)?;
+            at += ar.wall;
+            rss = rss.max(ar.peak_rss_kib);
+            ok &= ar.ok && verify(&[(&r, c)]);
+            let _ = sh(&format!("rm -rf {}*", q(&o))).status();
+            let _ = fs::remove_file(&r);
+        }
+        rows.push(Row {
+            method: (*name).into(),
+            size: ok.then_some(size),
+            create: ok.then_some(ct),
+            apply: ok.then_some(at),
+            rss_kib: rss,
+            note: if timed_out {
+                "timeout".into()
+            } else if !ok {
+                "failed".into()
+            } else {
+                (*note).into()
+            },
+        });
+    }
+    // The strongest generic peer: rdiff on disk and memory concatenated (matches pages across).
+    {
+        let (bc, cc) = (out.join("cat-base"), out.join("cat-custom"));
+        sh(&format!("cat {} {} > {}; cat {} {} > {}", q(&bd), q(&bm), q(&bc), q(&cd), q(&cm), q(&cc))).status()?;
+        let o = out.join("rdiffcat");
+        let cr = run(
+            &mut sh(&format!(
+                "rdiff -b 4096 signature {b} {o}.sig && rdiff delta {o}.sig {c} - | zstd -q -3 -f -o {o}",
+                b = q(&bc),
+                c = q(&cc),
+                o = q(&o)
+            )),
+            t,
+        )?;
+        let r = out.join("rdiffcat.rebuilt");
+        let ar =
+            run(&mut sh(&format!("zstd -q -d -c {o} | rdiff patch {b} - {r}", b = q(&bc), o = q(&o), r = q(&r))), t)?;
+        let ok = cr.ok && ar.ok && verify(&[(&r, &cc)]);
+        rows.push(Row {
+            method: "rdiff + zstd -3 on disk||memory".into(),
+            size: ok.then(|| size_of(&o)),
+            create: ok.then_some(cr.wall),
+            apply: ok.then_some(ar.wall),
+            rss_kib: cr.peak_rss_kib.max(ar.peak_rss_kib),
+            note: if cr.timed_out {
+                "timeout".into()
+            } else if ok {
+                String::new()
+            } else {
+                "failed".into()
+            },
+        });
+        for p in [bc, cc, r, o.clone(), o.with_extension("sig")] {
+            let _ = fs::remove_file(p);
+        }
+    }
+    print_table(&rows, changed, &w, a.quick)?;
+    let _ = fs::remove_dir_all(&out);
+    Ok(())
+}
+
+fn zstd_create(b: &str, c: &str, o: &str, level: i32) -> String {
+    // zstd's --patch-from window stops at 2 GiB: diff 1 GiB pieces.
+    format!(
+        "n=$(( ($(stat -c %s {c}) + 1073741823) / 1073741824 )); rm -rf {o}; mkdir -p {o}; for i in $(seq 0 $((n-1))); do \
+         dd if={b} of={o}/b$i bs=1M skip=$((i*1024)) count=1024 status=none; dd if={c} of={o}/c$i bs=1M skip=$((i*1024)) count=1024 status=none; \
+         zstd -q -f -{level} --long=31 --memory=2048MB --patch-from={o}/b$i {o}/c$i -o {o}/p$i.zst; rm {o}/c$i {o}/b$i; done"
+    )
+}
+
+fn zstd_apply(b: &str, o: &str, r: &str) -> String {
+    format!(
+        "rm -f {r}; for p in $(ls {o}/p*.zst | sort -V); do i=$(basename $p .zst); i=${{i#p}}; \
+         dd if={b} of={o}/b$i bs=1M skip=$((i*1024)) count=1024 status=none; \
+         zstd -q -d --long=31 --memory=2048MB --patch-from={o}/b$i $p -c >> {r}; rm {o}/b$i; done"
+    )
+}
+
+fn fmt_d(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "-".into())
+}
+
+fn print_table(rows: &[Row], changed: u64, w: &Path, quick: bool) -> Result<()> {
+    let ours = rows.iter().find(|r| r.method == "ours zstd-3");
+    let mut md = String::new();
+    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    md.push_str(&format!(
+        "Pair: {} ({} MiB changed in 4 KiB chunks); machine: {nproc} cores. One run; ratios are ours (zstd-3) / peer.\n\n",
+        if quick { "quick (512 MiB disk, 256 MiB memory)" } else { "full (2 GiB disk, 1 GiB memory)" },
+        changed >> 20
+    ));
+    md.push_str("| method | overlay size | size / changed | create | apply | peak RSS | size ratio | create ratio | apply ratio | note |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let ratio = |o: Option<f64>, p: Option<f64>| match (o, p) {
+            (Some(o), Some(p)) if p > 0.0 => format!("{:.2}", o / p),
+            _ => "-".into(),
+        };
+        let (sr, cr, ar) = match ours {
+            Some(o) => (
+                ratio(o.size.map(|x| x as f64), r.size.map(|x| x as f64)),
+                ratio(o.create.map(|d| d.as_secs_f64()), r.create.map(|d| d.as_secs_f64())),
+                ratio(o.apply.map(|d| d.as_secs_f64()), r.apply.map(|d| d.as_secs_f64())),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} MiB | {sr} | {cr} | {ar} | {} |\n",
+            r.method,
+            r.size.map(|s| format!("{:.1} MiB", s as f64 / (1 << 20) as f64)).unwrap_or_else(|| "-".into()),
+            r.size.map(|s| format!("{:.3}", s as f64 / changed.max(1) as f64)).unwrap_or_else(|| "-".into()),
+            fmt_d(r.create),
+            fmt_d(r.apply),
+            r.rss_kib / 1024,
+            r.note
+        ));
+    }
+    print!("{md}");
+    fs::write(w.join("results.md"), &md)?;
+    Ok(())
+}
+
+/// Our engine as a child process, so that its time and peak memory are measured like a peer's.
+mod ours {
+    use std::path::PathBuf;
+
+    use anyhow::{bail, Result};
+    use delta_engine::*;
+    use overlay_format::{BaseId, ImageKind, VmSpec};
+
+    fn images(mem: &str, disk: &str) -> Vec<BaseImage> {
+        vec![
+            BaseImage { name: "memory".into(), kind: ImageKind::Memory, path: mem.into() },
+            BaseImage { name: "disk0".into(), kind: ImageKind::Disk, path: disk.into() },
+        ]
+    }
+
+    pub fn main(a: &[String]) -> Result<()> {
+        match (a[0].as_str(), a.get(1).map(String::as_str)) {
+            ("ours-create", Some("index")) => {
+                let idx = BaseIndex::build(&images(&a[2], &a[3]), &|_| {})?;
+                idx.save(std::path::Path::new(&a[6]))?;
+            }
+            ("ours-create", Some(comp)) => {
+                let base = Base::open(BaseIndex::load(std::path::Path::new(&a[6]))?, &images(&a[2], &a[3]))?;
+                let custom = [
+                    CustomImage { name: "memory".into(), source: CustomSource::Raw(PathBuf::from(&a[4])) },
+                    CustomImage { name: "disk0".into(), source: CustomSource::Raw(PathBuf::from(&a[5])) },
+                ];
+                let opts = if comp == "xz" { CreateOptions::xz(6) } else { CreateOptions::default() };
+                let info = OverlayInfo {
+                    base_id: BaseId([0; 32]),
+                    spec: VmSpec {
+                        machine_type: "pc-q35-10.0".into(),
+                        cpu_model: "qemu64".into(),
+                        vcpus: 1,
+                        ram_bytes: std::fs::metadata(&a[4])?.len(),
+                        qemu_version: "10.0.2".into(),
+                        accelerator: "tcg".into(),
+                        disks: vec![],
+                        kernel_cmdline: None,
+                    },
+                    forwards: vec![],
+                    name: "bench".into(),
+                    creator: "peer-compare".into(),
+                    created_unix: 0,
+                };
+                let f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&a[7])?);
+                create_overlay(&base, &custom, &info, b"", &opts, &|_| {}, f)?;
+            }
+            ("ours-apply", _) => {
+                // base_mem base_disk index overlay out_mem out_disk
+                let base = Base::open(BaseIndex::load(std::path::Path::new(&a[3]))?, &images(&a[1], &a[2]))?;
+                let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&a[4])?);
+                let opts = ApplyOptions {
+                    base_id: BaseId([0; 32]),
+                    outputs: vec![("memory".into(), a[5].clone().into()), ("disk0".into(), a[6].clone().into())],
+                    fsync: false,
+                };
+                apply_overlay(&base, f, &opts, &|_| {})?;
+            }
+            _ => bail!("internal: bad arguments {a:?}"),
+        }
+        Ok(())
+    }
+}
