@@ -352,7 +352,6 @@ impl Registry {
 
     /// Opens (creating if needed) the registry at `root`. Refuses a newer layout.
     pub fn open(root: &Path) -> Result<Self> {
-        let r = Registry { root: root.to_owned() };
         let meta = root.join("registry.json");
         match fs::read(&meta) {
             Ok(b) => {
@@ -392,7 +391,9 @@ impl Registry {
         for d in [root.join("bases"), root.join("staging")] {
             fs::create_dir_all(&d).map_err(io(&d))?;
         }
-        Ok(r)
+        // Absolute paths, so entries stay valid whatever the caller's working directory.
+        let root = fs::canonicalize(root).map_err(io(root))?;
+        Ok(Registry { root })
     }
 
     /// The registry directory.

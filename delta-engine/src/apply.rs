@@ -245,7 +245,6 @@ pub fn apply_overlay_reader<R: Read + Send>(
         });
     }
     let device_state = reader.take_device_state()?;
-    let total_len: u64 = meta.images.iter().map(|m| m.size).sum();
 
     let meta_arc = Arc::new(meta.clone());
     let decode_nanos = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -292,7 +291,8 @@ pub fn apply_overlay_reader<R: Read + Send>(
                 applied_bytes += apply_record(base, &mut outs, &r, &mut kinds)?;
             }
             apply_time += ta.elapsed();
-            progress(Progress { phase: "apply", done: applied_bytes.min(total_len), total: total_len });
+            // The stream's length is unknown while it arrives: report bytes rebuilt, total 0.
+            progress(Progress { phase: "apply", done: applied_bytes, total: 0 });
         }
         match reader_thread.join().expect("reader thread panicked") {
             Some(t) => Ok(t),

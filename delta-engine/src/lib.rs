@@ -68,7 +68,7 @@ pub struct Progress {
     pub phase: &'static str,
     /// Bytes done.
     pub done: u64,
-    /// Bytes in all.
+    /// Bytes in all; 0 when unknown (applying a stream: `done` counts bytes rebuilt).
     pub total: u64,
 }
 

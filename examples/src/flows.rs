@@ -20,6 +20,7 @@ pub fn printer(quiet: bool) -> impl Fn(Event) + Sync {
         }
         match e {
             Event::Step(s) => eprintln!("  - {s}"),
+            Event::Progress { total: 0, .. } => {}
             Event::Progress { phase, done, total } => {
                 let pct = (done * 100).checked_div(total).unwrap_or(100);
                 let bucket = pct / 10;

@@ -81,10 +81,10 @@ fn full_flow_through_the_cli() {
     let work = tempfile::tempdir().unwrap();
     let guest = guest_dir();
     let g = |f: &str| guest.join(f);
-    let reg = work.path().join("registry");
+    // A relative registry path (from the work dir) on purpose: entries must still resolve.
     let cl = || {
         let mut c = cloudlet();
-        c.arg("--registry").arg(&reg);
+        c.current_dir(work.path()).arg("--registry").arg("registry");
         c
     };
     let out = cl()

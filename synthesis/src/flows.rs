@@ -311,6 +311,8 @@ pub fn synthesize<R: Read + Send>(
     };
     std::fs::create_dir_all(out_dir).map_err(|source| FlowError::Io { path: out_dir.to_owned(), source })?;
     let mut out_guard = Guard::new(out_dir);
+    let out_dir =
+        &std::fs::canonicalize(out_dir).map_err(|source| FlowError::Io { path: out_dir.to_owned(), source })?;
     let engine_base = base.engine_base()?;
     let snap = &base.snapshot;
     let mut outputs = vec![("memory".to_string(), out_dir.join("memory"))];
