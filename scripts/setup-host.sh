@@ -19,6 +19,7 @@ have_cmd qemu-img || need+=(qemu-utils)
 have_cmd cpio || need+=(cpio)
 have_cmd mkfs.ext4 || need+=(e2fsprogs)
 have_cmd file || need+=(file)
+have_cmd ip || need+=(iproute2)
 # The cloud kernel package is unpacked (not installed) by scripts/build-guest.sh; nothing to do here.
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -11,16 +11,43 @@ use synthesis::{
 };
 use vm_driver::Qemu;
 
-/// Prints flow events on stderr (steps, and progress at most every 10%).
+/// Prints flow events on stderr: steps as lines; long phases as progress bars on a terminal,
+/// or a line every 10% otherwise.
 pub fn printer(quiet: bool) -> impl Fn(Event) + Sync {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
     let last = std::sync::atomic::AtomicU64::new(u64::MAX);
+    let bar: std::sync::Mutex<Option<(&'static str, indicatif::ProgressBar)>> = std::sync::Mutex::new(None);
     move |e| {
         if quiet {
             return;
         }
+        let mut bar = bar.lock().unwrap_or_else(|e| e.into_inner());
         match e {
-            Event::Step(s) => eprintln!("  - {s}"),
+            Event::Step(s) => {
+                if let Some((_, b)) = bar.take() {
+                    b.finish_and_clear();
+                }
+                eprintln!("  - {s}");
+            }
             Event::Progress { total: 0, .. } => {}
+            Event::Progress { phase, done, total } if tty => {
+                if bar.as_ref().is_none_or(|(p, _)| *p != phase) {
+                    if let Some((_, b)) = bar.take() {
+                        b.finish_and_clear();
+                    }
+                    let style = indicatif::ProgressStyle::with_template(
+                        "    {prefix:8} {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+                    let b = indicatif::ProgressBar::new(total).with_style(style).with_prefix(phase);
+                    *bar = Some((phase, b));
+                }
+                if let Some((_, b)) = bar.as_ref() {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            }
             Event::Progress { phase, done, total } => {
                 let pct = (done * 100).checked_div(total).unwrap_or(100);
                 let bucket = pct / 10;

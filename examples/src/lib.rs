@@ -2,4 +2,5 @@
 //! stays a thin argument parser.
 
 pub mod flows;
+pub mod net;
 pub mod overlay_info;

@@ -284,6 +284,8 @@ pub struct Synthesized {
     pub ports: Vec<(u16, u16)>,
     /// The first answer on the probed port, if probed.
     pub answer: Option<String>,
+    /// The directory of the rebuilt images.
+    pub dir: PathBuf,
 }
 
 /// Rebuilds the custom VM from the overlay streamed from `overlay` and the registered base it
@@ -298,6 +300,45 @@ pub fn synthesize<R: Read + Send>(
     probe_port: Option<u16>,
     events: &(dyn Fn(Event) + Sync),
 ) -> Result<Synthesized, FlowError> {
+    let opts = SynthesisOptions { probe_port, ..SynthesisOptions::new(out_dir) };
+    synthesize_with(qemu, registry, overlay, &opts, events)
+}
+
+/// How [`synthesize_with`] rebuilds and resumes.
+#[derive(Debug, Clone)]
+pub struct SynthesisOptions {
+    /// Directory of the rebuilt VM (must not exist; removed again on any error).
+    pub out_dir: PathBuf,
+    /// Wait for an HTTP answer on this guest port before returning.
+    pub probe_port: Option<u16>,
+    /// How long to wait for that answer.
+    pub probe_timeout: Duration,
+    /// Address the forwarded host ports listen on.
+    pub forward_address: String,
+}
+
+impl SynthesisOptions {
+    /// Defaults: no probe (60 s when set), forwards on 127.0.0.1.
+    pub fn new(out_dir: &Path) -> Self {
+        SynthesisOptions {
+            out_dir: out_dir.to_owned(),
+            probe_port: None,
+            probe_timeout: Duration::from_secs(60),
+            forward_address: "127.0.0.1".into(),
+        }
+    }
+}
+
+/// [`synthesize`] with every option.
+pub fn synthesize_with<R: Read + Send>(
+    qemu: &Qemu,
+    registry: &Registry,
+    overlay: R,
+    opts: &SynthesisOptions,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<Synthesized, FlowError> {
+    let out_dir = opts.out_dir.as_path();
+    let probe_port = opts.probe_port;
     let t0 = Instant::now();
     if out_dir.exists() {
         return Err(FlowError::Exists { path: out_dir.to_owned() });
@@ -365,12 +406,21 @@ pub fn synthesize<R: Read + Send>(
     let t1 = Instant::now();
     let forwards: Vec<Forward> =
         report.meta.forwards.iter().map(|f| Forward { host_port: f.host_port, guest_port: f.guest_port }).collect();
-    let vm = match qemu.restore(&custom, &RestoreOptions { forwards: Some(forwards.clone()), ..Default::default() }) {
+    let restore = |forwards: Vec<Forward>| {
+        qemu.restore(
+            &custom,
+            &RestoreOptions {
+                forwards: Some(forwards),
+                forward_address: Some(opts.forward_address.clone()),
+                ..Default::default()
+            },
+        )
+    };
+    let vm = match restore(forwards.clone()) {
         Ok(vm) => vm,
         Err(vm_driver::DriverError::PortInUse { .. }) => {
             // The app's default host port is taken here: let the host choose.
-            let any = forwards.iter().map(|f| Forward { host_port: 0, ..*f }).collect();
-            qemu.restore(&custom, &RestoreOptions { forwards: Some(any), ..Default::default() })?
+            restore(forwards.iter().map(|f| Forward { host_port: 0, ..*f }).collect())?
         }
         Err(e) => return Err(e.into()),
     };
@@ -381,7 +431,7 @@ pub fn synthesize<R: Read + Send>(
     if let Some(gp) = probe_port {
         let hp = vm.host_port(gp).ok_or(FlowError::NoAnswer { port: gp, timeout: Duration::ZERO })?;
         let t2 = Instant::now();
-        answer = Some(http_get_until(hp, Duration::from_secs(60))?);
+        answer = Some(http_get_from(&opts.forward_address, hp, opts.probe_timeout)?);
         first_answer = Some(t2.elapsed());
     }
     out_guard.disarm();
@@ -395,15 +445,20 @@ pub fn synthesize<R: Read + Send>(
         first_answer,
         total: t0.elapsed(),
     };
-    Ok(Synthesized { vm, base, meta: report.meta, timeline, ports, answer })
+    Ok(Synthesized { vm, base, meta: report.meta, timeline, ports, answer, dir: out_dir.to_owned() })
 }
 
 /// GETs `/` on 127.0.0.1:`port` until a 200 answer arrives.
 pub fn http_get_until(port: u16, timeout: Duration) -> Result<String, FlowError> {
+    http_get_from("127.0.0.1", port, timeout)
+}
+
+/// GETs `/` on `host`:`port` until a 200 answer arrives.
+pub fn http_get_from(host: &str, port: u16, timeout: Duration) -> Result<String, FlowError> {
     let start = Instant::now();
     loop {
         let r = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            let mut s = TcpStream::connect((host, port))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             s.write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")?;
             let mut out = String::new();

@@ -24,16 +24,20 @@
 #![deny(missing_docs)]
 
 mod base;
+#[cfg(feature = "server")]
+pub mod discovery;
 mod flows;
 mod forward;
+#[cfg(feature = "server")]
+pub mod server;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use base::RegisteredBase;
 pub use flows::{
-    create_base, create_overlay_file, http_get_until, synthesize, BaseRequest, BaseTimings, OverlayOutcome,
-    OverlayRequest, Synthesized, Timeline,
+    create_base, create_overlay_file, http_get_from, http_get_until, synthesize, synthesize_with, BaseRequest,
+    BaseTimings, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
 };
 pub use forward::{parse_forward, ForwardParseError};
 

@@ -198,6 +198,8 @@ pub struct RestoreOptions {
     pub forwards: Option<Vec<Forward>>,
     /// VNC display, as in [`LaunchSpec::vnc_display`].
     pub vnc_display: Option<u16>,
+    /// Address the forwards listen on; `None` is 127.0.0.1.
+    pub forward_address: Option<String>,
 }
 
 /// A snapshot on disk: `snapshot.json` in `dir` plus the files it names.

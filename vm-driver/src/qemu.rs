@@ -117,7 +117,7 @@ impl Qemu {
         for d in p.disks {
             check_file("disk image", &d.path)?;
         }
-        let forwards = resolve_forwards(p.forwards)?;
+        let forwards = resolve_forwards(p.forwards, p.forward_address)?;
         let runtime = p.runtime;
         let qmp_sock = runtime.join("qmp.sock");
         let ser_sock = runtime.join("serial.sock");
@@ -229,15 +229,15 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), DriverError> {
     }
 }
 
-fn resolve_forwards(fw: &[Forward]) -> Result<Vec<Forward>, DriverError> {
+fn resolve_forwards(fw: &[Forward], address: &str) -> Result<Vec<Forward>, DriverError> {
     let mut out = Vec::new();
     for f in fw {
         let port = if f.host_port == 0 {
-            let l = TcpListener::bind(("127.0.0.1", 0))
+            let l = TcpListener::bind((address, 0))
                 .map_err(|source| DriverError::Io { what: "find a free port".into(), source })?;
             l.local_addr().map_err(|source| DriverError::Io { what: "find a free port".into(), source })?.port()
         } else {
-            if TcpListener::bind(("127.0.0.1", f.host_port)).is_err() {
+            if TcpListener::bind((address, f.host_port)).is_err() {
                 return Err(DriverError::PortInUse { port: f.host_port });
             }
             f.host_port
@@ -449,7 +449,7 @@ impl Hypervisor for Qemu {
             kernel: kernel.as_ref(),
             disks: &disks,
             forwards: &forwards,
-            forward_address: "127.0.0.1",
+            forward_address: opts.forward_address.as_deref().unwrap_or("127.0.0.1"),
             vnc: opts.vnc_display,
             runtime: &runtime,
             ram_path: &ram_path,

@@ -17,7 +17,10 @@ use clap::{Parser, Subcommand};
                   cloudlet base --name deb --kernel vmlinuz --initrd initrd.img disk.raw\n  \
                   cloudlet overlay --base deb --customize 'httpd -p 8080 -h /www' --forward tcp:8080:8080 --out app.overlay\n  \
                   cloudlet synthesis --overlay app.overlay --out vms/app --probe 8080 --keep-running\n\n\
-                  `cloudlet demo` runs all three on the test guest."
+                  Over the network:\n  \
+                  cloudlet serve --listen 127.0.0.1:7878\n  \
+                  cloudlet client --server http://127.0.0.1:7878 --overlay app.overlay --probe 8080\n\n\
+                  `cloudlet demo` runs base, overlay and synthesis on the test guest."
 )]
 struct Cli {
     /// The base registry directory (default: $CLOUDLET_REGISTRY, else $XDG_DATA_HOME/cloudlet/bases).
@@ -136,6 +139,65 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Run the synthesis server: overlays POSTed to /v1/synthesis are applied while they
+    /// arrive and the VM is resumed with its port forwards. Ctrl-C stops every VM it started.
+    Serve {
+        /// Address to listen on; forwarded VM ports bind to the same IP.
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        listen: std::net::SocketAddr,
+        /// Directory of the running VMs (default: a fresh one under the temp dir).
+        #[arg(long)]
+        work: Option<PathBuf>,
+        /// Largest overlay accepted, in MiB (larger uploads get 413).
+        #[arg(long, default_value_t = 8192)]
+        max_overlay_mib: u64,
+        /// Syntheses at once (more get 429).
+        #[arg(long, default_value_t = 2)]
+        max_syntheses: usize,
+        /// Running VMs at once (more get 503).
+        #[arg(long, default_value_t = 16)]
+        max_vms: usize,
+        /// Require `Authorization: Bearer TOKEN` on /v1.
+        #[arg(long, env = "CLOUDLET_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Advertise the server over mDNS as `_cloudlet._tcp` under this name.
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// Talk to a synthesis server: upload an overlay (it is applied as it arrives), list what
+    /// the server has, or stop a VM.
+    ///
+    /// Exit codes: 0 done, 2 the server refused the request (bad overlay, unknown base, ...),
+    /// 3 the server failed or is busy, 1 anything else.
+    Client {
+        /// Server URL, e.g. http://127.0.0.1:7878.
+        #[arg(long, conflicts_with = "discover")]
+        server: Option<String>,
+        /// Find the server over mDNS (without --overlay: list every server found).
+        #[arg(long)]
+        discover: bool,
+        /// Seconds to look for servers.
+        #[arg(long, default_value_t = 3.0)]
+        discover_timeout: f64,
+        /// Overlay to synthesize.
+        #[arg(long)]
+        overlay: Option<PathBuf>,
+        /// Guest port the server waits on for the app's first HTTP answer.
+        #[arg(long)]
+        probe: Option<u16>,
+        /// Guest port to GET from here through its forward once the VM runs.
+        #[arg(long)]
+        check: Option<u16>,
+        /// Bearer token.
+        #[arg(long, env = "CLOUDLET_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Stop this VM (id from the upload) and remove its files.
+        #[arg(long, conflicts_with = "overlay")]
+        stop: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what an overlay holds: base id, VM spec, images, sizes by record kind, digests.
     ///
     /// Exit codes: 0 readable, 2 damaged (the damage is printed), 1 other errors.
@@ -165,7 +227,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     use base_registry::Registry;
-    use cloudlet_examples::{flows, overlay_info};
+    use cloudlet_examples::{flows, net, overlay_info};
     let registry = || -> anyhow::Result<Registry> {
         let dir = cli.registry.clone().unwrap_or_else(Registry::default_dir);
         Registry::open(&dir).with_context(|| format!("opening the base registry {}", dir.display()))
@@ -232,6 +294,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let _ = std::io::stdin().read_line(&mut line);
             }
             drop(s);
+        }
+        Command::Serve { listen, work, max_overlay_mib, max_syntheses, max_vms, token, advertise } => {
+            let dir = cli.registry.clone().unwrap_or_else(Registry::default_dir);
+            net::serve(net::ServeArgs {
+                registry: dir,
+                listen,
+                work,
+                max_overlay_mib,
+                max_syntheses,
+                max_vms,
+                token,
+                advertise,
+            })?;
+        }
+        Command::Client { server, discover, discover_timeout, overlay, probe, check, token, stop, json } => {
+            return net::client(net::ClientArgs {
+                server,
+                discover,
+                discover_timeout: std::time::Duration::from_secs_f64(discover_timeout.max(0.1)),
+                overlay,
+                probe,
+                check,
+                token,
+                stop,
+                json,
+            });
         }
         Command::OverlayInfo { file, verify, json } => {
             let (info, err) =

@@ -1,0 +1,374 @@
+//! The synthesis server and client, run as processes against the real test guest.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn cloudlet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cloudlet"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("CLOUDLET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root().join(".cache/guest"));
+    if !dir.join("stamp").exists() {
+        let st = Command::new(root().join("scripts/build-guest.sh")).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success(), "scripts/build-guest.sh failed");
+    }
+    dir
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && !cmd.contains("cargo") {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
+/// A `cloudlet serve` child; killed on drop if still running.
+struct Served {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Served {
+    fn start(cmd: &mut Command) -> Served {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let addr = line
+            .strip_prefix("listening on http://")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        // Keep draining stdout so the server never blocks on it.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = out.read_to_string(&mut sink);
+        });
+        Served { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGINT, as Ctrl-C, and wait for a clean exit.
+    fn interrupt(mut self) {
+        // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "server exited with {st}");
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "server did not stop on SIGINT");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // A failed test still lets the server stop its VMs: SIGINT first, SIGKILL late.
+        // SAFETY: as in `interrupt`.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw HTTP/1.1 request; returns status and body.
+fn http(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+fn post_head(path: &str, len: u64, token: Option<&str>) -> String {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len}\r\nConnection: close\r\n\r\n")
+}
+
+/// Base and overlay of a small web app, made through the CLI.
+fn make_overlay(work: &Path) -> (PathBuf, PathBuf) {
+    let guest = guest_dir();
+    let reg = work.join("registry");
+    let out = cloudlet()
+        .arg("--registry")
+        .arg(&reg)
+        .args(["base", "--name", "deb", "--kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initrd.img"))
+        .arg(guest.join("disk.raw"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
+    let ovl = work.join("app.overlay");
+    let out = cloudlet()
+        .arg("--registry")
+        .arg(&reg)
+        .args(["overlay", "--base", "deb"])
+        .args(["--customize", "mkdir -p /mnt/disk/app && echo served-ok > /mnt/disk/app/index.html"])
+        .args(["--customize", "httpd -p 8080 -h /mnt/disk/app"])
+        .args(["--forward", "tcp:0:8080", "--name", "served", "--out"])
+        .arg(&ovl)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
+    (reg, ovl)
+}
+
+#[test]
+fn server_flow_concurrent_clients_and_bad_uploads() {
+    let work = tempfile::tempdir().unwrap();
+    let (reg, ovl) = make_overlay(work.path());
+    let vms = work.path().join("vms");
+    let token = "t0ken";
+    let server = Served::start(
+        cloudlet()
+            .arg("--registry")
+            .arg(&reg)
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-syntheses", "4", "--max-vms", "12"])
+            .arg("--work")
+            .arg(&vms)
+            .env("CLOUDLET_TOKEN", token),
+    );
+    let url = server.url();
+    let overlay = std::fs::read(&ovl).unwrap();
+
+    // Health needs no token; the API does.
+    let (st, body) = http(server.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"");
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = http(server.addr, "GET /v1/bases HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"");
+    assert_eq!(st, 401, "{body}");
+
+    // Four clients at once: every VM runs and its app answers through its forward.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = cloudlet();
+            c.args(["client", "--server", &url, "--probe", "8080", "--check", "8080", "--json", "--overlay"])
+                .arg(&ovl)
+                .env("CLOUDLET_TOKEN", token);
+            std::thread::spawn(move || c.output().unwrap())
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for c in clients {
+        let out = c.join().unwrap();
+        assert!(out.status.success(), "client: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["app_answer"], "served-ok", "{v}");
+        assert_eq!(v["name"], "served");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4);
+
+    // Garbage: 400, and the client exits 2 on a refused upload.
+    let garbage: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let (st, body) = http(server.addr, &post_head("/v1/synthesis", garbage.len() as u64, Some(token)), &garbage);
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("bad_overlay"), "{body}");
+    // Truncated: 400 naming the truncation.
+    let half = &overlay[..overlay.len() / 2];
+    let (st, body) = http(server.addr, &post_head("/v1/synthesis", half.len() as u64, Some(token)), half);
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("truncated"), "{body}");
+    // An overlay for a base this server lacks: 404 with the base id.
+    let golden = std::fs::read(root().join("overlay-format/tests/golden/v1-zstd.ovl")).unwrap();
+    let (st, body) = http(server.addr, &post_head("/v1/synthesis", golden.len() as u64, Some(token)), &golden);
+    assert_eq!(st, 404, "{body}");
+    assert!(body.contains("\"base_id\":\"4242"), "{body}");
+    let out = cloudlet()
+        .args(["client", "--server", &url, "--overlay"])
+        .arg(root().join("overlay-format/tests/golden/v1-zstd.ovl"))
+        .env("CLOUDLET_TOKEN", token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not hold base 4242"));
+    // Declared too large: 413 before any byte is read.
+    let (st, body) = http(server.addr, &post_head("/v1/synthesis", 1 << 50, Some(token)), b"");
+    assert_eq!(st, 413, "{body}");
+
+    // Four uploads that stall half-way hold every synthesis slot: a fifth gets 429. Then they
+    // disconnect mid-upload, which must leave nothing behind.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.write_all(post_head("/v1/synthesis", overlay.len() as u64, Some(token)).as_bytes()).unwrap();
+        s.write_all(&overlay[..overlay.len() / 3]).unwrap();
+        stalled.push(s);
+    }
+    let t0 = Instant::now();
+    loop {
+        let (st, body) = http(server.addr, &post_head("/v1/synthesis", overlay.len() as u64, Some(token)), &overlay);
+        if st == 429 {
+            assert!(body.contains("busy"), "{body}");
+            break;
+        }
+        // The stalled uploads may not have reached the handler yet.
+        assert!(t0.elapsed() < Duration::from_secs(20), "never got 429, last {st}: {body}");
+        if st == 201 {
+            let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_string();
+            ids.push(id);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(stalled);
+    let t0 = Instant::now();
+    loop {
+        let partial: Vec<_> = std::fs::read_dir(&vms)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !ids.contains(n))
+            .collect();
+        if partial.is_empty() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "disconnected uploads left {partial:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The VMs list, and one stops through the client.
+    let (st, body) = http(
+        server.addr,
+        &format!("GET /v1/vms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"),
+        b"",
+    );
+    assert_eq!(st, 200);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed.len(), ids.len());
+    let out =
+        cloudlet().args(["client", "--server", &url, "--stop", &ids[0]]).env("CLOUDLET_TOKEN", token).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!vms.join(&ids[0]).exists());
+    let out =
+        cloudlet().args(["client", "--server", &url, "--stop", &ids[0]]).env("CLOUDLET_TOKEN", token).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    // Ctrl-C stops every VM and removes its files.
+    let vms_s = vms.display().to_string();
+    assert!(!processes_mentioning(&vms_s).is_empty());
+    server.interrupt();
+    assert_eq!(processes_mentioning(&vms_s), Vec::<String>::new());
+    let left: Vec<_> = std::fs::read_dir(&vms).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn sh(args: &[&str]) -> bool {
+    Command::new(args[0]).args(&args[1..]).status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// Two network namespaces joined by a veth pair; removed on drop.
+struct NetPair {
+    a: String,
+    b: String,
+}
+
+impl NetPair {
+    fn new() -> Option<NetPair> {
+        let id = std::process::id() % 100_000;
+        let (a, b) = (format!("cla{id}"), format!("clb{id}"));
+        if !sh(&["ip", "netns", "add", &a]) {
+            return None;
+        }
+        let pair = NetPair { a: a.clone(), b: b.clone() };
+        let (va, vb) = (format!("cva{id}"), format!("cvb{id}"));
+        let ok = sh(&["ip", "netns", "add", &b])
+            && sh(&["ip", "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b])
+            && sh(&["ip", "-n", &a, "addr", "add", "10.231.7.1/24", "dev", &va])
+            && sh(&["ip", "-n", &b, "addr", "add", "10.231.7.2/24", "dev", &vb])
+            && sh(&["ip", "-n", &a, "link", "set", &va, "up", "multicast", "on"])
+            && sh(&["ip", "-n", &b, "link", "set", &vb, "up", "multicast", "on"])
+            && sh(&["ip", "-n", &a, "link", "set", "lo", "up"])
+            && sh(&["ip", "-n", &b, "link", "set", "lo", "up"]);
+        assert!(ok, "setting up the network namespaces failed");
+        Some(pair)
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        sh(&["ip", "netns", "del", &self.a]);
+        sh(&["ip", "netns", "del", &self.b]);
+    }
+}
+
+#[test]
+fn discovery_in_network_namespaces() {
+    // Needs root and iproute2 (scripts/setup-host.sh installs it); traffic stays inside the
+    // two namespaces this test creates.
+    let Some(net) = NetPair::new() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("cannot create network namespaces in CI");
+        }
+        eprintln!("skipped: cannot create network namespaces here (needs root and iproute2)");
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_cloudlet");
+    let server =
+        Served::start(
+            Command::new("ip")
+                .args(["netns", "exec", &net.a, bin, "--registry"])
+                .arg(work.path().join("registry"))
+                .args(["serve", "--listen", "10.231.7.1:0", "--advertise", "test-cloudlet"]),
+        );
+    assert_eq!(server.addr.ip().to_string(), "10.231.7.1");
+    // The client finds the server and reaches it across the namespaces (the first answer can
+    // take a few seconds while the new advertisement settles).
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.b, bin, "client", "--discover", "--discover-timeout", "20", "--stop", "vm-none"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM vm-none"));
+    // Listing: every server that answers within the timeout.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.b, bin, "client", "--discover", "--discover-timeout", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "discover: {}", String::from_utf8_lossy(&out.stderr));
+    let found: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let me = found.iter().find(|f| f["instance"] == "test-cloudlet").unwrap_or_else(|| panic!("not found: {found:?}"));
+    assert_eq!(me["url"], format!("http://{}", server.addr));
+    assert_eq!(me["version"], env!("CARGO_PKG_VERSION"));
+    server.interrupt();
+    drop(net);
+}

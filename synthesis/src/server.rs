@@ -1,0 +1,692 @@
+//! The synthesis server: overlays arrive over HTTP and are applied while they stream in.
+//!
+//! The flows stay synchronous; the server bridges them with `spawn_blocking` and a bounded
+//! channel that turns the request body into a [`Read`]: the delta engine decompresses and
+//! applies blob *n* while blob *n + 1* is still on the wire.
+//!
+//! Endpoints (see `synthesis/openapi.yaml`):
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /healthz` | liveness, no token needed |
+//! | `GET /v1/bases` | the registered bases |
+//! | `POST /v1/synthesis?probe=PORT` | body: an overlay; rebuilds and resumes the VM |
+//! | `GET /v1/vms`, `GET /v1/vms/{id}` | running VMs |
+//! | `DELETE /v1/vms/{id}` | stop a VM and remove its files |
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base_registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Semaphore};
+use vm_driver::{Qemu, QemuVm};
+
+use crate::{synthesize_with, Event, FlowError, SynthesisOptions};
+
+/// After a synthesis stops early (say, for an unknown base), at most this much of the rest of
+/// the upload is read and dropped so the client gets the answer instead of a reset.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (default 127.0.0.1:7878). Forwarded VM ports bind to the same IP.
+    pub listen: SocketAddr,
+    /// The base registry.
+    pub registry: PathBuf,
+    /// Where rebuilt VMs live while they run (created; emptied on shutdown).
+    pub work_dir: PathBuf,
+    /// Largest overlay accepted, in bytes (413 above).
+    pub max_overlay_bytes: u64,
+    /// Syntheses at once (429 above).
+    pub max_syntheses: usize,
+    /// Running VMs at once (503 above).
+    pub max_vms: usize,
+    /// When set, `/v1/*` needs `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+    /// How long a `probe` waits for the app's first HTTP answer.
+    pub probe_timeout: Duration,
+    /// Advertise `_cloudlet._tcp` over mDNS under this instance name.
+    pub advertise: Option<String>,
+}
+
+impl ServerConfig {
+    /// Defaults for a registry and a work directory.
+    pub fn new(registry: PathBuf, work_dir: PathBuf) -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            registry,
+            work_dir,
+            max_overlay_bytes: 8 << 30,
+            max_syntheses: 2,
+            max_vms: 16,
+            token: None,
+            probe_timeout: Duration::from_secs(60),
+            advertise: None,
+        }
+    }
+}
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Listening, the work directory or the runtime failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The registry cannot be opened.
+    #[error("base registry")]
+    Registry(#[from] base_registry::RegistryError),
+    /// QEMU cannot be used.
+    #[error("hypervisor")]
+    Driver(#[from] vm_driver::DriverError),
+    /// mDNS advertisement failed.
+    #[error("mDNS advertisement")]
+    Discovery(#[from] crate::discovery::DiscoveryError),
+}
+
+/// One forwarded port of a running VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortInfo {
+    /// Guest port.
+    pub guest: u16,
+    /// Host port.
+    pub host: u16,
+    /// Host address the port listens on.
+    pub address: String,
+}
+
+/// The synthesis timeline in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TimelineMs {
+    /// Until the last overlay byte arrived.
+    pub receive: f64,
+    /// Decompression, summed over threads.
+    pub decompress: f64,
+    /// Writing records.
+    pub apply: f64,
+    /// Digest check.
+    pub verify: f64,
+    /// Receive + decompress + apply + verify, overlapped.
+    pub rebuild: f64,
+    /// QEMU start and device state load.
+    pub resume: f64,
+    /// First HTTP answer of the app, when probed.
+    pub first_answer: Option<f64>,
+    /// Everything, from the first byte.
+    pub total: f64,
+}
+
+impl From<&crate::Timeline> for TimelineMs {
+    fn from(t: &crate::Timeline) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        TimelineMs {
+            receive: ms(t.receive),
+            decompress: ms(t.decompress),
+            apply: ms(t.apply),
+            verify: ms(t.verify),
+            rebuild: ms(t.rebuild),
+            resume: ms(t.resume),
+            first_answer: t.first_answer.map(ms),
+            total: ms(t.total),
+        }
+    }
+}
+
+/// A running VM as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmInfo {
+    /// VM id (`vm-` + 12 hex digits).
+    pub id: String,
+    /// App name from the overlay.
+    pub name: String,
+    /// Base id.
+    pub base_id: String,
+    /// Base name.
+    pub base_name: String,
+    /// Forwarded ports.
+    pub ports: Vec<PortInfo>,
+    /// Overlay bytes received.
+    pub overlay_bytes: u64,
+    /// Unix time of the resume.
+    pub created_unix: u64,
+    /// How synthesis went.
+    pub timeline: TimelineMs,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    /// Machine-readable kind: `unauthorized`, `too_large`, `busy`, `full`, `unknown_base`,
+    /// `bad_overlay`, `no_answer`, `not_found`, `internal`.
+    pub code: String,
+    /// Human-readable message with its causes.
+    pub error: String,
+    /// With `unknown_base`: the base the overlay needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_id: Option<String>,
+}
+
+fn api_error(status: StatusCode, code: &str, error: String) -> Response {
+    (status, Json(ApiError { code: code.into(), error, base_id: None })).into_response()
+}
+
+/// The message of an error and all its sources.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+struct Running {
+    info: VmInfo,
+    vm: QemuVm,
+    dir: PathBuf,
+}
+
+struct AppState {
+    qemu: Qemu,
+    registry: Registry,
+    cfg: ServerConfig,
+    vms: Mutex<BTreeMap<String, Running>>,
+    syntheses: Arc<Semaphore>,
+    next: AtomicU64,
+}
+
+impl AppState {
+    fn new_id(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut h = blake3::Hasher::new();
+        h.update(&n.to_le_bytes());
+        h.update(&std::process::id().to_le_bytes());
+        h.update(format!("{:?}", std::time::SystemTime::now()).as_bytes());
+        format!("vm-{}", &h.finalize().to_hex()[..12])
+    }
+
+    fn stop_all(&self) {
+        let all = std::mem::take(&mut *self.vms.lock().unwrap_or_else(|e| e.into_inner()));
+        for (_, r) in all {
+            drop(r.vm);
+            let _ = std::fs::remove_dir_all(&r.dir);
+        }
+    }
+}
+
+/// The server, bound and ready; [`Server::run`] serves until the shutdown future resolves.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    _advert: Option<crate::discovery::Advertisement>,
+}
+
+impl Server {
+    /// Opens the registry, checks QEMU, binds the address and (optionally) advertises it.
+    /// Must be called inside a tokio runtime.
+    pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        let registry = Registry::open(&cfg.registry)?;
+        let qemu = Qemu::new()?;
+        std::fs::create_dir_all(&cfg.work_dir)
+            .map_err(|source| ServerError::Io { what: format!("creating {}", cfg.work_dir.display()), source })?;
+        let work_dir = std::fs::canonicalize(&cfg.work_dir)
+            .map_err(|source| ServerError::Io { what: format!("resolving {}", cfg.work_dir.display()), source })?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServerError::Io { what: format!("listening on {}", cfg.listen), source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| ServerError::Io { what: "reading the bound address".into(), source })?;
+        let advert = match &cfg.advertise {
+            Some(name) => Some(crate::discovery::advertise(name, local)?),
+            None => None,
+        };
+        let syntheses = Arc::new(Semaphore::new(cfg.max_syntheses.max(1)));
+        let cfg = ServerConfig { listen: local, work_dir, ..cfg };
+        let state = Arc::new(AppState {
+            qemu,
+            registry,
+            cfg,
+            vms: Mutex::new(BTreeMap::new()),
+            syntheses,
+            next: AtomicU64::new(0),
+        });
+        Ok(Server { listener, state, _advert: advert })
+    }
+
+    /// The address the server listens on (with the port the OS chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.state.cfg.listen
+    }
+
+    /// Serves until `shutdown` resolves, then stops every VM and removes its files.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let state = self.state.clone();
+        let app = router(state.clone());
+        let r = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
+        let s = state.clone();
+        let _ = tokio::task::spawn_blocking(move || s.stop_all()).await;
+        r.map_err(|source| ServerError::Io { what: "serving".into(), source })
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/bases", get(bases))
+        .route("/v1/synthesis", post(synthesis))
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new().route("/healthz", get(healthz)).merge(v1).with_state(state)
+}
+
+async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &st.cfg.token {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+        if !ok {
+            let mut r = api_error(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required".into());
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+    let running = st.vms.lock().map(|v| v.len()).unwrap_or(0);
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "running_vms": running,
+        "max_vms": st.cfg.max_vms,
+        "max_overlay_bytes": st.cfg.max_overlay_bytes,
+    }))
+    .into_response()
+}
+
+async fn bases(State(st): State<Arc<AppState>>) -> Response {
+    let s = st.clone();
+    match tokio::task::spawn_blocking(move || s.registry.list()).await {
+        Ok(Ok(all)) => {
+            let v: Vec<_> = all
+                .iter()
+                .map(|b| {
+                    serde_json::json!({"id": b.manifest.id, "name": b.manifest.name, "bytes": b.size(),
+                "created_unix": b.manifest.created_unix, "spec": b.manifest.spec})
+                })
+                .collect();
+            Json(v).into_response()
+        }
+        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", chain(&e)),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+async fn list_vms(State(st): State<Arc<AppState>>) -> Response {
+    let v: Vec<VmInfo> = st.vms.lock().unwrap_or_else(|e| e.into_inner()).values().map(|r| r.info.clone()).collect();
+    Json(v).into_response()
+}
+
+async fn get_vm(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match st.vms.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        Some(r) => Json(r.info.clone()).into_response(),
+        None => api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}")),
+    }
+}
+
+async fn delete_vm(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    let r = st.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    match r {
+        Some(r) => {
+            let info = r.info.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                drop(r.vm);
+                let _ = std::fs::remove_dir_all(&r.dir);
+            })
+            .await;
+            eprintln!("[{id}] stopped");
+            Json(info).into_response()
+        }
+        None => api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}")),
+    }
+}
+
+/// Query of `POST /v1/synthesis`.
+#[derive(Debug, Deserialize)]
+struct SynthesisQuery {
+    /// Wait for an HTTP answer on this guest port.
+    probe: Option<u16>,
+}
+
+/// The request body as a blocking [`Read`], fed by the async side.
+struct ChannelReader {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        Ok(n)
+    }
+}
+
+async fn synthesis(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<SynthesisQuery>,
+    body: Body,
+) -> Response {
+    let max = st.cfg.max_overlay_bytes;
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the overlay is {} bytes, this server takes at most {max}", declared.unwrap_or(0)),
+        );
+    }
+    let Ok(permit) = st.syntheses.clone().try_acquire_owned() else {
+        let mut r = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            format!("{} syntheses are running already; retry later", st.cfg.max_syntheses),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+        return r;
+    };
+    let running = st.vms.lock().map(|v| v.len()).unwrap_or(usize::MAX);
+    if running + st.cfg.max_syntheses - st.syntheses.available_permits() > st.cfg.max_vms {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "full",
+            format!("{running} VMs are running, the limit is {}; delete one first", st.cfg.max_vms),
+        );
+    }
+    let id = st.new_id();
+    let dir = st.cfg.work_dir.join(&id);
+
+    // Pump the body into a bounded channel: backpressure reaches the client's TCP window.
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let received = Arc::new(AtomicU64::new(0));
+    let too_large = Arc::new(AtomicBool::new(false));
+    let pump = {
+        let received = received.clone();
+        let too_large = too_large.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let mut stream = body.into_data_stream();
+            let mut draining = 0u64;
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(b) => {
+                        let n = received.fetch_add(b.len() as u64, Ordering::Relaxed) + b.len() as u64;
+                        if tx.is_closed() {
+                            draining += b.len() as u64;
+                            if draining > DRAIN_LIMIT {
+                                break;
+                            }
+                            continue;
+                        }
+                        if n > max {
+                            too_large.store(true, Ordering::Relaxed);
+                            let _ = tx.send(Err(std::io::Error::other(format!("overlay exceeds {max} bytes")))).await;
+                            break;
+                        }
+                        let _ = tx.send(Ok(b)).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(format!("upload failed: {e}")))).await;
+                        break;
+                    }
+                }
+            }
+        })
+    };
+
+    let st2 = st.clone();
+    let id2 = id.clone();
+    let probe = q.probe;
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let reader = std::io::BufReader::with_capacity(1 << 20, ChannelReader { rx, cur: Bytes::new() });
+        let opts = SynthesisOptions {
+            out_dir: dir,
+            probe_port: probe,
+            probe_timeout: st2.cfg.probe_timeout,
+            forward_address: st2.cfg.listen.ip().to_string(),
+        };
+        let events = |e: Event| {
+            if let Event::Step(s) = e {
+                eprintln!("[{id2}] {s}");
+            }
+        };
+        synthesize_with(&st2.qemu, &st2.registry, reader, &opts, &events)
+    });
+    // The outcome is handled in a task of its own: if the client goes away while its VM is
+    // resuming, the handler future is dropped, and the VM must not be left running unlisted.
+    let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Response>();
+    tokio::spawn(async move {
+        let t0 = Instant::now();
+        let result = task.await;
+        let _ = pump.await;
+        let bytes = received.load(Ordering::Relaxed);
+        let response = outcome(&st, &id, result, bytes, too_large.load(Ordering::Relaxed), max, t0);
+        if let Err(response) = answer_tx.send(response) {
+            // Nobody is waiting: undo a VM that was just started for them.
+            if response.status() == StatusCode::CREATED {
+                eprintln!("[{id}] the client left before the answer: stopping the VM");
+                let r = st.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                if let Some(r) = r {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        drop(r.vm);
+                        let _ = std::fs::remove_dir_all(&r.dir);
+                    })
+                    .await;
+                }
+            }
+        }
+    });
+    answer_rx.await.unwrap_or_else(|_| {
+        api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the synthesis task ended without an answer".into())
+    })
+}
+
+fn outcome(
+    st: &AppState,
+    id: &str,
+    result: Result<Result<crate::Synthesized, FlowError>, tokio::task::JoinError>,
+    bytes: u64,
+    too_large: bool,
+    max: u64,
+    t0: Instant,
+) -> Response {
+    let id = id.to_string();
+    match result {
+        Ok(Ok(s)) => {
+            let address = match st.cfg.listen.ip() {
+                IpAddr::V4(a) if a.is_unspecified() => "0.0.0.0".to_string(),
+                ip => ip.to_string(),
+            };
+            let info = VmInfo {
+                id: id.clone(),
+                name: s.meta.name.clone(),
+                base_id: s.base.entry.manifest.id.clone(),
+                base_name: s.base.entry.manifest.name.clone(),
+                ports: s.ports.iter().map(|&(g, h)| PortInfo { guest: g, host: h, address: address.clone() }).collect(),
+                overlay_bytes: bytes,
+                created_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                timeline: TimelineMs::from(&s.timeline),
+            };
+            eprintln!(
+                "[{id}] running '{}' ({bytes} overlay bytes, {:.0} ms)",
+                info.name,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            st.vms
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone(), Running { info: info.clone(), vm: s.vm, dir: s.dir });
+            (StatusCode::CREATED, [(header::LOCATION, format!("/v1/vms/{id}"))], Json(info)).into_response()
+        }
+        Ok(Err(e)) => {
+            eprintln!("[{id}] failed: {}", chain(&e));
+            if too_large {
+                return api_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("the overlay exceeds {max} bytes, this server's limit"),
+                );
+            }
+            flow_error(e)
+        }
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("synthesis task: {e}")),
+    }
+}
+
+fn flow_error(e: FlowError) -> Response {
+    use delta_engine::ApplyError as A;
+    let msg = chain(&e);
+    match e {
+        FlowError::UnknownBase { id } => (
+            StatusCode::NOT_FOUND,
+            Json(ApiError { code: "unknown_base".into(), error: msg, base_id: Some(id.to_string()) }),
+        )
+            .into_response(),
+        FlowError::Apply(A::Io { .. } | A::OutputExists { .. }) => {
+            api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg)
+        }
+        FlowError::Apply(_) => api_error(StatusCode::BAD_REQUEST, "bad_overlay", msg),
+        FlowError::NoAnswer { .. } => api_error(StatusCode::GATEWAY_TIMEOUT, "no_answer", msg),
+        _ => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
+    }
+}
+
+/// Runs a server on a fresh multi-threaded runtime until Ctrl-C or SIGTERM; then stops every
+/// VM it started and removes their files. `ready` is called with the bound address.
+pub fn run_until_signal(cfg: ServerConfig, ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ServerError::Io { what: "starting the runtime".into(), source })?;
+    rt.block_on(async move {
+        let server = Server::bind(cfg).await?;
+        ready(server.local_addr());
+        server.run(shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    eprintln!("shutting down: stopping VMs");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_describes_every_route_and_error_code() {
+        let spec = include_str!("../openapi.yaml");
+        let src = include_str!("server.rs");
+        for line in src.lines().filter(|l| l.trim_start().starts_with(".route(\"")) {
+            let path = line.split('"').nth(1).unwrap();
+            assert!(spec.contains(&format!("  {path}:")), "openapi.yaml lacks {path}");
+        }
+        for code in
+            ["unauthorized", "too_large", "busy", "full", "unknown_base", "bad_overlay", "no_answer", "not_found"]
+        {
+            assert!(src.contains(&format!("\"{code}\"")), "server.rs never answers {code}");
+            assert!(spec.contains(code), "openapi.yaml lacks {code}");
+        }
+    }
+
+    #[test]
+    fn channel_reader_yields_chunks_then_errors() {
+        let (tx, rx) = mpsc::channel(4);
+        tx.try_send(Ok(Bytes::from_static(b"hello "))).unwrap();
+        tx.try_send(Ok(Bytes::from_static(b"world"))).unwrap();
+        tx.try_send(Err(std::io::Error::other("gone"))).unwrap();
+        let mut r = ChannelReader { rx, cur: Bytes::new() };
+        let mut buf = [0u8; 4];
+        let mut got = Vec::new();
+        loop {
+            match r.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => {
+                    assert_eq!(e.to_string(), "gone");
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, b"hello world");
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        drop(tx);
+        assert_eq!(ChannelReader { rx, cur: Bytes::new() }.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
