@@ -169,3 +169,48 @@ fn full_flow_through_the_cli() {
     // No QEMU left running for this work dir.
     assert_eq!(processes_mentioning(&work.path().display().to_string()), Vec::<String>::new());
 }
+
+#[test]
+fn interrupted_overlay_flow_leaves_nothing() {
+    use std::io::BufRead;
+    let work = tempfile::tempdir().unwrap();
+    let guest = guest_dir();
+    let reg = work.path().join("registry");
+    let out = cloudlet()
+        .arg("--registry")
+        .arg(&reg)
+        .args(["base", "--name", "deb", "--kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initrd.img"))
+        .arg(guest.join("disk.raw"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
+    let ovl = work.path().join("app.overlay");
+    let mut child = cloudlet()
+        .arg("--registry")
+        .arg(&reg)
+        .args(["overlay", "--base", "deb", "--customize", "echo x > /mnt/disk/x", "--customize", "sleep 120", "--out"])
+        .arg(&ovl)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("guest$ sleep 120") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "overlay ended before the customization");
+    }
+    // Ctrl-C while the guest is being customized.
+    // SAFETY: kill(2) on our own child with a valid signal; no memory is touched.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("registry")], "left behind");
+    assert_eq!(processes_mentioning(&work.path().display().to_string()), Vec::<String>::new());
+    // The registry is intact.
+    let list = cloudlet().arg("--registry").arg(&reg).arg("list-base").output().unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains(" deb "));
+}

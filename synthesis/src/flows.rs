@@ -20,26 +20,58 @@ use crate::{Event, FlowError};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Paths that flows in progress would remove on error: what [`interrupt_cleanup`] removes.
+static PENDING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// For a Ctrl-C / SIGTERM handler that is about to exit the process: kills every QEMU the
+/// flows started and removes every half-written file and directory of flows in progress
+/// (work directories, `.partial` overlays, VM directories not yet complete).
+pub fn interrupt_cleanup() {
+    vm_driver::kill_all();
+    for p in std::mem::take(&mut *pending()) {
+        remove(&p);
+    }
+}
+
+fn remove(p: &Path) {
+    if p.is_dir() {
+        let _ = std::fs::remove_dir_all(p);
+    } else {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// Removes a path on drop unless disarmed: nothing half-written is left behind.
 struct Guard(Option<PathBuf>);
 
 impl Guard {
     fn new(p: &Path) -> Self {
+        pending().push(p.to_owned());
         Guard(Some(p.to_owned()))
     }
     fn disarm(&mut self) {
-        self.0 = None;
+        if let Some(p) = self.0.take() {
+            forget(&p);
+        }
+    }
+}
+
+fn forget(p: &Path) {
+    let mut all = pending();
+    if let Some(i) = all.iter().position(|x| x == p) {
+        all.swap_remove(i);
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            if p.is_dir() {
-                let _ = std::fs::remove_dir_all(&p);
-            } else {
-                let _ = std::fs::remove_file(&p);
-            }
+            remove(&p);
+            forget(&p);
         }
     }
 }

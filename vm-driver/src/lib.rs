@@ -40,7 +40,7 @@ use std::time::Duration;
 
 pub use accel::Accel;
 pub use console::Console;
-pub use qemu::{qcow2_layer, Qemu, QemuVm};
+pub use qemu::{kill_all, qcow2_layer, Qemu, QemuVm};
 use serde::{Deserialize, Serialize};
 
 /// The hypervisor operations the synthesis flows use.

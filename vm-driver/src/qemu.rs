@@ -194,6 +194,9 @@ impl Qemu {
             .stderr(stderr)
             .spawn()
             .map_err(|source| DriverError::MissingQemu { path: self.binary.clone(), source })?;
+        let private_ram =
+            (p.ram_share && !p.ram_readonly && !p.ram_path.starts_with(runtime)).then(|| p.ram_path.to_owned());
+        live().push(Live { pid: child.id(), runtime: runtime.to_owned(), private_ram });
         let mut vm = QemuVm {
             child: Some(child),
             qmp: None,
@@ -726,6 +729,10 @@ impl Vm for QemuVm {
 
 impl QemuVm {
     fn kill(&mut self) {
+        if let Some(c) = &self.child {
+            let pid = c.id();
+            live().retain(|l| l.pid != pid);
+        }
         self.console = None;
         if let Some(q) = self.qmp.as_mut() {
             let _ = q.execute("quit", None, Duration::from_secs(2));
@@ -755,6 +762,38 @@ impl QemuVm {
             let _ = f.take(max as u64).read_to_string(&mut s);
         }
         s
+    }
+}
+
+/// A QEMU process this process started and has not stopped yet.
+struct Live {
+    pid: u32,
+    runtime: PathBuf,
+    private_ram: Option<PathBuf>,
+}
+
+static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<Live>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Emergency stop for a Ctrl-C / SIGTERM handler that is about to exit the process: kills
+/// (SIGKILL) every QEMU this process started and still owns, and removes their runtime
+/// directories and private RAM files. Normal code drops its [`QemuVm`]s instead.
+pub fn kill_all() {
+    let all = std::mem::take(&mut *live());
+    for l in all {
+        // SAFETY: kill(2) on a child pid we spawned and have not reaped (it is removed from the
+        // list before it is waited for); no memory is touched.
+        unsafe { libc::kill(l.pid as libc::pid_t, libc::SIGKILL) };
+        let mut status = 0;
+        // SAFETY: waitpid(2) on that same child, with a valid pointer to a local int.
+        unsafe { libc::waitpid(l.pid as libc::pid_t, &mut status, 0) };
+        let _ = fs::remove_dir_all(&l.runtime);
+        if let Some(r) = l.private_ram {
+            let _ = fs::remove_file(r);
+        }
     }
 }
 

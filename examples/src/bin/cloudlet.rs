@@ -215,6 +215,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // Ctrl-C or SIGTERM in the middle of a flow: stop its VMs and remove what it had half
+        // written. (The server handles its signals itself.)
+        let _ = ctrlc::set_handler(|| {
+            synthesis::interrupt_cleanup();
+            eprintln!("cloudlet: interrupted; stopped its VMs and removed partial files");
+            std::process::exit(130);
+        });
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
