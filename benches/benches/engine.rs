@@ -54,8 +54,12 @@ fn engine(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             let out = dir.path().join(format!("out-{n}"));
-            let opts =
-                ApplyOptions { base_id: BaseId([1; 32]), outputs: vec![("memory".into(), out.clone())], fsync: false };
+            let opts = ApplyOptions {
+                base_id: BaseId([1; 32]),
+                outputs: vec![("memory".into(), out.clone())],
+                fsync: false,
+                qcow2_disks: false,
+            };
             apply_overlay(&base, &overlay[..], &opts, &|_| {}).unwrap();
             std::fs::remove_file(out).unwrap();
         })
@@ -80,8 +84,9 @@ fn engine(c: &mut Criterion) {
 }
 
 fn custom_path(c: &[CustomImage]) -> std::path::PathBuf {
-    let CustomSource::Raw(p) = &c[0].source;
-    p.clone()
+    match &c[0].source {
+        CustomSource::Raw(p) | CustomSource::Qcow2(p) => p.clone(),
+    }
 }
 
 criterion_group!(benches, engine);

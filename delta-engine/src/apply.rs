@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use overlay_format::{
-    apply_patch, BaseId, ChunkHash, DecodeError, DecodedBlob, ImageDigest, OverlayMeta, OverlayReader, RecordRef,
-    Trailer, CHUNK_SIZE,
+    apply_patch, BaseId, ChunkHash, DecodeError, DecodedBlob, ImageDigest, ImageKind, OverlayMeta, OverlayReader,
+    RecordRef, Trailer, CHUNK_SIZE,
 };
 use rayon::prelude::*;
 
 use crate::base::Base;
 use crate::file::{sparse_copy, zero_range};
+use crate::qcow2::{Qcow2Writer, Written};
 use crate::{KindCounts, Progress};
 
 /// Error applying an overlay. Nothing that looks like a finished image is left behind.
@@ -114,13 +115,26 @@ pub struct ApplyOptions {
     pub outputs: Vec<(String, PathBuf)>,
     /// fsync the images before renaming them into place.
     pub fsync: bool,
+    /// Write disk images as qcow2 layers (4 KiB clusters) over the base's raw disk holding
+    /// only the changed chunks, instead of raw copies. Memory images are always raw.
+    pub qcow2_disks: bool,
+}
+
+/// Where an output image's bytes go.
+enum Store {
+    /// A sparse copy of the base image, written in place.
+    Raw(File),
+    /// A qcow2 layer over the base image.
+    Qcow2(Qcow2Writer),
 }
 
 struct Out {
     name: String,
     tmp: PathBuf,
     path: PathBuf,
-    file: File,
+    store: Store,
+    /// Index of the base image this output derives from.
+    base_image: usize,
     size: u64,
     hashes: Vec<ChunkHash>,
     /// Chunks whose hash must be read back at the end (untouched chunks straddling a size edge).
@@ -137,6 +151,48 @@ impl Out {
     }
     fn chunk_len(&self, c: u64) -> usize {
         (self.size - c * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64) as usize
+    }
+
+    fn io(&self) -> impl FnOnce(std::io::Error) -> ApplyError {
+        let path = self.tmp.clone();
+        move |source| ApplyError::Io { path, source }
+    }
+
+    /// Writes whole chunks from chunk `c` on.
+    fn write(&mut self, c: u64, data: &[u8]) -> Result<(), ApplyError> {
+        let r = match &mut self.store {
+            Store::Raw(f) => f.write_all_at(data, c * CHUNK_SIZE as u64),
+            Store::Qcow2(w) => w.write(c, data),
+        };
+        r.map_err(self.io())
+    }
+
+    /// Makes chunks `c..c + count` zeros.
+    fn zero(&mut self, c: u64, count: u64) -> Result<(), ApplyError> {
+        let start = c * CHUNK_SIZE as u64;
+        let end = ((c + count) * CHUNK_SIZE as u64).min(self.size);
+        match &mut self.store {
+            Store::Raw(f) => zero_range(f, start, end - start).map_err(self.io()),
+            Store::Qcow2(w) => {
+                w.zero(c, count);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads chunk `c` (`buf.len()` bytes) as the rebuilt image has it now.
+    fn read(&self, base: &Base, c: u64, buf: &mut [u8]) -> Result<(), ApplyError> {
+        match &self.store {
+            Store::Raw(f) => f.read_exact_at(buf, c * CHUNK_SIZE as u64).map_err(self.io()),
+            Store::Qcow2(w) => {
+                match w.state(c) {
+                    Written::Backing => base.read_padded(self.base_image, c, buf),
+                    Written::Zero => buf.fill(0),
+                    Written::At(host) => w.read_at(buf, host).map_err(self.io())?,
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -215,8 +271,13 @@ pub fn apply_overlay_reader<R: Read + Send>(
         }
         let tmp = temp_name(path);
         let _ = std::fs::remove_file(&tmp);
-        let file =
-            sparse_copy(base.path(i), &tmp, m.size).map_err(|source| ApplyError::Io { path: tmp.clone(), source })?;
+        let store = if opts.qcow2_disks && m.kind == ImageKind::Disk {
+            let w = Qcow2Writer::create(&tmp, m.size, base.path(i));
+            Store::Qcow2(w.map_err(|source| ApplyError::Io { path: tmp.clone(), source })?)
+        } else {
+            let f = sparse_copy(base.path(i), &tmp, m.size);
+            Store::Raw(f.map_err(|source| ApplyError::Io { path: tmp.clone(), source })?)
+        };
         cleanup.0.push(tmp.clone());
         let n = m.size.div_ceil(CHUNK_SIZE as u64);
         let mut hashes = Vec::with_capacity(n as usize);
@@ -237,7 +298,8 @@ pub fn apply_overlay_reader<R: Read + Send>(
             name: m.name.clone(),
             tmp,
             path: path.clone(),
-            file,
+            store,
+            base_image: i,
             size: m.size,
             hashes,
             recheck,
@@ -305,12 +367,11 @@ pub fn apply_overlay_reader<R: Read + Send>(
     let tv = Instant::now();
     for (i, o) in outs.iter_mut().enumerate() {
         let mut buf = vec![0u8; CHUNK_SIZE];
-        for &c in &o.recheck {
+        for k in 0..o.recheck.len() {
+            let c = o.recheck[k];
             if !o.was_written(c) {
                 let len = o.chunk_len(c);
-                o.file
-                    .read_exact_at(&mut buf[..len], c * CHUNK_SIZE as u64)
-                    .map_err(|source| ApplyError::Io { path: o.tmp.clone(), source })?;
+                o.read(base, c, &mut buf[..len])?;
                 o.hashes[c as usize] = ChunkHash::of(&buf[..len]);
             }
         }
@@ -319,9 +380,19 @@ pub fn apply_overlay_reader<R: Read + Send>(
             return Err(ApplyError::DigestMismatch { image: o.name.clone(), expected: trailer.image_digests[i], got });
         }
     }
+    for o in outs.iter_mut() {
+        if let Store::Qcow2(w) = &mut o.store {
+            w.finish().map_err(|source| ApplyError::Io { path: o.tmp.clone(), source })?;
+        }
+    }
     if opts.fsync {
-        outs.par_iter()
-            .try_for_each(|o| o.file.sync_all().map_err(|source| ApplyError::Io { path: o.tmp.clone(), source }))?;
+        outs.par_iter().try_for_each(|o| {
+            let f = match &o.store {
+                Store::Raw(f) => f,
+                Store::Qcow2(w) => w.file(),
+            };
+            f.sync_all().map_err(|source| ApplyError::Io { path: o.tmp.clone(), source })
+        })?;
     }
     let verify = tv.elapsed();
     let mut outputs = Vec::new();
@@ -354,16 +425,12 @@ fn temp_name(path: &Path) -> PathBuf {
 fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut KindCounts) -> Result<u64, ApplyError> {
     let cs = CHUNK_SIZE as u64;
     let image = r.image() as usize;
-    let io = |o: &Out| {
-        let p = o.tmp.clone();
-        move |source| ApplyError::Io { path: p, source }
-    };
     match *r {
         RecordRef::Zero { chunk, count, .. } => {
             let o = &mut outs[image];
             let start = chunk * cs;
             let end = ((chunk + count) * cs).min(o.size);
-            zero_range(&o.file, start, end - start).map_err(io(o))?;
+            o.zero(chunk, count)?;
             for c in chunk..chunk + count {
                 o.hashes[c as usize] = zero_hash(o.chunk_len(c));
                 o.mark(c);
@@ -379,12 +446,12 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
                 let len = o.chunk_len(c);
                 let h = match base.full_chunk(src.image as usize, src.chunk + k) {
                     Some(b) if len == CHUNK_SIZE => {
-                        o.file.write_all_at(b, c * cs).map_err(io(o))?;
+                        o.write(c, b)?;
                         base.full_hash(src.image as usize, src.chunk + k).expect("full chunk")
                     }
                     _ => {
                         base.read_padded(src.image as usize, src.chunk + k, &mut buf[..len]);
-                        o.file.write_all_at(&buf[..len], c * cs).map_err(io(o))?;
+                        o.write(c, &buf[..len])?;
                         ChunkHash::of(&buf[..len])
                     }
                 };
@@ -406,10 +473,10 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
                 return Err(bad("copies a chunk of another length"));
             }
             let mut buf = vec![0u8; len];
-            s.file.read_exact_at(&mut buf, src.chunk * cs).map_err(io(s))?;
+            s.read(base, src.chunk, &mut buf)?;
             let h = s.hashes[src.chunk as usize];
             let o = &mut outs[image];
-            o.file.write_all_at(&buf, chunk * cs).map_err(io(o))?;
+            o.write(chunk, &buf)?;
             o.hashes[chunk as usize] = h;
             o.mark(chunk);
             kinds.copy_self.add(1);
@@ -426,7 +493,7 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
                 chunk,
                 reason: e.to_string(),
             })?;
-            o.file.write_all_at(&out, chunk * cs).map_err(io(o))?;
+            o.write(chunk, &out)?;
             o.hashes[chunk as usize] = ChunkHash::of(&out);
             o.mark(chunk);
             kinds.patch.add(1);
@@ -435,7 +502,7 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
         }
         RecordRef::Raw { chunk, data, .. } => {
             let o = &mut outs[image];
-            o.file.write_all_at(data, chunk * cs).map_err(io(o))?;
+            o.write(chunk, data)?;
             let n = data.len().div_ceil(CHUNK_SIZE);
             let hs: Vec<ChunkHash> = data.par_chunks(CHUNK_SIZE).with_min_len(16).map(ChunkHash::of).collect();
             for (k, h) in hs.into_iter().enumerate() {

@@ -1,6 +1,7 @@
 //! Creating an overlay: classify every changed chunk of the custom VM's images and write the
 //! records, blobs sealed in parallel.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::base::Base;
 use crate::file::{data_extents, Mapped};
+use crate::qcow2::{LayerChunk, Qcow2Layer};
 use crate::{KindCounts, Progress};
 
 /// One image of the custom VM.
@@ -28,8 +30,111 @@ pub struct CustomImage {
 /// Where a custom image's bytes are.
 #[derive(Debug, Clone)]
 pub enum CustomSource {
-    /// A raw image file (a RAM file, a raw disk).
+    /// A raw image file (a RAM file, a raw disk). Holes are read as zeros without reading.
     Raw(PathBuf),
+    /// A qcow2 layer whose backing file is the base image: only the clusters the layer
+    /// allocated are read; the rest equals the base by construction.
+    Qcow2(PathBuf),
+}
+
+/// A custom image as the scan sees it.
+enum View {
+    Raw { map: Mapped, extents: Vec<(u64, u64)> },
+    Qcow2(Qcow2Layer),
+}
+
+/// What a custom chunk is, before classification.
+enum Src<'a> {
+    /// Reads as zeros (a hole, a zero cluster).
+    Zeros,
+    /// Equals the base's chunk at the same offset (an unallocated qcow2 cluster).
+    Backing,
+    /// Bytes to classify.
+    Data(Cow<'a, [u8]>),
+}
+
+impl View {
+    fn open(path: &std::path::Path, qcow2: bool, base: &Base, ii: usize) -> Result<Self, CreateError> {
+        if !qcow2 {
+            let (file, map) = Mapped::open(path).map_err(|source| CreateError::Io { path: path.into(), source })?;
+            let extents = data_extents(&file, map.len());
+            return Ok(View::Raw { map, extents });
+        }
+        let l = Qcow2Layer::open(path).map_err(|e| CreateError::Mismatch { reason: e.to_string() })?;
+        let base_path = base.path(ii);
+        let same = match l.backing_path() {
+            Some(b) => match (std::fs::metadata(&b), std::fs::metadata(base_path)) {
+                (Ok(x), Ok(y)) => {
+                    use std::os::unix::fs::MetadataExt;
+                    x.dev() == y.dev() && x.ino() == y.ino()
+                }
+                _ => false,
+            },
+            None => false,
+        };
+        if !same || l.backing_format().is_some_and(|f| f != "raw") {
+            return Err(CreateError::Mismatch {
+                reason: format!(
+                    "{}: its backing file {:?} (format {:?}) is not the base image {} (raw)",
+                    path.display(),
+                    l.backing_file(),
+                    l.backing_format(),
+                    base_path.display()
+                ),
+            });
+        }
+        Ok(View::Qcow2(l))
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            View::Raw { map, .. } => map.len(),
+            View::Qcow2(l) => l.virtual_size(),
+        }
+    }
+
+    fn chunk(&self, c: u64, len: usize) -> Src<'_> {
+        match self {
+            View::Raw { map, extents } => {
+                let off = c * CHUNK_SIZE as u64;
+                let p = extents.partition_point(|&(a, _)| a <= off);
+                if p > 0 && off < extents[p - 1].1 {
+                    let s = off as usize;
+                    Src::Data(Cow::Borrowed(&map.bytes()[s..s + len]))
+                } else {
+                    Src::Zeros
+                }
+            }
+            View::Qcow2(l) => match l.chunk(c, len) {
+                LayerChunk::Backing => Src::Backing,
+                LayerChunk::Zero => Src::Zeros,
+                LayerChunk::Data(d) => Src::Data(d),
+            },
+        }
+    }
+
+    /// Bytes of `count` chunks from chunk `c` on (the image's tail may make it shorter).
+    fn bytes(&self, c: u64, count: u64) -> Cow<'_, [u8]> {
+        let size = self.size();
+        match self {
+            View::Raw { map, .. } => {
+                let s = (c * CHUNK_SIZE as u64) as usize;
+                let e = (s + count as usize * CHUNK_SIZE).min(size as usize);
+                Cow::Borrowed(&map.bytes()[s..e])
+            }
+            View::Qcow2(_) => {
+                let mut v = Vec::with_capacity(count as usize * CHUNK_SIZE);
+                for k in c..c + count {
+                    let len = chunk_len(size, k);
+                    match self.chunk(k, len) {
+                        Src::Data(d) => v.extend_from_slice(&d),
+                        Src::Zeros | Src::Backing => v.resize(v.len() + len, 0),
+                    }
+                }
+                Cow::Owned(v)
+            }
+        }
+    }
 }
 
 /// The overlay's descriptive fields (everything in [`OverlayMeta`] the engine does not derive).
@@ -155,7 +260,7 @@ struct Emitter<'a> {
     builder: BlobBuilder,
     ready: Vec<BlobBuilder>,
     blob_bytes: usize,
-    customs: &'a [Mapped],
+    customs: &'a [View],
     kinds: KindCounts,
 }
 
@@ -173,12 +278,10 @@ impl Emitter<'_> {
             }
             Run::Raw { image, chunk, count } => {
                 let customs = self.customs;
-                let b = customs[image as usize].bytes();
-                let s = chunk as usize * CHUNK_SIZE;
-                let e = (s + count as usize * CHUNK_SIZE).min(b.len());
-                self.builder.push_raw(image, chunk, &b[s..e]);
+                let b = customs[image as usize].bytes(chunk, count);
+                self.builder.push_raw(image, chunk, &b);
                 self.kinds.raw.add(count);
-                self.kinds.raw.bytes += (e - s) as u64;
+                self.kinds.raw.bytes += b.len() as u64;
             }
         }
         self.maybe_cut();
@@ -265,23 +368,20 @@ pub fn create_overlay<W: Write>(
     }
     // Custom images in base order.
     let mut maps = Vec::with_capacity(custom.len());
-    let mut files = Vec::with_capacity(custom.len());
-    let mut paths = Vec::with_capacity(custom.len());
-    for bi in idx.images() {
+    for (ii, bi) in idx.images().iter().enumerate() {
         let Some(ci) = custom.iter().find(|c| c.name == bi.name) else {
             return Err(CreateError::Mismatch { reason: format!("no custom image for base image '{}'", bi.name) });
         };
-        let CustomSource::Raw(path) = &ci.source;
-        let (file, map) = Mapped::open(path).map_err(|source| CreateError::Io { path: path.clone(), source })?;
-        maps.push(map);
-        files.push(file);
-        paths.push(path.clone());
+        maps.push(match &ci.source {
+            CustomSource::Raw(path) => View::open(path, false, base, ii)?,
+            CustomSource::Qcow2(path) => View::open(path, true, base, ii)?,
+        });
     }
     let images: Vec<ImageMeta> = idx
         .images()
         .iter()
         .zip(&maps)
-        .map(|(bi, m)| ImageMeta { name: bi.name.clone(), kind: bi.kind, size: m.len(), base_size: bi.size })
+        .map(|(bi, m)| ImageMeta { name: bi.name.clone(), kind: bi.kind, size: m.size(), base_size: bi.size })
         .collect();
     let meta = OverlayMeta {
         base_id: info.base_id,
@@ -296,7 +396,7 @@ pub fn create_overlay<W: Write>(
     let mut writer = OverlayWriter::new(Counting { inner: out, bytes: 0 }, &meta)?;
     writer.write_device_state(device_state, opts.level)?;
 
-    let total: u64 = maps.iter().map(|m| m.len()).sum();
+    let total: u64 = maps.iter().map(|m| m.size()).sum();
     let mut stats = CreateStats::default();
     let mut em = Emitter {
         run: Run::None,
@@ -312,10 +412,8 @@ pub fn create_overlay<W: Write>(
     let mut scanned = 0u64;
 
     for (ii, map) in maps.iter().enumerate() {
-        let size = map.len();
-        let bytes = map.bytes();
+        let size = map.size();
         let n_chunks = size.div_ceil(CHUNK_SIZE as u64);
-        let extents = data_extents(&files[ii], size);
         let mut digester = ImageDigester::new();
         let mut c0 = 0u64;
         while c0 < n_chunks {
@@ -328,16 +426,26 @@ pub fn create_overlay<W: Write>(
                 .map(|c| {
                     let c = c as u64;
                     let len = chunk_len(size, c);
-                    let s = (c * CHUNK_SIZE as u64) as usize;
-                    let off = c * CHUNK_SIZE as u64;
-                    let p = extents.partition_point(|&(a, _)| a <= off);
-                    let in_data = p > 0 && off < extents[p - 1].1;
-                    if !in_data {
-                        let h = if len == CHUNK_SIZE { ChunkHash::zero() } else { ChunkHash::of(&vec![0u8; len]) };
-                        let class = if base.chunk_is_zero(ii, c, len) { Class::Same } else { Class::Zero };
-                        return (class, h, None);
-                    }
-                    let chunk = &bytes[s..s + len];
+                    let data = match map.chunk(c, len) {
+                        Src::Zeros => {
+                            let h = if len == CHUNK_SIZE { ChunkHash::zero() } else { ChunkHash::of(&vec![0u8; len]) };
+                            let class = if base.chunk_is_zero(ii, c, len) { Class::Same } else { Class::Zero };
+                            return (class, h, None);
+                        }
+                        Src::Backing => {
+                            let h = match base.full_hash(ii, c) {
+                                Some(h) if len == CHUNK_SIZE => h,
+                                _ => {
+                                    let mut padded = vec![0u8; len];
+                                    base.read_padded(ii, c, &mut padded);
+                                    ChunkHash::of(&padded)
+                                }
+                            };
+                            return (Class::Same, h, None);
+                        }
+                        Src::Data(d) => d,
+                    };
+                    let chunk: &[u8] = &data;
                     match base.full_chunk(ii, c) {
                         Some(b) if len == CHUNK_SIZE => {
                             if b == chunk {
@@ -399,13 +507,11 @@ pub fn create_overlay<W: Write>(
                     Class::Fresh => {
                         stats.changed_chunks += 1;
                         let len = chunk_len(size, c);
-                        let s = (c * CHUNK_SIZE as u64) as usize;
-                        let chunk = &bytes[s..s + len];
                         if len == CHUNK_SIZE {
                             if let Some(&src) = self_map.get(&h) {
-                                let sb = maps[src.image as usize].bytes();
-                                let ss = src.chunk as usize * CHUNK_SIZE;
-                                if sb.get(ss..ss + CHUNK_SIZE) == Some(chunk) {
+                                let chunk = map.bytes(c, 1);
+                                let earlier = maps[src.image as usize].bytes(src.chunk, 1);
+                                if earlier.len() == CHUNK_SIZE && *earlier == *chunk {
                                     em.copy_self(image, c, src);
                                     continue;
                                 }

@@ -80,7 +80,7 @@ impl Pair {
     fn round_trip(&self, opts: &CreateOptions, tag: &str) -> CreateStats {
         let (base, ovl, stats) = self.create(opts);
         let outputs = self.outputs(tag);
-        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: false };
+        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: false, qcow2_disks: false };
         let report = apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap();
         assert_eq!(report.device_state, b"device");
         for (i, (_, p)) in outputs.iter().enumerate() {
@@ -169,7 +169,7 @@ fn overlay_for_another_base_is_refused_naming_both_ids() {
     let pair = Pair::new(vec![("memory", ImageKind::Memory, mem)], vec![cm]);
     let (base, ovl, _) = pair.create(&CreateOptions::default());
     let outputs = pair.outputs("wrong");
-    let a = ApplyOptions { base_id: BaseId([8; 32]), outputs: outputs.clone(), fsync: false };
+    let a = ApplyOptions { base_id: BaseId([8; 32]), outputs: outputs.clone(), fsync: false, qcow2_disks: false };
     let err = apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains(&BaseId([9; 32]).to_hex()) && msg.contains(&BaseId([8; 32]).to_hex()), "{msg}");
@@ -197,13 +197,23 @@ fn damaged_overlays_fail_and_leave_nothing_behind() {
     assert!(stats.blobs > 2);
     let cuts = [ovl.len() / 3, ovl.len() / 2, ovl.len() - 1];
     for (k, cut) in cuts.into_iter().enumerate() {
-        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: pair.outputs(&format!("cut{k}")), fsync: false };
+        let a = ApplyOptions {
+            base_id: BaseId([9; 32]),
+            outputs: pair.outputs(&format!("cut{k}")),
+            fsync: false,
+            qcow2_disks: false,
+        };
         assert!(apply_overlay(&base, &ovl[..cut], &a, &|_| {}).is_err());
     }
     for (k, at) in [200usize, ovl.len() / 2, ovl.len() - 50].into_iter().enumerate() {
         let mut bad = ovl.clone();
         bad[at] ^= 0x20;
-        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: pair.outputs(&format!("flip{k}")), fsync: false };
+        let a = ApplyOptions {
+            base_id: BaseId([9; 32]),
+            outputs: pair.outputs(&format!("flip{k}")),
+            fsync: false,
+            qcow2_disks: false,
+        };
         assert!(apply_overlay(&base, &bad[..], &a, &|_| {}).is_err());
     }
     assert_eq!(leftovers(pair.dir.path()), Vec::<String>::new());
@@ -283,4 +293,119 @@ proptest! {
         let opts = CreateOptions { compression, level: 1, blob_bytes: 20 << 10, batch_bytes: 64 << 10, ..CreateOptions::default() };
         pair.round_trip(&opts, "prop");
     }
+}
+
+fn run(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/setup-host.sh installs qemu-utils)"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The custom disk as a qcow2 layer over the base disk, written by QEMU's own tools: only the
+/// layer's clusters are read, and the overlay rebuilds exactly what QEMU reads from the layer.
+#[test]
+fn qcow2_layer_over_the_base_disk() {
+    for cluster in ["4k", "64k"] {
+        let disk: Vec<u8> = (0..256).flat_map(|i| if i % 5 == 0 { vec![0; PAGE] } else { page(i) }).collect();
+        let mem: Vec<u8> = (0..64).flat_map(|i| page(1000 + i)).collect();
+        let pair = Pair::new(
+            vec![("memory", ImageKind::Memory, mem.clone()), ("disk0", ImageKind::Disk, disk)],
+            vec![mem.clone(), vec![]],
+        );
+        let d = pair.dir.path();
+        let layer = d.join("layer.qcow2");
+        run(std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-o"])
+            .arg(format!("cluster_size={cluster}"))
+            .arg("-b")
+            .arg(d.join("base-disk0"))
+            .arg(&layer));
+        run(std::process::Command::new("qemu-io").arg("-f").arg("qcow2").arg(&layer).args([
+            "-c",
+            "write -P 0x5a 8k 4k", // fresh bytes
+            "-c",
+            "write -z 128k 64k", // zeros over content
+            "-c",
+            "write -P 0x11 300k 12k", // a run
+            "-c",
+            "write -P 0 400k 4k", // zero data
+            "-c",
+            "write -P 0x5a 512k 4k", // the same page again (self-dedup)
+        ]));
+        // A base page copied to another offset, through a raw read of the base.
+        let expected = d.join("expected.raw");
+        run(std::process::Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&layer).arg(&expected));
+        let base = Base::build(&pair.base_images(), &|_| {}).unwrap();
+        let customs = vec![
+            CustomImage { name: "memory".into(), source: CustomSource::Raw(d.join("custom-memory")) },
+            CustomImage { name: "disk0".into(), source: CustomSource::Qcow2(layer.clone()) },
+        ];
+        let (ovl, stats) =
+            create_overlay(&base, &customs, &info(), b"device", &CreateOptions::default(), &|_| {}, Vec::new())
+                .unwrap();
+        assert!(stats.changed_chunks <= 2 + 16 + 3 + 1 + 1, "{cluster}: {} changed chunks", stats.changed_chunks);
+        // Two pages of the 0x11 run and the repeated 0x5a page.
+        assert_eq!(stats.kinds.copy_self.chunks, 3, "{cluster}: {:?}", stats.kinds);
+        let outputs = pair.outputs(cluster);
+        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: false, qcow2_disks: false };
+        apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap();
+        assert!(std::fs::read(&outputs[1].1).unwrap() == std::fs::read(&expected).unwrap(), "{cluster}: disk differs");
+        assert!(std::fs::read(&outputs[0].1).unwrap() == mem);
+
+        // The same overlay applied with the disk as a qcow2 layer over the base disk: clean
+        // for `qemu-img check`, only the changed chunks stored, and the same guest bytes.
+        let outputs = pair.outputs(&format!("{cluster}-q"));
+        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: false, qcow2_disks: true };
+        apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap();
+        let q = &outputs[1].1;
+        run(std::process::Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(q));
+        let layer_len = std::fs::metadata(q).unwrap().len();
+        assert!(layer_len <= (stats.changed_chunks + 8) * PAGE as u64, "{cluster}: layer is {layer_len} bytes");
+        let back = d.join(format!("back-{cluster}.raw"));
+        run(std::process::Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(q).arg(&back));
+        assert!(std::fs::read(&back).unwrap() == std::fs::read(&expected).unwrap(), "{cluster}: qcow2 output differs");
+        // Its backing file is the base disk, and the engine reads it back as a layer.
+        let l = qcow2::Qcow2Layer::open(q).unwrap();
+        assert_eq!(l.backing_path().unwrap(), std::fs::canonicalize(d.join("base-disk0")).unwrap());
+
+        // A layer over some other file is refused, naming both.
+        let other = d.join("other.qcow2");
+        run(std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(d.join("custom-memory"))
+            .arg(&other));
+        let customs =
+            vec![customs[0].clone(), CustomImage { name: "disk0".into(), source: CustomSource::Qcow2(other) }];
+        let e =
+            create_overlay(&base, &customs, &info(), b"d", &CreateOptions::default(), &|_| {}, Vec::new()).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("custom-memory") && msg.contains("base-disk0"), "{msg}");
+    }
+}
+
+/// A qcow2 output with thousands of clusters (several refcount blocks, several L2 tables), an
+/// odd size and a disk that grew: `qemu-img check` clean and byte-exact.
+#[test]
+fn qcow2_output_large_and_odd_sized() {
+    let n = 10_000usize;
+    let base_disk = vec![0u8; 9_000 * PAGE + 700];
+    let mut custom: Vec<u8> = (0..n as u64).flat_map(|i| if i % 7 == 0 { vec![0; PAGE] } else { page(i) }).collect();
+    custom.truncate(n * PAGE - 1234);
+    let mem = page(1);
+    let pair = Pair::new(
+        vec![("memory", ImageKind::Memory, mem.clone()), ("disk0", ImageKind::Disk, base_disk)],
+        vec![mem, custom.clone()],
+    );
+    let (base, ovl, _) = pair.create(&CreateOptions::default());
+    let outputs = pair.outputs("big");
+    let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: true, qcow2_disks: true };
+    apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap();
+    let q = &outputs[1].1;
+    run(std::process::Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(q));
+    let back = pair.dir.path().join("back.raw");
+    run(std::process::Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(q).arg(&back));
+    let got = std::fs::read(&back).unwrap();
+    // The header keeps the exact size; QEMU sees whole 512-byte sectors of it.
+    assert_eq!(got.len(), custom.len() / 512 * 512);
+    assert!(got[..] == custom[..got.len()]);
+    assert_eq!(qcow2::Qcow2Layer::open(q).unwrap().virtual_size(), custom.len() as u64);
 }

@@ -3,7 +3,6 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base_registry::Registry;
@@ -228,23 +227,16 @@ pub fn create_overlay_file(
     let snap = vm.snapshot(&snap_dir)?;
     drop(vm);
     let snapshot = t2.elapsed();
-    // The custom disk is a qcow2 layer over the base disk: read it as raw.
+    // The custom disk is a qcow2 layer over the base disk: the engine reads only the clusters
+    // it allocated.
     let mut custom = vec![CustomImage { name: "memory".into(), source: CustomSource::Raw(snap.memory_path()) }];
     for d in &snap.disks {
-        let raw = work.join(format!("{}.raw", d.name));
-        let out = Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(snap.dir.join(&d.path))
-            .arg(&raw)
-            .output()
-            .map_err(|source| FlowError::Io { path: raw.clone(), source })?;
-        if !out.status.success() {
-            return Err(FlowError::Tool {
-                tool: "qemu-img convert".into(),
-                output: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        custom.push(CustomImage { name: d.name.clone(), source: CustomSource::Raw(raw) });
+        let path = snap.dir.join(&d.path);
+        let source = match d.format {
+            DiskFormat::Qcow2 => CustomSource::Qcow2(path),
+            DiskFormat::Raw => CustomSource::Raw(path),
+        };
+        custom.push(CustomImage { name: d.name.clone(), source });
     }
     events(Event::Step("computing the overlay".into()));
     let engine_base = base.engine_base()?;
@@ -388,16 +380,23 @@ pub fn synthesize_with<R: Read + Send>(
         &std::fs::canonicalize(out_dir).map_err(|source| FlowError::Io { path: out_dir.to_owned(), source })?;
     let engine_base = base.engine_base()?;
     let snap = &base.snapshot;
+    // Disks become qcow2 layers over the base's raw disks: no copy of the base disk at all.
+    if let Some(d) = snap.disks.iter().find(|d| d.format != DiskFormat::Raw) {
+        return Err(FlowError::BadBase {
+            dir: base.entry.dir.clone(),
+            reason: format!("disk '{}' is not raw; bases keep raw disks", d.name),
+        });
+    }
     let mut outputs = vec![("memory".to_string(), out_dir.join("memory"))];
     for d in &snap.disks {
-        outputs.push((d.name.clone(), out_dir.join(format!("{}.raw", d.name))));
+        outputs.push((d.name.clone(), out_dir.join(format!("{}.qcow2", d.name))));
     }
     events(Event::Step("rebuilding the custom VM".into()));
     let progress = |p: delta_engine::Progress| events(Event::Progress { phase: p.phase, done: p.done, total: p.total });
     let report = apply_overlay_reader(
         &engine_base,
         reader,
-        &ApplyOptions { base_id: base.id(), outputs: outputs.clone(), fsync: false },
+        &ApplyOptions { base_id: base.id(), outputs: outputs.clone(), fsync: false, qcow2_disks: true },
         &progress,
     )?;
     let rebuild = t0.elapsed();
@@ -421,8 +420,8 @@ pub fn synthesize_with<R: Read + Send>(
             .iter()
             .map(|d| vm_driver::Disk {
                 name: d.name.clone(),
-                path: format!("{}.raw", d.name).into(),
-                format: DiskFormat::Raw,
+                path: format!("{}.qcow2", d.name).into(),
+                format: DiskFormat::Qcow2,
             })
             .collect(),
         guest_ports: report.meta.forwards.iter().map(|f| f.guest_port).collect(),

@@ -332,6 +332,8 @@ async fn healthz(State(st): State<Arc<AppState>>) -> Response {
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "running_vms": running,
+        "syntheses": st.cfg.max_syntheses.max(1) - st.syntheses.available_permits(),
+        "max_syntheses": st.cfg.max_syntheses,
         "max_vms": st.cfg.max_vms,
         "max_overlay_bytes": st.cfg.max_overlay_bytes,
     }))

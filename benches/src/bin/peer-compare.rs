@@ -510,6 +510,7 @@ mod ours {
                     base_id: BaseId([0; 32]),
                     outputs: vec![("memory".into(), a[5].clone().into()), ("disk0".into(), a[6].clone().into())],
                     fsync: false,
+                    qcow2_disks: false,
                 };
                 apply_overlay(&base, f, &opts, &|_| {})?;
             }
