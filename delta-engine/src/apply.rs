@@ -16,7 +16,7 @@ use overlay_format::{
 use rayon::prelude::*;
 
 use crate::base::Base;
-use crate::file::{sparse_copy, zero_range};
+use crate::file::{lazy_copy, zero_range, LazyCopy};
 use crate::qcow2::{Qcow2Writer, Written};
 use crate::{KindCounts, Progress};
 
@@ -122,8 +122,8 @@ pub struct ApplyOptions {
 
 /// Where an output image's bytes go.
 enum Store {
-    /// A sparse copy of the base image, written in place.
-    Raw(File),
+    /// A copy of the base image, filled in offset order as records arrive (see [`LazyCopy`]).
+    Raw(File, Option<LazyCopy>),
     /// A qcow2 layer over the base image.
     Qcow2(Qcow2Writer),
 }
@@ -160,11 +160,27 @@ impl Out {
 
     /// Writes whole chunks from chunk `c` on.
     fn write(&mut self, c: u64, data: &[u8]) -> Result<(), ApplyError> {
+        let start = c * CHUNK_SIZE as u64;
         let r = match &mut self.store {
-            Store::Raw(f) => f.write_all_at(data, c * CHUNK_SIZE as u64),
+            Store::Raw(f, lazy) => (|| {
+                if let Some(l) = lazy {
+                    l.advance_to(f, start)?;
+                    l.skip_to(start + data.len() as u64);
+                }
+                f.write_all_at(data, start)
+            })(),
             Store::Qcow2(w) => w.write(c, data),
         };
         r.map_err(self.io())
+    }
+
+    /// Copies the rest of the base (lazy copies); after this the image is complete.
+    fn finish_copy(&mut self) -> Result<(), ApplyError> {
+        let size = self.size;
+        if let Store::Raw(f, Some(l)) = &mut self.store {
+            l.advance_to(f, size).map_err(|source| ApplyError::Io { path: self.tmp.clone(), source })?;
+        }
+        Ok(())
     }
 
     /// Makes chunks `c..c + count` zeros.
@@ -172,7 +188,19 @@ impl Out {
         let start = c * CHUNK_SIZE as u64;
         let end = ((c + count) * CHUNK_SIZE as u64).min(self.size);
         match &mut self.store {
-            Store::Raw(f) => zero_range(f, start, end - start).map_err(self.io()),
+            Store::Raw(f, lazy) => {
+                if let Some(l) = lazy {
+                    let r = l.advance_to(f, start);
+                    r.map_err(|source| ApplyError::Io { path: self.tmp.clone(), source })?;
+                    if l.cursor() <= start {
+                        // Never copied: the fresh file already reads zeros here.
+                        l.skip_to(end);
+                        return Ok(());
+                    }
+                    l.skip_to(end);
+                }
+                zero_range(f, start, end - start).map_err(self.io())
+            }
             Store::Qcow2(w) => {
                 w.zero(c, count);
                 Ok(())
@@ -183,7 +211,7 @@ impl Out {
     /// Reads chunk `c` (`buf.len()` bytes) as the rebuilt image has it now.
     fn read(&self, base: &Base, c: u64, buf: &mut [u8]) -> Result<(), ApplyError> {
         match &self.store {
-            Store::Raw(f) => f.read_exact_at(buf, c * CHUNK_SIZE as u64).map_err(self.io()),
+            Store::Raw(f, _) => f.read_exact_at(buf, c * CHUNK_SIZE as u64).map_err(self.io()),
             Store::Qcow2(w) => {
                 match w.state(c) {
                     Written::Backing => base.read_padded(self.base_image, c, buf),
@@ -275,8 +303,23 @@ pub fn apply_overlay_reader<R: Read + Send>(
             let w = Qcow2Writer::create(&tmp, m.size, base.path(i));
             Store::Qcow2(w.map_err(|source| ApplyError::Io { path: tmp.clone(), source })?)
         } else {
-            let f = sparse_copy(base.path(i), &tmp, m.size);
-            Store::Raw(f.map_err(|source| ApplyError::Io { path: tmp.clone(), source })?)
+            // Copy only the base's non-zero chunks (the index knows them): zeros stay holes.
+            let bi = &idx.images()[i];
+            let cs = CHUNK_SIZE as u64;
+            let mut data: Vec<(u64, u64)> = Vec::new();
+            for (c, h) in bi.hashes.iter().enumerate() {
+                let (s, e) = (c as u64 * cs, ((c as u64 + 1) * cs).min(bi.size));
+                if *h == ChunkHash::zero() && e - s == cs {
+                    continue;
+                }
+                match data.last_mut() {
+                    Some(last) if last.1 == s => last.1 = e,
+                    _ => data.push((s, e)),
+                }
+            }
+            let (f, lazy) = lazy_copy(base.path(i), &tmp, m.size, data)
+                .map_err(|source| ApplyError::Io { path: tmp.clone(), source })?;
+            Store::Raw(f, lazy)
         };
         cleanup.0.push(tmp.clone());
         let n = m.size.div_ceil(CHUNK_SIZE as u64);
@@ -363,6 +406,11 @@ pub fn apply_overlay_reader<R: Read + Send>(
     });
     let (trailer, overlay_bytes, receive) = result?;
 
+    let tf = Instant::now();
+    for o in outs.iter_mut() {
+        o.finish_copy()?;
+    }
+    apply_time += tf.elapsed();
     // Verify.
     let tv = Instant::now();
     for (i, o) in outs.iter_mut().enumerate() {
@@ -388,7 +436,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
     if opts.fsync {
         outs.par_iter().try_for_each(|o| {
             let f = match &o.store {
-                Store::Raw(f) => f,
+                Store::Raw(f, _) => f,
                 Store::Qcow2(w) => w.file(),
             };
             f.sync_all().map_err(|source| ApplyError::Io { path: o.tmp.clone(), source })

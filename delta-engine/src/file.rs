@@ -72,26 +72,6 @@ pub(crate) fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// Copies `src` to a new file at `dst` keeping holes: tries a reflink first, then copies only
-/// the data extents. `dst` is created (must not exist) and sized to `len` (truncated or
-/// extended with a hole).
-pub(crate) fn sparse_copy(src: &Path, dst: &Path, len: u64) -> io::Result<File> {
-    let input = File::open(src)?;
-    let src_len = input.metadata()?.len();
-    let out = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dst)?;
-    // FICLONE = _IOW(0x94, 9, int)
-    const FICLONE: libc::c_ulong = 0x4004_9409;
-    // SAFETY: ioctl with two valid open file descriptors; FICLONE reads no user memory.
-    let cloned = src_len > 0 && unsafe { libc::ioctl(out.as_raw_fd(), FICLONE as _, input.as_raw_fd()) } == 0;
-    if !cloned {
-        for (start, end) in data_extents(&input, src_len) {
-            copy_range(&input, &out, start, end - start)?;
-        }
-    }
-    out.set_len(len)?;
-    Ok(out)
-}
-
 fn copy_range(input: &File, out: &File, start: u64, len: u64) -> io::Result<()> {
     let mut off_in = start as libc::loff_t;
     let mut off_out = start as libc::loff_t;
@@ -160,4 +140,70 @@ pub(crate) fn zero_range(file: &File, start: u64, len: u64) -> io::Result<()> {
         pos += n as u64;
     }
     Ok(())
+}
+
+/// A copy of a base image into an output that happens as the output is written, in offset
+/// order, so that every byte of the output is written once: ranges the overlay rewrites are
+/// never copied from the base, and holes stay holes.
+pub(crate) struct LazyCopy {
+    input: File,
+    extents: Vec<(u64, u64)>,
+    cursor: u64,
+    limit: u64,
+}
+
+impl LazyCopy {
+    /// Everything below `pos` that the overlay has not rewritten now holds the base's bytes.
+    pub(crate) fn advance_to(&mut self, out: &File, pos: u64) -> io::Result<()> {
+        let pos = pos.min(self.limit);
+        if pos <= self.cursor {
+            return Ok(());
+        }
+        let first = self.extents.partition_point(|&(_, e)| e <= self.cursor);
+        for &(s, e) in &self.extents[first..] {
+            if s >= pos {
+                break;
+            }
+            let (s, e) = (s.max(self.cursor), e.min(pos));
+            if s < e {
+                copy_range(&self.input, out, s, e - s)?;
+            }
+        }
+        self.cursor = pos;
+        Ok(())
+    }
+
+    /// The output's `[.., end)` is written by the overlay: never copy it from the base.
+    pub(crate) fn skip_to(&mut self, end: u64) {
+        self.cursor = self.cursor.max(end);
+    }
+
+    /// Where the copy stands.
+    pub(crate) fn cursor(&self) -> u64 {
+        self.cursor
+    }
+}
+
+/// Creates the output `dst` of `len` bytes for a copy of `src`: a reflink when the filesystem
+/// offers one (then `None`), else an empty sparse file and the [`LazyCopy`] that fills it with
+/// the byte ranges `data` of `src` (everything else reads as zeros).
+pub(crate) fn lazy_copy(
+    src: &Path,
+    dst: &Path,
+    len: u64,
+    data: Vec<(u64, u64)>,
+) -> io::Result<(File, Option<LazyCopy>)> {
+    let input = File::open(src)?;
+    let src_len = input.metadata()?.len();
+    let out = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dst)?;
+    // FICLONE = _IOW(0x94, 9, int)
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: ioctl with two valid open file descriptors; FICLONE reads no user memory.
+    let cloned = src_len > 0 && unsafe { libc::ioctl(out.as_raw_fd(), FICLONE as _, input.as_raw_fd()) } == 0;
+    out.set_len(len)?;
+    if cloned {
+        return Ok((out, None));
+    }
+    let limit = src_len.min(len);
+    Ok((out, Some(LazyCopy { input, extents: data, cursor: 0, limit })))
 }

@@ -41,7 +41,12 @@
 //! assert_eq!(stats.kinds.copy_base.chunks, 1);
 //!
 //! let out = dir.path().join("rebuilt.ram");
-//! let opts = ApplyOptions { base_id: BaseId([1; 32]), outputs: vec![("memory".into(), out.clone())], fsync: false, qcow2_disks: false };
+//! let opts = ApplyOptions {
+//!     base_id: BaseId([1; 32]),
+//!     outputs: vec![("memory".into(), out.clone())],
+//!     fsync: false,
+//!     qcow2_disks: false,
+//! };
 //! let report = apply_overlay(&base, &overlay[..], &opts, &|_| {})?;
 //! assert_eq!(report.device_state, b"state");
 //! assert_eq!(std::fs::read(out)?, bytes);

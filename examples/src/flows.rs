@@ -30,6 +30,17 @@ pub fn printer(quiet: bool) -> impl Fn(Event) + Sync {
                 }
                 eprintln!("  - {s}");
             }
+            Event::Interactive { serial_socket } => {
+                if let Some((_, b)) = bar.take() {
+                    b.finish_and_clear();
+                }
+                eprintln!("  - the guest is yours: its serial console is {}", serial_socket.display());
+                eprintln!("      connect with: socat -,raw,echo=0 UNIX-CONNECT:{}", serial_socket.display());
+                eprintln!("      (one client at a time; disconnect with Ctrl-C in socat)");
+                eprintln!("    press Enter here when you are done, after disconnecting");
+                let mut line = String::new();
+                let _ = std::io::stdin().read_line(&mut line);
+            }
             Event::Progress { total: 0, .. } => {}
             Event::Progress { phase, done, total } if tty => {
                 if bar.as_ref().is_none_or(|(p, _)| *p != phase) {
@@ -90,6 +101,10 @@ pub struct BaseArgs {
     pub ready: String,
     /// Commands.
     pub prepare: Vec<String>,
+    /// Hand the console to a person.
+    pub interactive: bool,
+    /// Wait for HTTP on this guest port.
+    pub wait_http: Option<u16>,
 }
 
 /// `cloudlet base`.
@@ -103,6 +118,8 @@ pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<Re
         ram_bytes: a.ram_mib << 20,
         ready_text: a.ready.clone(),
         prepare: a.prepare.clone(),
+        interactive: a.interactive,
+        wait_http: a.wait_http,
         work_dir: reg.root().join(format!(".work-{}", std::process::id())),
     };
     let (b, t) = create_base(qemu, reg, &req, &printer(quiet)).context("creating the base VM")?;
@@ -135,6 +152,10 @@ pub struct OverlayArgs {
     pub xz: bool,
     /// Level.
     pub level: Option<i32>,
+    /// Hand the console to a person.
+    pub interactive: bool,
+    /// Wait for HTTP on this guest port.
+    pub wait_http: Option<u16>,
 }
 
 /// `cloudlet overlay`.
@@ -145,8 +166,15 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
     if let Some(l) = a.level {
         options.level = l;
     }
-    let req =
-        OverlayRequest { name: a.name.clone(), customize: a.customize.clone(), forwards, out: a.out.clone(), options };
+    let req = OverlayRequest {
+        name: a.name.clone(),
+        customize: a.customize.clone(),
+        interactive: a.interactive,
+        wait_http: a.wait_http,
+        forwards,
+        out: a.out.clone(),
+        options,
+    };
     let o = create_overlay_file(qemu, &base, &req, &printer(quiet)).context("creating the overlay")?;
     let s = &o.stats;
     let (base_alloc, _) = base.sizes();
@@ -216,6 +244,10 @@ pub fn synth(
     for (g, h) in &s.ports {
         println!("  forward: 127.0.0.1:{h} -> guest :{g}");
     }
+    if let Some(body) = &s.answer {
+        let first = body.split("\r\n\r\n").nth(1).unwrap_or(body).lines().next().unwrap_or("");
+        println!("  the app answered: {first}");
+    }
     Ok(s)
 }
 
@@ -246,6 +278,8 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             ram_mib: 256,
             ready: "cloudlet-guest: ready".into(),
             prepare: vec![],
+            interactive: false,
+            wait_http: None,
         },
         false,
     )?;
@@ -270,14 +304,13 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             out: work.join("webapp.overlay"),
             xz: false,
             level: None,
+            interactive: false,
+            wait_http: Some(8080),
         },
         false,
     )?;
     println!("== 3/3 synthesis: rebuild the custom VM from base + overlay, resume it, ask the app");
     let s = synth(&qemu, &reg, &o.path, &work.join("vm"), Some(8080), false)?;
-    let body = s.answer.as_deref().unwrap_or("");
-    let first = body.split("\r\n\r\n").nth(1).unwrap_or(body).lines().next().unwrap_or("");
-    println!("  the app answered: {first}");
     let (base_alloc, base_apparent) = b.sizes();
     println!("== summary");
     println!("  base VM:  {} on disk ({} apparent)", size(base_alloc), size(base_apparent));

@@ -214,3 +214,68 @@ fn interrupted_overlay_flow_leaves_nothing() {
     let list = cloudlet().arg("--registry").arg(&reg).arg("list-base").output().unwrap();
     assert!(String::from_utf8_lossy(&list.stdout).contains(" deb "));
 }
+
+#[test]
+fn interactive_overlay_flow_through_the_serial_console() {
+    use std::io::{BufRead, Read, Write};
+    let work = tempfile::tempdir().unwrap();
+    let guest = guest_dir();
+    let reg = work.path().join("registry");
+    let cl = || {
+        let mut c = cloudlet();
+        c.arg("--registry").arg(&reg);
+        c
+    };
+    let out = cl()
+        .args(["base", "--name", "deb", "--kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initrd.img"))
+        .arg(guest.join("disk.raw"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
+    let ovl = work.path().join("hand.overlay");
+    let mut child = cl()
+        .args(["overlay", "--base", "deb", "--interactive", "--wait-http", "80", "--forward", "tcp:0:80", "--out"])
+        .arg(&ovl)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let socket = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "overlay ended before handing over the console");
+        if let Some(p) = line.trim().strip_prefix("connect with: socat -,raw,echo=0 UNIX-CONNECT:") {
+            break PathBuf::from(p);
+        }
+    };
+    // A person at the console: edit the web page by hand.
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    s.write_all(b"echo by-hand > /mnt/disk/www/index.html && echo done-$((6*7))\n").unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("done-42") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "console closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "overlay: {rest}");
+    let out = cl()
+        .args(["synthesis", "--overlay"])
+        .arg(&ovl)
+        .arg("--out")
+        .arg(work.path().join("vm"))
+        .args(["--probe", "80"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("the app answered: by-hand"), "{stdout}");
+}

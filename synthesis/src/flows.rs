@@ -75,6 +75,28 @@ impl Drop for Guard {
     }
 }
 
+/// The preparation steps of the base and overlay flows: commands over the serial console, a
+/// person at the console, then waiting for the app's HTTP answer.
+fn prepare(
+    vm: &mut QemuVm,
+    commands: &[String],
+    interactive: bool,
+    wait_http: Option<u16>,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<(), FlowError> {
+    run_all(vm, commands, events)?;
+    if interactive {
+        vm.release_console();
+        events(Event::Interactive { serial_socket: vm.serial_socket().to_owned() });
+    }
+    if let Some(port) = wait_http {
+        let host = vm.host_port(port).ok_or(FlowError::NoAnswer { port, timeout: Duration::ZERO })?;
+        events(Event::Step(format!("waiting for an HTTP answer on guest port {port}")));
+        http_get_until(host, COMMAND_TIMEOUT)?;
+    }
+    Ok(())
+}
+
 fn run_all(vm: &mut QemuVm, commands: &[String], events: &(dyn Fn(Event) + Sync)) -> Result<(), FlowError> {
     for c in commands {
         events(Event::Step(format!("guest$ {c}")));
@@ -105,6 +127,10 @@ pub struct BaseRequest {
     pub ready_text: String,
     /// Shell commands run in the guest before the snapshot.
     pub prepare: Vec<String>,
+    /// After the commands, hand the serial console to a person ([`Event::Interactive`]).
+    pub interactive: bool,
+    /// Then wait until the guest answers HTTP on this port (forwarded for the wait only).
+    pub wait_http: Option<u16>,
     /// Scratch directory for the snapshot before it moves into the registry (must not
     /// exist; removed afterwards).
     pub work_dir: PathBuf,
@@ -140,18 +166,21 @@ pub fn create_base(
     let _work_guard = Guard::new(&work);
     let disk = work.join("disk0.raw");
     std::fs::copy(&req.disk, &disk).map_err(|source| FlowError::Io { path: req.disk.clone(), source })?;
-    let spec = LaunchSpec::new(req.ram_bytes).kernel(&req.kernel, &req.initrd, &req.cmdline).disk(
+    let mut spec = LaunchSpec::new(req.ram_bytes).kernel(&req.kernel, &req.initrd, &req.cmdline).disk(
         "disk0",
         &disk,
         DiskFormat::Raw,
     );
+    if let Some(p) = req.wait_http {
+        spec = spec.forward(0, p);
+    }
     let (accel, why) = qemu.accelerator(spec.kernel.as_ref());
     events(Event::Step(format!("booting the base VM (accelerator {}: {why})", accel.as_str())));
     let t0 = Instant::now();
     let mut vm = qemu.launch(&spec)?;
     vm.console()?.wait_for_text(&req.ready_text, BOOT_TIMEOUT)?;
     t.boot = t0.elapsed();
-    run_all(&mut vm, &req.prepare, events)?;
+    prepare(&mut vm, &req.prepare, req.interactive, req.wait_http, events)?;
     events(Event::Step("snapshotting the base VM".into()));
     let t1 = Instant::now();
     let snap = vm.snapshot(&work.join("snapshot"))?;
@@ -171,6 +200,11 @@ pub struct OverlayRequest {
     pub name: String,
     /// Shell commands that customize the guest.
     pub customize: Vec<String>,
+    /// After the commands, hand the serial console to a person ([`Event::Interactive`]).
+    pub interactive: bool,
+    /// Then wait until the guest answers HTTP on this port (one of `forwards`, or forwarded
+    /// for the wait only).
+    pub wait_http: Option<u16>,
     /// The app's port forwards (recorded in the overlay).
     pub forwards: Vec<PortForward>,
     /// The overlay file to write (must not exist).
@@ -210,15 +244,18 @@ pub fn create_overlay_file(
     let _work_guard = Guard::new(&work);
     events(Event::Step(format!("resuming base {} ({})", &base.entry.manifest.id[..12], base.entry.manifest.name)));
     let t0 = Instant::now();
-    let forwards: Vec<Forward> =
+    let mut forwards: Vec<Forward> =
         req.forwards.iter().map(|f| Forward { host_port: 0, guest_port: f.guest_port }).collect();
+    if let Some(p) = req.wait_http.filter(|p| !forwards.iter().any(|f| f.guest_port == *p)) {
+        forwards.push(Forward { host_port: 0, guest_port: p });
+    }
     let mut vm = qemu.restore(
         &base.snapshot,
         &RestoreOptions { ram: RamMode::PrivateCopy, forwards: Some(forwards), ..Default::default() },
     )?;
     let resume = t0.elapsed();
     let t1 = Instant::now();
-    run_all(&mut vm, &req.customize, events)?;
+    prepare(&mut vm, &req.customize, req.interactive, req.wait_http, events)?;
     run_all(&mut vm, &["sync".to_string()], events)?;
     let customize = t1.elapsed();
     events(Event::Step("snapshotting the custom VM".into()));

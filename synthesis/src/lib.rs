@@ -46,6 +46,14 @@ pub use forward::{parse_forward, ForwardParseError};
 pub enum Event {
     /// A step starts.
     Step(String),
+    /// A person may now use the guest: its serial console is the unix socket `serial_socket`
+    /// (one client at a time, e.g. `socat -,raw,echo=0 UNIX-CONNECT:PATH`). The flow goes on
+    /// when the event callback returns, so a callback that handles this event returns when the
+    /// person is done (e.g. after Enter on the terminal).
+    Interactive {
+        /// The guest's serial console.
+        serial_socket: PathBuf,
+    },
     /// Bytes done in a long phase.
     Progress {
         /// `scan` or `apply`.

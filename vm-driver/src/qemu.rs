@@ -511,6 +511,18 @@ impl QemuVm {
         self.accel
     }
 
+    /// The guest's serial console: a unix socket that accepts one client at a time. Call
+    /// [`QemuVm::release_console`] before a person connects to it.
+    pub fn serial_socket(&self) -> &Path {
+        &self.serial_socket
+    }
+
+    /// Closes this handle's console connection (the next [`Vm::console`] reconnects), so that
+    /// someone else can use the serial socket.
+    pub fn release_console(&mut self) {
+        self.console = None;
+    }
+
     /// All port forwards, with the host ports chosen.
     pub fn forwards(&self) -> &[Forward] {
         &self.forwards

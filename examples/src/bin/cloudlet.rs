@@ -64,6 +64,13 @@ enum Command {
         /// A shell command to run in the guest before the snapshot (repeatable).
         #[arg(long)]
         prepare: Vec<String>,
+        /// Then hand the guest's serial console to you; the snapshot is taken when you press
+        /// Enter.
+        #[arg(long)]
+        interactive: bool,
+        /// Then wait until the guest answers HTTP on this port.
+        #[arg(long)]
+        wait_http: Option<u16>,
         /// Name of the base (unique in the registry).
         #[arg(long)]
         name: String,
@@ -105,6 +112,13 @@ enum Command {
         /// A shell command that customizes the guest (repeatable).
         #[arg(long)]
         customize: Vec<String>,
+        /// Then hand the guest's serial console to you (customize it by hand); the overlay is
+        /// captured when you press Enter.
+        #[arg(long)]
+        interactive: bool,
+        /// Then wait until the guest answers HTTP on this port (e.g. the app just started).
+        #[arg(long)]
+        wait_http: Option<u16>,
         /// Port forward the app needs, tcp:HOST:GUEST (repeatable; HOST 0 = any).
         #[arg(long = "forward")]
         forwards: Vec<String>,
@@ -245,9 +259,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { work, guest } => {
             flows::demo(&work, &guest)?;
         }
-        Command::Base { disk, kernel, initrd, append, ram_mib, ready, prepare, name } => {
+        Command::Base { disk, kernel, initrd, append, ram_mib, ready, prepare, interactive, wait_http, name } => {
             let qemu = vm_driver::Qemu::new()?;
-            let a = flows::BaseArgs { name, kernel, initrd, append, disk, ram_mib, ready, prepare };
+            let a =
+                flows::BaseArgs { name, kernel, initrd, append, disk, ram_mib, ready, prepare, interactive, wait_http };
             flows::base(&qemu, &registry()?, &a, false)?;
         }
         Command::ListBase { json } => flows::list_base(&registry()?, json)?,
@@ -288,10 +303,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let b = registry()?.import(std::io::BufReader::new(f))?;
             println!("imported base {} ({})", b.manifest.id, b.manifest.name);
         }
-        Command::Overlay { base, customize, mut forwards, redir, xz, level, name, out } => {
+        Command::Overlay { base, customize, interactive, wait_http, mut forwards, redir, xz, level, name, out } => {
             forwards.extend(redir);
             let qemu = vm_driver::Qemu::new()?;
-            let a = flows::OverlayArgs { base, name, customize, forwards, out, xz, level };
+            let a = flows::OverlayArgs { base, name, customize, forwards, out, xz, level, interactive, wait_http };
             flows::overlay(&qemu, &registry()?, &a, false)?;
         }
         Command::Synthesis { overlay, out, probe, keep_running } => {
