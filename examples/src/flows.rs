@@ -105,6 +105,12 @@ pub struct BaseArgs {
     pub interactive: bool,
     /// Wait for HTTP on this guest port.
     pub wait_http: Option<u16>,
+    /// Print a JSON object instead of text.
+    pub json: bool,
+}
+
+fn msf(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// `cloudlet base`.
@@ -124,6 +130,13 @@ pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<Re
     };
     let (b, t) = create_base(qemu, reg, &req, &printer(quiet)).context("creating the base VM")?;
     let (alloc, apparent) = b.sizes();
+    if a.json {
+        let v = serde_json::json!({"id": b.entry.manifest.id, "name": b.entry.manifest.name,
+            "registry": reg.root(), "bytes_on_disk": alloc, "bytes_apparent": apparent,
+            "ms": {"boot": msf(t.boot), "snapshot": msf(t.snapshot), "index": msf(t.index)}});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(b);
+    }
     println!("base {} ({}) registered in {}", b.entry.manifest.id, b.entry.manifest.name, reg.root().display());
     println!(
         "  size {} on disk ({} apparent); boot {}, snapshot {}, index {}",
@@ -156,6 +169,15 @@ pub struct OverlayArgs {
     pub interactive: bool,
     /// Wait for HTTP on this guest port.
     pub wait_http: Option<u16>,
+    /// Print a JSON object instead of text.
+    pub json: bool,
+}
+
+fn kinds_json(k: &delta_engine::KindCounts) -> serde_json::Value {
+    let one =
+        |c: &delta_engine::KindCount| serde_json::json!({"records": c.records, "chunks": c.chunks, "bytes": c.bytes});
+    serde_json::json!({"zero": one(&k.zero), "copy_base": one(&k.copy_base), "copy_self": one(&k.copy_self),
+        "patch": one(&k.patch), "raw": one(&k.raw)})
 }
 
 /// `cloudlet overlay`.
@@ -178,6 +200,15 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
     let o = create_overlay_file(qemu, &base, &req, &printer(quiet)).context("creating the overlay")?;
     let s = &o.stats;
     let (base_alloc, _) = base.sizes();
+    if a.json {
+        let v = serde_json::json!({"path": o.path, "base_id": base.entry.manifest.id, "base_name": base.entry.manifest.name,
+            "overlay_bytes": s.overlay_bytes, "base_bytes_on_disk": base_alloc, "changed_chunks": s.changed_chunks,
+            "compression": format!("{:?}", req.options.compression).to_lowercase(), "kinds": kinds_json(&s.kinds),
+            "ms": {"resume": msf(o.resume), "customize": msf(o.customize), "snapshot": msf(o.snapshot),
+                   "diff": msf(s.total), "scan": msf(s.scan), "compress": msf(s.compress), "write": msf(s.write)}});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(o);
+    }
     println!("overlay {} for base {} ({})", o.path.display(), &base.entry.manifest.id[..16], base.entry.manifest.name);
     println!(
         "  size {} ({:.4} of the base's {}), {} changed chunks ({}), compression {:?}",
@@ -217,12 +248,27 @@ pub fn synth(
     out: &Path,
     probe: Option<u16>,
     quiet: bool,
+    json: bool,
 ) -> Result<synthesis::Synthesized> {
     let f = std::fs::File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
     let s = synthesize(qemu, reg, std::io::BufReader::with_capacity(1 << 20, f), out, probe, &printer(quiet))
         .context("synthesis")?;
     let base = &s.base;
     let t = &s.timeline;
+    let answer = s
+        .answer
+        .as_deref()
+        .map(|body| body.split("\r\n\r\n").nth(1).unwrap_or(body).lines().next().unwrap_or("").to_string());
+    if json {
+        let v = serde_json::json!({"name": s.meta.name, "base_id": base.entry.manifest.id, "base_name": base.entry.manifest.name,
+            "dir": out, "ports": s.ports.iter().map(|(g, h)| serde_json::json!({"guest": g, "host": h, "address": "127.0.0.1"})).collect::<Vec<_>>(),
+            "app_answer": answer,
+            "timeline_ms": {"receive": msf(t.receive), "decompress": msf(t.decompress), "apply": msf(t.apply),
+                "verify": msf(t.verify), "rebuild": msf(t.rebuild), "resume": msf(t.resume),
+                "first_answer": t.first_answer.map(msf), "total": msf(t.total)}});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(s);
+    }
     println!(
         "synthesized '{}' from base {} ({}) into {}",
         s.meta.name,
@@ -244,8 +290,7 @@ pub fn synth(
     for (g, h) in &s.ports {
         println!("  forward: 127.0.0.1:{h} -> guest :{g}");
     }
-    if let Some(body) = &s.answer {
-        let first = body.split("\r\n\r\n").nth(1).unwrap_or(body).lines().next().unwrap_or("");
+    if let Some(first) = answer {
         println!("  the app answered: {first}");
     }
     Ok(s)
@@ -280,6 +325,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             prepare: vec![],
             interactive: false,
             wait_http: None,
+            json: false,
         },
         false,
     )?;
@@ -306,11 +352,12 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             level: None,
             interactive: false,
             wait_http: Some(8080),
+            json: false,
         },
         false,
     )?;
     println!("== 3/3 synthesis: rebuild the custom VM from base + overlay, resume it, ask the app");
-    let s = synth(&qemu, &reg, &o.path, &work.join("vm"), Some(8080), false)?;
+    let s = synth(&qemu, &reg, &o.path, &work.join("vm"), Some(8080), false, false)?;
     let (base_alloc, base_apparent) = b.sizes();
     println!("== summary");
     println!("  base VM:  {} on disk ({} apparent)", size(base_alloc), size(base_apparent));

@@ -3,7 +3,7 @@
 //! zeros and fresh data), then measures, in one run, overlay size, create time, apply time and
 //! peak memory for our engine and for peer tools, and prints ratios.
 //!
-//! `cargo run --release -p cloudlet-benches --bin peer-compare -- [--quick] [--workdir DIR] [--peer-timeout SECS]`
+//! `cargo run --release -p cloudlet-benches --bin peer-compare -- [--quick | --real-guest] [--workdir DIR] [--peer-timeout SECS]`
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,16 +17,19 @@ const GEN_VERSION: &str = "pair-v1";
 
 struct Args {
     quick: bool,
+    guest: bool,
     workdir: PathBuf,
     timeout: Duration,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { quick: false, workdir: "target/peer-compare".into(), timeout: Duration::from_secs(900) };
+    let mut a =
+        Args { quick: false, guest: false, workdir: "target/peer-compare".into(), timeout: Duration::from_secs(900) };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--quick" => a.quick = true,
+            "--real-guest" => a.guest = true,
             "--workdir" => a.workdir = it.next().context("--workdir DIR")?.into(),
             "--peer-timeout" => a.timeout = Duration::from_secs(it.next().context("--peer-timeout SECS")?.parse()?),
             "ours-create" | "ours-apply" => return Err(anyhow::anyhow!("internal: {x}")),
@@ -121,6 +124,58 @@ fn size_of(p: &Path) -> u64 {
 
 /// Builds (or reuses) the pair. Disk: ext4 of real files via `mkfs.ext4 -d`; custom disk: the
 /// same image edited in place with debugfs (files added and rewritten, as a guest would).
+/// The real test guest (scripts/build-guest.sh) as a base, and the same guest after a web app
+/// was installed in it, both snapshotted by QEMU: (base disk, custom disk, base memory, custom
+/// memory, changed bytes).
+fn guest_pair(w: &Path) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf, u64)> {
+    use vm_driver::{DiskFormat, Hypervisor, LaunchSpec, Qemu, RamMode, RestoreOptions, Vm};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("scripts/build-guest.sh")).output()?;
+    if !out.status.success() {
+        bail!("scripts/build-guest.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let guest = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let g = w.join("guest");
+    let _ = fs::remove_dir_all(&g);
+    fs::create_dir_all(&g)?;
+    let disk = g.join("disk.raw");
+    fs::copy(guest.join("disk.raw"), &disk)?;
+    let qemu = Qemu::new()?;
+    let spec = LaunchSpec::new(256 << 20)
+        .kernel(guest.join("vmlinuz"), guest.join("initrd.img"), "console=ttyS0 quiet panic=-1")
+        .disk("disk0", &disk, DiskFormat::Raw);
+    let mut vm = qemu.launch(&spec)?;
+    vm.console()?.wait_for_text("cloudlet-guest: ready", Duration::from_secs(180))?;
+    let base = vm.snapshot(&g.join("base"))?;
+    drop(vm);
+    let mut vm = qemu.restore(&base, &RestoreOptions { ram: RamMode::PrivateCopy, ..Default::default() })?;
+    for c in [
+        "mkdir -p /mnt/disk/app/cgi-bin /mnt/disk/app/lib",
+        "cp -a /lib/modules /mnt/disk/app/lib/",
+        "echo '<h1>app</h1>' > /mnt/disk/app/index.html",
+        "dd if=/dev/urandom of=/mnt/disk/app/data.bin bs=1M count=4 2>/dev/null",
+        "cat /mnt/disk/app/lib/modules/*/kernel/drivers/*/*.ko /bin/busybox > /tmp/cache 2>/dev/null; true",
+        "httpd -p 8080 -h /mnt/disk/app",
+        "sync",
+    ] {
+        let (o, st) = vm.console()?.run(c, Duration::from_secs(120))?;
+        if st != 0 {
+            bail!("guest command {c:?} failed: {o}");
+        }
+    }
+    let custom = vm.snapshot(&g.join("custom"))?;
+    drop(vm);
+    let (bd, cd, bm, cm) =
+        (base.dir.join(&base.disks[0].path), g.join("custom-disk.raw"), base.memory_path(), custom.memory_path());
+    let layer = custom.dir.join(&custom.disks[0].path);
+    let st = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&layer).arg(&cd).status()?;
+    if !st.success() {
+        bail!("qemu-img convert failed");
+    }
+    let changed = changed_chunks(&bd, &cd)? * 4096 + changed_chunks(&bm, &cm)? * 4096;
+    Ok((bd, cd, bm, cm, changed))
+}
+
 fn build_pair(w: &Path, quick: bool) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf, u64)> {
     let (disk_mb, mem_mb, add_mb, mem_change) = if quick { (512, 256, 64, 0.5) } else { (2048, 1024, 300, 0.5) };
     let stamp = format!("{GEN_VERSION} {disk_mb} {mem_mb} {add_mb} {mem_change}");
@@ -168,7 +223,7 @@ fn build_pair(w: &Path, quick: bool) -> Result<(PathBuf, PathBuf, PathBuf, PathB
         if i % 2 == 0 {
             sh(&format!("head -c 4M /dev/urandom > {}", f.display())).status()?;
         } else {
-            plain_sh(&format!("find /usr/share -type f -size +8k | head -n $(({i} * 40 + 200)) | tail -n 200 | xargs cat | head -c 4M > {}", f.display())).status()?;
+            plain_sh(&format!("find /usr/share -type f -size +8k | head -n $(({i} * 40 + 200)) | tail -n 200 | xargs cat 2>/dev/null | head -c 4M > {}", f.display())).status()?;
         }
         cmds.push_str(&format!("write {} /app/f{i}\n", f.display()));
     }
@@ -205,7 +260,7 @@ fn main() -> Result<()> {
     ensure_tools()?;
     fs::create_dir_all(&a.workdir)?;
     let w = fs::canonicalize(&a.workdir)?;
-    let (bd, cd, bm, cm, changed) = build_pair(&w, a.quick)?;
+    let (bd, cd, bm, cm, changed) = if a.guest { guest_pair(&w)? } else { build_pair(&w, a.quick)? };
     let out = w.join("out");
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
@@ -436,7 +491,14 @@ fn main() -> Result<()> {
             let _ = fs::remove_file(p);
         }
     }
-    print_table(&rows, changed, &w, a.quick)?;
+    let pair = if a.guest {
+        "the real test guest before and after installing a web app (64 MiB disk, 256 MiB memory)"
+    } else if a.quick {
+        "quick (512 MiB disk, 256 MiB memory)"
+    } else {
+        "full (2 GiB disk, 1 GiB memory)"
+    };
+    print_table(&rows, changed, &w, pair)?;
     let _ = fs::remove_dir_all(&out);
     Ok(())
 }
@@ -462,13 +524,13 @@ fn fmt_d(d: Option<Duration>) -> String {
     d.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "-".into())
 }
 
-fn print_table(rows: &[Row], changed: u64, w: &Path, quick: bool) -> Result<()> {
+fn print_table(rows: &[Row], changed: u64, w: &Path, pair: &str) -> Result<()> {
     let ours = rows.iter().find(|r| r.method == "ours zstd-3");
     let mut md = String::new();
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     md.push_str(&format!(
         "Pair: {} ({} MiB changed in 4 KiB chunks); machine: {nproc} cores. One run; ratios are ours (zstd-3) / peer.\n\n",
-        if quick { "quick (512 MiB disk, 256 MiB memory)" } else { "full (2 GiB disk, 1 GiB memory)" },
+        pair,
         changed >> 20
     ));
     md.push_str("| method | overlay size | size / changed | create | apply | peak RSS | size ratio | create ratio | apply ratio | note |\n|---|---|---|---|---|---|---|---|---|---|\n");

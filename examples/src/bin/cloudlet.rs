@@ -71,6 +71,9 @@ enum Command {
         /// Then wait until the guest answers HTTP on this port.
         #[arg(long)]
         wait_http: Option<u16>,
+        /// Print the result as JSON on stdout (steps still go to stderr).
+        #[arg(long)]
+        json: bool,
         /// Name of the base (unique in the registry).
         #[arg(long)]
         name: String,
@@ -119,6 +122,9 @@ enum Command {
         /// Then wait until the guest answers HTTP on this port (e.g. the app just started).
         #[arg(long)]
         wait_http: Option<u16>,
+        /// Print the result as JSON on stdout (steps still go to stderr).
+        #[arg(long)]
+        json: bool,
         /// Port forward the app needs, tcp:HOST:GUEST (repeatable; HOST 0 = any).
         #[arg(long = "forward")]
         forwards: Vec<String>,
@@ -152,6 +158,9 @@ enum Command {
         /// Keep the VM running until Enter is pressed.
         #[arg(long)]
         keep_running: bool,
+        /// Print the result as JSON on stdout (steps still go to stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// Run the synthesis server: overlays POSTed to /v1/synthesis are applied while they
     /// arrive and the VM is resumed with its port forwards. Ctrl-C stops every VM it started.
@@ -259,10 +268,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { work, guest } => {
             flows::demo(&work, &guest)?;
         }
-        Command::Base { disk, kernel, initrd, append, ram_mib, ready, prepare, interactive, wait_http, name } => {
+        Command::Base { disk, kernel, initrd, append, ram_mib, ready, prepare, interactive, wait_http, json, name } => {
             let qemu = vm_driver::Qemu::new()?;
-            let a =
-                flows::BaseArgs { name, kernel, initrd, append, disk, ram_mib, ready, prepare, interactive, wait_http };
+            let a = flows::BaseArgs {
+                name,
+                kernel,
+                initrd,
+                append,
+                disk,
+                ram_mib,
+                ready,
+                prepare,
+                interactive,
+                wait_http,
+                json,
+            };
             flows::base(&qemu, &registry()?, &a, false)?;
         }
         Command::ListBase { json } => flows::list_base(&registry()?, json)?,
@@ -303,17 +323,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let b = registry()?.import(std::io::BufReader::new(f))?;
             println!("imported base {} ({})", b.manifest.id, b.manifest.name);
         }
-        Command::Overlay { base, customize, interactive, wait_http, mut forwards, redir, xz, level, name, out } => {
+        Command::Overlay {
+            base,
+            customize,
+            interactive,
+            wait_http,
+            json,
+            mut forwards,
+            redir,
+            xz,
+            level,
+            name,
+            out,
+        } => {
             forwards.extend(redir);
             let qemu = vm_driver::Qemu::new()?;
-            let a = flows::OverlayArgs { base, name, customize, forwards, out, xz, level, interactive, wait_http };
+            let a =
+                flows::OverlayArgs { base, name, customize, forwards, out, xz, level, interactive, wait_http, json };
             flows::overlay(&qemu, &registry()?, &a, false)?;
         }
-        Command::Synthesis { overlay, out, probe, keep_running } => {
+        Command::Synthesis { overlay, out, probe, keep_running, json } => {
             let qemu = vm_driver::Qemu::new()?;
-            let s = flows::synth(&qemu, &registry()?, &overlay, &out, probe, false)?;
+            let s = flows::synth(&qemu, &registry()?, &overlay, &out, probe, false, json)?;
             if keep_running {
-                println!("VM running; press Enter to stop it.");
+                eprintln!("VM running; press Enter to stop it.");
                 let mut line = String::new();
                 let _ = std::io::stdin().read_line(&mut line);
             }
