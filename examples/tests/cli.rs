@@ -1,11 +1,10 @@
 //! The `cloudlet` binary, run as a user would.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn cloudlet() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cloudlet"))
-}
+use std::path::PathBuf;
+
+use common::{cloudlet, guest_dir, make_base, processes_mentioning};
 
 fn golden(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../overlay-format/tests/golden").join(name)
@@ -49,31 +48,6 @@ fn overlay_info_exits_2_on_damage() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.ovl"));
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn guest_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = std::env::var_os("CLOUDLET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".cache/guest"));
-    if !dir.join("stamp").exists() {
-        let st =
-            Command::new(root.join("scripts/build-guest.sh")).stdout(std::process::Stdio::null()).status().unwrap();
-        assert!(st.success(), "scripts/build-guest.sh failed");
-    }
-    dir
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) && !cmd.contains("cargo") {
-                out.push(cmd);
-            }
-        }
-    }
-    out
 }
 
 #[test]
@@ -177,19 +151,8 @@ fn full_flow_through_the_cli() {
 fn interrupted_overlay_flow_leaves_nothing() {
     use std::io::BufRead;
     let work = tempfile::tempdir().unwrap();
-    let guest = guest_dir();
     let reg = work.path().join("registry");
-    let out = cloudlet()
-        .arg("--registry")
-        .arg(&reg)
-        .args(["base", "--name", "deb", "--kernel"])
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initrd.img"))
-        .arg(guest.join("disk.raw"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
+    make_base(&reg);
     let ovl = work.path().join("app.overlay");
     let mut child = cloudlet()
         .arg("--registry")
@@ -222,22 +185,13 @@ fn interrupted_overlay_flow_leaves_nothing() {
 fn interactive_overlay_flow_through_the_serial_console() {
     use std::io::{BufRead, Read, Write};
     let work = tempfile::tempdir().unwrap();
-    let guest = guest_dir();
     let reg = work.path().join("registry");
+    make_base(&reg);
     let cl = || {
         let mut c = cloudlet();
         c.arg("--registry").arg(&reg);
         c
     };
-    let out = cl()
-        .args(["base", "--name", "deb", "--kernel"])
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initrd.img"))
-        .arg(guest.join("disk.raw"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
     let ovl = work.path().join("hand.overlay");
     let mut child = cl()
         .args(["overlay", "--base", "deb", "--interactive", "--wait-http", "80", "--forward", "tcp:0:80", "--out"])

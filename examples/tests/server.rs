@@ -1,41 +1,14 @@
 //! The synthesis server and client, run as processes against the real test guest.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn cloudlet() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cloudlet"))
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("CLOUDLET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root().join(".cache/guest"));
-    if !dir.join("stamp").exists() {
-        let st = Command::new(root().join("scripts/build-guest.sh")).stdout(Stdio::null()).status().unwrap();
-        assert!(st.success(), "scripts/build-guest.sh failed");
-    }
-    dir
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) && !cmd.contains("cargo") {
-                out.push(cmd);
-            }
-        }
-    }
-    out
-}
+use common::{cloudlet, make_base, processes_mentioning, root};
 
 /// A `cloudlet serve` child; killed on drop if still running.
 struct Served {
@@ -123,19 +96,8 @@ fn post_head(path: &str, len: u64, token: Option<&str>) -> String {
 
 /// Base and overlay of a small web app, made through the CLI.
 fn make_overlay(work: &Path) -> (PathBuf, PathBuf) {
-    let guest = guest_dir();
     let reg = work.join("registry");
-    let out = cloudlet()
-        .arg("--registry")
-        .arg(&reg)
-        .args(["base", "--name", "deb", "--kernel"])
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initrd.img"))
-        .arg(guest.join("disk.raw"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
+    make_base(&reg);
     let ovl = work.join("app.overlay");
     let out = cloudlet()
         .arg("--registry")

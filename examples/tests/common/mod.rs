@@ -1,0 +1,56 @@
+//! Helpers shared by the CLI and server tests: the binary, the test guest, a base made through
+//! the CLI, and a look at running processes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The `cloudlet` binary.
+pub fn cloudlet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cloudlet"))
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The test guest, built if missing.
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("CLOUDLET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root().join(".cache/guest"));
+    if !dir.join("stamp").exists() {
+        let st = Command::new(root().join("scripts/build-guest.sh")).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success(), "scripts/build-guest.sh failed");
+    }
+    dir
+}
+
+/// Registers the test guest as base `deb` in `registry` through `cloudlet base`.
+pub fn make_base(registry: &Path) {
+    let guest = guest_dir();
+    let out = cloudlet()
+        .arg("--registry")
+        .arg(registry)
+        .args(["base", "--name", "deb", "--kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initrd.img"))
+        .arg(guest.join("disk.raw"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && !cmd.contains("cargo") {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
