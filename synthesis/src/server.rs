@@ -263,8 +263,14 @@ impl Server {
             Some(name) => Some(crate::discovery::advertise(name, local)?),
             None => None,
         };
-        let syntheses = Arc::new(Semaphore::new(cfg.max_syntheses.max(1)));
-        let cfg = ServerConfig { listen: local, work_dir, ..cfg };
+        let cfg = ServerConfig {
+            listen: local,
+            work_dir,
+            max_syntheses: cfg.max_syntheses.max(1),
+            max_vms: cfg.max_vms.max(1),
+            ..cfg
+        };
+        let syntheses = Arc::new(Semaphore::new(cfg.max_syntheses));
         let state = Arc::new(AppState {
             qemu,
             registry,
@@ -332,7 +338,7 @@ async fn healthz(State(st): State<Arc<AppState>>) -> Response {
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "running_vms": running,
-        "syntheses": st.cfg.max_syntheses.max(1) - st.syntheses.available_permits(),
+        "syntheses": st.cfg.max_syntheses - st.syntheses.available_permits(),
         "max_syntheses": st.cfg.max_syntheses,
         "max_vms": st.cfg.max_vms,
         "max_overlay_bytes": st.cfg.max_overlay_bytes,
@@ -442,7 +448,7 @@ async fn synthesis(
         return r;
     };
     let running = st.vms.lock().map(|v| v.len()).unwrap_or(usize::MAX);
-    if running + st.cfg.max_syntheses - st.syntheses.available_permits() > st.cfg.max_vms {
+    if running.saturating_add(st.cfg.max_syntheses - st.syntheses.available_permits()) > st.cfg.max_vms {
         return api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "full",
