@@ -29,11 +29,23 @@ fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
 /// For a Ctrl-C / SIGTERM handler that is about to exit the process: kills every QEMU the
 /// flows started and removes every half-written file and directory of flows in progress
 /// (work directories, `.partial` overlays, VM directories not yet complete).
+///
+/// From the moment it is called, [`interrupted`] answers true: the flow running on another
+/// thread fails as its VM disappears, and its caller should let the handler finish the exit
+/// instead of reporting that failure.
 pub fn interrupt_cleanup() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
     vm_driver::kill_all();
     for p in std::mem::take(&mut *pending()) {
         remove(&p);
     }
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`interrupt_cleanup`] has been called in this process.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 fn remove(p: &Path) {

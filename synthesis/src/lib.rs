@@ -36,8 +36,8 @@ use std::time::Duration;
 
 pub use base::RegisteredBase;
 pub use flows::{
-    create_base, create_overlay_file, http_get_from, http_get_until, interrupt_cleanup, synthesize, synthesize_with,
-    BaseRequest, BaseTimings, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
+    create_base, create_overlay_file, http_get_from, http_get_until, interrupt_cleanup, interrupted, synthesize,
+    synthesize_with, BaseRequest, BaseTimings, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
 };
 pub use forward::{parse_forward, ForwardParseError};
 

@@ -247,7 +247,15 @@ fn main() -> ExitCode {
             std::process::exit(130);
         });
     }
-    match run(cli) {
+    let result = run(cli);
+    if synthesis::interrupted() {
+        // The flow failed because the signal handler stopped its VMs; the handler is still
+        // removing files and exits with 130 when done. Exiting here would race it.
+        loop {
+            std::thread::park();
+        }
+    }
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("cloudlet: {e:#}");
