@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use overlay_format::{
-    encode_patch, BaseId, BlobBuilder, ChunkHash, ChunkRef, Compression, EncodeError, ImageDigester, ImageMeta,
+    encode_patch, BaseId, BlobBuilder, ChunkHash, ChunkRef, Compression, Effort, EncodeError, ImageDigester, ImageMeta,
     OverlayMeta, OverlayWriter, PortForward, SealedBlob, VmSpec, CHUNK_SIZE,
 };
 use rayon::prelude::*;
@@ -159,24 +159,36 @@ pub struct OverlayInfo {
 pub struct CreateOptions {
     /// Compressor of blobs and device state.
     pub compression: Compression,
-    /// Compression level (zstd: 1..=19, default 3; xz: 0..=9, default 6).
+    /// Compression level of blobs that are not incompressible and of the device state (zstd:
+    /// 1..=19, default 9; xz: 0..=9, default 6).
     pub level: i32,
     /// Target size of a blob before compression.
     pub blob_bytes: usize,
+    /// Target size of a blob of incompressible chunks (see `separate_dense`), at most 32 MiB.
+    /// These blobs are compressed with a window as large as the blob and zstd's long-distance
+    /// matching, so that data repeated at unaligned offsets (the same compressed file inside
+    /// two archives, say) is stored once.
+    pub dense_blob_bytes: usize,
     /// Address space classified per batch (bounds memory).
     pub batch_bytes: u64,
     /// A patch is used when it is at most this long (else the chunk is stored raw).
     pub patch_limit: usize,
+    /// Put raw chunks whose bytes look incompressible (random, already compressed) into blobs
+    /// of their own, compressed at the fastest level, so that `level` is spent only where it
+    /// pays. See [`looks_incompressible`].
+    pub separate_dense: bool,
 }
 
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
             compression: Compression::Zstd,
-            level: 3,
+            level: 9,
             blob_bytes: 4 << 20,
+            dense_blob_bytes: MAX_DENSE_BLOB,
             batch_bytes: 128 << 20,
             patch_limit: CHUNK_SIZE / 2,
+            separate_dense: true,
         }
     }
 }
@@ -227,6 +239,11 @@ pub struct CreateStats {
     pub blob_bytes_compressed: u64,
     /// Blobs written.
     pub blobs: u64,
+    /// Raw chunks that looked incompressible, and their blobs (see
+    /// [`CreateOptions::separate_dense`]).
+    pub dense_chunks: u64,
+    /// Blobs holding only such chunks.
+    pub dense_blobs: u64,
     /// Total overlay size.
     pub overlay_bytes: u64,
     /// Time classifying chunks (hash, dedup, patch).
@@ -244,7 +261,50 @@ enum Class {
     Same,
     Zero,
     Base(ChunkRef),
-    Fresh,
+    /// Stored raw, or as a patch; `dense`: its bytes look incompressible.
+    Fresh {
+        dense: bool,
+    },
+}
+
+/// Largest target size of a dense blob: with the last raw run (at most `blob_bytes`) and the
+/// record table it stays under the format's 64 MiB blob limit.
+const MAX_DENSE_BLOB: usize = 32 << 20;
+
+/// Which blobs a record goes to: the compressible stream or the dense (incompressible) one.
+const LIGHT: usize = 0;
+const DENSE: usize = 1;
+
+/// Whether a chunk's bytes look incompressible: its byte histogram is close to uniform.
+///
+/// The test is a chi-square statistic against the uniform distribution below `n / 4` for an
+/// `n`-byte chunk (1024 for 4 KiB), which is about 7.8 bits of order-0 entropy per byte; random
+/// bytes give about 255. Random data and already-compressed files look like this; text, code
+/// and most memory pages do not. Chunks shorter than 4 KiB are never called incompressible.
+pub fn looks_incompressible(chunk: &[u8]) -> bool {
+    let n = chunk.len() as u64;
+    if n < CHUNK_SIZE as u64 {
+        return false;
+    }
+    let mut h = [[0u32; 256]; 4];
+    let mut quads = chunk.chunks_exact(4);
+    for q in &mut quads {
+        h[0][q[0] as usize] += 1;
+        h[1][q[1] as usize] += 1;
+        h[2][q[2] as usize] += 1;
+        h[3][q[3] as usize] += 1;
+    }
+    for &b in quads.remainder() {
+        h[0][b as usize] += 1;
+    }
+    let sum_sq: u64 = (0..256)
+        .map(|i| {
+            let c = u64::from(h[0][i] + h[1][i] + h[2][i] + h[3][i]);
+            c * c
+        })
+        .sum();
+    // chi2 = 256 * sum(c^2) / n - n < n / 4
+    1024 * sum_sq < 5 * n * n
 }
 
 /// A run being accumulated before it becomes a record.
@@ -252,14 +312,17 @@ enum Run {
     None,
     Zero { image: u8, chunk: u64, count: u64 },
     Base { image: u8, chunk: u64, count: u64, src: ChunkRef },
-    Raw { image: u8, chunk: u64, count: u64 },
+    Raw { image: u8, chunk: u64, count: u64, stream: usize },
 }
 
 struct Emitter<'a> {
     run: Run,
-    builder: BlobBuilder,
-    ready: Vec<BlobBuilder>,
+    /// The blob being filled for each stream ([`LIGHT`], [`DENSE`]).
+    builders: [BlobBuilder; 2],
+    /// Blobs cut, in the order they must be written, with their stream.
+    ready: Vec<(BlobBuilder, usize)>,
     blob_bytes: usize,
+    dense_blob_bytes: usize,
     customs: &'a [View],
     kinds: KindCounts,
 }
@@ -267,29 +330,42 @@ struct Emitter<'a> {
 impl Emitter<'_> {
     fn flush(&mut self) {
         match std::mem::replace(&mut self.run, Run::None) {
-            Run::None => return,
+            Run::None => {}
             Run::Zero { image, chunk, count } => {
-                self.builder.push_zero(image, chunk, count);
+                self.builders[LIGHT].push_zero(image, chunk, count);
                 self.kinds.zero.add(count);
+                self.maybe_cut(LIGHT);
             }
             Run::Base { image, chunk, count, src } => {
-                self.builder.push_copy_base(image, chunk, count, src);
+                self.builders[LIGHT].push_copy_base(image, chunk, count, src);
                 self.kinds.copy_base.add(count);
+                self.maybe_cut(LIGHT);
             }
-            Run::Raw { image, chunk, count } => {
+            Run::Raw { image, chunk, count, stream } => {
                 let customs = self.customs;
                 let b = customs[image as usize].bytes(chunk, count);
-                self.builder.push_raw(image, chunk, &b);
+                self.builders[stream].push_raw(image, chunk, &b);
                 self.kinds.raw.add(count);
                 self.kinds.raw.bytes += b.len() as u64;
+                self.maybe_cut(stream);
             }
         }
-        self.maybe_cut();
     }
 
-    fn maybe_cut(&mut self) {
-        if self.builder.uncompressed_len() >= self.blob_bytes {
-            self.ready.push(std::mem::take(&mut self.builder));
+    fn maybe_cut(&mut self, stream: usize) {
+        let limit = if stream == DENSE { self.dense_blob_bytes } else { self.blob_bytes };
+        if self.builders[stream].uncompressed_len() >= limit {
+            self.ready.push((std::mem::take(&mut self.builders[stream]), stream));
+        }
+    }
+
+    /// Cuts the blobs not yet full (at the end).
+    fn cut_all(&mut self) {
+        self.flush();
+        for stream in [LIGHT, DENSE] {
+            if !self.builders[stream].is_empty() {
+                self.ready.push((std::mem::take(&mut self.builders[stream]), stream));
+            }
         }
     }
 
@@ -315,30 +391,37 @@ impl Emitter<'_> {
         self.run = Run::Base { image, chunk, count: 1, src };
     }
 
-    fn raw(&mut self, image: u8, chunk: u64) {
-        if let Run::Raw { image: i, chunk: c, count } = &mut self.run {
-            if *i == image && *c + *count == chunk && ((*count as usize + 1) * CHUNK_SIZE) <= self.blob_bytes {
+    fn raw(&mut self, image: u8, chunk: u64, stream: usize) {
+        if let Run::Raw { image: i, chunk: c, count, stream: s } = &mut self.run {
+            if *i == image
+                && *c + *count == chunk
+                && *s == stream
+                && ((*count as usize + 1) * CHUNK_SIZE) <= self.blob_bytes
+            {
                 *count += 1;
                 return;
             }
         }
         self.flush();
-        self.run = Run::Raw { image, chunk, count: 1 };
+        self.run = Run::Raw { image, chunk, count: 1, stream };
     }
 
-    fn copy_self(&mut self, image: u8, chunk: u64, src: ChunkRef) {
+    /// A copy of an earlier chunk of the overlay; it goes to the stream its source went to, so
+    /// that it follows the source's record in the stream (blobs of one stream are written in
+    /// order).
+    fn copy_self(&mut self, image: u8, chunk: u64, src: ChunkRef, stream: usize) {
         self.flush();
-        self.builder.push_copy_self(image, chunk, src);
+        self.builders[stream].push_copy_self(image, chunk, src);
         self.kinds.copy_self.add(1);
-        self.maybe_cut();
+        self.maybe_cut(stream);
     }
 
     fn patch(&mut self, image: u8, chunk: u64, patch: &[u8]) {
         self.flush();
-        self.builder.push_patch(image, chunk, patch);
+        self.builders[LIGHT].push_patch(image, chunk, patch);
         self.kinds.patch.add(1);
         self.kinds.patch.bytes += patch.len() as u64;
-        self.maybe_cut();
+        self.maybe_cut(LIGHT);
     }
 }
 
@@ -400,13 +483,15 @@ pub fn create_overlay<W: Write>(
     let mut stats = CreateStats::default();
     let mut em = Emitter {
         run: Run::None,
-        builder: BlobBuilder::new(),
+        builders: [BlobBuilder::new(), BlobBuilder::new()],
         ready: Vec::new(),
         blob_bytes: opts.blob_bytes,
+        dense_blob_bytes: opts.dense_blob_bytes.clamp(CHUNK_SIZE, MAX_DENSE_BLOB),
         customs: &maps,
         kinds: KindCounts::default(),
     };
-    let mut self_map: HashMap<ChunkHash, ChunkRef> = HashMap::new();
+    // Chunks stored so far (raw or patched), with the stream their record went to.
+    let mut self_map: HashMap<ChunkHash, (ChunkRef, usize)> = HashMap::new();
     let mut digests = Vec::with_capacity(maps.len());
     let batch_chunks = (opts.batch_bytes / CHUNK_SIZE as u64).max(1);
     let mut scanned = 0u64;
@@ -483,7 +568,8 @@ pub fn create_overlay<W: Write>(
                     } else {
                         None
                     };
-                    (Class::Fresh, h, patch)
+                    let dense = patch.is_none() && opts.separate_dense && looks_incompressible(chunk);
+                    (Class::Fresh { dense }, h, patch)
                 })
                 .collect();
             stats.scan += ts.elapsed();
@@ -504,23 +590,27 @@ pub fn create_overlay<W: Write>(
                         stats.changed_chunks += 1;
                         em.base(image, c, src);
                     }
-                    Class::Fresh => {
+                    Class::Fresh { dense } => {
                         stats.changed_chunks += 1;
                         let len = chunk_len(size, c);
+                        let stream = if dense { DENSE } else { LIGHT };
                         if len == CHUNK_SIZE {
-                            if let Some(&src) = self_map.get(&h) {
+                            if let Some(&(src, src_stream)) = self_map.get(&h) {
                                 let chunk = map.bytes(c, 1);
                                 let earlier = maps[src.image as usize].bytes(src.chunk, 1);
                                 if earlier.len() == CHUNK_SIZE && *earlier == *chunk {
-                                    em.copy_self(image, c, src);
+                                    em.copy_self(image, c, src, src_stream);
                                     continue;
                                 }
                             }
-                            self_map.insert(h, ChunkRef { image, chunk: c });
+                            self_map.insert(h, (ChunkRef { image, chunk: c }, stream));
+                        }
+                        if dense {
+                            stats.dense_chunks += 1;
                         }
                         match patch {
                             Some(p) => em.patch(image, c, &p),
-                            None => em.raw(image, c),
+                            None => em.raw(image, c, stream),
                         }
                     }
                 }
@@ -534,11 +624,7 @@ pub fn create_overlay<W: Write>(
         }
         digests.push(digester.finish());
     }
-    em.flush();
-    if !em.builder.is_empty() {
-        let last = std::mem::take(&mut em.builder);
-        em.ready.push(last);
-    }
+    em.cut_all();
     write_ready(&mut em.ready, &mut writer, opts, &mut stats)?;
     stats.kinds = em.kinds;
     stats.scanned_bytes = total;
@@ -549,6 +635,15 @@ pub fn create_overlay<W: Write>(
     stats.overlay_bytes = out.bytes;
     stats.total = t0.elapsed();
     Ok((out.inner, stats))
+}
+
+/// The level for blobs of incompressible chunks: the compressor still runs (every blob of an
+/// overlay uses its codec) but spends no effort.
+fn fastest_level(c: Compression) -> i32 {
+    match c {
+        Compression::Xz => 0,
+        _ => 1,
+    }
 }
 
 /// Counts the bytes written through it.
@@ -569,7 +664,7 @@ impl<W: Write> Write for Counting<W> {
 }
 
 fn write_ready<W: Write>(
-    ready: &mut Vec<BlobBuilder>,
+    ready: &mut Vec<(BlobBuilder, usize)>,
     writer: &mut OverlayWriter<W>,
     opts: &CreateOptions,
     stats: &mut CreateStats,
@@ -578,13 +673,30 @@ fn write_ready<W: Write>(
         return Ok(());
     }
     let tc = Instant::now();
-    let sealed: Vec<SealedBlob> = std::mem::take(ready)
+    let sealed: Vec<(SealedBlob, usize)> = std::mem::take(ready)
         .into_par_iter()
-        .map(|b| b.seal(opts.compression, opts.level))
-        .collect::<Result<_, _>>()?;
+        .map(|(b, stream)| {
+            let effort = if stream == DENSE {
+                // The fastest level, over a window covering the whole blob, with long-distance
+                // matching: cheap, and it finds incompressible data stored twice.
+                let len = b.uncompressed_len().max(CHUNK_SIZE);
+                // (Not for xz: its encoder is slow on incompressible bytes already, and four
+                // times slower with a 32 MiB dictionary.)
+                let window_log = match opts.compression {
+                    Compression::Xz => None,
+                    _ => Some(usize::BITS - (len - 1).leading_zeros()),
+                };
+                Effort { level: fastest_level(opts.compression), window_log, long_distance: true }
+            } else {
+                Effort::level(opts.level)
+            };
+            Ok((b.seal_with(opts.compression, &effort)?, stream))
+        })
+        .collect::<Result<_, EncodeError>>()?;
     stats.compress += tc.elapsed();
     let tw = Instant::now();
-    for s in &sealed {
+    for (s, stream) in &sealed {
+        stats.dense_blobs += u64::from(*stream == DENSE);
         stats.blob_bytes_raw += s.uncompressed_len() as u64;
         stats.blob_bytes_compressed += s.compressed_len() as u64;
         stats.blobs += 1;

@@ -192,7 +192,7 @@ fn damaged_overlays_fail_and_leave_nothing_behind() {
         cm[i * PAGE..(i + 1) * PAGE].copy_from_slice(&page(1000 + i as u64));
     }
     let pair = Pair::new(vec![("memory", ImageKind::Memory, mem)], vec![cm]);
-    let opts = CreateOptions { blob_bytes: 16 << 10, ..CreateOptions::default() };
+    let opts = CreateOptions { blob_bytes: 16 << 10, dense_blob_bytes: 16 << 10, ..CreateOptions::default() };
     let (base, ovl, stats) = pair.create(&opts);
     assert!(stats.blobs > 2);
     let cuts = [ovl.len() / 3, ovl.len() / 2, ovl.len() - 1];
@@ -242,8 +242,77 @@ fn index_round_trips_and_rejects_corruption() {
     }
 }
 
+/// A compressible page: words from a small vocabulary, like text and code.
+fn text_page(seed: u64) -> Vec<u8> {
+    const WORDS: [&str; 8] = ["the ", "page ", "cache ", "struct ", "return ", "NULL", "if (", ") {\n"];
+    let r = page(seed);
+    let mut out = Vec::with_capacity(PAGE + 8);
+    let mut i = 0;
+    while out.len() < PAGE {
+        out.extend_from_slice(WORDS[(r[i % PAGE] % 8) as usize].as_bytes());
+        i += 1;
+    }
+    out.truncate(PAGE);
+    out
+}
+
+#[test]
+fn incompressible_chunks_are_told_from_compressible_ones() {
+    assert!(looks_incompressible(&page(1)));
+    assert!(looks_incompressible(&page(2)));
+    assert!(!looks_incompressible(&text_page(1)));
+    assert!(!looks_incompressible(&[0u8; PAGE]));
+    assert!(!looks_incompressible(&page(1)[..PAGE - 1]), "short chunks are never dense");
+    // Already-compressed bytes look random.
+    let text: Vec<u8> = (0..64).flat_map(text_page).collect();
+    let packed = zstd::bulk::compress(&text, 19).unwrap();
+    assert!(packed.len() >= PAGE, "{}", packed.len());
+    assert!(looks_incompressible(&packed[..PAGE]));
+    // Half random, half text: compressible enough to keep in the light stream.
+    let mut mixed = page(3);
+    mixed[PAGE / 2..].copy_from_slice(&text_page(3)[PAGE / 2..]);
+    assert!(!looks_incompressible(&mixed));
+}
+
+#[test]
+fn dense_and_light_chunks_go_to_their_own_blobs() {
+    let mem: Vec<u8> = (0..32).flat_map(text_page).collect();
+    let disk: Vec<u8> = (100..108).flat_map(page).collect();
+    let mut cm = mem.clone();
+    for p in 0..8 {
+        cm[p * PAGE..(p + 1) * PAGE].copy_from_slice(&page(1000 + p as u64)); // dense
+        cm[(8 + p) * PAGE..(9 + p) * PAGE].copy_from_slice(&text_page(1000 + p as u64));
+        // light
+    }
+    // Copies of earlier raw chunks of both kinds, interleaved.
+    cm.copy_within(0..PAGE, 16 * PAGE);
+    cm.copy_within(8 * PAGE..9 * PAGE, 17 * PAGE);
+    cm.copy_within(PAGE..2 * PAGE, 18 * PAGE);
+    let pair =
+        Pair::new(vec![("memory", ImageKind::Memory, mem), ("disk0", ImageKind::Disk, disk.clone())], vec![cm, disk]);
+    let cases = [(Compression::Zstd, true), (Compression::Xz, true), (Compression::Zstd, false)];
+    for (k, (c, sep)) in cases.into_iter().enumerate() {
+        let opts = CreateOptions {
+            compression: c,
+            blob_bytes: 3 * PAGE,
+            dense_blob_bytes: 3 * PAGE,
+            separate_dense: sep,
+            ..CreateOptions::default()
+        };
+        let s = pair.round_trip(&opts, &format!("dense{k}"));
+        assert_eq!(s.kinds.copy_self.chunks, 3);
+        if sep {
+            assert_eq!(s.dense_chunks, 8);
+            assert!(s.dense_blobs >= 2 && s.dense_blobs < s.blobs, "{s:?}");
+        } else {
+            assert_eq!((s.dense_chunks, s.dense_blobs), (0, 0));
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Edit {
+    Text(usize, u64),
     Random(usize, u64),
     Zero(usize),
     Move(usize, usize),
@@ -255,6 +324,7 @@ fn edits() -> impl Strategy<Value = Vec<Edit>> {
     proptest::collection::vec(
         prop_oneof![
             (0usize..48, any::<u64>()).prop_map(|(p, s)| Edit::Random(p, s)),
+            (0usize..48, any::<u64>()).prop_map(|(p, s)| Edit::Text(p, s)),
             (0usize..48).prop_map(Edit::Zero),
             (0usize..48, 0usize..48).prop_map(|(a, b)| Edit::Move(a, b)),
             (0usize..48, 0usize..PAGE, any::<u8>()).prop_map(|(p, o, v)| Edit::Poke(p, o, v)),
@@ -267,7 +337,7 @@ fn edits() -> impl Strategy<Value = Vec<Edit>> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     #[test]
-    fn apply_of_diff_rebuilds_the_custom_images(e in edits(), grow in 0usize..3000, c in 0usize..3) {
+    fn apply_of_diff_rebuilds_the_custom_images(e in edits(), grow in 0usize..3000, c in 0usize..3, sep in any::<bool>()) {
         let mut mem: Vec<u8> = (0..48).flat_map(|i| if i % 5 == 0 { vec![0; PAGE] } else { page(i as u64) }).collect();
         let disk: Vec<u8> = (0..16).flat_map(|i| page(500 + i as u64)).collect();
         let base_mem = mem.clone();
@@ -275,6 +345,7 @@ proptest! {
         for edit in e {
             match edit {
                 Edit::Random(p, s) => mem[p * PAGE..(p + 1) * PAGE].copy_from_slice(&page(s)),
+                Edit::Text(p, s) => mem[p * PAGE..(p + 1) * PAGE].copy_from_slice(&text_page(s)),
                 Edit::Zero(p) => mem[p * PAGE..(p + 1) * PAGE].fill(0),
                 Edit::Move(a, b) => {
                     let src = mem[a * PAGE..(a + 1) * PAGE].to_vec();
@@ -290,7 +361,15 @@ proptest! {
             vec![("memory", ImageKind::Memory, base_mem), ("disk0", ImageKind::Disk, disk)],
             vec![mem, cd],
         );
-        let opts = CreateOptions { compression, level: 1, blob_bytes: 20 << 10, batch_bytes: 64 << 10, ..CreateOptions::default() };
+        let opts = CreateOptions {
+            compression,
+            level: 1,
+            blob_bytes: 20 << 10,
+            dense_blob_bytes: 12 << 10,
+            batch_bytes: 64 << 10,
+            separate_dense: sep,
+            ..CreateOptions::default()
+        };
         pair.round_trip(&opts, "prop");
     }
 }

@@ -4,7 +4,7 @@
 //! sequence of records (tag byte, image byte, LEB128 varints); `Patch` and `Raw` records take
 //! their bytes from the data area in table order. See `FORMAT.md`.
 
-use crate::compress;
+use crate::compress::{self, Effort};
 use crate::error::{DecodeError, EncodeError};
 use crate::frame::{self, FrameHeader, FrameKind, MAX_BLOB_LEN, MAX_TABLE_LEN};
 use crate::meta::{Compression, OverlayMeta};
@@ -111,6 +111,12 @@ impl BlobBuilder {
 
     /// Compresses the blob and computes its checksum. Can run on any thread.
     pub fn seal(self, compression: Compression, level: i32) -> Result<SealedBlob, EncodeError> {
+        self.seal_with(compression, &Effort::level(level))
+    }
+
+    /// Like [`seal`](Self::seal), with the compressor's window and long-distance matching
+    /// chosen too.
+    pub fn seal_with(self, compression: Compression, effort: &Effort) -> Result<SealedBlob, EncodeError> {
         let raw_len = self.uncompressed_len() as u64;
         if raw_len > MAX_BLOB_LEN {
             return Err(EncodeError::TooLarge { what: "blob", len: raw_len, max: MAX_BLOB_LEN });
@@ -125,7 +131,7 @@ impl BlobBuilder {
         raw.extend_from_slice(&self.table);
         raw.extend_from_slice(&self.data);
         drop(self);
-        let stored = compress::compress(compression, level, &raw)
+        let stored = compress::compress(compression, effort, &raw)
             .map_err(|source| EncodeError::Compress { what: "blob", source })?;
         let mut header = FrameHeader {
             kind: FrameKind::Blob as u8,

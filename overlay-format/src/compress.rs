@@ -8,14 +8,60 @@ use crate::meta::Compression;
 /// make it allocate more.
 const XZ_MEMLIMIT: u64 = 256 << 20;
 
-pub(crate) fn compress(c: Compression, level: i32, raw: &[u8]) -> io::Result<Vec<u8>> {
+/// How hard, and over what distance, a payload is compressed. Readers need none of it: every
+/// setting decodes with the same decoder (within the limits of FORMAT.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effort {
+    /// Compression level (zstd: 1..=19, negative levels are faster; xz: 0..=9).
+    pub level: i32,
+    /// log2 of the match window (zstd's window, xz's dictionary), 12..=26; `None` keeps the
+    /// level's default. A window as large as the payload finds repeats anywhere in it.
+    pub window_log: Option<u32>,
+    /// zstd long-distance matching: finds long repeats far back in a large window at little
+    /// cost. xz ignores it.
+    pub long_distance: bool,
+}
+
+impl Effort {
+    /// The level's defaults.
+    pub fn level(level: i32) -> Self {
+        Effort { level, window_log: None, long_distance: false }
+    }
+}
+
+pub(crate) fn compress(c: Compression, effort: &Effort, raw: &[u8]) -> io::Result<Vec<u8>> {
+    let window_log = effort.window_log.map(|w| w.clamp(12, 26));
     match c {
         Compression::None => Ok(raw.to_vec()),
-        Compression::Zstd => zstd::bulk::compress(raw, level),
+        Compression::Zstd => {
+            if window_log.is_none() && !effort.long_distance {
+                return zstd::bulk::compress(raw, effort.level);
+            }
+            use zstd::zstd_safe::CParameter;
+            let mut z = zstd::bulk::Compressor::new(effort.level)?;
+            if let Some(w) = window_log {
+                z.set_parameter(CParameter::WindowLog(w))?;
+            }
+            if effort.long_distance {
+                z.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+            }
+            z.compress(raw)
+        }
         Compression::Xz => {
-            let level = level.clamp(0, 9) as u32;
+            let level = effort.level.clamp(0, 9) as u32;
             let mut out = Vec::with_capacity(raw.len() / 2);
-            liblzma::read::XzEncoder::new(raw, level).read_to_end(&mut out)?;
+            match window_log {
+                None => {
+                    liblzma::read::XzEncoder::new(raw, level).read_to_end(&mut out)?;
+                }
+                Some(w) => {
+                    use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
+                    let mut opts = LzmaOptions::new_preset(level)?;
+                    opts.dict_size(1 << w);
+                    let stream = Stream::new_stream_encoder(Filters::new().lzma2(&opts), Check::Crc64)?;
+                    liblzma::read::XzEncoder::new_stream(raw, stream).read_to_end(&mut out)?;
+                }
+            }
             Ok(out)
         }
     }

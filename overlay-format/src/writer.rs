@@ -99,7 +99,7 @@ impl<W: Write> OverlayWriter<W> {
                 max: MAX_DEVICE_STATE_LEN,
             });
         }
-        let stored = compress::compress(self.compression, level, state)
+        let stored = compress::compress(self.compression, &compress::Effort::level(level), state)
             .map_err(|source| EncodeError::Compress { what: "device state", source })?;
         self.frame(FrameKind::DeviceState, self.compression, 0, state.len() as u64, &stored)?;
         self.device_state_digest = Some(*blake3::hash(state).as_bytes());

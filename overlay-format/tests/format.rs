@@ -323,14 +323,20 @@ fn arb_record() -> impl Strategy<Value = Record> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
-    fn blobs_round_trip(records in proptest::collection::vec(arb_record(), 1..40), c in 0usize..3) {
+    fn blobs_round_trip(
+        records in proptest::collection::vec(arb_record(), 1..40),
+        c in 0usize..3,
+        window_log in proptest::option::of(10u32..30),
+        long_distance in any::<bool>(),
+    ) {
         let compression = ALL[c];
         let m = meta(compression);
         let mut b = BlobBuilder::new();
         for r in &records {
             b.push(r);
         }
-        let sealed = b.seal(compression, 1).unwrap();
+        // Every effort decodes with the same decoder.
+        let sealed = b.seal_with(compression, &Effort { level: 1, window_log, long_distance }).unwrap();
         let decoded = sealed.decode_for(&m).unwrap();
         let got: Vec<Record> = decoded.records().map(|r| r.to_owned()).collect();
         prop_assert_eq!(got, records);

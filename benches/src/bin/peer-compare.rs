@@ -246,6 +246,11 @@ fn build_pair(w: &Path, quick: bool) -> Result<(PathBuf, PathBuf, PathBuf, PathB
     Ok((bd, cd, bm, cm, changed))
 }
 
+/// The compression level `CLOUDLET_BENCH_LEVEL` sets for our overlays, if any.
+fn bench_level() -> Option<i32> {
+    std::env::var("CLOUDLET_BENCH_LEVEL").ok().and_then(|l| l.parse().ok())
+}
+
 struct Row {
     method: String,
     size: Option<u64>,
@@ -307,7 +312,9 @@ fn main() -> Result<()> {
         rss_kib: r.peak_rss_kib,
         note: String::new(),
     });
-    for (name, comp) in [("ours zstd-3", "zstd"), ("ours xz-6", "xz")] {
+    let zstd_name = format!("ours zstd-{}", bench_level().unwrap_or(delta_engine::CreateOptions::default().level));
+    let xz_name = format!("ours xz-{}", bench_level().unwrap_or(delta_engine::CreateOptions::xz(6).level));
+    for (name, comp) in [(zstd_name.as_str(), "zstd"), (xz_name.as_str(), "xz")] {
         let ovl = out.join(format!("{comp}.overlay"));
         let c = run(Command::new(&me).args(["ours-create", comp]).args([&bm, &bd, &cm, &cd, &idx, &ovl]), t)?;
         let rm = out.join(format!("{comp}-mem"));
@@ -336,7 +343,7 @@ fn main() -> Result<()> {
             .success();
         let ok = ap.ok && conv && verify(&[(&rm, &cm), (&rr, &cd)]);
         rows.push(Row {
-            method: "ours zstd-3, disk rebuilt as a qcow2 layer (as synthesis does)".into(),
+            method: format!("{name}, disk rebuilt as a qcow2 layer (as synthesis does)"),
             size: None,
             create: None,
             apply: Some(ap.wall),
@@ -361,7 +368,7 @@ fn main() -> Result<()> {
         let ap = run(Command::new(&me).args(["ours-apply"]).args([&bm, &bd, &idx, &lo, &rm, &rd]), t)?;
         let ok = c.ok && ap.ok && verify(&[(&rm, &cm), (&rd, &cd)]);
         rows.push(Row {
-            method: "ours zstd-3, custom disk read from its qcow2 layer (as the overlay flow does)".into(),
+            method: format!("{name}, custom disk read from its qcow2 layer (as the overlay flow does)"),
             size: Some(size_of(&lo)),
             create: Some(c.wall),
             apply: None,
@@ -529,11 +536,12 @@ fn fmt_d(d: Option<Duration>) -> String {
 }
 
 fn print_table(rows: &[Row], changed: u64, w: &Path, pair: &str) -> Result<()> {
-    let ours = rows.iter().find(|r| r.method == "ours zstd-3");
+    let ours_name = format!("ours zstd-{}", bench_level().unwrap_or(delta_engine::CreateOptions::default().level));
+    let ours = rows.iter().find(|r| r.method == ours_name);
     let mut md = String::new();
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     md.push_str(&format!(
-        "Pair: {} ({} MiB changed in 4 KiB chunks); machine: {nproc} cores. One run; ratios are ours (zstd-3) / peer.\n\n",
+        "Pair: {} ({} MiB changed in 4 KiB chunks); machine: {nproc} cores. One run; ratios are {ours_name} / peer.\n\n",
         pair,
         changed >> 20
     ));
@@ -605,8 +613,8 @@ mod ours {
                 if let Ok(b) = std::env::var("CLOUDLET_BENCH_BLOB_MIB") {
                     opts.blob_bytes = b.parse::<usize>()? << 20;
                 }
-                if let Ok(l) = std::env::var("CLOUDLET_BENCH_LEVEL") {
-                    opts.level = l.parse()?;
+                if let Some(l) = super::bench_level() {
+                    opts.level = l;
                 }
                 let info = OverlayInfo {
                     base_id: BaseId([0; 32]),
@@ -626,7 +634,10 @@ mod ours {
                     created_unix: 0,
                 };
                 let f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&a[7])?);
-                create_overlay(&base, &custom, &info, b"", &opts, &|_| {}, f)?;
+                let (_, stats) = create_overlay(&base, &custom, &info, b"", &opts, &|_| {}, f)?;
+                if std::env::var_os("CLOUDLET_BENCH_STATS").is_some() {
+                    eprintln!("{stats:#?}");
+                }
             }
             ("ours-apply", _) => {
                 // base_mem base_disk index overlay out_mem out_disk [qcow2]

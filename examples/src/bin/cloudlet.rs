@@ -134,7 +134,8 @@ enum Command {
         /// Compress with xz (smaller, slower) instead of zstd.
         #[arg(long)]
         xz: bool,
-        /// Compression level.
+        /// Compression level (zstd 1..=19, default 9; xz 0..=9, default 6). Chunks that look
+        /// incompressible are always stored at the fastest level.
         #[arg(long)]
         level: Option<i32>,
         /// Name of the app.
