@@ -281,6 +281,13 @@ fn main() -> Result<()> {
         rebuilt.iter().all(|(x, y)| changed_chunks(x, y).map(|n| n == 0).unwrap_or(false))
     };
 
+    // Every method starts with the pair in the page cache: read it once, untimed, so the first
+    // methods do not pay for reading it from disk and the later ones get it for free.
+    for f in [&bd, &cd, &bm, &cm] {
+        let mut r = fs::File::open(f)?;
+        std::io::copy(&mut r, &mut std::io::sink())?;
+    }
+
     // Floor: copying the images.
     let cp = run(
         &mut sh(&format!(
