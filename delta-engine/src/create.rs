@@ -680,12 +680,7 @@ fn write_ready<W: Write>(
                 // The fastest level, over a window covering the whole blob, with long-distance
                 // matching: cheap, and it finds incompressible data stored twice.
                 let len = b.uncompressed_len().max(CHUNK_SIZE);
-                // (Not for xz: its encoder is slow on incompressible bytes already, and four
-                // times slower with a 32 MiB dictionary.)
-                let window_log = match opts.compression {
-                    Compression::Xz => None,
-                    _ => Some(usize::BITS - (len - 1).leading_zeros()),
-                };
+                let window_log = Some(usize::BITS - (len - 1).leading_zeros());
                 Effort { level: fastest_level(opts.compression), window_log, long_distance: true }
             } else {
                 Effort::level(opts.level)
