@@ -30,16 +30,25 @@ pub fn printer(quiet: bool) -> impl Fn(Event) + Sync {
                 }
                 eprintln!("  - {s}");
             }
-            Event::Interactive { serial_socket } => {
+            Event::Interactive { serial_socket, vnc, viewer_closed } => {
                 if let Some((_, b)) = bar.take() {
                     b.finish_and_clear();
                 }
                 eprintln!("  - the guest is yours: its serial console is {}", serial_socket.display());
                 eprintln!("      connect with: socat -,raw,echo=0 UNIX-CONNECT:{}", serial_socket.display());
                 eprintln!("      (one client at a time; disconnect with Ctrl-C in socat)");
-                eprintln!("    press Enter here when you are done, after disconnecting");
-                let mut line = String::new();
-                let _ = std::io::stdin().read_line(&mut line);
+                match vnc {
+                    None => {
+                        eprintln!("    press Enter here when you are done, after disconnecting");
+                        let mut line = String::new();
+                        let _ = std::io::stdin().read_line(&mut line);
+                    }
+                    Some(a) => {
+                        eprintln!("      its screen: VNC display at {a} (e.g. vncviewer {}::{})", a.ip(), a.port());
+                        eprintln!("    close the viewer, or press Enter here, when you are done");
+                        wait_enter_or(&viewer_closed);
+                    }
+                }
             }
             Event::Progress { total: 0, .. } => {}
             Event::Progress { phase, done, total } if tty => {
@@ -66,6 +75,27 @@ pub fn printer(quiet: bool) -> impl Fn(Event) + Sync {
                     eprintln!("    {phase}: {pct:>3}% of {} MiB", total >> 20);
                 }
             }
+        }
+    }
+}
+
+/// Returns on a line from stdin or once `flag` is set. Stdin at its end (nothing to read) leaves
+/// only the flag.
+fn wait_enter_or(flag: &std::sync::atomic::AtomicBool) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The reader cannot be cancelled; it ends with the process (nothing else reads stdin).
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        if std::io::stdin().read_line(&mut line).unwrap_or(0) > 0 {
+            let _ = tx.send(());
+        }
+    });
+    while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(()) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
 }
@@ -103,6 +133,8 @@ pub struct BaseArgs {
     pub prepare: Vec<String>,
     /// Hand the console to a person.
     pub interactive: bool,
+    /// Also serve the screen over VNC (implies `interactive`).
+    pub vnc: bool,
     /// Wait for HTTP on this guest port.
     pub wait_http: Option<u16>,
     /// Print a JSON object instead of text.
@@ -124,7 +156,8 @@ pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<Re
         ram_bytes: a.ram_mib << 20,
         ready_text: a.ready.clone(),
         prepare: a.prepare.clone(),
-        interactive: a.interactive,
+        interactive: a.interactive || a.vnc,
+        vnc: a.vnc,
         wait_http: a.wait_http,
         work_dir: reg.root().join(format!(".work-{}", std::process::id())),
     };
@@ -167,6 +200,8 @@ pub struct OverlayArgs {
     pub level: Option<i32>,
     /// Hand the console to a person.
     pub interactive: bool,
+    /// Also serve the screen over VNC (implies `interactive`).
+    pub vnc: bool,
     /// Wait for HTTP on this guest port.
     pub wait_http: Option<u16>,
     /// Print a JSON object instead of text.
@@ -191,7 +226,8 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
     let req = OverlayRequest {
         name: a.name.clone(),
         customize: a.customize.clone(),
-        interactive: a.interactive,
+        interactive: a.interactive || a.vnc,
+        vnc: a.vnc,
         wait_http: a.wait_http,
         forwards,
         out: a.out.clone(),
@@ -324,6 +360,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             ready: "cloudlet-guest: ready".into(),
             prepare: vec![],
             interactive: false,
+            vnc: false,
             wait_http: None,
             json: false,
         },
@@ -351,6 +388,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             xz: false,
             level: None,
             interactive: false,
+            vnc: false,
             wait_http: Some(8080),
             json: false,
         },

@@ -236,3 +236,95 @@ fn interactive_overlay_flow_through_the_serial_console() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("the app answered: by-hand"), "{stdout}");
 }
+
+#[test]
+fn interactive_overlay_flow_over_vnc_ends_when_the_viewer_closes() {
+    use std::io::{BufRead, Read, Write};
+    let work = tempfile::tempdir().unwrap();
+    let reg = work.path().join("registry");
+    make_base(&reg);
+    let cl = || {
+        let mut c = cloudlet();
+        c.arg("--registry").arg(&reg);
+        c
+    };
+    // A base without a display device cannot be shown over VNC.
+    let ovl = work.path().join("vnc.overlay");
+    let out = cl().args(["overlay", "--base", "deb", "--vnc", "--out"]).arg(&ovl).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("no display device"), "{stderr}");
+    assert!(!ovl.exists());
+    // A base made with a display (the person presses Enter at once).
+    let guest = common::guest_dir();
+    let mut base = cl()
+        .args(["base", "--name", "screen", "--vnc", "--kernel"])
+        .arg(guest.join("vmlinuz"))
+        .arg("--initrd")
+        .arg(guest.join("initrd.img"))
+        .arg(guest.join("disk.raw"))
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    base.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let out = base.wait_with_output().unwrap();
+    assert!(out.status.success(), "base --vnc: {}", String::from_utf8_lossy(&out.stderr));
+    let mut child = cl()
+        .args(["overlay", "--base", "screen", "--vnc", "--customize", "echo on-screen > /mnt/disk/www/index.html"])
+        .args(["--forward", "tcp:0:80", "--out"])
+        .arg(&ovl)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stdin stays open and silent: only closing the viewer ends the step.
+    let _stdin = child.stdin.take().unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut said = String::new();
+    let addr: std::net::SocketAddr = loop {
+        said.push_str(&line);
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "overlay ended before showing the display: {said}");
+        if let Some(rest) = line.split("VNC display at ").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    assert!(addr.ip().is_loopback(), "{addr}");
+    // A viewer: the RFB handshake up to the server's init message, then it closes.
+    let mut v = std::net::TcpStream::connect(addr).unwrap();
+    v.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let mut version = [0u8; 12];
+    v.read_exact(&mut version).unwrap();
+    assert!(version.starts_with(b"RFB 003."), "{:?}", String::from_utf8_lossy(&version));
+    v.write_all(b"RFB 003.008\n").unwrap();
+    let mut n = [0u8; 1];
+    v.read_exact(&mut n).unwrap();
+    let mut types = vec![0u8; n[0] as usize];
+    v.read_exact(&mut types).unwrap();
+    assert!(types.contains(&1), "security types {types:?}");
+    v.write_all(&[1]).unwrap();
+    let mut result = [0u8; 4];
+    v.read_exact(&mut result).unwrap();
+    assert_eq!(result, [0; 4]);
+    v.write_all(&[1]).unwrap();
+    let mut init = [0u8; 24];
+    v.read_exact(&mut init).unwrap();
+    let (w, h) = (u16::from_be_bytes([init[0], init[1]]), u16::from_be_bytes([init[2], init[3]]));
+    assert!(w > 0 && h > 0, "screen {w}x{h}");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    drop(v);
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "overlay: {rest}");
+    let out = cl()
+        .args(["synthesis", "--overlay"])
+        .arg(&ovl)
+        .arg("--out")
+        .arg(work.path().join("vm"))
+        .args(["--probe", "80"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("the app answered: on-screen"), "{stdout}");
+}

@@ -64,6 +64,7 @@ impl RegisteredBase {
             device_state_file: "device-state".into(),
             state_hash,
             free_page_reporting: labels.get("free_page_reporting").map(String::as_str) != Some("false"),
+            display: labels.get("display").map(String::as_str) == Some("true"),
         };
         Ok(RegisteredBase { entry, snapshot })
     }
@@ -156,6 +157,7 @@ pub(crate) fn register_snapshot(
     let mut labels = BTreeMap::new();
     labels.insert("state_hash".to_string(), snap.state_hash.clone());
     labels.insert("free_page_reporting".to_string(), snap.free_page_reporting.to_string());
+    labels.insert("display".to_string(), snap.display.to_string());
     let entry =
         registry.register(NewBase { name: name.into(), source_image, spec, files, mode: Mode::Move, labels })?;
     RegisteredBase::from_entry(entry)

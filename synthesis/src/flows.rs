@@ -3,6 +3,8 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base_registry::Registry;
@@ -99,12 +101,54 @@ fn prepare(
     run_all(vm, commands, events)?;
     if interactive {
         vm.release_console();
-        events(Event::Interactive { serial_socket: vm.serial_socket().to_owned() });
+        let vnc = vm.vnc_address()?;
+        let viewer_closed = Arc::new(AtomicBool::new(false));
+        let event = Event::Interactive {
+            serial_socket: vm.serial_socket().to_owned(),
+            vnc,
+            viewer_closed: viewer_closed.clone(),
+        };
+        if vnc.is_none() {
+            events(event);
+        } else {
+            // While the person works, watch the display: once a viewer has come and every
+            // viewer has gone, say so, and the callback returns.
+            let done = AtomicBool::new(false);
+            let (vm, d, closed) = (&mut *vm, &done, &*viewer_closed);
+            std::thread::scope(|s| {
+                let watcher = s.spawn(move || watch_viewers(vm, d, closed));
+                events(event);
+                done.store(true, Ordering::SeqCst);
+                watcher.join().unwrap_or(Ok(()))
+            })?;
+        }
     }
     if let Some(port) = wait_http {
         let host = vm.host_port(port).ok_or(FlowError::NoAnswer { port, timeout: Duration::ZERO })?;
         events(Event::Step(format!("waiting for an HTTP answer on guest port {port}")));
         http_get_until(host, COMMAND_TIMEOUT)?;
+    }
+    Ok(())
+}
+
+/// Polls the VNC display until `done`; sets `closed` once a viewer has connected and every
+/// viewer has disconnected (or when the VM cannot be asked any more).
+fn watch_viewers(vm: &mut QemuVm, done: &AtomicBool, closed: &AtomicBool) -> Result<(), FlowError> {
+    let mut seen = false;
+    while !done.load(Ordering::SeqCst) {
+        let clients = match vm.vnc_clients() {
+            Ok(n) => n,
+            Err(e) => {
+                closed.store(true, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        };
+        seen |= clients > 0;
+        if seen && clients == 0 {
+            closed.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
 }
@@ -141,6 +185,9 @@ pub struct BaseRequest {
     pub prepare: Vec<String>,
     /// After the commands, hand the serial console to a person ([`Event::Interactive`]).
     pub interactive: bool,
+    /// Also serve the guest's screen over VNC on 127.0.0.1 (display 0, or the next free one),
+    /// for the person of `interactive`.
+    pub vnc: bool,
     /// Then wait until the guest answers HTTP on this port (forwarded for the wait only).
     pub wait_http: Option<u16>,
     /// Scratch directory for the snapshot before it moves into the registry (must not
@@ -186,6 +233,7 @@ pub fn create_base(
     if let Some(p) = req.wait_http {
         spec = spec.forward(0, p);
     }
+    spec.vnc_display = req.vnc.then_some(0);
     let (accel, why) = qemu.accelerator(spec.kernel.as_ref());
     events(Event::Step(format!("booting the base VM (accelerator {}: {why})", accel.as_str())));
     let t0 = Instant::now();
@@ -214,6 +262,9 @@ pub struct OverlayRequest {
     pub customize: Vec<String>,
     /// After the commands, hand the serial console to a person ([`Event::Interactive`]).
     pub interactive: bool,
+    /// Also serve the guest's screen over VNC on 127.0.0.1 (display 0, or the next free one),
+    /// for the person of `interactive`.
+    pub vnc: bool,
     /// Then wait until the guest answers HTTP on this port (one of `forwards`, or forwarded
     /// for the wait only).
     pub wait_http: Option<u16>,
@@ -250,6 +301,15 @@ pub fn create_overlay_file(
     if req.out.exists() {
         return Err(FlowError::Exists { path: req.out.clone() });
     }
+    if req.vnc && !base.snapshot.display {
+        return Err(FlowError::BadBase {
+            dir: base.entry.dir.clone(),
+            reason: format!(
+                "base '{}' has no display device for VNC: create the base with a VNC display (cloudlet base --vnc)",
+                base.entry.manifest.name
+            ),
+        });
+    }
     let work = req.out.with_extension("work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|source| FlowError::Io { path: work.clone(), source })?;
@@ -263,7 +323,12 @@ pub fn create_overlay_file(
     }
     let mut vm = qemu.restore(
         &base.snapshot,
-        &RestoreOptions { ram: RamMode::PrivateCopy, forwards: Some(forwards), ..Default::default() },
+        &RestoreOptions {
+            ram: RamMode::PrivateCopy,
+            forwards: Some(forwards),
+            vnc_display: req.vnc.then_some(0),
+            ..Default::default()
+        },
     )?;
     let resume = t0.elapsed();
     let t1 = Instant::now();

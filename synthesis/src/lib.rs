@@ -47,12 +47,18 @@ pub enum Event {
     /// A step starts.
     Step(String),
     /// A person may now use the guest: its serial console is the unix socket `serial_socket`
-    /// (one client at a time, e.g. `socat -,raw,echo=0 UNIX-CONNECT:PATH`). The flow goes on
-    /// when the event callback returns, so a callback that handles this event returns when the
-    /// person is done (e.g. after Enter on the terminal).
+    /// (one client at a time, e.g. `socat -,raw,echo=0 UNIX-CONNECT:PATH`), and its screen is
+    /// on `vnc` when the flow was asked for a display. The flow goes on when the event callback
+    /// returns, so a callback that handles this event returns when the person is done: after
+    /// Enter on the terminal, say, or (with a display) once `viewer_closed` is set.
     Interactive {
         /// The guest's serial console.
         serial_socket: PathBuf,
+        /// The VNC display (loopback), if any.
+        vnc: Option<std::net::SocketAddr>,
+        /// Set by the flow once a VNC viewer has connected and every viewer has disconnected
+        /// again (the original workflow's "close the viewer when done").
+        viewer_closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     },
     /// Bytes done in a long phase.
     Progress {

@@ -129,7 +129,8 @@ pub struct LaunchSpec {
     pub forwards: Vec<Forward>,
     /// Address the forwards listen on.
     pub forward_address: String,
-    /// Serve a VNC display on this loopback display number (port 5900 + n).
+    /// Serve a VNC display on this loopback display number (port 5900 + n, or the next free
+    /// one). This also gives the VM a display device, which its snapshots keep.
     pub vnc_display: Option<u16>,
     /// Directory for the RAM file (default: /dev/shm when present).
     pub ram_dir: Option<PathBuf>,
@@ -196,7 +197,8 @@ pub struct RestoreOptions {
     pub disks: Option<Vec<Disk>>,
     /// Port forwards; `None` keeps the snapshot's guest ports with fresh host ports.
     pub forwards: Option<Vec<Forward>>,
-    /// VNC display, as in [`LaunchSpec::vnc_display`].
+    /// VNC display, as in [`LaunchSpec::vnc_display`]; only for a snapshot with a display
+    /// device ([`Snapshot::display`]).
     pub vnc_display: Option<u16>,
     /// Address the forwards listen on; `None` is 127.0.0.1.
     pub forward_address: Option<String>,
@@ -237,6 +239,10 @@ pub struct Snapshot {
     /// Whether the balloon device had free page reporting (part of the device layout).
     #[serde(default = "yes")]
     pub free_page_reporting: bool,
+    /// Whether the VM had a display device (it was launched with a VNC display); part of the
+    /// device layout, so only such a snapshot restores with a VNC display.
+    #[serde(default)]
+    pub display: bool,
 }
 
 fn yes() -> bool {

@@ -155,8 +155,13 @@ impl Qemu {
             "-device".into(),
             format!("virtio-balloon-pci,free-page-reporting={}", if p.free_page_reporting { "on" } else { "off" }),
         ];
+        if p.display {
+            // Part of the device layout: a snapshot taken with it restores only with it.
+            args.extend(["-vga".into(), "std".into()]);
+        }
         match p.vnc {
-            Some(n) => args.extend(["-vga".into(), "std".into(), "-vnc".into(), format!("127.0.0.1:{n}")]),
+            // `to=`: when display n is taken, the next free one up to 99 (see `vnc_address`).
+            Some(n) => args.extend(["-vnc".into(), format!("127.0.0.1:{n},to=99")]),
             None => args.extend(["-display".into(), "none".into()]),
         }
         if let Some(k) = p.kernel {
@@ -215,6 +220,7 @@ impl Qemu {
             accel: p.accel,
             qemu_version: self.version.clone(),
             free_page_reporting: p.free_page_reporting,
+            display: p.display,
         };
         match Qmp::connect(&vm.runtime.join("qmp.sock"), Duration::from_secs(15)) {
             Ok(q) => vm.qmp = Some(q),
@@ -328,6 +334,7 @@ struct Start<'a> {
     incoming: bool,
     accel: Accel,
     free_page_reporting: bool,
+    display: bool,
 }
 
 impl Hypervisor for Qemu {
@@ -364,6 +371,7 @@ impl Hypervisor for Qemu {
             incoming: false,
             accel,
             free_page_reporting: spec.free_page_reporting,
+            display: spec.vnc_display.is_some(),
         });
         if r.is_err() {
             let _ = fs::remove_dir_all(&runtime);
@@ -392,6 +400,13 @@ impl Hypervisor for Qemu {
         let (have, why) = self.accelerator(kernel.as_ref());
         if want == Accel::Kvm && have != Accel::Kvm {
             return Err(DriverError::Incompatible { what: "accelerator", wanted: "kvm".into(), reason: why });
+        }
+        if opts.vnc_display.is_some() && !snap.display {
+            return Err(DriverError::Incompatible {
+                what: "VNC display",
+                wanted: "a display device".into(),
+                reason: "the snapshot was taken without one (launch with a VNC display to have one)".into(),
+            });
         }
         let memory = snap.memory_path();
         let device_state = snap.device_state_path();
@@ -461,6 +476,7 @@ impl Hypervisor for Qemu {
             incoming: true,
             accel: want,
             free_page_reporting: snap.free_page_reporting,
+            display: snap.display,
         });
         let mut vm = match started {
             Ok(vm) => vm,
@@ -497,6 +513,7 @@ pub struct QemuVm {
     accel: Accel,
     qemu_version: String,
     free_page_reporting: bool,
+    display: bool,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -545,6 +562,29 @@ impl QemuVm {
             Ok(v) => Ok(v),
             Err(e) => Err(self.died_or(e.into())),
         }
+    }
+
+    /// Where the VM's VNC display listens (display n is port 5900 + n; a busy display falls
+    /// through to the next free one), or `None` without a display.
+    pub fn vnc_address(&mut self) -> Result<Option<std::net::SocketAddr>, DriverError> {
+        let v = self.qmp("query-vnc", None)?;
+        if !v.get("enabled").and_then(|e| e.as_bool()).unwrap_or(false) {
+            return Ok(None);
+        }
+        let host = v.get("host").and_then(|h| h.as_str()).and_then(|h| h.parse::<std::net::IpAddr>().ok());
+        let port = v.get("service").and_then(|p| p.as_str()).and_then(|p| p.parse::<u16>().ok());
+        match (host, port) {
+            (Some(h), Some(p)) => Ok(Some((h, p).into())),
+            _ => Err(DriverError::Qmp(crate::qmp::QmpError::Protocol {
+                reason: format!("query-vnc: no address in {v}"),
+            })),
+        }
+    }
+
+    /// How many viewers are connected to the VNC display (0 without a display).
+    pub fn vnc_clients(&mut self) -> Result<usize, DriverError> {
+        let v = self.qmp("query-vnc", None)?;
+        Ok(v.get("clients").and_then(|c| c.as_array()).map_or(0, |c| c.len()))
     }
 
     /// The run state (`running`, `paused`, ...).
@@ -716,6 +756,7 @@ impl Vm for QemuVm {
             device_state_file: "device-state".into(),
             state_hash: state_hash(&memory, &ds)?,
             free_page_reporting: self.free_page_reporting,
+            display: self.display,
         };
         let json = serde_json::to_vec_pretty(&snap).expect("serialising a snapshot cannot fail");
         fs::write(dir.join("snapshot.json"), json).map_err(io(format!("write {}/snapshot.json", dir.display())))?;

@@ -15,6 +15,15 @@ use cloudlet_benches::{changed_chunks, make_memory_pair, PairSpec};
 
 const GEN_VERSION: &str = "pair-v1";
 
+const USAGE: &str = "\
+usage: peer-compare [--quick | --real-guest] [--workdir DIR] [--peer-timeout SECS]
+
+Builds a VM pair (2 GiB disk + 1 GiB memory; --quick: 512 MiB + 256 MiB; --real-guest: the
+test guest before and after installing a web app), runs our engine and the peer tools on it,
+checks every rebuilt image, and writes the table to DIR/results.md (DIR defaults to
+target/peer-compare). Knobs: CLOUDLET_BENCH_LEVEL, CLOUDLET_BENCH_BLOB_MIB,
+CLOUDLET_BENCH_STATS=1 (see benches/README.md).";
+
 struct Args {
     quick: bool,
     guest: bool,
@@ -32,8 +41,12 @@ fn parse_args() -> Result<Args> {
             "--real-guest" => a.guest = true,
             "--workdir" => a.workdir = it.next().context("--workdir DIR")?.into(),
             "--peer-timeout" => a.timeout = Duration::from_secs(it.next().context("--peer-timeout SECS")?.parse()?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "ours-create" | "ours-apply" => return Err(anyhow::anyhow!("internal: {x}")),
-            other => bail!("unknown argument {other}"),
+            other => bail!("unknown argument {other}\n\n{USAGE}"),
         }
     }
     Ok(a)

@@ -68,6 +68,10 @@ enum Command {
         /// Enter.
         #[arg(long)]
         interactive: bool,
+        /// Also show the guest's screen on a VNC display on 127.0.0.1 (implies --interactive);
+        /// closing the viewer also ends the step.
+        #[arg(long)]
+        vnc: bool,
         /// Then wait until the guest answers HTTP on this port.
         #[arg(long)]
         wait_http: Option<u16>,
@@ -119,6 +123,10 @@ enum Command {
         /// captured when you press Enter.
         #[arg(long)]
         interactive: bool,
+        /// Also show the guest's screen on a VNC display on 127.0.0.1 (implies --interactive);
+        /// closing the viewer also ends the step.
+        #[arg(long)]
+        vnc: bool,
         /// Then wait until the guest answers HTTP on this port (e.g. the app just started).
         #[arg(long)]
         wait_http: Option<u16>,
@@ -277,7 +285,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { work, guest } => {
             flows::demo(&work, &guest)?;
         }
-        Command::Base { disk, kernel, initrd, append, ram_mib, ready, prepare, interactive, wait_http, json, name } => {
+        Command::Base {
+            disk,
+            kernel,
+            initrd,
+            append,
+            ram_mib,
+            ready,
+            prepare,
+            interactive,
+            vnc,
+            wait_http,
+            json,
+            name,
+        } => {
             let qemu = vm_driver::Qemu::new()?;
             let a = flows::BaseArgs {
                 name,
@@ -289,6 +310,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ready,
                 prepare,
                 interactive,
+                vnc,
                 wait_http,
                 json,
             };
@@ -336,6 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             base,
             customize,
             interactive,
+            vnc,
             wait_http,
             json,
             mut forwards,
@@ -347,8 +370,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             forwards.extend(redir);
             let qemu = vm_driver::Qemu::new()?;
-            let a =
-                flows::OverlayArgs { base, name, customize, forwards, out, xz, level, interactive, wait_http, json };
+            let a = flows::OverlayArgs {
+                base,
+                name,
+                customize,
+                forwards,
+                out,
+                xz,
+                level,
+                interactive,
+                vnc,
+                wait_http,
+                json,
+            };
             flows::overlay(&qemu, &registry()?, &a, false)?;
         }
         Command::Synthesis { overlay, out, probe, keep_running, json } => {
