@@ -114,31 +114,45 @@ fn ms(d: Duration) -> String {
 }
 
 /// Options of `cloudlet base`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct BaseArgs {
-    /// Name.
-    pub name: String,
-    /// Kernel.
+    /// Raw disk image (copied; never modified).
+    pub disk: PathBuf,
+    /// Kernel to boot.
+    #[arg(long)]
     pub kernel: PathBuf,
     /// Initrd.
+    #[arg(long)]
     pub initrd: PathBuf,
-    /// Command line.
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 quiet panic=-1")]
     pub append: String,
-    /// Raw disk.
-    pub disk: PathBuf,
-    /// RAM MiB.
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
     pub ram_mib: u64,
-    /// Ready text.
+    /// Serial-console text that means the guest is ready.
+    #[arg(long, default_value = "cloudlet-guest: ready")]
     pub ready: String,
-    /// Commands.
+    /// A shell command to run in the guest before the snapshot (repeatable).
+    #[arg(long)]
     pub prepare: Vec<String>,
-    /// Hand the console to a person.
+    /// Then hand the guest's serial console to you; the snapshot is taken when you press
+    /// Enter.
+    #[arg(long)]
     pub interactive: bool,
-    /// Also serve the screen over VNC (implies `interactive`).
+    /// Also show the guest's screen on a VNC display on 127.0.0.1 (implies --interactive);
+    /// closing the viewer also ends the step.
+    #[arg(long)]
     pub vnc: bool,
-    /// Wait for HTTP on this guest port.
+    /// Then wait until the guest answers HTTP on this port.
+    #[arg(long)]
     pub wait_http: Option<u16>,
-    /// Print a JSON object instead of text.
+    /// Print the result as JSON on stdout (steps still go to stderr).
+    #[arg(long)]
     pub json: bool,
+    /// Name of the base (unique in the registry).
+    #[arg(long)]
+    pub name: String,
 }
 
 fn msf(d: Duration) -> f64 {
@@ -183,29 +197,47 @@ pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<Re
 }
 
 /// Options of `cloudlet overlay`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct OverlayArgs {
-    /// Base name, id or id prefix.
+    /// The base: name, id, or unique id prefix.
+    #[arg(long)]
     pub base: String,
-    /// Name.
-    pub name: String,
-    /// Commands.
+    /// A shell command that customizes the guest (repeatable).
+    #[arg(long)]
     pub customize: Vec<String>,
-    /// Forwards, both spellings.
-    pub forwards: Vec<String>,
-    /// Output file.
-    pub out: PathBuf,
-    /// xz instead of zstd.
-    pub xz: bool,
-    /// Level.
-    pub level: Option<i32>,
-    /// Hand the console to a person.
+    /// Then hand the guest's serial console to you (customize it by hand); the overlay is
+    /// captured when you press Enter.
+    #[arg(long)]
     pub interactive: bool,
-    /// Also serve the screen over VNC (implies `interactive`).
+    /// Also show the guest's screen on a VNC display on 127.0.0.1 (implies --interactive);
+    /// closing the viewer also ends the step.
+    #[arg(long)]
     pub vnc: bool,
-    /// Wait for HTTP on this guest port.
+    /// Then wait until the guest answers HTTP on this port (e.g. the app just started).
+    #[arg(long)]
     pub wait_http: Option<u16>,
-    /// Print a JSON object instead of text.
+    /// Print the result as JSON on stdout (steps still go to stderr).
+    #[arg(long)]
     pub json: bool,
+    /// Port forward the app needs, tcp:HOST:GUEST (repeatable; HOST 0 = any).
+    #[arg(long = "forward")]
+    pub forwards: Vec<String>,
+    /// The old spelling, tcp:HOST::GUEST.
+    #[arg(long = "redir", short = 'r')]
+    pub redir: Vec<String>,
+    /// Compress with xz (smaller, slower) instead of zstd.
+    #[arg(long)]
+    pub xz: bool,
+    /// Compression level (zstd 1..=19, default 9; xz 0..=9, default 6). Chunks that look
+    /// incompressible are always stored at the fastest level.
+    #[arg(long)]
+    pub level: Option<i32>,
+    /// Name of the app.
+    #[arg(long, default_value = "app")]
+    pub name: String,
+    /// Overlay file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 fn kinds_json(k: &delta_engine::KindCounts) -> serde_json::Value {
@@ -218,7 +250,7 @@ fn kinds_json(k: &delta_engine::KindCounts) -> serde_json::Value {
 /// `cloudlet overlay`.
 pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Result<synthesis::OverlayOutcome> {
     let base = RegisteredBase::find(reg, &a.base).with_context(|| format!("finding base '{}'", a.base))?;
-    let forwards = a.forwards.iter().map(|f| parse_forward(f)).collect::<Result<Vec<_>, _>>()?;
+    let forwards = a.forwards.iter().chain(&a.redir).map(|f| parse_forward(f)).collect::<Result<Vec<_>, _>>()?;
     let mut options = if a.xz { CreateOptions::xz(6) } else { CreateOptions::default() };
     if let Some(l) = a.level {
         options.level = l;
@@ -384,6 +416,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             name: "webapp".into(),
             customize: app.iter().map(|s| s.to_string()).collect(),
             forwards: vec!["tcp:0:8080".into()],
+            redir: vec![],
             out: work.join("webapp.overlay"),
             xz: false,
             level: None,

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{cloudlet, guest_dir, make_base, processes_mentioning};
+use common::{cloudlet, cloudlet_in, guest_dir, make_base, processes_mentioning};
 
 fn golden(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../overlay-format/tests/golden").join(name)
@@ -187,11 +187,7 @@ fn interactive_overlay_flow_through_the_serial_console() {
     let work = tempfile::tempdir().unwrap();
     let reg = work.path().join("registry");
     make_base(&reg);
-    let cl = || {
-        let mut c = cloudlet();
-        c.arg("--registry").arg(&reg);
-        c
-    };
+    let cl = || cloudlet_in(&reg);
     let ovl = work.path().join("hand.overlay");
     let mut child = cl()
         .args(["overlay", "--base", "deb", "--interactive", "--wait-http", "80", "--forward", "tcp:0:80", "--out"])
@@ -243,11 +239,7 @@ fn interactive_overlay_flow_over_vnc_ends_when_the_viewer_closes() {
     let work = tempfile::tempdir().unwrap();
     let reg = work.path().join("registry");
     make_base(&reg);
-    let cl = || {
-        let mut c = cloudlet();
-        c.arg("--registry").arg(&reg);
-        c
-    };
+    let cl = || cloudlet_in(&reg);
     // A base without a display device cannot be shown over VNC.
     let ovl = work.path().join("vnc.overlay");
     let out = cl().args(["overlay", "--base", "deb", "--vnc", "--out"]).arg(&ovl).output().unwrap();

@@ -43,45 +43,7 @@ enum Command {
     },
     /// Create a base VM: boot a raw disk image, prepare it, snapshot memory + disk + device
     /// state, index it, register it.
-    Base {
-        /// Raw disk image (copied; never modified).
-        disk: PathBuf,
-        /// Kernel to boot.
-        #[arg(long)]
-        kernel: PathBuf,
-        /// Initrd.
-        #[arg(long)]
-        initrd: PathBuf,
-        /// Kernel command line.
-        #[arg(long, default_value = "console=ttyS0 quiet panic=-1")]
-        append: String,
-        /// Guest RAM in MiB.
-        #[arg(long, default_value_t = 256)]
-        ram_mib: u64,
-        /// Serial-console text that means the guest is ready.
-        #[arg(long, default_value = "cloudlet-guest: ready")]
-        ready: String,
-        /// A shell command to run in the guest before the snapshot (repeatable).
-        #[arg(long)]
-        prepare: Vec<String>,
-        /// Then hand the guest's serial console to you; the snapshot is taken when you press
-        /// Enter.
-        #[arg(long)]
-        interactive: bool,
-        /// Also show the guest's screen on a VNC display on 127.0.0.1 (implies --interactive);
-        /// closing the viewer also ends the step.
-        #[arg(long)]
-        vnc: bool,
-        /// Then wait until the guest answers HTTP on this port.
-        #[arg(long)]
-        wait_http: Option<u16>,
-        /// Print the result as JSON on stdout (steps still go to stderr).
-        #[arg(long)]
-        json: bool,
-        /// Name of the base (unique in the registry).
-        #[arg(long)]
-        name: String,
-    },
+    Base(cloudlet_examples::flows::BaseArgs),
     /// List the registered bases.
     ListBase {
         /// Machine-readable output.
@@ -112,47 +74,7 @@ enum Command {
         file: PathBuf,
     },
     /// Create an overlay: resume a base, customize it, capture what changed.
-    Overlay {
-        /// The base: name, id, or unique id prefix.
-        #[arg(long)]
-        base: String,
-        /// A shell command that customizes the guest (repeatable).
-        #[arg(long)]
-        customize: Vec<String>,
-        /// Then hand the guest's serial console to you (customize it by hand); the overlay is
-        /// captured when you press Enter.
-        #[arg(long)]
-        interactive: bool,
-        /// Also show the guest's screen on a VNC display on 127.0.0.1 (implies --interactive);
-        /// closing the viewer also ends the step.
-        #[arg(long)]
-        vnc: bool,
-        /// Then wait until the guest answers HTTP on this port (e.g. the app just started).
-        #[arg(long)]
-        wait_http: Option<u16>,
-        /// Print the result as JSON on stdout (steps still go to stderr).
-        #[arg(long)]
-        json: bool,
-        /// Port forward the app needs, tcp:HOST:GUEST (repeatable; HOST 0 = any).
-        #[arg(long = "forward")]
-        forwards: Vec<String>,
-        /// The old spelling, tcp:HOST::GUEST.
-        #[arg(long = "redir", short = 'r')]
-        redir: Vec<String>,
-        /// Compress with xz (smaller, slower) instead of zstd.
-        #[arg(long)]
-        xz: bool,
-        /// Compression level (zstd 1..=19, default 9; xz 0..=9, default 6). Chunks that look
-        /// incompressible are always stored at the fastest level.
-        #[arg(long)]
-        level: Option<i32>,
-        /// Name of the app.
-        #[arg(long, default_value = "app")]
-        name: String,
-        /// Overlay file to write.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Overlay(cloudlet_examples::flows::OverlayArgs),
     /// Rebuild a custom VM from an overlay and its registered base, and resume it.
     Synthesis {
         /// The overlay file (it names its base by id).
@@ -285,35 +207,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { work, guest } => {
             flows::demo(&work, &guest)?;
         }
-        Command::Base {
-            disk,
-            kernel,
-            initrd,
-            append,
-            ram_mib,
-            ready,
-            prepare,
-            interactive,
-            vnc,
-            wait_http,
-            json,
-            name,
-        } => {
+        Command::Base(a) => {
             let qemu = vm_driver::Qemu::new()?;
-            let a = flows::BaseArgs {
-                name,
-                kernel,
-                initrd,
-                append,
-                disk,
-                ram_mib,
-                ready,
-                prepare,
-                interactive,
-                vnc,
-                wait_http,
-                json,
-            };
             flows::base(&qemu, &registry()?, &a, false)?;
         }
         Command::ListBase { json } => flows::list_base(&registry()?, json)?,
@@ -354,35 +249,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let b = registry()?.import(std::io::BufReader::new(f))?;
             println!("imported base {} ({})", b.manifest.id, b.manifest.name);
         }
-        Command::Overlay {
-            base,
-            customize,
-            interactive,
-            vnc,
-            wait_http,
-            json,
-            mut forwards,
-            redir,
-            xz,
-            level,
-            name,
-            out,
-        } => {
-            forwards.extend(redir);
+        Command::Overlay(a) => {
             let qemu = vm_driver::Qemu::new()?;
-            let a = flows::OverlayArgs {
-                base,
-                name,
-                customize,
-                forwards,
-                out,
-                xz,
-                level,
-                interactive,
-                vnc,
-                wait_http,
-                json,
-            };
             flows::overlay(&qemu, &registry()?, &a, false)?;
         }
         Command::Synthesis { overlay, out, probe, keep_running, json } => {

@@ -10,6 +10,13 @@ pub fn cloudlet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cloudlet"))
 }
 
+/// `cloudlet --registry REGISTRY`.
+pub fn cloudlet_in(registry: &Path) -> Command {
+    let mut c = cloudlet();
+    c.arg("--registry").arg(registry);
+    c
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -28,9 +35,7 @@ pub fn guest_dir() -> PathBuf {
 /// Registers the test guest as base `deb` in `registry` through `cloudlet base`.
 pub fn make_base(registry: &Path) {
     let guest = guest_dir();
-    let out = cloudlet()
-        .arg("--registry")
-        .arg(registry)
+    let out = cloudlet_in(registry)
         .args(["base", "--name", "deb", "--kernel"])
         .arg(guest.join("vmlinuz"))
         .arg("--initrd")
