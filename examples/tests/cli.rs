@@ -218,19 +218,7 @@ fn interactive_overlay_flow_through_the_serial_console() {
     }
     drop(s);
     child.stdin.take().unwrap().write_all(b"\n").unwrap();
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
-    assert!(child.wait().unwrap().success(), "overlay: {rest}");
-    let out = cl()
-        .args(["synthesis", "--overlay"])
-        .arg(&ovl)
-        .arg("--out")
-        .arg(work.path().join("vm"))
-        .args(["--probe", "80"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("the app answered: by-hand"), "{stdout}");
+    overlay_succeeds_and_serves(child, err, &reg, &ovl, &work.path().join("vm"), "by-hand");
 }
 
 #[test]
@@ -306,17 +294,29 @@ fn interactive_overlay_flow_over_vnc_ends_when_the_viewer_closes() {
     assert!(w > 0 && h > 0, "screen {w}x{h}");
     std::thread::sleep(std::time::Duration::from_millis(600));
     drop(v);
+    overlay_succeeds_and_serves(child, err, &reg, &ovl, &work.path().join("vm"), "on-screen");
+}
+
+/// Waits for an overlay run to succeed, synthesizes its overlay and checks the app's page.
+fn overlay_succeeds_and_serves(
+    mut child: std::process::Child,
+    mut err: impl std::io::Read,
+    reg: &std::path::Path,
+    ovl: &std::path::Path,
+    vm: &std::path::Path,
+    page: &str,
+) {
     let mut rest = String::new();
     err.read_to_string(&mut rest).unwrap();
     assert!(child.wait().unwrap().success(), "overlay: {rest}");
-    let out = cl()
+    let out = cloudlet_in(reg)
         .args(["synthesis", "--overlay"])
-        .arg(&ovl)
+        .arg(ovl)
         .arg("--out")
-        .arg(work.path().join("vm"))
+        .arg(vm)
         .args(["--probe", "80"])
-        .output()
-        .unwrap();
+        .output();
+    let out = out.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("the app answered: on-screen"), "{stdout}");
+    assert!(out.status.success() && stdout.contains(&format!("the app answered: {page}")), "{stdout}");
 }
