@@ -248,7 +248,8 @@ pub struct CreateStats {
     pub overlay_bytes: u64,
     /// Time classifying chunks (hash, dedup, patch).
     pub scan: Duration,
-    /// Time compressing blobs (wall clock, in parallel).
+    /// Time compressing blobs (wall clock, in parallel; it overlaps `scan`: the blobs one
+    /// batch filled are sealed while the next batch is classified).
     pub compress: Duration,
     /// Time writing the overlay.
     pub write: Duration,
@@ -425,6 +426,85 @@ impl Emitter<'_> {
     }
 }
 
+/// What each chunk `c0..c1` of custom image `ii` is, with its hash and, for a patch, the patch.
+fn classify(
+    base: &Base,
+    map: &View,
+    ii: usize,
+    c0: u64,
+    c1: u64,
+    opts: &CreateOptions,
+) -> Vec<(Class, ChunkHash, Option<Vec<u8>>)> {
+    let size = map.size();
+    (c0 as usize..c1 as usize)
+        .into_par_iter()
+        .with_min_len(256)
+        .map(|c| {
+            let c = c as u64;
+            let len = chunk_len(size, c);
+            let data = match map.chunk(c, len) {
+                Src::Zeros => {
+                    let h = if len == CHUNK_SIZE { ChunkHash::zero() } else { ChunkHash::of(&vec![0u8; len]) };
+                    let class = if base.chunk_is_zero(ii, c, len) { Class::Same } else { Class::Zero };
+                    return (class, h, None);
+                }
+                Src::Backing => {
+                    let h = match base.full_hash(ii, c) {
+                        Some(h) if len == CHUNK_SIZE => h,
+                        _ => {
+                            let mut padded = vec![0u8; len];
+                            base.read_padded(ii, c, &mut padded);
+                            ChunkHash::of(&padded)
+                        }
+                    };
+                    return (Class::Same, h, None);
+                }
+                Src::Data(d) => d,
+            };
+            let chunk: &[u8] = &data;
+            match base.full_chunk(ii, c) {
+                Some(b) if len == CHUNK_SIZE => {
+                    if b == chunk {
+                        let h = base.full_hash(ii, c).expect("full chunk has a hash");
+                        return (Class::Same, h, None);
+                    }
+                }
+                _ => {
+                    // Straddles or lies past the base image's end: compare with the
+                    // zero-padded base bytes.
+                    let mut padded = vec![0u8; len];
+                    base.read_padded(ii, c, &mut padded);
+                    if padded == chunk {
+                        return (Class::Same, ChunkHash::of(chunk), None);
+                    }
+                }
+            }
+            if overlay_format::digest::is_zero(chunk) {
+                let h = ChunkHash::of(chunk);
+                return (Class::Zero, h, None);
+            }
+            let h = ChunkHash::of(chunk);
+            if len == CHUNK_SIZE {
+                if let Some(r) = base.index().find(&h) {
+                    if base.full_chunk(r.image as usize, r.chunk) == Some(chunk) {
+                        return (Class::Base(r), h, None);
+                    }
+                }
+            }
+            // A patch against the same-offset base chunk, if that chunk has content.
+            let patch = if !base.chunk_is_zero(ii, c, len) {
+                let mut b = vec![0u8; len];
+                base.read_padded(ii, c, &mut b);
+                encode_patch(&b, chunk, opts.patch_limit)
+            } else {
+                None
+            };
+            let dense = patch.is_none() && opts.separate_dense && looks_incompressible(chunk);
+            (Class::Fresh { dense }, h, patch)
+        })
+        .collect()
+}
+
 fn chunk_len(size: u64, c: u64) -> usize {
     (size - c * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64) as usize
 }
@@ -432,7 +512,8 @@ fn chunk_len(size: u64, c: u64) -> usize {
 /// Creates an overlay that rebuilds `custom` from `base`, writing it to `out`.
 ///
 /// `custom` names every base image exactly once. Chunks are classified in batches of
-/// `opts.batch_bytes` in parallel; blobs are sealed in parallel and written in order.
+/// `opts.batch_bytes` in parallel; the blobs a batch fills are sealed in parallel while the next
+/// batch is classified, and written in order.
 pub fn create_overlay<W: Write>(
     base: &Base,
     custom: &[CustomImage],
@@ -503,76 +584,18 @@ pub fn create_overlay<W: Write>(
         let mut c0 = 0u64;
         while c0 < n_chunks {
             let c1 = (c0 + batch_chunks).min(n_chunks);
-            let ts = Instant::now();
-            // Parallel classification of chunks c0..c1.
-            let classes: Vec<(Class, ChunkHash, Option<Vec<u8>>)> = (c0 as usize..c1 as usize)
-                .into_par_iter()
-                .with_min_len(256)
-                .map(|c| {
-                    let c = c as u64;
-                    let len = chunk_len(size, c);
-                    let data = match map.chunk(c, len) {
-                        Src::Zeros => {
-                            let h = if len == CHUNK_SIZE { ChunkHash::zero() } else { ChunkHash::of(&vec![0u8; len]) };
-                            let class = if base.chunk_is_zero(ii, c, len) { Class::Same } else { Class::Zero };
-                            return (class, h, None);
-                        }
-                        Src::Backing => {
-                            let h = match base.full_hash(ii, c) {
-                                Some(h) if len == CHUNK_SIZE => h,
-                                _ => {
-                                    let mut padded = vec![0u8; len];
-                                    base.read_padded(ii, c, &mut padded);
-                                    ChunkHash::of(&padded)
-                                }
-                            };
-                            return (Class::Same, h, None);
-                        }
-                        Src::Data(d) => d,
-                    };
-                    let chunk: &[u8] = &data;
-                    match base.full_chunk(ii, c) {
-                        Some(b) if len == CHUNK_SIZE => {
-                            if b == chunk {
-                                let h = base.full_hash(ii, c).expect("full chunk has a hash");
-                                return (Class::Same, h, None);
-                            }
-                        }
-                        _ => {
-                            // Straddles or lies past the base image's end: compare with the
-                            // zero-padded base bytes.
-                            let mut padded = vec![0u8; len];
-                            base.read_padded(ii, c, &mut padded);
-                            if padded == chunk {
-                                return (Class::Same, ChunkHash::of(chunk), None);
-                            }
-                        }
-                    }
-                    if overlay_format::digest::is_zero(chunk) {
-                        let h = ChunkHash::of(chunk);
-                        return (Class::Zero, h, None);
-                    }
-                    let h = ChunkHash::of(chunk);
-                    if len == CHUNK_SIZE {
-                        if let Some(r) = base.index().find(&h) {
-                            if base.full_chunk(r.image as usize, r.chunk) == Some(chunk) {
-                                return (Class::Base(r), h, None);
-                            }
-                        }
-                    }
-                    // A patch against the same-offset base chunk, if that chunk has content.
-                    let patch = if !base.chunk_is_zero(ii, c, len) {
-                        let mut b = vec![0u8; len];
-                        base.read_padded(ii, c, &mut b);
-                        encode_patch(&b, chunk, opts.patch_limit)
-                    } else {
-                        None
-                    };
-                    let dense = patch.is_none() && opts.separate_dense && looks_incompressible(chunk);
-                    (Class::Fresh { dense }, h, patch)
-                })
-                .collect();
-            stats.scan += ts.elapsed();
+            // Classify this batch in parallel while the blobs the previous batch filled are
+            // sealed (the two share the pool), then write those blobs, in order.
+            let ready = std::mem::take(&mut em.ready);
+            let ((classes, scan_time), sealed) = rayon::join(
+                || {
+                    let ts = Instant::now();
+                    (classify(base, map, ii, c0, c1, opts), ts.elapsed())
+                },
+                || seal(ready, opts),
+            );
+            stats.scan += scan_time;
+            write_sealed(sealed?, &mut writer, &mut stats)?;
             // Sequential pass: self-dedup, runs, blobs.
             for (k, (class, h, patch)) in classes.into_iter().enumerate() {
                 let c = c0 + k as u64;
@@ -618,14 +641,12 @@ pub fn create_overlay<W: Write>(
             em.flush();
             scanned += (c1 - c0) * CHUNK_SIZE as u64;
             progress(Progress { phase: "scan", done: scanned.min(total), total });
-            // Seal the full blobs of this batch in parallel, write them in order.
-            write_ready(&mut em.ready, &mut writer, opts, &mut stats)?;
             c0 = c1;
         }
         digests.push(digester.finish());
     }
     em.cut_all();
-    write_ready(&mut em.ready, &mut writer, opts, &mut stats)?;
+    write_sealed(seal(std::mem::take(&mut em.ready), opts)?, &mut writer, &mut stats)?;
     stats.kinds = em.kinds;
     stats.scanned_bytes = total;
     let trailer = writer.trailer(digests);
@@ -663,17 +684,11 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-fn write_ready<W: Write>(
-    ready: &mut Vec<(BlobBuilder, usize)>,
-    writer: &mut OverlayWriter<W>,
-    opts: &CreateOptions,
-    stats: &mut CreateStats,
-) -> Result<(), CreateError> {
-    if ready.is_empty() {
-        return Ok(());
-    }
+/// Seals blobs in parallel: the light stream at the chosen level, the dense stream at the
+/// fastest level over a window covering the blob.
+fn seal(ready: Vec<(BlobBuilder, usize)>, opts: &CreateOptions) -> Result<Sealed, EncodeError> {
     let tc = Instant::now();
-    let sealed: Vec<(SealedBlob, usize)> = std::mem::take(ready)
+    let blobs = ready
         .into_par_iter()
         .map(|(b, stream)| {
             let effort = if stream == DENSE {
@@ -688,9 +703,23 @@ fn write_ready<W: Write>(
             Ok((b.seal_with(opts.compression, &effort)?, stream))
         })
         .collect::<Result<_, EncodeError>>()?;
-    stats.compress += tc.elapsed();
+    Ok(Sealed { blobs, time: tc.elapsed() })
+}
+
+/// Blobs sealed by [`seal`], in stream order, and the wall time it took.
+struct Sealed {
+    blobs: Vec<(SealedBlob, usize)>,
+    time: Duration,
+}
+
+fn write_sealed<W: Write>(
+    sealed: Sealed,
+    writer: &mut OverlayWriter<W>,
+    stats: &mut CreateStats,
+) -> Result<(), CreateError> {
+    stats.compress += sealed.time;
     let tw = Instant::now();
-    for (s, stream) in &sealed {
+    for (s, stream) in &sealed.blobs {
         stats.dense_blobs += u64::from(*stream == DENSE);
         stats.blob_bytes_raw += s.uncompressed_len() as u64;
         stats.blob_bytes_compressed += s.compressed_len() as u64;
