@@ -402,10 +402,11 @@ impl Hypervisor for Qemu {
             return Err(DriverError::Incompatible { what: "accelerator", wanted: "kvm".into(), reason: why });
         }
         if opts.vnc_display.is_some() && !snap.display {
-            return Err(DriverError::Incompatible {
-                what: "VNC display",
-                wanted: "a display device".into(),
-                reason: "the snapshot was taken without one (launch with a VNC display to have one)".into(),
+            return Err(DriverError::BadSnapshot {
+                dir: snap.dir.clone(),
+                reason:
+                    "no display device (its VM was launched without a VNC display), so it cannot be restored with one"
+                        .into(),
             });
         }
         let memory = snap.memory_path();
