@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use overlay_format::{
 use rayon::prelude::*;
 
 use crate::base::Base;
-use crate::file::{lazy_copy, zero_range, LazyCopy};
+use crate::file::{lazy_copy, zero_range, LazyCopy, WriteBuf};
 use crate::qcow2::{Qcow2Writer, Written};
 use crate::{KindCounts, Progress};
 
@@ -123,7 +122,7 @@ pub struct ApplyOptions {
 /// Where an output image's bytes go.
 enum Store {
     /// A copy of the base image, filled in offset order as records arrive (see [`LazyCopy`]).
-    Raw(File, Option<LazyCopy>),
+    Raw(File, Option<LazyCopy>, WriteBuf),
     /// A qcow2 layer over the base image.
     Qcow2(Qcow2Writer),
 }
@@ -159,15 +158,16 @@ impl Out {
     }
 
     /// Writes whole chunks from chunk `c` on.
-    fn write(&mut self, c: u64, data: &[u8]) -> Result<(), ApplyError> {
+    fn write(&mut self, base: &Base, c: u64, data: &[u8]) -> Result<(), ApplyError> {
         let start = c * CHUNK_SIZE as u64;
+        let src = base.bytes(self.base_image);
         let r = match &mut self.store {
-            Store::Raw(f, lazy) => (|| {
+            Store::Raw(f, lazy, wb) => (|| {
                 if let Some(l) = lazy {
-                    l.advance_to(f, start)?;
+                    l.advance_to(f, wb, src, start)?;
                     l.skip_to(start + data.len() as u64);
                 }
-                f.write_all_at(data, start)
+                wb.write(f, start, data)
             })(),
             Store::Qcow2(w) => w.write(c, data),
         };
@@ -175,22 +175,28 @@ impl Out {
     }
 
     /// Copies the rest of the base (lazy copies); after this the image is complete.
-    fn finish_copy(&mut self) -> Result<(), ApplyError> {
+    fn finish_copy(&mut self, base: &Base) -> Result<(), ApplyError> {
         let size = self.size;
-        if let Store::Raw(f, Some(l)) = &mut self.store {
-            l.advance_to(f, size).map_err(|source| ApplyError::Io { path: self.tmp.clone(), source })?;
+        let src = base.bytes(self.base_image);
+        if let Store::Raw(f, lazy, wb) = &mut self.store {
+            let r = match lazy {
+                Some(l) => l.advance_to(f, wb, src, size).and_then(|()| wb.flush(f)),
+                None => wb.flush(f),
+            };
+            r.map_err(|source| ApplyError::Io { path: self.tmp.clone(), source })?;
         }
         Ok(())
     }
 
     /// Makes chunks `c..c + count` zeros.
-    fn zero(&mut self, c: u64, count: u64) -> Result<(), ApplyError> {
+    fn zero(&mut self, base: &Base, c: u64, count: u64) -> Result<(), ApplyError> {
         let start = c * CHUNK_SIZE as u64;
         let end = ((c + count) * CHUNK_SIZE as u64).min(self.size);
+        let src = base.bytes(self.base_image);
         match &mut self.store {
-            Store::Raw(f, lazy) => {
+            Store::Raw(f, lazy, wb) => {
                 if let Some(l) = lazy {
-                    let r = l.advance_to(f, start);
+                    let r = l.advance_to(f, wb, src, start);
                     r.map_err(|source| ApplyError::Io { path: self.tmp.clone(), source })?;
                     if l.cursor() <= start {
                         // Never copied: the fresh file already reads zeros here.
@@ -199,7 +205,7 @@ impl Out {
                     }
                     l.skip_to(end);
                 }
-                zero_range(f, start, end - start).map_err(self.io())
+                wb.flush(f).and_then(|()| zero_range(f, start, end - start)).map_err(self.io())
             }
             Store::Qcow2(w) => {
                 w.zero(c, count);
@@ -209,14 +215,15 @@ impl Out {
     }
 
     /// Reads chunk `c` (`buf.len()` bytes) as the rebuilt image has it now.
-    fn read(&self, base: &Base, c: u64, buf: &mut [u8]) -> Result<(), ApplyError> {
-        match &self.store {
-            Store::Raw(f, _) => f.read_exact_at(buf, c * CHUNK_SIZE as u64).map_err(self.io()),
+    fn read(&mut self, base: &Base, c: u64, buf: &mut [u8]) -> Result<(), ApplyError> {
+        let io = self.io();
+        match &mut self.store {
+            Store::Raw(f, _, wb) => wb.read_at(f, buf, c * CHUNK_SIZE as u64).map_err(io),
             Store::Qcow2(w) => {
                 match w.state(c) {
                     Written::Backing => base.read_padded(self.base_image, c, buf),
                     Written::Zero => buf.fill(0),
-                    Written::At(host) => w.read_at(buf, host).map_err(self.io())?,
+                    Written::At(host) => w.read_at(buf, host).map_err(io)?,
                 }
                 Ok(())
             }
@@ -319,7 +326,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
             }
             let (f, lazy) = lazy_copy(base.path(i), &tmp, m.size, data)
                 .map_err(|source| ApplyError::Io { path: tmp.clone(), source })?;
-            Store::Raw(f, lazy)
+            Store::Raw(f, lazy, WriteBuf::default())
         };
         cleanup.0.push(tmp.clone());
         let n = m.size.div_ceil(CHUNK_SIZE as u64);
@@ -408,7 +415,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
 
     let tf = Instant::now();
     for o in outs.iter_mut() {
-        o.finish_copy()?;
+        o.finish_copy(base)?;
     }
     apply_time += tf.elapsed();
     // Verify.
@@ -436,7 +443,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
     if opts.fsync {
         outs.par_iter().try_for_each(|o| {
             let f = match &o.store {
-                Store::Raw(f, _) => f,
+                Store::Raw(f, _, _) => f,
                 Store::Qcow2(w) => w.file(),
             };
             f.sync_all().map_err(|source| ApplyError::Io { path: o.tmp.clone(), source })
@@ -478,7 +485,7 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
             let o = &mut outs[image];
             let start = chunk * cs;
             let end = ((chunk + count) * cs).min(o.size);
-            o.zero(chunk, count)?;
+            o.zero(base, chunk, count)?;
             for c in chunk..chunk + count {
                 o.hashes[c as usize] = zero_hash(o.chunk_len(c));
                 o.mark(c);
@@ -494,12 +501,12 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
                 let len = o.chunk_len(c);
                 let h = match base.full_chunk(src.image as usize, src.chunk + k) {
                     Some(b) if len == CHUNK_SIZE => {
-                        o.write(c, b)?;
+                        o.write(base, c, b)?;
                         base.full_hash(src.image as usize, src.chunk + k).expect("full chunk")
                     }
                     _ => {
                         base.read_padded(src.image as usize, src.chunk + k, &mut buf[..len]);
-                        o.write(c, &buf[..len])?;
+                        o.write(base, c, &buf[..len])?;
                         ChunkHash::of(&buf[..len])
                     }
                 };
@@ -510,21 +517,24 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
             Ok(count * cs)
         }
         RecordRef::CopySelf { chunk, src, .. } => {
-            let bad =
-                |reason: &str| ApplyError::Record { image: outs[image].name.clone(), chunk, reason: reason.into() };
-            let s = &outs[src.image as usize];
-            if !s.was_written(src.chunk) {
-                return Err(bad("copies a chunk no earlier record wrote"));
-            }
             let len = outs[image].chunk_len(chunk);
-            if s.chunk_len(src.chunk) != len {
-                return Err(bad("copies a chunk of another length"));
+            let s = &outs[src.image as usize];
+            let refusal = if !s.was_written(src.chunk) {
+                Some("copies a chunk no earlier record wrote")
+            } else if s.chunk_len(src.chunk) != len {
+                Some("copies a chunk of another length")
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                return Err(ApplyError::Record { image: outs[image].name.clone(), chunk, reason: reason.into() });
             }
+            let s = &mut outs[src.image as usize];
             let mut buf = vec![0u8; len];
             s.read(base, src.chunk, &mut buf)?;
             let h = s.hashes[src.chunk as usize];
             let o = &mut outs[image];
-            o.write(chunk, &buf)?;
+            o.write(base, chunk, &buf)?;
             o.hashes[chunk as usize] = h;
             o.mark(chunk);
             kinds.copy_self.add(1);
@@ -541,7 +551,7 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
                 chunk,
                 reason: e.to_string(),
             })?;
-            o.write(chunk, &out)?;
+            o.write(base, chunk, &out)?;
             o.hashes[chunk as usize] = ChunkHash::of(&out);
             o.mark(chunk);
             kinds.patch.add(1);
@@ -550,7 +560,7 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
         }
         RecordRef::Raw { chunk, data, .. } => {
             let o = &mut outs[image];
-            o.write(chunk, data)?;
+            o.write(base, chunk, data)?;
             let n = data.len().div_ceil(CHUNK_SIZE);
             let hs: Vec<ChunkHash> = data.par_chunks(CHUNK_SIZE).with_min_len(16).map(ChunkHash::of).collect();
             for (k, h) in hs.into_iter().enumerate() {

@@ -69,6 +69,11 @@ impl Base {
         self.maps[i].len()
     }
 
+    /// All bytes of image `i`.
+    pub(crate) fn bytes(&self, i: usize) -> &[u8] {
+        self.maps[i].bytes()
+    }
+
     /// The whole chunk `c` of image `i` if it lies fully inside the image.
     pub(crate) fn full_chunk(&self, i: usize, c: u64) -> Option<&[u8]> {
         let s = c.checked_mul(CHUNK_SIZE as u64)? as usize;

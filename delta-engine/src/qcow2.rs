@@ -286,6 +286,8 @@ pub(crate) struct Qcow2Writer {
     map: Vec<u64>,
     next: u64,
     finished: bool,
+    /// Data clusters are appended in order, so their writes mostly continue one another.
+    wb: crate::file::WriteBuf,
 }
 
 const CLUSTER: u64 = CHUNK_SIZE as u64;
@@ -310,7 +312,15 @@ impl Qcow2Writer {
         }
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
         let n = size.div_ceil(CLUSTER) as usize;
-        Ok(Qcow2Writer { file, size, backing, map: vec![0; n], next: CLUSTER, finished: false })
+        Ok(Qcow2Writer {
+            file,
+            size,
+            backing,
+            map: vec![0; n],
+            next: CLUSTER,
+            finished: false,
+            wb: crate::file::WriteBuf::default(),
+        })
     }
 
     pub(crate) fn state(&self, c: u64) -> Written {
@@ -323,7 +333,6 @@ impl Qcow2Writer {
 
     /// Writes whole chunks from chunk `c` on (`data` may end short at the image's end).
     pub(crate) fn write(&mut self, c: u64, data: &[u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
         let n = data.len().div_ceil(CHUNK_SIZE) as u64;
         let mut k = 0u64;
         while k < n {
@@ -342,7 +351,7 @@ impl Qcow2Writer {
             }
             let s = (k as usize) * CHUNK_SIZE;
             let e = ((k + run) as usize * CHUNK_SIZE).min(data.len());
-            self.file.write_all_at(&data[s..e], host0)?;
+            self.wb.write(&self.file, host0, &data[s..e])?;
             k += run;
         }
         Ok(())
@@ -370,15 +379,14 @@ impl Qcow2Writer {
         }
     }
 
-    /// The file.
+    /// The file (complete once [`Qcow2Writer::finish`] returned).
     pub(crate) fn file(&self) -> &File {
         &self.file
     }
 
     /// Reads `buf.len()` bytes of data at host offset `at`.
-    pub(crate) fn read_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file.read_exact_at(buf, at)
+    pub(crate) fn read_at(&mut self, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+        self.wb.read_at(&self.file, buf, at)
     }
 
     /// Writes the L2 tables, the L1 table, the refcounts and the header (once).
@@ -388,6 +396,7 @@ impl Qcow2Writer {
             return Ok(());
         }
         self.finished = true;
+        self.wb.flush(&self.file)?;
         let per_l2 = (CLUSTER / 8) as usize;
         let l1_entries = self.map.len().div_ceil(per_l2).max(1);
         let l1_clusters = (l1_entries as u64 * 8).div_ceil(CLUSTER);

@@ -669,7 +669,19 @@ mod ours {
                     fsync: false,
                     qcow2_disks: a.get(7).map(String::as_str) == Some("qcow2"),
                 };
-                apply_overlay(&base, f, &opts, &|_| {})?;
+                let t = std::time::Instant::now();
+                let r = apply_overlay(&base, f, &opts, &|_| {})?;
+                if std::env::var_os("CLOUDLET_BENCH_STATS").is_some() {
+                    eprintln!(
+                        "apply {:?} (receive {:?}, decode {:?}, apply {:?}, verify {:?}); with setup {:?}",
+                        r.total,
+                        r.receive,
+                        r.decode,
+                        r.apply,
+                        r.verify,
+                        t.elapsed()
+                    );
+                }
             }
             _ => bail!("internal: bad arguments {a:?}"),
         }
