@@ -20,12 +20,16 @@ pub struct Effort {
     /// zstd long-distance matching: finds long repeats far back in a large window at little
     /// cost. xz ignores it.
     pub long_distance: bool,
+    /// xz: run the x86 branch filter (BCJ) before LZMA2, which makes machine code compress
+    /// better and other data about the same; the filter is recorded in the .xz stream, so any
+    /// xz decoder undoes it. zstd ignores it.
+    pub executable_filter: bool,
 }
 
 impl Effort {
     /// The level's defaults.
     pub fn level(level: i32) -> Self {
-        Effort { level, window_log: None, long_distance: false }
+        Effort { level, window_log: None, long_distance: false, executable_filter: false }
     }
 }
 
@@ -50,17 +54,19 @@ pub(crate) fn compress(c: Compression, effort: &Effort, raw: &[u8]) -> io::Resul
         Compression::Xz => {
             let level = effort.level.clamp(0, 9) as u32;
             let mut out = Vec::with_capacity(raw.len() / 2);
-            match window_log {
-                None => {
-                    liblzma::read::XzEncoder::new(raw, level).read_to_end(&mut out)?;
-                }
-                Some(w) => {
-                    use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
-                    let mut opts = LzmaOptions::new_preset(level)?;
+            {
+                use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
+                let mut opts = LzmaOptions::new_preset(level)?;
+                if let Some(w) = window_log {
                     opts.dict_size(1 << w);
-                    let stream = Stream::new_stream_encoder(Filters::new().lzma2(&opts), Check::Crc64)?;
-                    liblzma::read::XzEncoder::new_stream(raw, stream).read_to_end(&mut out)?;
                 }
+                let mut f = Filters::new();
+                if effort.executable_filter {
+                    f.x86();
+                }
+                f.lzma2(&opts);
+                let stream = Stream::new_stream_encoder(&f, Check::Crc64)?;
+                liblzma::read::XzEncoder::new_stream(raw, stream).read_to_end(&mut out)?;
             }
             Ok(out)
         }

@@ -336,7 +336,7 @@ proptest! {
             b.push(r);
         }
         // Every effort decodes with the same decoder.
-        let sealed = b.seal_with(compression, &Effort { level: 1, window_log, long_distance }).unwrap();
+        let sealed = b.seal_with(compression, &Effort { level: 1, window_log, long_distance, executable_filter: long_distance }).unwrap();
         let decoded = sealed.decode_for(&m).unwrap();
         let got: Vec<Record> = decoded.records().map(|r| r.to_owned()).collect();
         prop_assert_eq!(got, records);
