@@ -3,41 +3,52 @@
 //! zeros and fresh data), then measures, in one run, overlay size, create time, apply time and
 //! peak memory for our engine and for peer tools, and prints ratios.
 //!
-//! `cargo run --release -p cloudlet-benches --bin peer-compare -- [--quick | --real-guest] [--workdir DIR] [--peer-timeout SECS]`
+//! `cargo run --release -p cloudlet-benches --bin peer-compare -- [--quick | --random-heavy | --real-guest] [--workdir DIR] [--peer-timeout SECS]`
 
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cloudlet_benches::{changed_chunks, make_memory_pair, PairSpec};
+use rand::{Rng, SeedableRng};
 
-const GEN_VERSION: &str = "pair-v1";
+const GEN_VERSION: &str = "pair-v2";
 
 const USAGE: &str = "\
-usage: peer-compare [--quick | --real-guest] [--workdir DIR] [--peer-timeout SECS]
+usage: peer-compare [--quick | --random-heavy | --real-guest] [--workdir DIR] [--peer-timeout SECS]
 
-Builds a VM pair (2 GiB disk + 1 GiB memory; --quick: 512 MiB + 256 MiB; --real-guest: the
-test guest before and after installing a web app), runs our engine and the peer tools on it,
+Builds a VM pair (2 GiB disk + 1 GiB memory: a toolchain's real files installed, base files
+rewritten, blocks edited in place; --quick: the same at 512 MiB + 256 MiB; --random-heavy: the
+earlier pair, half of its added files random; --real-guest: the test guest before and after
+installing a web app), runs our engine and the peer tools on it,
 checks every rebuilt image, and writes the table to DIR/results.md (DIR defaults to
 target/peer-compare). Knobs: CLOUDLET_BENCH_LEVEL, CLOUDLET_BENCH_BLOB_MIB,
 CLOUDLET_BENCH_STATS=1 (see benches/README.md).";
 
 struct Args {
     quick: bool,
+    random_heavy: bool,
     guest: bool,
     workdir: PathBuf,
     timeout: Duration,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a =
-        Args { quick: false, guest: false, workdir: "target/peer-compare".into(), timeout: Duration::from_secs(900) };
+    let mut a = Args {
+        quick: false,
+        random_heavy: false,
+        guest: false,
+        workdir: "target/peer-compare".into(),
+        timeout: Duration::from_secs(900),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--quick" => a.quick = true,
+            "--random-heavy" => a.random_heavy = true,
             "--real-guest" => a.guest = true,
             "--workdir" => a.workdir = it.next().context("--workdir DIR")?.into(),
             "--peer-timeout" => a.timeout = Duration::from_secs(it.next().context("--peer-timeout SECS")?.parse()?),
@@ -193,9 +204,63 @@ fn guest_pair(w: &Path) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf, u64)> {
     Ok((bd, cd, bm, cm, changed))
 }
 
-fn build_pair(w: &Path, quick: bool) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf, u64)> {
-    let (disk_mb, mem_mb, add_mb, mem_change) = if quick { (512, 256, 64, 0.5) } else { (2048, 1024, 300, 0.5) };
-    let stamp = format!("{GEN_VERSION} {disk_mb} {mem_mb} {add_mb} {mem_change}");
+/// Which synthetic pair to build.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Synthetic {
+    /// 2 GiB disk, 1 GiB memory: a toolchain's real files installed, files rewritten by an
+    /// upgrade, blocks edited in place (about 0.86 GB of changed chunks, like the reference
+    /// pair of the targets).
+    Full,
+    /// The same recipe at 512 MiB disk, 256 MiB memory.
+    Quick,
+    /// The earlier full pair: half of what is added to the disk is fresh random data.
+    RandomHeavy,
+}
+
+/// Files of at least `min_kib` under `dirs`, in a stable order, until `mb` MiB are taken.
+fn real_files(dirs: &[&str], min_kib: u64, mb: u64, skip: usize) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut left = mb << 20;
+    for d in dirs {
+        let mut files: Vec<PathBuf> = walk(Path::new(d));
+        files.sort();
+        for f in files.into_iter().skip(skip) {
+            let Ok(m) = fs::symlink_metadata(&f) else { continue };
+            if !m.file_type().is_file() || m.len() < min_kib << 10 || m.len() > 64 << 20 {
+                continue;
+            }
+            if m.len() > left {
+                return out;
+            }
+            left -= m.len();
+            out.push(f);
+        }
+    }
+    out
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(d) else { return out };
+    for e in rd.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_dir() {
+            out.extend(walk(&e.path()));
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+fn build_pair(w: &Path, kind: Synthetic) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf, u64)> {
+    let (disk_mb, mem_mb, add_mb, rewrite_mb, edit_chunks, mem_change) = match kind {
+        Synthetic::Full => (2048, 1024, 400, 48, 6000, 0.5),
+        Synthetic::Quick => (512, 256, 100, 12, 1500, 0.5),
+        Synthetic::RandomHeavy => (2048, 1024, 300, 0, 0, 0.5),
+    };
+    let version = if kind == Synthetic::RandomHeavy { "pair-v1" } else { GEN_VERSION };
+    let stamp = format!("{version} {disk_mb} {mem_mb} {add_mb} {rewrite_mb} {edit_chunks} {mem_change}");
     let (bd, cd, bm, cm) =
         (w.join("base-disk.raw"), w.join("custom-disk.raw"), w.join("base-mem.raw"), w.join("custom-mem.raw"));
     if fs::read_to_string(w.join("stamp")).ok().as_deref() == Some(stamp.as_str()) {
@@ -229,25 +294,71 @@ fn build_pair(w: &Path, quick: bool) -> Result<(PathBuf, PathBuf, PathBuf, PathB
         bail!("mkfs.ext4 failed");
     }
     fs::copy(&bd, &cd)?;
-    // Files added (half text-like from real files, half fresh random) and some rewritten.
     let adds = w.join("adds");
     let _ = fs::remove_dir_all(&adds);
     fs::create_dir_all(&adds)?;
     let mut cmds = String::from("mkdir /app\n");
-    let n = add_mb / 4;
-    for i in 0..n {
-        let f = adds.join(format!("f{i}"));
-        if i % 2 == 0 {
-            sh(&format!("head -c 4M /dev/urandom > {}", f.display())).status()?;
-        } else {
-            plain_sh(&format!("find /usr/share -type f -size +8k | head -n $(({i} * 40 + 200)) | tail -n 200 | xargs cat 2>/dev/null | head -c 4M > {}", f.display())).status()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4242);
+    if kind == Synthetic::RandomHeavy {
+        // Files added: half text-like from real files, half fresh random.
+        for i in 0..add_mb / 4 {
+            let f = adds.join(format!("f{i}"));
+            if i % 2 == 0 {
+                sh(&format!("head -c 4M /dev/urandom > {}", f.display())).status()?;
+            } else {
+                plain_sh(&format!("find /usr/share -type f -size +8k | head -n $(({i} * 40 + 200)) | tail -n 200 | xargs cat 2>/dev/null | head -c 4M > {}", f.display())).status()?;
+            }
+            cmds.push_str(&format!("write {} /app/f{i}\n", f.display()));
         }
-        cmds.push_str(&format!("write {} /app/f{i}\n", f.display()));
+    } else {
+        // A toolchain installed: real files the base does not hold (compilers, headers,
+        // libraries; some already compressed).
+        let dirs = ["/usr/lib/gcc", "/usr/include", "/usr/libexec", "/usr/lib/llvm-14", "/usr/lib/jvm"];
+        for (i, f) in real_files(&dirs, 4, add_mb, 0).iter().enumerate() {
+            cmds.push_str(&format!("write {} /app/f{i}\n", f.display()));
+        }
+        // An upgrade: files of the base rewritten (new blocks) with a few bytes changed every
+        // 64 KiB, like a new build of the same program.
+        let base_files = real_files(&[&staging.display().to_string()], 64, rewrite_mb, 7);
+        for (i, f) in base_files.iter().enumerate() {
+            let mut data = fs::read(f)?;
+            let mut o = rng.gen_range(0..4096);
+            while o + 8 <= data.len() {
+                for b in &mut data[o..o + 8] {
+                    *b = b.wrapping_add(1 + rng.gen_range(0..200) as u8);
+                }
+                o += 64 << 10;
+            }
+            let nf = adds.join(format!("r{i}"));
+            fs::write(&nf, &data)?;
+            let inside = Path::new("/").join(f.strip_prefix(&staging)?);
+            cmds.push_str(&format!("rm {}\nwrite {} {}\n", inside.display(), nf.display(), inside.display()));
+        }
     }
     fs::write(w.join("debugfs.cmds"), cmds)?;
     let st = Command::new("debugfs").args(["-w", "-f"]).arg(w.join("debugfs.cmds")).arg(&cd).output()?;
     if !st.status.success() {
         bail!("debugfs failed: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    // Blocks edited in place (a database or a log updated where it lies).
+    {
+        let f = fs::OpenOptions::new().read(true).write(true).open(&cd)?;
+        let pages = f.metadata()?.len() / 4096;
+        let mut buf = vec![0u8; 4096];
+        let mut done = 0;
+        while done < edit_chunks {
+            let p = rng.gen_range(0..pages);
+            f.read_exact_at(&mut buf, p * 4096)?;
+            if buf.iter().all(|&b| b == 0) {
+                continue;
+            }
+            for _ in 0..rng.gen_range(1..24) {
+                let o = rng.gen_range(0..4096);
+                buf[o] = buf[o].wrapping_add(1 + rng.gen_range(0..200) as u8);
+            }
+            f.write_all_at(&buf, p * 4096)?;
+            done += 1;
+        }
     }
     let spec = PairSpec { mem_bytes: mem_mb << 20, mem_change, seed: 42 };
     make_memory_pair(&spec, &bd, &cd, &bm, &cm)?;
@@ -282,7 +393,20 @@ fn main() -> Result<()> {
     ensure_tools()?;
     fs::create_dir_all(&a.workdir)?;
     let w = fs::canonicalize(&a.workdir)?;
-    let (bd, cd, bm, cm, changed) = if a.guest { guest_pair(&w)? } else { build_pair(&w, a.quick)? };
+    let (bd, cd, bm, cm, changed) = if a.guest {
+        guest_pair(&w)?
+    } else {
+        build_pair(
+            &w,
+            if a.quick {
+                Synthetic::Quick
+            } else if a.random_heavy {
+                Synthetic::RandomHeavy
+            } else {
+                Synthetic::Full
+            },
+        )?
+    };
     let out = w.join("out");
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out)?;
@@ -526,6 +650,8 @@ fn main() -> Result<()> {
         "the real test guest before and after installing a web app (64 MiB disk, 256 MiB memory)"
     } else if a.quick {
         "quick (512 MiB disk, 256 MiB memory)"
+    } else if a.random_heavy {
+        "random-heavy (2 GiB disk, 1 GiB memory; half of what is added to the disk is random)"
     } else {
         "full (2 GiB disk, 1 GiB memory)"
     };
