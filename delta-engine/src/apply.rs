@@ -363,7 +363,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
     let mut kinds = KindCounts::default();
     let mut apply_time = Duration::ZERO;
     let result: Result<(Trailer, u64, Duration), ApplyError> = std::thread::scope(|s| {
-        type Pending = Receiver<Result<DecodedBlob, DecodeError>>;
+        type Pending = Receiver<Result<(DecodedBlob, Vec<ChunkHash>), DecodeError>>;
         let (tx, rx) = sync_channel::<Result<Pending, DecodeError>>(8);
         let meta_r = meta_arc.clone();
         let dn = decode_nanos.clone();
@@ -376,7 +376,19 @@ pub fn apply_overlay_reader<R: Read + Send>(
                         let dn = dn.clone();
                         rayon::spawn(move || {
                             let t = Instant::now();
-                            let r = blob.decode_for(&meta);
+                            // The hashes of raw records' chunks are taken here, on the pool,
+                            // not on the thread that writes.
+                            let r = blob.decode_for(&meta).map(|d| {
+                                let hashes = d
+                                    .records()
+                                    .filter_map(|r| match r {
+                                        RecordRef::Raw { data, .. } => Some(data),
+                                        _ => None,
+                                    })
+                                    .flat_map(|data| data.chunks(CHUNK_SIZE).map(ChunkHash::of))
+                                    .collect();
+                                (d, hashes)
+                            });
                             dn.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                             let _ = btx.send(r);
                         });
@@ -397,10 +409,12 @@ pub fn apply_overlay_reader<R: Read + Send>(
         });
         let mut applied_bytes = 0u64;
         for pending in rx {
-            let blob = pending?.recv().map_err(|_| ApplyError::Mismatch { reason: "decoder vanished".into() })??;
+            let (blob, raw_hashes) =
+                pending?.recv().map_err(|_| ApplyError::Mismatch { reason: "decoder vanished".into() })??;
+            let mut raw_hashes = raw_hashes.into_iter();
             let ta = Instant::now();
             for r in blob.records() {
-                applied_bytes += apply_record(base, &mut outs, &r, &mut kinds)?;
+                applied_bytes += apply_record(base, &mut outs, &r, &mut raw_hashes, &mut kinds)?;
             }
             apply_time += ta.elapsed();
             // The stream's length is unknown while it arrives: report bytes rebuilt, total 0.
@@ -476,8 +490,15 @@ fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.partial"))
 }
 
-/// Applies one record; returns the bytes it covers.
-fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut KindCounts) -> Result<u64, ApplyError> {
+/// Applies one record; returns the bytes it covers. `raw_hashes` yields the hashes of raw
+/// records' chunks, in order.
+fn apply_record(
+    base: &Base,
+    outs: &mut [Out],
+    r: &RecordRef<'_>,
+    raw_hashes: &mut impl Iterator<Item = ChunkHash>,
+    kinds: &mut KindCounts,
+) -> Result<u64, ApplyError> {
     let cs = CHUNK_SIZE as u64;
     let image = r.image() as usize;
     match *r {
@@ -562,9 +583,8 @@ fn apply_record(base: &Base, outs: &mut [Out], r: &RecordRef<'_>, kinds: &mut Ki
             let o = &mut outs[image];
             o.write(base, chunk, data)?;
             let n = data.len().div_ceil(CHUNK_SIZE);
-            let hs: Vec<ChunkHash> = data.par_chunks(CHUNK_SIZE).with_min_len(16).map(ChunkHash::of).collect();
-            for (k, h) in hs.into_iter().enumerate() {
-                o.hashes[chunk as usize + k] = h;
+            for k in 0..n {
+                o.hashes[chunk as usize + k] = raw_hashes.next().expect("a hash per raw chunk");
                 o.mark(chunk + k as u64);
             }
             kinds.raw.add(n as u64);
