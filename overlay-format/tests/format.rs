@@ -328,6 +328,7 @@ proptest! {
         c in 0usize..3,
         window_log in proptest::option::of(10u32..30),
         long_distance in any::<bool>(),
+        executable_filter in any::<bool>(),
     ) {
         let compression = ALL[c];
         let m = meta(compression);
@@ -336,7 +337,8 @@ proptest! {
             b.push(r);
         }
         // Every effort decodes with the same decoder.
-        let sealed = b.seal_with(compression, &Effort { level: 1, window_log, long_distance, executable_filter: long_distance }).unwrap();
+        let effort = Effort { level: 1, window_log, long_distance, executable_filter };
+        let sealed = b.seal_with(compression, &effort).unwrap();
         let decoded = sealed.decode_for(&m).unwrap();
         let got: Vec<Record> = decoded.records().map(|r| r.to_owned()).collect();
         prop_assert_eq!(got, records);
