@@ -754,11 +754,13 @@ fn seal(ready: Vec<(BlobBuilder, usize)>, opts: &CreateOptions) -> Result<Sealed
     let blobs = ready
         .into_par_iter()
         .map(|(b, stream)| {
+            // Every blob's window covers the blob, whatever the level (xz's presets below 9
+            // have smaller dictionaries than its 48 MiB blobs).
+            let len = b.uncompressed_len().max(CHUNK_SIZE);
+            let window_log = Some(usize::BITS - (len - 1).leading_zeros());
             let effort = if stream == DENSE {
-                // The fastest level, over a window covering the whole blob, with long-distance
-                // matching: cheap, and it finds incompressible data stored twice.
-                let len = b.uncompressed_len().max(CHUNK_SIZE);
-                let window_log = Some(usize::BITS - (len - 1).leading_zeros());
+                // The fastest level, with long-distance matching: cheap, and it finds
+                // incompressible data stored twice.
                 Effort {
                     level: fastest_level(opts.compression),
                     window_log,
@@ -766,12 +768,8 @@ fn seal(ready: Vec<(BlobBuilder, usize)>, opts: &CreateOptions) -> Result<Sealed
                     executable_filter: false,
                 }
             } else {
-                // The window covers the blob, whatever the level (xz's presets below 9 have
-                // smaller dictionaries than its 48 MiB blobs). Machine code (binaries on disk,
-                // their pages in memory) is a large part of what a customization adds: xz's
-                // x86 filter makes it about 2.5% smaller.
-                let len = b.uncompressed_len().max(CHUNK_SIZE);
-                let window_log = Some(usize::BITS - (len - 1).leading_zeros());
+                // Machine code (binaries on disk, their pages in memory) is a large part of
+                // what a customization adds: xz's x86 filter makes it about 2.5% smaller.
                 Effort { executable_filter: true, window_log, ..Effort::level(opts.level) }
             };
             Ok((b.seal_with(opts.compression, &effort)?, stream))
