@@ -430,14 +430,7 @@ impl Emitter<'_> {
 }
 
 /// What each chunk `c0..c1` of custom image `ii` is, with its hash and, for a patch, the patch.
-fn classify(
-    base: &Base,
-    map: &View,
-    ii: usize,
-    c0: u64,
-    c1: u64,
-    opts: &CreateOptions,
-) -> Vec<(Class, ChunkHash, Option<Vec<u8>>)> {
+fn classify(base: &Base, map: &View, ii: usize, c0: u64, c1: u64, opts: &CreateOptions) -> Classes {
     let size = map.size();
     (c0 as usize..c1 as usize)
         .into_par_iter()
