@@ -252,8 +252,10 @@ fn zero_hash(len: usize) -> ChunkHash {
 
 /// Rebuilds the custom VM's images from `base` and the overlay read from `input`.
 ///
-/// The overlay is read on its own thread; blobs are decompressed on the rayon pool while the
-/// calling thread applies records in order, so applying starts with the first blob. Digests
+/// The overlay is read on its own thread, which also decompresses chained blobs (they continue
+/// one another, so in stream order); the other blobs are decompressed on the rayon pool, where
+/// every blob's records are checked and its raw chunks hashed, while the calling thread applies
+/// records in order, so applying starts with the first blob. Digests
 /// are checked before the outputs are renamed into place; on any error the partial outputs are
 /// removed.
 pub fn apply_overlay<R: Read + Send>(
@@ -378,7 +380,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
                             let t = Instant::now();
                             // The hashes of raw records' chunks are taken here, on the pool,
                             // not on the thread that writes.
-                            let r = blob.decode_for(&meta).map(|d| {
+                            let r = blob.into_decoded_for(&meta).map(|d| {
                                 let hashes = d
                                     .records()
                                     .filter_map(|r| match r {

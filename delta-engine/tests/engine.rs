@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use delta_engine::*;
-use overlay_format::{BaseId, Compression, ImageKind, VmSpec};
+use overlay_format::{BaseId, Compression, ImageKind, OverlayReader, VmSpec};
 use proptest::prelude::*;
 
 const PAGE: usize = 4096;
@@ -310,6 +310,38 @@ fn dense_and_light_chunks_go_to_their_own_blobs() {
     }
 }
 
+/// The chain of light blobs ends even when the last batches hold only dense chunks: the light
+/// blobs went out in earlier steps, and an empty chained blob ends the frame.
+#[test]
+fn the_chain_ends_after_its_last_light_blob() {
+    let mem: Vec<u8> = (0..64).flat_map(|_| vec![0u8; PAGE]).collect();
+    let mut cm = mem.clone();
+    for p in 0..64 {
+        let data = if p < 16 { text_page(p as u64) } else { page(p as u64) };
+        cm[p * PAGE..(p + 1) * PAGE].copy_from_slice(&data);
+    }
+    let pair = Pair::new(vec![("memory", ImageKind::Memory, mem)], vec![cm]);
+    for chain in [true, false] {
+        let opts = CreateOptions { blob_bytes: PAGE, batch_bytes: 8 * PAGE as u64, chain, ..CreateOptions::default() };
+        pair.round_trip(&opts, &format!("chain-{chain}"));
+        let (_, ovl, stats) = pair.create(&opts);
+        let mut r = OverlayReader::new(&ovl[..]).unwrap();
+        let mut chained = Vec::new();
+        while let Some(b) = r.next_blob().unwrap() {
+            if b.is_chained() {
+                chained.push(b.record_count());
+            }
+        }
+        if chain {
+            // One light blob per text page, then the empty one that ends the frame.
+            assert_eq!(chained.len(), 17, "{stats:?}");
+            assert_eq!(chained.last(), Some(&0));
+        } else {
+            assert!(chained.is_empty());
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Edit {
     Text(usize, u64),
@@ -337,7 +369,13 @@ fn edits() -> impl Strategy<Value = Vec<Edit>> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     #[test]
-    fn apply_of_diff_rebuilds_the_custom_images(e in edits(), grow in 0usize..3000, c in 0usize..3, sep in any::<bool>()) {
+    fn apply_of_diff_rebuilds_the_custom_images(
+        e in edits(),
+        grow in 0usize..3000,
+        c in 0usize..3,
+        sep in any::<bool>(),
+        chain in any::<bool>(),
+    ) {
         let mut mem: Vec<u8> = (0..48).flat_map(|i| if i % 5 == 0 { vec![0; PAGE] } else { page(i as u64) }).collect();
         let disk: Vec<u8> = (0..16).flat_map(|i| page(500 + i as u64)).collect();
         let base_mem = mem.clone();
@@ -368,6 +406,7 @@ proptest! {
             dense_blob_bytes: 12 << 10,
             batch_bytes: 64 << 10,
             separate_dense: sep,
+            chain,
             ..CreateOptions::default()
         };
         pair.round_trip(&opts, "prop");

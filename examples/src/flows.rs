@@ -228,7 +228,7 @@ pub struct OverlayArgs {
     /// Compress with xz (smaller, slower) instead of zstd.
     #[arg(long)]
     pub xz: bool,
-    /// Compression level (zstd 1..=19, default 6; xz 0..=9, default 6). Chunks that look
+    /// Compression level (zstd 1..=19, default 4; xz 0..=9, default 6). Chunks that look
     /// incompressible are always stored at the fastest level.
     #[arg(long)]
     pub level: Option<i32>,

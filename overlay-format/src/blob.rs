@@ -4,7 +4,7 @@
 //! sequence of records (tag byte, image byte, LEB128 varints); `Patch` and `Raw` records take
 //! their bytes from the data area in table order. See `FORMAT.md`.
 
-use crate::compress::{self, Effort};
+use crate::compress::{self, ChainEncoder, Effort};
 use crate::error::{DecodeError, EncodeError};
 use crate::frame::{self, FrameHeader, FrameKind, MAX_BLOB_LEN, MAX_TABLE_LEN};
 use crate::meta::{Compression, OverlayMeta};
@@ -117,6 +117,24 @@ impl BlobBuilder {
     /// Like [`seal`](Self::seal), with the compressor's window and long-distance matching
     /// chosen too.
     pub fn seal_with(self, compression: Compression, effort: &Effort) -> Result<SealedBlob, EncodeError> {
+        let (raw, record_count) = self.payload()?;
+        let stored = compress::compress(compression, effort, &raw)
+            .map_err(|source| EncodeError::Compress { what: "blob", source })?;
+        Ok(SealedBlob::new(frame::codec_byte(compression), record_count, stored, raw.len() as u64, false))
+    }
+
+    /// Seals the blob as the next segment of `chain`, a zstd frame that runs through the
+    /// overlay's chained blobs (codec 3, FORMAT.md section 6); `end` ends the frame, and the
+    /// last chained blob of an overlay must end it. The blobs of a chain must be written in the
+    /// order they were sealed. Only for zstd overlays.
+    pub fn seal_chained(self, chain: &mut ChainEncoder, end: bool) -> Result<SealedBlob, EncodeError> {
+        let (raw, record_count) = self.payload()?;
+        let stored = chain.segment(&raw, end).map_err(|source| EncodeError::Compress { what: "blob", source })?;
+        Ok(SealedBlob::new(frame::CODEC_ZSTD_CHAINED, record_count, stored, raw.len() as u64, end))
+    }
+
+    /// The uncompressed payload and the record count, checked against the format's limits.
+    fn payload(self) -> Result<(Vec<u8>, u32), EncodeError> {
         let raw_len = self.uncompressed_len() as u64;
         if raw_len > MAX_BLOB_LEN {
             return Err(EncodeError::TooLarge { what: "blob", len: raw_len, max: MAX_BLOB_LEN });
@@ -130,36 +148,50 @@ impl BlobBuilder {
         raw.extend_from_slice(&(self.table.len() as u32).to_le_bytes());
         raw.extend_from_slice(&self.table);
         raw.extend_from_slice(&self.data);
-        drop(self);
-        let stored = compress::compress(compression, effort, &raw)
-            .map_err(|source| EncodeError::Compress { what: "blob", source })?;
-        let mut header = FrameHeader {
-            kind: FrameKind::Blob as u8,
-            codec: frame::codec_byte(compression),
-            record_count,
-            stored_len: stored.len() as u64,
-            raw_len,
-            checksum: [0; 16],
-        };
-        header.checksum = frame::frame_checksum(&header.prefix(), &stored);
-        Ok(SealedBlob { header, stored, frame: 0, offset: 0 })
+        Ok((raw, record_count))
     }
 }
 
 /// A compressed, checksummed blob: what travels in a blob frame.
+///
+/// A chained blob (codec 3) read from a stream was decompressed by the reader, in stream
+/// order, since it continues the blobs before it; it then holds its decompressed payload.
 #[derive(Debug, Clone)]
 pub struct SealedBlob {
     pub(crate) header: FrameHeader,
+    /// The stored payload (empty for a chained blob the reader decompressed).
     pub(crate) stored: Vec<u8>,
+    /// The payload, decompressed by the reader (chained blobs only).
+    pub(crate) raw: Option<Vec<u8>>,
+    /// A chained blob that ends its zstd frame.
+    pub(crate) chain_end: bool,
     /// Frame number and stream offset when read from a stream (for error context).
     pub(crate) frame: u64,
     pub(crate) offset: u64,
 }
 
 impl SealedBlob {
+    fn new(codec: u8, record_count: u32, stored: Vec<u8>, raw_len: u64, chain_end: bool) -> Self {
+        let mut header = FrameHeader {
+            kind: FrameKind::Blob as u8,
+            codec,
+            record_count,
+            stored_len: stored.len() as u64,
+            raw_len,
+            checksum: [0; 16],
+        };
+        header.checksum = frame::frame_checksum(&header.prefix(), &stored);
+        SealedBlob { header, stored, raw: None, chain_end, frame: 0, offset: 0 }
+    }
+
     /// Size of the stored (compressed) payload.
     pub fn compressed_len(&self) -> usize {
-        self.stored.len()
+        self.header.stored_len as usize
+    }
+
+    /// True for a segment of a chained zstd frame (codec 3).
+    pub fn is_chained(&self) -> bool {
+        self.header.codec == frame::CODEC_ZSTD_CHAINED
     }
 
     /// Size of the payload after decompression.
@@ -185,11 +217,49 @@ impl SealedBlob {
     /// Decompresses and parses the blob, checking its structure (not image bounds: see
     /// [`SealedBlob::decode_for`]).
     pub fn decode(&self, compression: Compression) -> Result<DecodedBlob, DecodeError> {
+        self.check(compression)?;
+        let raw = match &self.raw {
+            Some(raw) => raw.clone(),
+            None => self.decompress(compression)?,
+        };
+        DecodedBlob::parse(raw, self.header.record_count as u64, self.frame, self.offset)
+    }
+
+    /// [`SealedBlob::decode`] plus a check of every record against the overlay's images:
+    /// image indexes in range and chunks inside the image (and, for base references, inside the
+    /// base image); raw data lengths match the chunks they cover; patches well formed.
+    pub fn decode_for(&self, meta: &OverlayMeta) -> Result<DecodedBlob, DecodeError> {
+        let blob = self.decode(meta.compression)?;
+        blob.validate(meta)?;
+        Ok(blob)
+    }
+
+    /// [`SealedBlob::decode_for`] that consumes the blob, so that a payload the reader already
+    /// decompressed is not copied.
+    pub fn into_decoded_for(self, meta: &OverlayMeta) -> Result<DecodedBlob, DecodeError> {
+        self.check(meta.compression)?;
+        let raw = match self.raw {
+            Some(raw) => raw,
+            None => self.decompress(meta.compression)?,
+        };
+        let blob = DecodedBlob::parse(raw, self.header.record_count as u64, self.frame, self.offset)?;
+        blob.validate(meta)?;
+        Ok(blob)
+    }
+
+    /// Checks the codec against the overlay's, the length limit and (for a stored payload) the
+    /// checksum.
+    fn check(&self, compression: Compression) -> Result<(), DecodeError> {
         let (frame, offset) = (self.frame, self.offset);
-        if frame::frame_checksum(&self.header.prefix(), &self.stored) != self.header.checksum {
+        if self.raw.is_none() && frame::frame_checksum(&self.header.prefix(), &self.stored) != self.header.checksum {
             return Err(DecodeError::ChecksumMismatch { frame, offset });
         }
-        if frame::codec_from_byte(self.header.codec) != Some(compression) {
+        let codec_ok = if self.is_chained() {
+            compression == Compression::Zstd
+        } else {
+            frame::codec_from_byte(self.header.codec) == Some(compression)
+        };
+        if !codec_ok {
             return Err(DecodeError::Malformed {
                 frame,
                 offset,
@@ -205,18 +275,20 @@ impl SealedBlob {
                 max: MAX_BLOB_LEN,
             });
         }
-        let raw = compress::decompress(compression, &self.stored, self.header.raw_len as usize)
-            .map_err(|reason| DecodeError::Decompress { frame, offset, reason })?;
-        DecodedBlob::parse(raw, self.header.record_count as u64, frame, offset)
+        Ok(())
     }
 
-    /// [`SealedBlob::decode`] plus a check of every record against the overlay's images:
-    /// image indexes in range and chunks inside the image (and, for base references, inside the
-    /// base image); raw data lengths match the chunks they cover; patches well formed.
-    pub fn decode_for(&self, meta: &OverlayMeta) -> Result<DecodedBlob, DecodeError> {
-        let blob = self.decode(meta.compression)?;
-        blob.validate(meta)?;
-        Ok(blob)
+    fn decompress(&self, compression: Compression) -> Result<Vec<u8>, DecodeError> {
+        let (frame, offset) = (self.frame, self.offset);
+        if self.is_chained() {
+            return Err(DecodeError::Malformed {
+                frame,
+                offset,
+                reason: "a chained zstd blob is decompressed by the reader that reads it, in stream order".into(),
+            });
+        }
+        compress::decompress(compression, &self.stored, self.header.raw_len as usize)
+            .map_err(|reason| DecodeError::Decompress { frame, offset, reason })
     }
 }
 

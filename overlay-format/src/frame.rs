@@ -6,8 +6,11 @@ use crate::meta::Compression;
 pub const MAGIC: [u8; 8] = [0x89, b'O', b'V', b'L', b'\r', b'\n', 0x1a, b'\n'];
 /// Major format version written and read.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Highest minor format version this reader understands; the one written.
-pub const FORMAT_MINOR: u16 = 0;
+/// Highest minor format version this reader understands. Writers mark zstd overlays 1.1 (they
+/// may hold chained blobs, codec 3) and the others 1.0.
+pub const FORMAT_MINOR: u16 = 1;
+/// Codec byte of a blob that is a segment of a chained zstd frame (format 1.1).
+pub(crate) const CODEC_ZSTD_CHAINED: u8 = 3;
 /// Length of the file header.
 pub const HEADER_LEN: usize = 16;
 /// Length of a frame header.
@@ -135,11 +138,11 @@ pub(crate) fn frame_checksum(prefix: &[u8; 24], payload: &[u8]) -> [u8; 16] {
     out
 }
 
-/// The file header for the current version.
-pub(crate) fn file_header() -> [u8; HEADER_LEN] {
+/// The file header of a stream of minor version `minor`.
+pub(crate) fn file_header(minor: u16) -> [u8; HEADER_LEN] {
     let mut b = [0u8; HEADER_LEN];
     b[..8].copy_from_slice(&MAGIC);
     b[8..10].copy_from_slice(&FORMAT_MAJOR.to_le_bytes());
-    b[10..12].copy_from_slice(&FORMAT_MINOR.to_le_bytes());
+    b[10..12].copy_from_slice(&minor.to_le_bytes());
     b
 }

@@ -74,7 +74,7 @@ pub mod spec;
 pub mod writer;
 
 pub use blob::{BlobBuilder, DecodedBlob, RecordRef, SealedBlob};
-pub use compress::Effort;
+pub use compress::{ChainEncoder, Effort, CHAIN_WINDOW_LOG};
 pub use digest::{BaseId, ChunkHash, ImageDigest, ImageDigester, CHUNK_SIZE};
 pub use error::{DecodeError, EncodeError, PatchError};
 pub use frame::{

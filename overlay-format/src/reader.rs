@@ -3,7 +3,7 @@
 use std::io::{self, Read};
 
 use crate::blob::SealedBlob;
-use crate::compress;
+use crate::compress::{self, ChainDecoder};
 use crate::error::DecodeError;
 use crate::frame::{
     self, FrameHeader, FrameKind, FORMAT_MAJOR, FORMAT_MINOR, FRAME_HEADER_LEN, HEADER_LEN, MAGIC, MAX_BLOB_LEN,
@@ -29,6 +29,10 @@ pub struct OverlayReader<R: Read> {
     blobs: u64,
     records: u64,
     trailer: Option<Trailer>,
+    /// Minor version of the stream.
+    minor: u16,
+    /// Decoder of chained zstd blobs, made at the first one.
+    chain: Option<ChainDecoder>,
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean EOF before the first byte.
@@ -87,6 +91,8 @@ impl<R: Read> OverlayReader<R> {
             blobs: 0,
             records: 0,
             trailer: None,
+            minor,
+            chain: None,
         };
         let (h, at, payload) = r.read_frame("metadata")?;
         r.expect_kind(&h, at, FrameKind::Meta, "metadata")?;
@@ -168,7 +174,11 @@ impl<R: Read> OverlayReader<R> {
             Some(FrameKind::Blob) => {
                 self.blobs += 1;
                 self.records += h.record_count as u64;
-                Ok(Some(SealedBlob { header: h, stored, frame, offset: at }))
+                let mut blob = SealedBlob { header: h, stored, raw: None, chain_end: false, frame, offset: at };
+                if blob.is_chained() {
+                    self.decode_chained(&mut blob)?;
+                }
+                Ok(Some(blob))
             }
             Some(FrameKind::Trailer) => {
                 self.finish_trailer(&h, at, &stored)?;
@@ -178,9 +188,40 @@ impl<R: Read> OverlayReader<R> {
         }
     }
 
+    /// Decompresses a chained blob, which continues the chained blobs before it (so this
+    /// happens here, in stream order).
+    fn decode_chained(&mut self, blob: &mut SealedBlob) -> Result<(), DecodeError> {
+        let (frame, offset) = (blob.frame, blob.offset);
+        if self.meta.compression != Compression::Zstd {
+            return Err(DecodeError::Malformed {
+                frame,
+                offset,
+                reason: format!("a chained zstd blob in an overlay that uses {:?}", self.meta.compression),
+            });
+        }
+        let chain = match &mut self.chain {
+            Some(c) => c,
+            None => {
+                let c = ChainDecoder::new().map_err(|reason| DecodeError::Decompress { frame, offset, reason })?;
+                self.chain.insert(c)
+            }
+        };
+        // raw_len was bounded by read_frame.
+        let raw = chain
+            .segment(&blob.stored, blob.header.raw_len as usize)
+            .map_err(|reason| DecodeError::Decompress { frame, offset, reason })?;
+        blob.chain_end = !chain.is_open();
+        blob.stored = Vec::new();
+        blob.raw = Some(raw);
+        Ok(())
+    }
+
     fn finish_trailer(&mut self, h: &FrameHeader, at: u64, payload: &[u8]) -> Result<(), DecodeError> {
         self.expect_uncompressed(h, at, payload)?;
         let mismatch = |reason: String| DecodeError::TrailerMismatch { offset: at, reason };
+        if self.chain.as_ref().is_some_and(ChainDecoder::is_open) {
+            return Err(mismatch("the chained zstd frame does not end before the trailer".into()));
+        }
         if payload.len() < 32 {
             return Err(mismatch("trailer shorter than its stream digest".into()));
         }
@@ -257,7 +298,8 @@ impl<R: Read> OverlayReader<R> {
         let Some(kind) = FrameKind::from_u8(h.kind) else {
             return Err(DecodeError::UnexpectedFrame { frame, offset: at, expected: what, found: h.kind });
         };
-        if frame::codec_from_byte(h.codec).is_none() {
+        let chained = h.codec == frame::CODEC_ZSTD_CHAINED && kind == FrameKind::Blob && self.minor >= 1;
+        if frame::codec_from_byte(h.codec).is_none() && !chained {
             return Err(DecodeError::Malformed { frame, offset: at, reason: format!("unknown codec {}", h.codec) });
         }
         let (raw_max, name) = match kind {

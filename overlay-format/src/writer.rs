@@ -17,6 +17,8 @@ pub struct OverlayWriter<W: Write> {
     /// blake3 over the file header and every frame header written, for the trailer.
     stream: blake3::Hasher,
     device_state_digest: Option<[u8; 32]>,
+    /// A chained blob was written and the chained frame has not ended.
+    chain_open: bool,
     blobs: u64,
     records: u64,
     bytes: u64,
@@ -35,7 +37,9 @@ impl<W: Write> OverlayWriter<W> {
                 max: frame::MAX_META_LEN,
             });
         }
-        let header = frame::file_header();
+        // Only zstd overlays can hold chained blobs, the one thing 1.1 adds.
+        let minor = if meta.compression == Compression::Zstd { 1 } else { 0 };
+        let header = frame::file_header(minor);
         out.write_all(&header).map_err(EncodeError::Io)?;
         let mut w = OverlayWriter {
             out,
@@ -43,6 +47,7 @@ impl<W: Write> OverlayWriter<W> {
             images: meta.images.len(),
             stream: blake3::Hasher::new(),
             device_state_digest: None,
+            chain_open: false,
             blobs: 0,
             records: 0,
             bytes: header.len() as u64,
@@ -106,18 +111,30 @@ impl<W: Write> OverlayWriter<W> {
         Ok(())
     }
 
-    /// Writes one sealed blob (sealed with the overlay's compressor).
+    /// Writes one sealed blob (sealed with the overlay's compressor, or, for a zstd overlay,
+    /// with [`BlobBuilder::seal_chained`](crate::BlobBuilder::seal_chained)). Chained blobs
+    /// must be written in the order they were sealed.
     pub fn write_blob(&mut self, blob: &SealedBlob) -> Result<(), EncodeError> {
         if self.device_state_digest.is_none() {
             return Err(EncodeError::Order { reason: "the device state must be written before blobs" });
         }
-        if blob.header.codec != frame::codec_byte(self.compression) {
+        let chained = blob.header.codec == frame::CODEC_ZSTD_CHAINED;
+        if chained && self.compression != Compression::Zstd {
+            return Err(EncodeError::Invalid {
+                what: "blob",
+                reason: format!("a chained zstd blob in an overlay that uses {:?}", self.compression),
+            });
+        }
+        if !chained && blob.header.codec != frame::codec_byte(self.compression) {
             return Err(EncodeError::Invalid {
                 what: "blob",
                 reason: format!("sealed with codec {}, overlay uses {:?}", blob.header.codec, self.compression),
             });
         }
         self.write_frame(&blob.header, &blob.stored)?;
+        if chained {
+            self.chain_open = !blob.chain_end;
+        }
         self.blobs += 1;
         self.records += blob.header.record_count as u64;
         Ok(())
@@ -149,6 +166,11 @@ impl<W: Write> OverlayWriter<W> {
         let Some(ds) = self.device_state_digest else {
             return Err(EncodeError::Order { reason: "no device state was written" });
         };
+        if self.chain_open {
+            return Err(EncodeError::Order {
+                reason: "the chained zstd frame was not ended: seal the last chained blob with `end`",
+            });
+        }
         let mismatch = |reason: String| EncodeError::Invalid { what: "trailer", reason };
         if trailer.blob_count != self.blobs {
             return Err(mismatch(format!("blob_count {} but {} written", trailer.blob_count, self.blobs)));

@@ -76,6 +76,34 @@ fn write_overlay(meta: &OverlayMeta, blobs: &[Vec<Record>], level: i32) -> Vec<u
     w.finish(&t).unwrap()
 }
 
+/// A zstd overlay whose blobs are segments of one chained zstd frame (codec 3).
+fn write_chained(blobs: &[Vec<Record>], level: i32) -> Vec<u8> {
+    let mut w = OverlayWriter::new(Vec::new(), &meta(Compression::Zstd)).unwrap();
+    w.write_device_state(b"QEVM device state bytes", level).unwrap();
+    let mut chain = ChainEncoder::new(level).unwrap();
+    for (i, records) in blobs.iter().enumerate() {
+        let mut b = BlobBuilder::new();
+        for r in records {
+            b.push(r);
+        }
+        let sealed = b.seal_chained(&mut chain, i + 1 == blobs.len()).unwrap();
+        assert!(sealed.is_chained());
+        w.write_blob(&sealed).unwrap();
+    }
+    let t = w.trailer(vec![ImageDigest([1; 32]), ImageDigest([2; 32])]);
+    w.finish(&t).unwrap()
+}
+
+/// The sample overlay in every encoding a writer produces.
+fn every_encoding() -> Vec<(&'static str, Vec<u8>)> {
+    let mut v: Vec<_> = [("none", Compression::None), ("zstd", Compression::Zstd), ("xz", Compression::Xz)]
+        .into_iter()
+        .map(|(n, c)| (n, write_overlay(&meta(c), &sample_blobs(), 3)))
+        .collect();
+    v.push(("zstd chained", write_chained(&sample_blobs(), 3)));
+    v
+}
+
 #[derive(Debug, PartialEq)]
 struct Read_ {
     meta: OverlayMeta,
@@ -99,11 +127,12 @@ const ALL: [Compression; 3] = [Compression::None, Compression::Zstd, Compression
 
 #[test]
 fn round_trip_every_record_kind_and_compression() {
-    for c in ALL {
-        let m = meta(c);
-        let bytes = write_overlay(&m, &sample_blobs(), 3);
-        let got = read_overlay(&bytes[..]).unwrap();
-        assert_eq!(got.meta, m);
+    for (name, bytes) in every_encoding() {
+        let got = read_overlay(&bytes[..]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let c = got.meta.compression;
+        assert_eq!(got.meta, meta(c));
+        // Only zstd overlays are marked 1.1: they may hold chained blobs.
+        assert_eq!(bytes[10], u8::from(c == Compression::Zstd), "{name}");
         assert_eq!(got.device_state, b"QEVM device state bytes");
         assert_eq!(got.blobs, sample_blobs());
         assert_eq!(got.trailer.blob_count, 2);
@@ -130,8 +159,7 @@ impl<R: Read> Read for ShortReads<R> {
 
 #[test]
 fn short_reads_give_identical_results() {
-    for c in ALL {
-        let bytes = write_overlay(&meta(c), &sample_blobs(), 3);
+    for (_, bytes) in every_encoding() {
         let whole = read_overlay(&bytes[..]).unwrap();
         for (seed, max) in [(1u64, 1usize), (2, 7), (3, 100), (4, 5000)] {
             let sr = ShortReads { inner: &bytes[..], rng: rand::rngs::StdRng::seed_from_u64(seed), max };
@@ -142,8 +170,7 @@ fn short_reads_give_identical_results() {
 
 #[test]
 fn truncation_at_every_byte_is_an_error() {
-    for c in [Compression::None, Compression::Zstd] {
-        let bytes = write_overlay(&meta(c), &sample_blobs(), 3);
+    for (_, bytes) in every_encoding().into_iter().filter(|(n, _)| *n != "xz") {
         for len in 0..bytes.len() {
             let err = read_overlay(&bytes[..len]).expect_err("a truncated overlay must not read");
             assert!(matches!(err, DecodeError::Truncated { .. }), "cut at {len}: expected Truncated, got {err}");
@@ -153,14 +180,161 @@ fn truncation_at_every_byte_is_an_error() {
 
 #[test]
 fn every_flipped_bit_is_detected() {
-    let bytes = write_overlay(&meta(Compression::Zstd), &sample_blobs(), 3);
-    for i in 0..bytes.len() {
-        for bit in 0..8 {
-            let mut b = bytes.clone();
-            b[i] ^= 1 << bit;
-            assert!(read_overlay(&b[..]).is_err(), "flip of bit {bit} at byte {i} went unnoticed");
+    for bytes in [write_overlay(&meta(Compression::Zstd), &sample_blobs(), 3), write_chained(&sample_blobs(), 3)] {
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(read_overlay(&b[..]).is_err(), "flip of bit {bit} at byte {i} went unnoticed");
+            }
         }
     }
+}
+
+/// The frames of an overlay: (header, payload) each, trailer included.
+fn split_frames(bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut at = 16usize;
+    while at < bytes.len() {
+        let stored = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap()) as usize;
+        frames.push((bytes[at..at + 40].to_vec(), bytes[at + 40..at + 40 + stored].to_vec()));
+        at += 40 + stored;
+    }
+    frames
+}
+
+/// Re-encodes an overlay from its file header and the frames before the trailer, with correct
+/// checksums, stream digest and trailer counts: what a writer that breaks a rule the checksums
+/// cannot catch would produce.
+fn reframe(file_header: &[u8], frames: &[(Vec<u8>, Vec<u8>)], trailer: &Trailer) -> Vec<u8> {
+    let checksum = |h: &[u8], p: &[u8]| {
+        let mut x = blake3::Hasher::new();
+        x.update(&h[..24]);
+        x.update(p);
+        x.finalize().as_bytes()[..16].to_vec()
+    };
+    let mut out = file_header.to_vec();
+    let mut stream = blake3::Hasher::new();
+    stream.update(file_header);
+    let mut t = trailer.clone();
+    (t.blob_count, t.record_count) = (0, 0);
+    for (h, p) in frames {
+        let mut h = h.clone();
+        let sum = checksum(&h, p);
+        h[24..40].copy_from_slice(&sum);
+        stream.update(&h);
+        if h[0] == 3 {
+            t.blob_count += 1;
+            t.record_count += u64::from(u32::from_le_bytes(h[4..8].try_into().unwrap()));
+        }
+        out.extend_from_slice(&h);
+        out.extend_from_slice(p);
+    }
+    let mut payload = stream.finalize().as_bytes().to_vec();
+    payload.extend(postcard::to_stdvec(&t).unwrap());
+    let mut h = vec![4u8, 0, 0, 0, 0, 0, 0, 0];
+    h.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    h.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    h.extend(checksum(&h, &payload));
+    out.extend(h);
+    out.extend(payload);
+    out
+}
+
+#[test]
+fn chained_blobs_keep_their_rules() {
+    let bytes = write_chained(&sample_blobs(), 3);
+    let trailer = read_overlay(&bytes[..]).unwrap().trailer;
+    let frames = split_frames(&bytes);
+    let (head, body) = (&bytes[..16], &frames[..frames.len() - 1]);
+    // Re-encoding changes nothing.
+    assert_eq!(reframe(head, body, &trailer), bytes);
+    // Blobs of a chain cannot be reordered.
+    let swapped = [body[0].clone(), body[1].clone(), body[3].clone(), body[2].clone()];
+    assert!(matches!(read_overlay(&reframe(head, &swapped, &trailer)[..]), Err(DecodeError::Decompress { .. })));
+    // Nor dropped: the first alone leaves the frame open, the second alone has no frame header.
+    let open = reframe(head, &body[..3], &trailer);
+    match read_overlay(&open[..]) {
+        Err(DecodeError::TrailerMismatch { reason, .. }) => assert!(reason.contains("does not end"), "{reason}"),
+        other => panic!("expected TrailerMismatch, got {other:?}"),
+    }
+    let headless = [body[0].clone(), body[1].clone(), body[3].clone()];
+    assert!(matches!(read_overlay(&reframe(head, &headless, &trailer)[..]), Err(DecodeError::Decompress { .. })));
+    // One segment's bytes moved to the other: each must yield exactly its own raw_len.
+    let (mut a, mut b) = (body[2].clone(), body[3].clone());
+    let moved = a.1.split_off(a.1.len() - 3);
+    b.1.splice(0..0, moved);
+    for (h, p) in [(&mut a.0, &a.1), (&mut b.0, &b.1)] {
+        h[8..16].copy_from_slice(&(p.len() as u64).to_le_bytes());
+    }
+    let shifted = [body[0].clone(), body[1].clone(), a, b];
+    assert!(matches!(read_overlay(&reframe(head, &shifted, &trailer)[..]), Err(DecodeError::Decompress { .. })));
+    // Codec 3 is not a codec of format 1.0, nor of xz or uncompressed overlays.
+    let mut old = head.to_vec();
+    old[10] = 0;
+    assert!(matches!(read_overlay(&reframe(&old, body, &trailer)[..]), Err(DecodeError::Malformed { .. })));
+    let xz = write_overlay(&meta(Compression::Xz), &sample_blobs(), 3);
+    let xz_frames = split_frames(&xz);
+    let mixed = [xz_frames[0].clone(), xz_frames[1].clone(), body[2].clone(), body[3].clone()];
+    let mut v11 = xz[..16].to_vec();
+    v11[10] = 1;
+    assert!(matches!(read_overlay(&reframe(&v11, &mixed, &trailer)[..]), Err(DecodeError::Malformed { .. })));
+    // The writer refuses an unended chain, and a chained blob in another codec's overlay.
+    let mut chain = ChainEncoder::new(1).unwrap();
+    let mut b = BlobBuilder::new();
+    b.push_zero(0, 0, 1);
+    let sealed = b.seal_chained(&mut chain, false).unwrap();
+    assert!(chain.is_open());
+    let mut w = OverlayWriter::new(Vec::new(), &meta(Compression::Zstd)).unwrap();
+    w.write_device_state(b"x", 1).unwrap();
+    w.write_blob(&sealed).unwrap();
+    let t = w.trailer(vec![ImageDigest([0; 32]); 2]);
+    assert!(matches!(w.finish(&t), Err(EncodeError::Order { .. })));
+    let mut w = OverlayWriter::new(Vec::new(), &meta(Compression::Xz)).unwrap();
+    w.write_device_state(b"x", 1).unwrap();
+    assert!(matches!(w.write_blob(&sealed), Err(EncodeError::Invalid { .. })));
+    // A chained blob sealed here cannot be decoded out of its stream.
+    assert!(matches!(sealed.decode(Compression::Zstd), Err(DecodeError::Malformed { .. })));
+}
+
+/// Many segments of assorted sizes, some empty of records, across several frames.
+#[test]
+fn long_chains_round_trip() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut w = OverlayWriter::new(Vec::new(), &meta(Compression::Zstd)).unwrap();
+    w.write_device_state(b"x", 1).unwrap();
+    let mut chain = ChainEncoder::new(1).unwrap();
+    let mut expect = Vec::new();
+    for i in 0..40 {
+        let mut records = Vec::new();
+        for _ in 0..rng.gen_range(0..4) {
+            let n = rng.gen_range(1..4usize);
+            let mut data = vec![0u8; n * 4096];
+            // Half repeats of a shared pattern (found across segments), half noise.
+            for (k, x) in data.iter_mut().enumerate() {
+                *x = if rng.gen_bool(0.5) { (k % 199) as u8 } else { rng.gen() };
+            }
+            records.push(Record::Raw { image: 0, chunk: rng.gen_range(0..60), data });
+        }
+        let mut b = BlobBuilder::new();
+        for r in &records {
+            b.push(r);
+        }
+        // A frame ends every 15 blobs; the next blob starts a new one.
+        w.write_blob(&b.seal_chained(&mut chain, i % 15 == 14 || i == 39).unwrap()).unwrap();
+        expect.push(records);
+        // A blob of the plain zstd codec may sit between chained ones.
+        if i == 20 {
+            let mut b = BlobBuilder::new();
+            b.push_zero(1, 0, 1);
+            w.write_blob(&b.seal(Compression::Zstd, 1).unwrap()).unwrap();
+            expect.push(vec![Record::Zero { image: 1, chunk: 0, count: 1 }]);
+        }
+    }
+    let t = w.trailer(vec![ImageDigest([0; 32]); 2]);
+    let bytes = w.finish(&t).unwrap();
+    let got = read_overlay(&bytes[..]).unwrap();
+    assert_eq!(got.blobs, expect);
 }
 
 #[test]
@@ -234,8 +408,8 @@ fn wrong_magic_and_versions_are_rejected() {
     b[8] = 2; // major 2
     assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 2, minor: 0 })));
     let mut b = bytes.clone();
-    b[10] = 1; // minor 1, newer than this reader
-    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 1, minor: 1 })));
+    b[10] = 2; // minor 2, newer than this reader
+    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 1, minor: 2 })));
     assert!(matches!(read_overlay(&b""[..]), Err(DecodeError::Truncated { offset: 0, .. })));
 }
 
@@ -357,21 +531,34 @@ proptest! {
 
 // ---- Golden files ----------------------------------------------------------------------------
 
-const GOLDEN: [(&str, Compression, i32); 3] =
-    [("v1-none.ovl", Compression::None, 0), ("v1-zstd.ovl", Compression::Zstd, 3), ("v1-xz.ovl", Compression::Xz, 6)];
+/// Golden files: name, compression, level, blobs chained (format 1.1).
+const GOLDEN: [(&str, Compression, i32, bool); 4] = [
+    ("v1-none.ovl", Compression::None, 0, false),
+    ("v1-zstd.ovl", Compression::Zstd, 3, false),
+    ("v1-xz.ovl", Compression::Xz, 6, false),
+    ("v1.1-zstd-chained.ovl", Compression::Zstd, 3, true),
+];
 
 fn golden_path(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
 }
 
-/// Regenerates the golden files: `CLOUDLET_WRITE_GOLDEN=1 cargo test -p overlay-format --test format golden`.
-/// Only for a new format version: files of a released version never change.
+/// Writes the golden files that do not exist yet: `CLOUDLET_WRITE_GOLDEN=1 cargo test -p
+/// overlay-format --test format golden`. Only for a new format version: files of a released
+/// version never change, so existing files are never rewritten.
 #[test]
 fn golden_files_read_byte_exact() {
-    for (name, c, level) in GOLDEN {
+    for (name, c, level, chained) in GOLDEN {
         let path = golden_path(name);
-        if std::env::var_os("CLOUDLET_WRITE_GOLDEN").is_some() {
-            std::fs::write(&path, write_overlay(&meta(c), &sample_blobs(), level)).unwrap();
+        let fresh = || {
+            if chained {
+                write_chained(&sample_blobs(), level)
+            } else {
+                write_overlay(&meta(c), &sample_blobs(), level)
+            }
+        };
+        if std::env::var_os("CLOUDLET_WRITE_GOLDEN").is_some() && !path.exists() {
+            std::fs::write(&path, fresh()).unwrap();
         }
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let got = read_overlay(&bytes[..]).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -381,7 +568,7 @@ fn golden_files_read_byte_exact() {
         assert_eq!(got.trailer.image_digests, vec![ImageDigest([1; 32]), ImageDigest([2; 32])]);
         if c == Compression::None {
             // Uncompressed encoding is fully determined by the format.
-            assert_eq!(bytes, write_overlay(&meta(c), &sample_blobs(), level), "{name} re-encodes differently");
+            assert_eq!(bytes, fresh(), "{name} re-encodes differently");
         }
     }
 }
