@@ -123,14 +123,16 @@ impl BlobBuilder {
         Ok(SealedBlob::new(frame::codec_byte(compression), record_count, stored, raw.len() as u64, false))
     }
 
-    /// Seals the blob as the next segment of `chain`, a zstd frame that runs through the
-    /// overlay's chained blobs (codec 3, FORMAT.md section 6); `end` ends the frame, and the
-    /// last chained blob of an overlay must end it. The blobs of a chain must be written in the
-    /// order they were sealed. Only for zstd overlays.
+    /// Seals the blob as the next segment of `chain`, a zstd frame or .xz stream that runs
+    /// through the overlay's chained blobs (codecs 3 and 4, FORMAT.md section 6); `end` ends
+    /// the frame, and the last chained blob of an overlay must end it. The blobs of a chain
+    /// must be written in the order they were sealed, into an overlay of the chain's
+    /// compressor.
     pub fn seal_chained(self, chain: &mut ChainEncoder, end: bool) -> Result<SealedBlob, EncodeError> {
         let (raw, record_count) = self.payload()?;
         let stored = chain.segment(&raw, end).map_err(|source| EncodeError::Compress { what: "blob", source })?;
-        Ok(SealedBlob::new(frame::CODEC_ZSTD_CHAINED, record_count, stored, raw.len() as u64, end))
+        let codec = frame::chained_codec_byte(chain.compression()).expect("chains are compressed");
+        Ok(SealedBlob::new(codec, record_count, stored, raw.len() as u64, end))
     }
 
     /// The uncompressed payload and the record count, checked against the format's limits.
@@ -154,8 +156,9 @@ impl BlobBuilder {
 
 /// A compressed, checksummed blob: what travels in a blob frame.
 ///
-/// A chained blob (codec 3) read from a stream was decompressed by the reader, in stream
-/// order, since it continues the blobs before it; it then holds its decompressed payload.
+/// A chained blob (codecs 3 and 4) read from a stream was decompressed by the reader, in
+/// stream order, since it continues the blobs before it; it then holds its decompressed
+/// payload.
 #[derive(Debug, Clone)]
 pub struct SealedBlob {
     pub(crate) header: FrameHeader,
@@ -189,9 +192,9 @@ impl SealedBlob {
         self.header.stored_len as usize
     }
 
-    /// True for a segment of a chained zstd frame (codec 3).
+    /// True for a segment of a chained frame (codecs 3 and 4).
     pub fn is_chained(&self) -> bool {
-        self.header.codec == frame::CODEC_ZSTD_CHAINED
+        frame::chained_codec_from_byte(self.header.codec).is_some()
     }
 
     /// Size of the payload after decompression.
@@ -254,11 +257,8 @@ impl SealedBlob {
         if self.raw.is_none() && frame::frame_checksum(&self.header.prefix(), &self.stored) != self.header.checksum {
             return Err(DecodeError::ChecksumMismatch { frame, offset });
         }
-        let codec_ok = if self.is_chained() {
-            compression == Compression::Zstd
-        } else {
-            frame::codec_from_byte(self.header.codec) == Some(compression)
-        };
+        let codec_ok = frame::codec_from_byte(self.header.codec) == Some(compression)
+            || frame::chained_codec_from_byte(self.header.codec) == Some(compression);
         if !codec_ok {
             return Err(DecodeError::Malformed {
                 frame,
@@ -284,7 +284,7 @@ impl SealedBlob {
             return Err(DecodeError::Malformed {
                 frame,
                 offset,
-                reason: "a chained zstd blob is decompressed by the reader that reads it, in stream order".into(),
+                reason: "a chained blob is decompressed by the reader that reads it, in stream order".into(),
             });
         }
         compress::decompress(compression, &self.stored, self.header.raw_len as usize)

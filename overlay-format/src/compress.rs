@@ -93,55 +93,83 @@ pub(crate) fn decompress(c: Compression, stored: &[u8], raw_len: usize) -> Resul
     Ok(out)
 }
 
-/// log2 of the window of the chained zstd stream (codec 3): 128 MiB, the largest window zstd's
-/// decoders accept by default.
+/// log2 of the window of a chained frame (codecs 3 and 4): 128 MiB, the largest window zstd's
+/// decoders accept by default; for xz, the dictionary size.
 pub const CHAIN_WINDOW_LOG: u32 = 27;
 
 fn zstd_err(code: usize) -> io::Error {
     io::Error::other(zstd::zstd_safe::get_error_name(code))
 }
 
-/// Compresses blobs as the consecutive segments of one zstd frame (blob codec 3, FORMAT.md
-/// section 6): every blob is matched against all earlier blobs of the chain within a 128 MiB
-/// window, with long-distance matching, instead of against itself only.
+enum Encoder {
+    Zstd(zstd::zstd_safe::CCtx<'static>),
+    /// The .xz stream in progress (a new one starts after one ends), and the level.
+    Xz(Option<liblzma::stream::Stream>, u32),
+}
+
+/// Compresses blobs as the consecutive segments of one zstd frame or .xz stream (blob codecs 3
+/// and 4, FORMAT.md section 6): every blob is matched against the blobs before it within a
+/// 128 MiB window (zstd: with long-distance matching; xz: a 128 MiB dictionary), instead of
+/// against itself only.
 ///
 /// Repeats between blobs are common in what a customization adds (the same code in several
 /// binaries and libraries of one package), and a window that spans blobs finds them: on the
-/// peer harness's quick pair, level 6 in 4 MiB independent blobs gives 49.9 MB where the chain
-/// gives 42.0 MB. The price is order: blobs of a chain are compressed one after the other
-/// (by the thread that calls [`BlobBuilder::seal_chained`](crate::BlobBuilder::seal_chained)),
-/// and decompressed in stream order by the reader.
+/// peer harness's quick pair, zstd level 6 in 4 MiB blobs compressed alone gives 49.9 MB where
+/// the chain gives 42.0 MB, and xz level 6 in 48 MiB blobs 39.2 MB where the chain gives
+/// 35.2 MB. The price is order: blobs of a chain are compressed one after the other (by the
+/// thread that calls [`BlobBuilder::seal_chained`](crate::BlobBuilder::seal_chained)), and
+/// decompressed in stream order by the reader.
 pub struct ChainEncoder {
-    cctx: zstd::zstd_safe::CCtx<'static>,
+    enc: Encoder,
     open: bool,
 }
 
 impl std::fmt::Debug for ChainEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChainEncoder").field("open", &self.open).finish_non_exhaustive()
+        f.debug_struct("ChainEncoder")
+            .field("compression", &self.compression())
+            .field("open", &self.open)
+            .finish_non_exhaustive()
     }
 }
 
 impl ChainEncoder {
-    /// A chain compressing at zstd `level`.
-    pub fn new(level: i32) -> io::Result<Self> {
-        use zstd::zstd_safe::CParameter;
-        let mut cctx = zstd::zstd_safe::CCtx::try_create().ok_or_else(|| io::Error::other("zstd context"))?;
-        for p in [
-            CParameter::CompressionLevel(level),
-            CParameter::WindowLog(CHAIN_WINDOW_LOG),
-            CParameter::EnableLongDistanceMatching(true),
-            // Long-distance matches from 32 bytes on, not zstd's default 64: 1.6-1.7% smaller
-            // on the peer harness's pairs at level 3, at no cost in time.
-            CParameter::LdmMinMatch(32),
-            // A table of 2^21 long-distance positions (16 MiB), not the default 2^20: 0.8-1.0%
-            // smaller at level 4, for about 10% more time.
-            CParameter::LdmHashLog(CHAIN_WINDOW_LOG - 6),
-            CParameter::ChecksumFlag(false),
-        ] {
-            cctx.set_parameter(p).map_err(zstd_err)?;
+    /// A chain compressing with `compression` (zstd or xz) at `level`.
+    pub fn new(compression: Compression, level: i32) -> io::Result<Self> {
+        let enc = match compression {
+            Compression::Zstd => {
+                use zstd::zstd_safe::CParameter;
+                let mut cctx = zstd::zstd_safe::CCtx::try_create().ok_or_else(|| io::Error::other("zstd context"))?;
+                for p in [
+                    CParameter::CompressionLevel(level),
+                    CParameter::WindowLog(CHAIN_WINDOW_LOG),
+                    CParameter::EnableLongDistanceMatching(true),
+                    // Long-distance matches from 32 bytes on, not zstd's default 64: 1.6-1.7%
+                    // smaller on the peer harness's pairs at level 3, at no cost in time.
+                    CParameter::LdmMinMatch(32),
+                    // A table of 2^21 long-distance positions (16 MiB), not the default 2^20:
+                    // 0.8-1.0% smaller at level 4, for about 10% more time.
+                    CParameter::LdmHashLog(CHAIN_WINDOW_LOG - 6),
+                    CParameter::ChecksumFlag(false),
+                ] {
+                    cctx.set_parameter(p).map_err(zstd_err)?;
+                }
+                Encoder::Zstd(cctx)
+            }
+            Compression::Xz => Encoder::Xz(None, level.clamp(0, 9) as u32),
+            Compression::None => {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "chains are zstd or xz"));
+            }
+        };
+        Ok(ChainEncoder { enc, open: false })
+    }
+
+    /// The compressor of the chain.
+    pub fn compression(&self) -> Compression {
+        match self.enc {
+            Encoder::Zstd(_) => Compression::Zstd,
+            Encoder::Xz(..) => Compression::Xz,
         }
-        Ok(ChainEncoder { cctx, open: false })
     }
 
     /// True when a segment was written and the frame was not ended: the overlay needs one more
@@ -150,22 +178,57 @@ impl ChainEncoder {
         self.open
     }
 
-    /// Compresses the next segment; `end` ends the frame.
+    /// Compresses the next segment; `end` ends the frame (the .xz stream).
     pub(crate) fn segment(&mut self, raw: &[u8], end: bool) -> io::Result<Vec<u8>> {
-        use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
-        use zstd::zstd_safe::{InBuffer, OutBuffer};
-        let directive = if end { ZSTD_EndDirective::ZSTD_e_end } else { ZSTD_EndDirective::ZSTD_e_flush };
         let mut out: Vec<u8> = Vec::with_capacity(raw.len() / 2 + 4096);
-        let mut input = InBuffer::around(raw);
-        loop {
+        let grow = |out: &mut Vec<u8>| {
             if out.capacity() - out.len() < 64 << 10 {
                 out.reserve(out.len().max(1 << 20));
             }
-            let pos = out.len();
-            let mut output = OutBuffer::around_pos(&mut out, pos);
-            let left = self.cctx.compress_stream2(&mut output, &mut input, directive).map_err(zstd_err)?;
-            if left == 0 && input.pos == raw.len() {
-                break;
+        };
+        match &mut self.enc {
+            Encoder::Zstd(cctx) => {
+                use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
+                use zstd::zstd_safe::{InBuffer, OutBuffer};
+                let directive = if end { ZSTD_EndDirective::ZSTD_e_end } else { ZSTD_EndDirective::ZSTD_e_flush };
+                let mut input = InBuffer::around(raw);
+                loop {
+                    grow(&mut out);
+                    let pos = out.len();
+                    let mut output = OutBuffer::around_pos(&mut out, pos);
+                    let left = cctx.compress_stream2(&mut output, &mut input, directive).map_err(zstd_err)?;
+                    if left == 0 && input.pos == raw.len() {
+                        break;
+                    }
+                }
+            }
+            Encoder::Xz(stream, level) => {
+                use liblzma::stream::{Action, Check, Filters, LzmaOptions, Status, Stream};
+                let stream = match stream {
+                    Some(s) => s,
+                    None => {
+                        let mut opts = LzmaOptions::new_preset(*level)?;
+                        opts.dict_size(1 << CHAIN_WINDOW_LOG);
+                        // No x86 filter: it cannot flush mid-stream, and over a window this
+                        // large it gains nothing (35.24 MB with it, 35.24 MB without, on the
+                        // quick pair's raw chunks).
+                        let mut f = Filters::new();
+                        f.lzma2(&opts);
+                        stream.insert(Stream::new_stream_encoder(&f, Check::Crc64)?)
+                    }
+                };
+                let action = if end { Action::Finish } else { Action::SyncFlush };
+                let start = stream.total_in();
+                loop {
+                    grow(&mut out);
+                    let taken = (stream.total_in() - start) as usize;
+                    if stream.process_vec(&raw[taken..], &mut out, action)? == Status::StreamEnd {
+                        break;
+                    }
+                }
+                if end {
+                    self.enc = Encoder::Xz(None, *level);
+                }
             }
         }
         self.open = !end;
@@ -173,18 +236,30 @@ impl ChainEncoder {
     }
 }
 
-/// Decompresses the segments of chained zstd frames in stream order (see [`ChainEncoder`]).
+enum Decoder {
+    Zstd(zstd::zstd_safe::DCtx<'static>),
+    Xz(Option<liblzma::stream::Stream>),
+}
+
+/// Decompresses the segments of chained frames in stream order (see [`ChainEncoder`]).
 pub(crate) struct ChainDecoder {
-    dctx: zstd::zstd_safe::DCtx<'static>,
+    dec: Decoder,
     open: bool,
 }
 
 impl ChainDecoder {
-    pub fn new() -> Result<Self, String> {
-        let mut dctx = zstd::zstd_safe::DCtx::try_create().ok_or("cannot create a zstd context")?;
-        dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(CHAIN_WINDOW_LOG))
-            .map_err(|c| zstd::zstd_safe::get_error_name(c).to_string())?;
-        Ok(ChainDecoder { dctx, open: false })
+    pub fn new(compression: Compression) -> Result<Self, String> {
+        let dec = match compression {
+            Compression::Zstd => {
+                let mut dctx = zstd::zstd_safe::DCtx::try_create().ok_or("cannot create a zstd context")?;
+                dctx.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(CHAIN_WINDOW_LOG))
+                    .map_err(|c| zstd::zstd_safe::get_error_name(c).to_string())?;
+                Decoder::Zstd(dctx)
+            }
+            Compression::Xz => Decoder::Xz(None),
+            Compression::None => return Err("chains are zstd or xz".into()),
+        };
+        Ok(ChainDecoder { dec, open: false })
     }
 
     /// True inside a frame that has not ended.
@@ -195,42 +270,84 @@ impl ChainDecoder {
     /// Decompresses the next segment, which must yield exactly `raw_len` bytes (bounded by the
     /// caller) and nothing more.
     pub fn segment(&mut self, stored: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
-        use zstd::zstd_safe::{InBuffer, OutBuffer};
-        let name = |c| zstd::zstd_safe::get_error_name(c).to_string();
         // raw_len is at most MAX_BLOB_LEN; the zeroed buffer is only touched as it is written.
         let mut out = vec![0u8; raw_len];
-        let mut output = OutBuffer::around(&mut out[..]);
-        let mut input = InBuffer::around(stored);
         self.open = true;
-        loop {
-            let before = (input.pos, output.pos());
-            let hint = self.dctx.decompress_stream(&mut output, &mut input).map_err(name)?;
-            if hint == 0 {
-                self.open = false;
-                if input.pos != stored.len() {
-                    return Err(format!("{} bytes follow the end of the chained zstd frame", stored.len() - input.pos));
+        // (input taken, output produced, frame ended)
+        let (taken, produced, ended) = match &mut self.dec {
+            Decoder::Zstd(dctx) => {
+                use zstd::zstd_safe::{InBuffer, OutBuffer};
+                let name = |c| zstd::zstd_safe::get_error_name(c).to_string();
+                let mut output = OutBuffer::around(&mut out[..]);
+                let mut input = InBuffer::around(stored);
+                let mut ended = false;
+                loop {
+                    let before = (input.pos, output.pos());
+                    if dctx.decompress_stream(&mut output, &mut input).map_err(name)? == 0 {
+                        ended = true;
+                        break;
+                    }
+                    if (input.pos, output.pos()) == before {
+                        break;
+                    }
                 }
-                break;
+                let produced = output.pos();
+                if !ended && input.pos == stored.len() && produced == raw_len {
+                    // Everything flushed belongs to this blob: nothing may be left to output.
+                    let mut probe = [0u8; 1];
+                    let mut output = OutBuffer::around(&mut probe[..]);
+                    dctx.decompress_stream(&mut output, &mut InBuffer::around(&[])).map_err(name)?;
+                    if output.pos() != 0 {
+                        return Err(format!("the segment decompresses to more than {raw_len} bytes"));
+                    }
+                }
+                (input.pos, produced, ended)
             }
-            if (input.pos, output.pos()) == before {
-                break;
+            Decoder::Xz(slot) => {
+                use liblzma::stream::{Action, Status, Stream};
+                let stream = match slot {
+                    Some(s) => s,
+                    None => slot.insert(Stream::new_stream_decoder(XZ_MEMLIMIT, 0).map_err(|e| e.to_string())?),
+                };
+                let (in0, out0) = (stream.total_in(), stream.total_out());
+                let pos = |s: &Stream| ((s.total_in() - in0) as usize, (s.total_out() - out0) as usize);
+                let mut ended = false;
+                loop {
+                    let (i, o) = pos(stream);
+                    let status = stream.process(&stored[i..], &mut out[o..], Action::Run).map_err(|e| e.to_string())?;
+                    if status == Status::StreamEnd {
+                        ended = true;
+                        break;
+                    }
+                    if pos(stream) == (i, o) {
+                        break;
+                    }
+                }
+                let (taken, produced) = pos(stream);
+                if !ended && taken == stored.len() && produced == raw_len {
+                    let mut probe = [0u8; 1];
+                    stream.process(&[], &mut probe, Action::Run).map_err(|e| e.to_string())?;
+                    if pos(stream).1 != produced {
+                        return Err(format!("the segment decompresses to more than {raw_len} bytes"));
+                    }
+                }
+                if ended {
+                    *slot = None;
+                }
+                (taken, produced, ended)
+            }
+        };
+        if ended {
+            self.open = false;
+            if taken != stored.len() {
+                return Err(format!("{} bytes follow the end of the chained frame", stored.len() - taken));
             }
         }
-        let produced = output.pos();
-        if input.pos != stored.len() {
+        if taken != stored.len() {
             return Err(format!("the segment decompresses to more than {raw_len} bytes"));
         }
         if produced != raw_len {
             return Err(format!("decompressed to {produced} bytes, header says {raw_len}"));
-        }
-        if self.open {
-            // Everything flushed belongs to this blob: nothing may be left to output.
-            let mut probe = [0u8; 1];
-            let mut output = OutBuffer::around(&mut probe[..]);
-            self.dctx.decompress_stream(&mut output, &mut InBuffer::around(&[])).map_err(name)?;
-            if output.pos() != 0 {
-                return Err(format!("the segment decompresses to more than {raw_len} bytes"));
-            }
         }
         Ok(out)
     }

@@ -6,11 +6,27 @@ use crate::meta::Compression;
 pub const MAGIC: [u8; 8] = [0x89, b'O', b'V', b'L', b'\r', b'\n', 0x1a, b'\n'];
 /// Major format version written and read.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Highest minor format version this reader understands. Writers mark zstd overlays 1.1 (they
-/// may hold chained blobs, codec 3) and the others 1.0.
+/// Highest minor format version this reader understands. Writers mark compressed overlays 1.1
+/// (they may hold chained blobs, codecs 3 and 4) and uncompressed ones 1.0.
 pub const FORMAT_MINOR: u16 = 1;
-/// Codec byte of a blob that is a segment of a chained zstd frame (format 1.1).
-pub(crate) const CODEC_ZSTD_CHAINED: u8 = 3;
+
+/// Codec byte of a blob that is a segment of a chained frame of `c` (format 1.1).
+pub(crate) fn chained_codec_byte(c: Compression) -> Option<u8> {
+    match c {
+        Compression::Zstd => Some(3),
+        Compression::Xz => Some(4),
+        Compression::None => None,
+    }
+}
+
+/// The compressor of a chained codec byte.
+pub(crate) fn chained_codec_from_byte(b: u8) -> Option<Compression> {
+    match b {
+        3 => Some(Compression::Zstd),
+        4 => Some(Compression::Xz),
+        _ => None,
+    }
+}
 /// Length of the file header.
 pub const HEADER_LEN: usize = 16;
 /// Length of a frame header.

@@ -31,7 +31,7 @@ pub struct OverlayReader<R: Read> {
     trailer: Option<Trailer>,
     /// Minor version of the stream.
     minor: u16,
-    /// Decoder of chained zstd blobs, made at the first one.
+    /// Decoder of chained blobs, made at the first one.
     chain: Option<ChainDecoder>,
 }
 
@@ -192,17 +192,24 @@ impl<R: Read> OverlayReader<R> {
     /// happens here, in stream order).
     fn decode_chained(&mut self, blob: &mut SealedBlob) -> Result<(), DecodeError> {
         let (frame, offset) = (blob.frame, blob.offset);
-        if self.meta.compression != Compression::Zstd {
+        if frame::chained_codec_from_byte(blob.header.codec) != Some(self.meta.compression) {
             return Err(DecodeError::Malformed {
                 frame,
                 offset,
-                reason: format!("a chained zstd blob in an overlay that uses {:?}", self.meta.compression),
+                reason: format!(
+                    "chained blob of codec {} in an overlay that uses {:?}",
+                    blob.header.codec, self.meta.compression
+                ),
             });
         }
         let chain = match &mut self.chain {
             Some(c) => c,
             None => {
-                let c = ChainDecoder::new().map_err(|reason| DecodeError::Decompress { frame, offset, reason })?;
+                let c = ChainDecoder::new(self.meta.compression).map_err(|reason| DecodeError::Decompress {
+                    frame,
+                    offset,
+                    reason,
+                })?;
                 self.chain.insert(c)
             }
         };
@@ -220,7 +227,7 @@ impl<R: Read> OverlayReader<R> {
         self.expect_uncompressed(h, at, payload)?;
         let mismatch = |reason: String| DecodeError::TrailerMismatch { offset: at, reason };
         if self.chain.as_ref().is_some_and(ChainDecoder::is_open) {
-            return Err(mismatch("the chained zstd frame does not end before the trailer".into()));
+            return Err(mismatch("the chained frame does not end before the trailer".into()));
         }
         if payload.len() < 32 {
             return Err(mismatch("trailer shorter than its stream digest".into()));
@@ -298,7 +305,7 @@ impl<R: Read> OverlayReader<R> {
         let Some(kind) = FrameKind::from_u8(h.kind) else {
             return Err(DecodeError::UnexpectedFrame { frame, offset: at, expected: what, found: h.kind });
         };
-        let chained = h.codec == frame::CODEC_ZSTD_CHAINED && kind == FrameKind::Blob && self.minor >= 1;
+        let chained = frame::chained_codec_from_byte(h.codec).is_some() && kind == FrameKind::Blob && self.minor >= 1;
         if frame::codec_from_byte(h.codec).is_none() && !chained {
             return Err(DecodeError::Malformed { frame, offset: at, reason: format!("unknown codec {}", h.codec) });
         }

@@ -37,8 +37,8 @@ impl<W: Write> OverlayWriter<W> {
                 max: frame::MAX_META_LEN,
             });
         }
-        // Only zstd overlays can hold chained blobs, the one thing 1.1 adds.
-        let minor = if meta.compression == Compression::Zstd { 1 } else { 0 };
+        // Only compressed overlays can hold chained blobs, the one thing 1.1 adds.
+        let minor = if meta.compression == Compression::None { 0 } else { 1 };
         let header = frame::file_header(minor);
         out.write_all(&header).map_err(EncodeError::Io)?;
         let mut w = OverlayWriter {
@@ -111,18 +111,18 @@ impl<W: Write> OverlayWriter<W> {
         Ok(())
     }
 
-    /// Writes one sealed blob (sealed with the overlay's compressor, or, for a zstd overlay,
-    /// with [`BlobBuilder::seal_chained`](crate::BlobBuilder::seal_chained)). Chained blobs
-    /// must be written in the order they were sealed.
+    /// Writes one sealed blob (sealed with the overlay's compressor, alone or with
+    /// [`BlobBuilder::seal_chained`](crate::BlobBuilder::seal_chained)). Chained blobs must be
+    /// written in the order they were sealed.
     pub fn write_blob(&mut self, blob: &SealedBlob) -> Result<(), EncodeError> {
         if self.device_state_digest.is_none() {
             return Err(EncodeError::Order { reason: "the device state must be written before blobs" });
         }
-        let chained = blob.header.codec == frame::CODEC_ZSTD_CHAINED;
-        if chained && self.compression != Compression::Zstd {
+        let chained = blob.is_chained();
+        if chained && frame::chained_codec_from_byte(blob.header.codec) != Some(self.compression) {
             return Err(EncodeError::Invalid {
                 what: "blob",
-                reason: format!("a chained zstd blob in an overlay that uses {:?}", self.compression),
+                reason: format!("chained blob of codec {}, overlay uses {:?}", blob.header.codec, self.compression),
             });
         }
         if !chained && blob.header.codec != frame::codec_byte(self.compression) {
@@ -168,7 +168,7 @@ impl<W: Write> OverlayWriter<W> {
         };
         if self.chain_open {
             return Err(EncodeError::Order {
-                reason: "the chained zstd frame was not ended: seal the last chained blob with `end`",
+                reason: "the chained frame was not ended: seal the last chained blob with `end`",
             });
         }
         let mismatch = |reason: String| EncodeError::Invalid { what: "trailer", reason };

@@ -76,11 +76,12 @@ fn write_overlay(meta: &OverlayMeta, blobs: &[Vec<Record>], level: i32) -> Vec<u
     w.finish(&t).unwrap()
 }
 
-/// A zstd overlay whose blobs are segments of one chained zstd frame (codec 3).
-fn write_chained(blobs: &[Vec<Record>], level: i32) -> Vec<u8> {
-    let mut w = OverlayWriter::new(Vec::new(), &meta(Compression::Zstd)).unwrap();
+/// An overlay whose blobs are segments of one chained zstd frame (codec 3) or .xz stream
+/// (codec 4).
+fn write_chained(c: Compression, blobs: &[Vec<Record>], level: i32) -> Vec<u8> {
+    let mut w = OverlayWriter::new(Vec::new(), &meta(c)).unwrap();
     w.write_device_state(b"QEVM device state bytes", level).unwrap();
-    let mut chain = ChainEncoder::new(level).unwrap();
+    let mut chain = ChainEncoder::new(c, level).unwrap();
     for (i, records) in blobs.iter().enumerate() {
         let mut b = BlobBuilder::new();
         for r in records {
@@ -100,7 +101,8 @@ fn every_encoding() -> Vec<(&'static str, Vec<u8>)> {
         .into_iter()
         .map(|(n, c)| (n, write_overlay(&meta(c), &sample_blobs(), 3)))
         .collect();
-    v.push(("zstd chained", write_chained(&sample_blobs(), 3)));
+    v.push(("zstd chained", write_chained(Compression::Zstd, &sample_blobs(), 3)));
+    v.push(("xz chained", write_chained(Compression::Xz, &sample_blobs(), 3)));
     v
 }
 
@@ -131,8 +133,8 @@ fn round_trip_every_record_kind_and_compression() {
         let got = read_overlay(&bytes[..]).unwrap_or_else(|e| panic!("{name}: {e}"));
         let c = got.meta.compression;
         assert_eq!(got.meta, meta(c));
-        // Only zstd overlays are marked 1.1: they may hold chained blobs.
-        assert_eq!(bytes[10], u8::from(c == Compression::Zstd), "{name}");
+        // Only compressed overlays are marked 1.1: they may hold chained blobs.
+        assert_eq!(bytes[10], u8::from(c != Compression::None), "{name}");
         assert_eq!(got.device_state, b"QEVM device state bytes");
         assert_eq!(got.blobs, sample_blobs());
         assert_eq!(got.trailer.blob_count, 2);
@@ -170,7 +172,7 @@ fn short_reads_give_identical_results() {
 
 #[test]
 fn truncation_at_every_byte_is_an_error() {
-    for (_, bytes) in every_encoding().into_iter().filter(|(n, _)| *n != "xz") {
+    for (_, bytes) in every_encoding().into_iter().filter(|(n, _)| !n.starts_with("xz")) {
         for len in 0..bytes.len() {
             let err = read_overlay(&bytes[..len]).expect_err("a truncated overlay must not read");
             assert!(matches!(err, DecodeError::Truncated { .. }), "cut at {len}: expected Truncated, got {err}");
@@ -180,7 +182,11 @@ fn truncation_at_every_byte_is_an_error() {
 
 #[test]
 fn every_flipped_bit_is_detected() {
-    for bytes in [write_overlay(&meta(Compression::Zstd), &sample_blobs(), 3), write_chained(&sample_blobs(), 3)] {
+    for bytes in [
+        write_overlay(&meta(Compression::Zstd), &sample_blobs(), 3),
+        write_chained(Compression::Zstd, &sample_blobs(), 3),
+        write_chained(Compression::Xz, &sample_blobs(), 3),
+    ] {
         for i in 0..bytes.len() {
             for bit in 0..8 {
                 let mut b = bytes.clone();
@@ -243,7 +249,13 @@ fn reframe(file_header: &[u8], frames: &[(Vec<u8>, Vec<u8>)], trailer: &Trailer)
 
 #[test]
 fn chained_blobs_keep_their_rules() {
-    let bytes = write_chained(&sample_blobs(), 3);
+    for c in [Compression::Zstd, Compression::Xz] {
+        chained_rules(c);
+    }
+}
+
+fn chained_rules(c: Compression) {
+    let bytes = write_chained(c, &sample_blobs(), 3);
     let trailer = read_overlay(&bytes[..]).unwrap().trailer;
     let frames = split_frames(&bytes);
     let (head, body) = (&bytes[..16], &frames[..frames.len() - 1]);
@@ -269,41 +281,50 @@ fn chained_blobs_keep_their_rules() {
     }
     let shifted = [body[0].clone(), body[1].clone(), a, b];
     assert!(matches!(read_overlay(&reframe(head, &shifted, &trailer)[..]), Err(DecodeError::Decompress { .. })));
-    // Codec 3 is not a codec of format 1.0, nor of xz or uncompressed overlays.
+    // Chained codecs are not codecs of format 1.0, nor of another compressor's overlays.
     let mut old = head.to_vec();
     old[10] = 0;
     assert!(matches!(read_overlay(&reframe(&old, body, &trailer)[..]), Err(DecodeError::Malformed { .. })));
-    let xz = write_overlay(&meta(Compression::Xz), &sample_blobs(), 3);
-    let xz_frames = split_frames(&xz);
-    let mixed = [xz_frames[0].clone(), xz_frames[1].clone(), body[2].clone(), body[3].clone()];
-    let mut v11 = xz[..16].to_vec();
-    v11[10] = 1;
-    assert!(matches!(read_overlay(&reframe(&v11, &mixed, &trailer)[..]), Err(DecodeError::Malformed { .. })));
+    let other = if c == Compression::Zstd { Compression::Xz } else { Compression::Zstd };
+    for o in [other, Compression::None] {
+        let ob = write_overlay(&meta(o), &sample_blobs(), 3);
+        let of = split_frames(&ob);
+        let mixed = [of[0].clone(), of[1].clone(), body[2].clone(), body[3].clone()];
+        let mut v11 = ob[..16].to_vec();
+        v11[10] = 1;
+        assert!(matches!(read_overlay(&reframe(&v11, &mixed, &trailer)[..]), Err(DecodeError::Malformed { .. })));
+    }
     // The writer refuses an unended chain, and a chained blob in another codec's overlay.
-    let mut chain = ChainEncoder::new(1).unwrap();
+    let mut chain = ChainEncoder::new(c, 1).unwrap();
     let mut b = BlobBuilder::new();
     b.push_zero(0, 0, 1);
     let sealed = b.seal_chained(&mut chain, false).unwrap();
     assert!(chain.is_open());
-    let mut w = OverlayWriter::new(Vec::new(), &meta(Compression::Zstd)).unwrap();
+    let mut w = OverlayWriter::new(Vec::new(), &meta(c)).unwrap();
     w.write_device_state(b"x", 1).unwrap();
     w.write_blob(&sealed).unwrap();
     let t = w.trailer(vec![ImageDigest([0; 32]); 2]);
     assert!(matches!(w.finish(&t), Err(EncodeError::Order { .. })));
-    let mut w = OverlayWriter::new(Vec::new(), &meta(Compression::Xz)).unwrap();
+    let mut w = OverlayWriter::new(Vec::new(), &meta(other)).unwrap();
     w.write_device_state(b"x", 1).unwrap();
     assert!(matches!(w.write_blob(&sealed), Err(EncodeError::Invalid { .. })));
     // A chained blob sealed here cannot be decoded out of its stream.
-    assert!(matches!(sealed.decode(Compression::Zstd), Err(DecodeError::Malformed { .. })));
+    assert!(matches!(sealed.decode(c), Err(DecodeError::Malformed { .. })));
 }
 
 /// Many segments of assorted sizes, some empty of records, across several frames.
 #[test]
 fn long_chains_round_trip() {
+    for c in [Compression::Zstd, Compression::Xz] {
+        long_chain(c);
+    }
+}
+
+fn long_chain(c: Compression) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mut w = OverlayWriter::new(Vec::new(), &meta(Compression::Zstd)).unwrap();
+    let mut w = OverlayWriter::new(Vec::new(), &meta(c)).unwrap();
     w.write_device_state(b"x", 1).unwrap();
-    let mut chain = ChainEncoder::new(1).unwrap();
+    let mut chain = ChainEncoder::new(c, 1).unwrap();
     let mut expect = Vec::new();
     for i in 0..40 {
         let mut records = Vec::new();
@@ -323,11 +344,11 @@ fn long_chains_round_trip() {
         // A frame ends every 15 blobs; the next blob starts a new one.
         w.write_blob(&b.seal_chained(&mut chain, i % 15 == 14 || i == 39).unwrap()).unwrap();
         expect.push(records);
-        // A blob of the plain zstd codec may sit between chained ones.
+        // A blob compressed alone may sit between chained ones.
         if i == 20 {
             let mut b = BlobBuilder::new();
             b.push_zero(1, 0, 1);
-            w.write_blob(&b.seal(Compression::Zstd, 1).unwrap()).unwrap();
+            w.write_blob(&b.seal(c, 1).unwrap()).unwrap();
             expect.push(vec![Record::Zero { image: 1, chunk: 0, count: 1 }]);
         }
     }
@@ -532,11 +553,12 @@ proptest! {
 // ---- Golden files ----------------------------------------------------------------------------
 
 /// Golden files: name, compression, level, blobs chained (format 1.1).
-const GOLDEN: [(&str, Compression, i32, bool); 4] = [
+const GOLDEN: [(&str, Compression, i32, bool); 5] = [
     ("v1-none.ovl", Compression::None, 0, false),
     ("v1-zstd.ovl", Compression::Zstd, 3, false),
     ("v1-xz.ovl", Compression::Xz, 6, false),
     ("v1.1-zstd-chained.ovl", Compression::Zstd, 3, true),
+    ("v1.1-xz-chained.ovl", Compression::Xz, 6, true),
 ];
 
 fn golden_path(name: &str) -> std::path::PathBuf {
@@ -552,7 +574,7 @@ fn golden_files_read_byte_exact() {
         let path = golden_path(name);
         let fresh = || {
             if chained {
-                write_chained(&sample_blobs(), level)
+                write_chained(c, &sample_blobs(), level)
             } else {
                 write_overlay(&meta(c), &sample_blobs(), level)
             }
