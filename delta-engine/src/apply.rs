@@ -92,9 +92,11 @@ pub struct ApplyReport {
     pub kinds: KindCounts,
     /// Overlay bytes read.
     pub overlay_bytes: u64,
-    /// Time from start until the last byte of the overlay was read.
+    /// Time from start until the last byte of the overlay was read (chained blobs are
+    /// decompressed as they are read, so this includes their decompression).
     pub receive: Duration,
-    /// Time spent decompressing and checking blobs, summed over threads.
+    /// Time spent on the pool decompressing blobs compressed alone, checking every blob and
+    /// hashing its raw chunks, summed over threads.
     pub decode: Duration,
     /// Time the applier spent writing records.
     pub apply: Duration,

@@ -345,7 +345,7 @@ pub fn synth(
         out.display()
     );
     println!(
-        "  timeline: read+decompress+apply+verify {} (receive {}, decompress {} on the pool, apply {}, verify {}), resume {}, first answer {}, total {}",
+        "  timeline: read+decompress+apply+verify {} (receive {}, decode {} on the pool, apply {}, verify {}), resume {}, first answer {}, total {}",
         ms(t.rebuild),
         ms(t.receive),
         ms(t.decompress),

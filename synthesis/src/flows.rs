@@ -390,9 +390,10 @@ pub fn create_overlay_file(
 /// The synthesis timeline.
 #[derive(Debug, Clone, Default)]
 pub struct Timeline {
-    /// Until the last overlay byte was read.
+    /// Until the last overlay byte was read (chained blobs are decompressed as they are read).
     pub receive: Duration,
-    /// Decompression, summed over threads.
+    /// Decoding on the pool (blobs compressed alone decompressed, every blob checked, raw
+    /// chunks hashed), summed over threads.
     pub decompress: Duration,
     /// Writing records.
     pub apply: Duration,

@@ -118,9 +118,10 @@ pub struct PortInfo {
 /// The synthesis timeline in milliseconds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TimelineMs {
-    /// Until the last overlay byte arrived.
+    /// Until the last overlay byte arrived (chained blobs are decompressed as they arrive).
     pub receive: f64,
-    /// Decompression, summed over threads.
+    /// Decoding on the pool (blobs compressed alone decompressed, every blob checked, raw
+    /// chunks hashed), summed over threads.
     pub decompress: f64,
     /// Writing records.
     pub apply: f64,
