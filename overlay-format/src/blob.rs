@@ -166,7 +166,7 @@ pub struct SealedBlob {
     pub(crate) stored: Vec<u8>,
     /// The payload, decompressed by the reader (chained blobs only).
     pub(crate) raw: Option<Vec<u8>>,
-    /// A chained blob that ends its zstd frame.
+    /// A chained blob that ends its frame.
     pub(crate) chain_end: bool,
     /// Frame number and stream offset when read from a stream (for error context).
     pub(crate) frame: u64,
