@@ -26,7 +26,7 @@ pub struct Info {
     pub file: String,
     /// File size in bytes.
     pub file_bytes: u64,
-    /// Format version.
+    /// Format version, from the file's header.
     pub format_version: String,
     /// Overlay name.
     pub name: String,
@@ -48,6 +48,8 @@ pub struct Info {
     pub device_state_bytes: u64,
     /// Blob frames.
     pub blobs: u64,
+    /// Blobs that are segments of a chained frame (format 1.1), decompressed in order.
+    pub chained_blobs: u64,
     /// Blob bytes as stored.
     pub blob_bytes_compressed: u64,
     /// Blob bytes after decompression.
@@ -102,7 +104,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn read_into(input: impl std::io::Read, verify: bool, info: &mut Info) -> Result<(), DecodeError> {
     let mut r = OverlayReader::new(input)?;
     let m = r.meta().clone();
-    info.format_version = format!("{}.{}", overlay_format::FORMAT_MAJOR, overlay_format::FORMAT_MINOR);
+    let (major, minor) = r.version();
+    info.format_version = format!("{major}.{minor}");
     info.name = m.name.clone();
     info.creator = m.creator.clone();
     info.created_unix = m.created_unix;
@@ -131,6 +134,7 @@ fn read_into(input: impl std::io::Read, verify: bool, info: &mut Info) -> Result
         let done = next.is_none();
         if let Some(b) = next {
             info.blobs += 1;
+            info.chained_blobs += u64::from(b.is_chained());
             info.blob_bytes_compressed += b.compressed_len() as u64;
             info.blob_bytes_uncompressed += b.uncompressed_len() as u64;
             info.records += b.record_count();
@@ -220,8 +224,8 @@ pub fn render(info: &Info) -> String {
     };
     let _ = writeln!(
         o,
-        "blobs          {} ({} bytes stored, {} uncompressed, ratio {:.3})",
-        info.blobs, info.blob_bytes_compressed, info.blob_bytes_uncompressed, ratio
+        "blobs          {} ({} chained; {} bytes stored, {} uncompressed, ratio {:.3})",
+        info.blobs, info.chained_blobs, info.blob_bytes_compressed, info.blob_bytes_uncompressed, ratio
     );
     let _ = writeln!(o, "records        {}", info.records);
     for (name, k) in [

@@ -116,6 +116,11 @@ impl<R: Read> OverlayReader<R> {
         &self.meta
     }
 
+    /// The format version of the stream (major, minor), from its header.
+    pub fn version(&self) -> (u16, u16) {
+        (FORMAT_MAJOR, self.minor)
+    }
+
     /// Bytes consumed from the input so far.
     pub fn bytes_read(&self) -> u64 {
         self.offset
