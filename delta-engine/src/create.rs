@@ -262,8 +262,8 @@ pub struct CreateStats {
     pub overlay_bytes: u64,
     /// Time classifying chunks (hash, dedup, patch).
     pub scan: Duration,
-    /// Time compressing blobs (wall clock, in parallel; it overlaps `scan`: the blobs one
-    /// batch filled are sealed while the next batch is classified).
+    /// Time compressing blobs: the wall clock of the pool's sealing, plus the chain thread's
+    /// time. It overlaps `scan`: blobs are sealed while later batches are classified.
     pub compress: Duration,
     /// Time writing the overlay.
     pub write: Duration,
@@ -658,7 +658,7 @@ pub fn create_overlay<W: Write>(
             .extend((0..n_chunks).step_by(batch_chunks as usize).map(|c0| (ii, c0, (c0 + batch_chunks).min(n_chunks))));
     }
     let mut scanned = 0u64;
-    let mut chain = match opts.compression {
+    let chain = match opts.compression {
         Compression::Zstd | Compression::Xz if opts.chain => Some(
             ChainEncoder::new(opts.compression, opts.level)
                 .map_err(|source| EncodeError::Compress { what: "blob", source })?,
@@ -667,65 +667,94 @@ pub fn create_overlay<W: Write>(
     };
 
     // A pipeline of four stages, one step per batch: the pool classifies batch k and seals the
-    // blobs batch k-2 filled, while this thread writes the blobs sealed in the step before and
-    // runs the sequential pass (self-dedup, runs, blobs) over batch k-1.
-    let mut classified: Option<(Batch, Classes)> = None;
-    let mut filled: Vec<(BlobBuilder, usize)> = Vec::new();
-    let mut sealed: Option<Sealed> = None;
-    let mut next = batches.into_iter();
-    let mut cut = false;
-    loop {
-        let batch = next.next();
-        // The step that cuts the last blobs seals them: it ends the chain.
-        let last = batch.is_none() && classified.is_none() && !cut;
-        if last {
-            em.cut_all();
-            filled.append(&mut em.ready);
-            cut = true;
-        }
-        if batch.is_none() && classified.is_none() && filled.is_empty() && sealed.is_none() {
-            break;
-        }
-        let to_seal = std::mem::take(&mut filled);
-        let to_write = sealed.take();
-        let prev = classified.take();
-        let mut new_classes: Option<(Batch, Classes, Duration)> = None;
-        let mut new_sealed: Option<Result<Sealed, EncodeError>> = None;
-        let mut main: Result<(), CreateError> = Ok(());
-        rayon::in_place_scope(|s| {
-            if let Some(b @ (ii, c0, c1)) = batch {
-                let (map, new_classes) = (&maps[ii], &mut new_classes);
-                s.spawn(move |_| {
-                    let ts = Instant::now();
-                    let classes = classify(base, map, ii, c0, c1, opts);
-                    *new_classes = Some((b, classes, ts.elapsed()));
-                });
+    // blobs batch k-2 filled, while this thread writes the blobs sealed so far and runs the
+    // sequential pass (self-dedup, runs, blobs) over batch k-1. The chain, if any, has a thread
+    // of its own: light blobs go to it as they are cut and come back sealed, in order, so its
+    // one thread is never held up by the steps. Every blob is numbered when cut and written in
+    // that order.
+    std::thread::scope(|ts| -> Result<(), CreateError> {
+        let mut chain = chain.map(|enc| Chain::start(ts, enc));
+        let mut out = Ordered::default();
+        let mut classified: Option<(Batch, Classes)> = None;
+        let mut filled: Vec<Cut> = Vec::new();
+        let mut next = batches.into_iter();
+        let mut cut = false;
+        loop {
+            let batch = next.next();
+            // The step that cuts the last blobs ends the chain.
+            let last = batch.is_none() && classified.is_none() && !cut;
+            if last {
+                em.cut_all();
+                cut = true;
             }
-            if !to_seal.is_empty() || (last && chain.as_ref().is_some_and(ChainEncoder::is_open)) {
-                let (new_sealed, chain) = (&mut new_sealed, chain.as_mut());
-                s.spawn(move |_| *new_sealed = Some(seal(to_seal, opts, chain, last)));
+            let mut ready = std::mem::take(&mut em.ready);
+            if last && chain.as_ref().is_some_and(|c| c.open) && !ready.iter().any(|(_, s)| *s == LIGHT) {
+                // The last light blob went out earlier: an empty one ends the frame.
+                ready.push((BlobBuilder::new(), LIGHT));
             }
-            main = (|| {
-                if let Some(to_write) = to_write {
-                    write_sealed(to_write, &mut writer, &mut stats)?;
+            let fresh = out.number(ready);
+            match &mut chain {
+                Some(chain) => filled.extend(chain.send(fresh, last)),
+                None => filled.extend(fresh),
+            }
+            if batch.is_none() && classified.is_none() && filled.is_empty() {
+                break;
+            }
+            let to_seal = std::mem::take(&mut filled);
+            let prev = classified.take();
+            let mut new_classes: Option<(Batch, Classes, Duration)> = None;
+            let mut new_sealed: Option<Result<Sealed, EncodeError>> = None;
+            let mut main: Result<(), CreateError> = Ok(());
+            rayon::in_place_scope(|s| {
+                if let Some(b @ (ii, c0, c1)) = batch {
+                    let (map, new_classes) = (&maps[ii], &mut new_classes);
+                    s.spawn(move |_| {
+                        let ts = Instant::now();
+                        let classes = classify(base, map, ii, c0, c1, opts);
+                        *new_classes = Some((b, classes, ts.elapsed()));
+                    });
                 }
-                if let Some(((ii, c0, c1), classes)) = prev {
-                    sequential_pass(&mut em, &mut self_map, &mut digesters[ii], &maps, ii, c0, classes, &mut stats);
-                    em.flush();
-                    scanned += (c1 - c0) * CHUNK_SIZE as u64;
-                    progress(Progress { phase: "scan", done: scanned.min(total), total });
+                if !to_seal.is_empty() {
+                    let new_sealed = &mut new_sealed;
+                    s.spawn(move |_| *new_sealed = Some(seal(to_seal, opts)));
                 }
-                Ok(())
-            })();
-        });
-        main?;
-        if let Some((b, classes, t)) = new_classes {
-            stats.scan += t;
-            classified = Some((b, classes));
+                main = (|| {
+                    if let Some(chain) = &mut chain {
+                        let (sealed, t) = chain.sealed(false)?;
+                        stats.compress += t;
+                        out.extend(sealed);
+                    }
+                    out.write(&mut writer, &mut stats)?;
+                    if let Some(((ii, c0, c1), classes)) = prev {
+                        sequential_pass(&mut em, &mut self_map, &mut digesters[ii], &maps, ii, c0, classes, &mut stats);
+                        em.flush();
+                        scanned += (c1 - c0) * CHUNK_SIZE as u64;
+                        progress(Progress { phase: "scan", done: scanned.min(total), total });
+                    }
+                    Ok(())
+                })();
+            });
+            main?;
+            if let Some((b, classes, t)) = new_classes {
+                stats.scan += t;
+                classified = Some((b, classes));
+            }
+            if let Some(sealed) = new_sealed.transpose()? {
+                stats.compress += sealed.time;
+                out.extend(sealed.blobs);
+            }
         }
-        sealed = new_sealed.transpose()?;
-        filled.append(&mut em.ready);
-    }
+        if let Some(mut chain) = chain {
+            let (sealed, t) = chain.sealed(true)?;
+            stats.compress += t;
+            out.extend(sealed);
+        }
+        out.write(&mut writer, &mut stats)?;
+        if !out.waiting.is_empty() || out.next != out.cut {
+            return Err(EncodeError::Order { reason: "internal: sealed blobs left unwritten" }.into());
+        }
+        Ok(())
+    })?;
     let digests: Vec<_> = digesters.iter().map(ImageDigester::finish).collect();
     stats.kinds = em.kinds;
     stats.scanned_bytes = total;
@@ -764,80 +793,169 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-/// Seals blobs: the dense stream in parallel at the fastest level over a window covering the
-/// blob; the light stream at the chosen level, through `chain` in order when there is one
-/// (beside the dense blobs), else in parallel too. `last`: these are the overlay's last blobs,
-/// so the chain ends with them.
-fn seal(
-    ready: Vec<(BlobBuilder, usize)>,
-    opts: &CreateOptions,
-    chain: Option<&mut ChainEncoder>,
-    last: bool,
-) -> Result<Sealed, EncodeError> {
+/// Seals blobs alone, in parallel: the dense stream at the fastest level over a window covering
+/// the blob, the light stream (when there is no chain) at the chosen level.
+fn seal(ready: Vec<Cut>, opts: &CreateOptions) -> Result<Sealed, EncodeError> {
     let tc = Instant::now();
-    let alone = |(b, stream): (BlobBuilder, usize)| -> Result<(SealedBlob, usize), EncodeError> {
-        // Every blob's window covers the blob, whatever the level (xz's presets below 9
-        // have smaller dictionaries than its 48 MiB blobs).
-        let len = b.uncompressed_len().max(CHUNK_SIZE);
-        let window_log = Some(usize::BITS - (len - 1).leading_zeros());
-        let effort = if stream == DENSE {
-            // The fastest level, with long-distance matching: cheap, and it finds
-            // incompressible data stored twice.
-            Effort { level: fastest_level(opts.compression), window_log, long_distance: true, executable_filter: false }
-        } else {
-            // Machine code (binaries on disk, their pages in memory) is a large part of
-            // what a customization adds: xz's x86 filter makes it about 2.5% smaller.
-            Effort { executable_filter: true, window_log, ..Effort::level(opts.level) }
-        };
-        Ok((b.seal_with(opts.compression, &effort)?, stream))
-    };
-    let Some(chain) = chain else {
-        let blobs = ready.into_par_iter().map(alone).collect::<Result<_, EncodeError>>()?;
-        return Ok(Sealed { blobs, time: tc.elapsed() });
-    };
-    let last_light = ready.iter().rposition(|(_, s)| *s == LIGHT);
-    let (light, dense): (Vec<_>, Vec<_>) = ready.into_iter().enumerate().partition(|(_, (_, s))| *s == LIGHT);
-    let (light, dense) = rayon::join(
-        || {
-            let mut out = Vec::with_capacity(light.len() + 1);
-            for (i, (b, _)) in light {
-                out.push((i, (b.seal_chained(chain, last && Some(i) == last_light)?, LIGHT)));
-            }
-            if last && chain.is_open() {
-                // The last light blob went out earlier: an empty one ends the frame.
-                out.push((usize::MAX, (BlobBuilder::new().seal_chained(chain, true)?, LIGHT)));
-            }
-            Ok::<_, EncodeError>(out)
-        },
-        || dense.into_par_iter().map(|(i, b)| Ok((i, alone(b)?))).collect::<Result<Vec<_>, EncodeError>>(),
-    );
-    let mut blobs = light?;
-    blobs.extend(dense?);
-    // Back to the order they were cut in.
-    blobs.sort_by_key(|(i, _)| *i);
-    Ok(Sealed { blobs: blobs.into_iter().map(|(_, b)| b).collect(), time: tc.elapsed() })
+    let blobs = ready
+        .into_par_iter()
+        .map(|(n, b, stream)| {
+            // Every blob's window covers the blob, whatever the level (xz's presets below 9
+            // have smaller dictionaries than its 48 MiB blobs).
+            let len = b.uncompressed_len().max(CHUNK_SIZE);
+            let window_log = Some(usize::BITS - (len - 1).leading_zeros());
+            let effort = if stream == DENSE {
+                // The fastest level, with long-distance matching: cheap, and it finds
+                // incompressible data stored twice.
+                Effort {
+                    level: fastest_level(opts.compression),
+                    window_log,
+                    long_distance: true,
+                    executable_filter: false,
+                }
+            } else {
+                // Machine code (binaries on disk, their pages in memory) is a large part of
+                // what a customization adds: xz's x86 filter makes it about 2.5% smaller.
+                Effort { executable_filter: true, window_log, ..Effort::level(opts.level) }
+            };
+            Ok((n, b.seal_with(opts.compression, &effort)?, stream))
+        })
+        .collect::<Result<_, EncodeError>>()?;
+    Ok(Sealed { blobs, time: tc.elapsed() })
 }
 
-/// Blobs sealed by [`seal`], in stream order, and the wall time it took.
+/// A blob as cut: its number (the order it is written in), its records, its stream.
+type Cut = (u64, BlobBuilder, usize);
+/// A sealed blob with its number and stream.
+type SealedCut = (u64, SealedBlob, usize);
+
+/// Blobs sealed by [`seal`], numbered, and the wall time it took.
 struct Sealed {
-    blobs: Vec<(SealedBlob, usize)>,
+    blobs: Vec<SealedCut>,
     time: Duration,
 }
 
-fn write_sealed<W: Write>(
-    sealed: Sealed,
-    writer: &mut OverlayWriter<W>,
-    stats: &mut CreateStats,
-) -> Result<(), CreateError> {
-    stats.compress += sealed.time;
-    let tw = Instant::now();
-    for (s, stream) in &sealed.blobs {
-        stats.dense_blobs += u64::from(*stream == DENSE);
-        stats.blob_bytes_raw += s.uncompressed_len() as u64;
-        stats.blob_bytes_compressed += s.compressed_len() as u64;
-        stats.blobs += 1;
-        writer.write_blob(s)?;
+/// The chain's thread: light blobs go in, numbered, in cut order; sealed blobs come back in
+/// the same order. At most two wait to be sealed, so a slow chain holds the scan back rather
+/// than filling memory.
+struct Chain {
+    to: Option<std::sync::mpsc::SyncSender<(u64, BlobBuilder, bool)>>,
+    from: std::sync::mpsc::Receiver<ChainResult>,
+    /// Blobs sent and not received back.
+    pending: usize,
+    /// A blob went in without ending the frame.
+    open: bool,
+}
+
+type ChainResult = (u64, Result<SealedBlob, EncodeError>, Duration);
+
+impl Chain {
+    fn start<'s>(ts: &'s std::thread::Scope<'s, '_>, mut enc: ChainEncoder) -> Self {
+        let (to, rx) = std::sync::mpsc::sync_channel::<(u64, BlobBuilder, bool)>(2);
+        let (tx, from) = std::sync::mpsc::channel::<ChainResult>();
+        ts.spawn(move || {
+            for (n, b, end) in rx {
+                let t = Instant::now();
+                let r = b.seal_chained(&mut enc, end);
+                let failed = r.is_err();
+                if tx.send((n, r, t.elapsed())).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Chain { to: Some(to), from, pending: 0, open: false }
     }
-    stats.write += tw.elapsed();
-    Ok(())
+
+    /// Sends the light blobs of `fresh` to the chain (with `last`, the last of them ends the
+    /// frame) and returns the dense ones.
+    fn send(&mut self, fresh: Vec<Cut>, last: bool) -> Vec<Cut> {
+        let last_light = fresh.iter().rposition(|(_, _, s)| *s == LIGHT);
+        let mut dense = Vec::new();
+        for (k, (n, b, stream)) in fresh.into_iter().enumerate() {
+            if stream == LIGHT {
+                self.put(n, b, last && Some(k) == last_light);
+            } else {
+                dense.push((n, b, stream));
+            }
+        }
+        dense
+    }
+
+    fn put(&mut self, n: u64, b: BlobBuilder, end: bool) {
+        let to = self.to.as_ref().expect("the chain takes blobs until `sealed(true)`");
+        // A send fails only when the thread stopped after a failure, whose result says why.
+        if to.send((n, b, end)).is_ok() {
+            self.pending += 1;
+            self.open = !end;
+        }
+    }
+
+    /// Sealed blobs back from the chain, with the time the chain spent on them: those ready,
+    /// or (`all`, which closes the chain) every one still pending.
+    fn sealed(&mut self, all: bool) -> Result<(Vec<SealedCut>, Duration), EncodeError> {
+        if all {
+            self.to = None;
+        }
+        let (mut out, mut time) = (Vec::new(), Duration::ZERO);
+        while self.pending > 0 {
+            let got = if all { self.from.recv().ok() } else { self.from.try_recv().ok() };
+            let Some((n, r, t)) = got else {
+                if all {
+                    return Err(EncodeError::Compress {
+                        what: "blob",
+                        source: std::io::Error::other("the chain's thread stopped"),
+                    });
+                }
+                break;
+            };
+            self.pending -= 1;
+            time += t;
+            out.push((n, r?, LIGHT));
+        }
+        Ok((out, time))
+    }
+}
+
+/// Sealed blobs waiting to be written in the order they were cut.
+#[derive(Default)]
+struct Ordered {
+    /// Number of the next blob cut.
+    cut: u64,
+    /// Number of the next blob to write.
+    next: u64,
+    waiting: std::collections::BTreeMap<u64, (SealedBlob, usize)>,
+}
+
+impl Ordered {
+    /// Numbers blobs as they are cut.
+    fn number(&mut self, ready: Vec<(BlobBuilder, usize)>) -> Vec<Cut> {
+        ready
+            .into_iter()
+            .map(|(b, s)| {
+                self.cut += 1;
+                (self.cut - 1, b, s)
+            })
+            .collect()
+    }
+
+    fn extend(&mut self, sealed: Vec<SealedCut>) {
+        for (n, b, s) in sealed {
+            self.waiting.insert(n, (b, s));
+        }
+    }
+
+    /// Writes the blobs whose predecessors are all written.
+    fn write<W: Write>(&mut self, writer: &mut OverlayWriter<W>, stats: &mut CreateStats) -> Result<(), CreateError> {
+        let tw = Instant::now();
+        while let Some((s, stream)) = self.waiting.remove(&self.next) {
+            stats.dense_blobs += u64::from(stream == DENSE);
+            stats.blob_bytes_raw += s.uncompressed_len() as u64;
+            stats.blob_bytes_compressed += s.compressed_len() as u64;
+            stats.blobs += 1;
+            writer.write_blob(&s)?;
+            self.next += 1;
+        }
+        stats.write += tw.elapsed();
+        Ok(())
+    }
 }
