@@ -74,6 +74,11 @@ impl Base {
         self.maps[i].bytes()
     }
 
+    /// Lets go of the page mappings of bytes `[start, end)` of image `i` ([`Mapped::release`]).
+    pub(crate) fn release(&self, i: usize, start: u64, end: u64) {
+        self.maps[i].release(start, end);
+    }
+
     /// The whole chunk `c` of image `i` if it lies fully inside the image.
     pub(crate) fn full_chunk(&self, i: usize, c: u64) -> Option<&[u8]> {
         let s = c.checked_mul(CHUNK_SIZE as u64)? as usize;

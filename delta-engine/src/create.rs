@@ -86,6 +86,14 @@ impl View {
         Ok(View::Qcow2(l))
     }
 
+    /// Lets go of the page mappings of the image's bytes `[start, end)` ([`Mapped::release`];
+    /// a qcow2 layer's clusters lie elsewhere in its file, and the layer is small).
+    fn release(&self, start: u64, end: u64) {
+        if let View::Raw { map, .. } = self {
+            map.release(start, end);
+        }
+    }
+
     fn size(&self) -> u64 {
         match self {
             View::Raw { map, .. } => map.len(),
@@ -728,6 +736,15 @@ pub fn create_overlay<W: Write>(
                     if let Some(((ii, c0, c1), classes)) = prev {
                         sequential_pass(&mut em, &mut self_map, &mut digesters[ii], &maps, ii, c0, classes, &mut stats);
                         em.flush();
+                        // Done with the batch's bytes (raw chunks are copied into blobs): the
+                        // pool drops their page mappings now, beside the chain, rather than
+                        // the unmapping at the end.
+                        let custom = &maps[ii];
+                        s.spawn(move |_| {
+                            let (start, end) = (c0 * CHUNK_SIZE as u64, c1 * CHUNK_SIZE as u64);
+                            custom.release(start, end);
+                            base.release(ii, start, end);
+                        });
                         scanned += (c1 - c0) * CHUNK_SIZE as u64;
                         progress(Progress { phase: "scan", done: scanned.min(total), total });
                     }
