@@ -160,13 +160,12 @@ impl Out {
     }
 
     /// Writes whole chunks from chunk `c` on.
-    fn write(&mut self, base: &Base, c: u64, data: &[u8]) -> Result<(), ApplyError> {
+    fn write(&mut self, c: u64, data: &[u8]) -> Result<(), ApplyError> {
         let start = c * CHUNK_SIZE as u64;
-        let src = base.bytes(self.base_image);
         let r = match &mut self.store {
             Store::Raw(f, lazy, wb) => (|| {
                 if let Some(l) = lazy {
-                    l.advance_to(f, wb, src, start)?;
+                    l.advance_to(f, wb, start)?;
                     l.skip_to(start + data.len() as u64);
                 }
                 wb.write(f, start, data)
@@ -177,12 +176,11 @@ impl Out {
     }
 
     /// Copies the rest of the base (lazy copies); after this the image is complete.
-    fn finish_copy(&mut self, base: &Base) -> Result<(), ApplyError> {
+    fn finish_copy(&mut self) -> Result<(), ApplyError> {
         let size = self.size;
-        let src = base.bytes(self.base_image);
         if let Store::Raw(f, lazy, wb) = &mut self.store {
             let r = match lazy {
-                Some(l) => l.advance_to(f, wb, src, size).and_then(|()| wb.flush(f)),
+                Some(l) => l.advance_to(f, wb, size).and_then(|()| wb.flush(f)),
                 None => wb.flush(f),
             };
             r.map_err(|source| ApplyError::Io { path: self.tmp.clone(), source })?;
@@ -191,14 +189,13 @@ impl Out {
     }
 
     /// Makes chunks `c..c + count` zeros.
-    fn zero(&mut self, base: &Base, c: u64, count: u64) -> Result<(), ApplyError> {
+    fn zero(&mut self, c: u64, count: u64) -> Result<(), ApplyError> {
         let start = c * CHUNK_SIZE as u64;
         let end = ((c + count) * CHUNK_SIZE as u64).min(self.size);
-        let src = base.bytes(self.base_image);
         match &mut self.store {
             Store::Raw(f, lazy, wb) => {
                 if let Some(l) = lazy {
-                    let r = l.advance_to(f, wb, src, start);
+                    let r = l.advance_to(f, wb, start);
                     r.map_err(|source| ApplyError::Io { path: self.tmp.clone(), source })?;
                     if l.cursor() <= start {
                         // Never copied: the fresh file already reads zeros here.
@@ -433,7 +430,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
 
     let tf = Instant::now();
     for o in outs.iter_mut() {
-        o.finish_copy(base)?;
+        o.finish_copy()?;
     }
     apply_time += tf.elapsed();
     // Verify.
@@ -510,7 +507,7 @@ fn apply_record(
             let o = &mut outs[image];
             let start = chunk * cs;
             let end = ((chunk + count) * cs).min(o.size);
-            o.zero(base, chunk, count)?;
+            o.zero(chunk, count)?;
             for c in chunk..chunk + count {
                 o.hashes[c as usize] = zero_hash(o.chunk_len(c));
                 o.mark(c);
@@ -526,12 +523,12 @@ fn apply_record(
                 let len = o.chunk_len(c);
                 let h = match base.full_chunk(src.image as usize, src.chunk + k) {
                     Some(b) if len == CHUNK_SIZE => {
-                        o.write(base, c, b)?;
+                        o.write(c, b)?;
                         base.full_hash(src.image as usize, src.chunk + k).expect("full chunk")
                     }
                     _ => {
                         base.read_padded(src.image as usize, src.chunk + k, &mut buf[..len]);
-                        o.write(base, c, &buf[..len])?;
+                        o.write(c, &buf[..len])?;
                         ChunkHash::of(&buf[..len])
                     }
                 };
@@ -559,7 +556,7 @@ fn apply_record(
             s.read(base, src.chunk, &mut buf)?;
             let h = s.hashes[src.chunk as usize];
             let o = &mut outs[image];
-            o.write(base, chunk, &buf)?;
+            o.write(chunk, &buf)?;
             o.hashes[chunk as usize] = h;
             o.mark(chunk);
             kinds.copy_self.add(1);
@@ -576,7 +573,7 @@ fn apply_record(
                 chunk,
                 reason: e.to_string(),
             })?;
-            o.write(base, chunk, &out)?;
+            o.write(chunk, &out)?;
             o.hashes[chunk as usize] = ChunkHash::of(&out);
             o.mark(chunk);
             kinds.patch.add(1);
@@ -585,7 +582,7 @@ fn apply_record(
         }
         RecordRef::Raw { chunk, data, .. } => {
             let o = &mut outs[image];
-            o.write(base, chunk, data)?;
+            o.write(chunk, data)?;
             let n = data.len().div_ceil(CHUNK_SIZE);
             for k in 0..n {
                 o.hashes[chunk as usize + k] = raw_hashes.next().expect("a hash per raw chunk");

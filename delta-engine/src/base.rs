@@ -69,11 +69,6 @@ impl Base {
         self.maps[i].len()
     }
 
-    /// All bytes of image `i`.
-    pub(crate) fn bytes(&self, i: usize) -> &[u8] {
-        self.maps[i].bytes()
-    }
-
     /// Lets go of the page mappings of bytes `[start, end)` of image `i` ([`Mapped::release`]).
     pub(crate) fn release(&self, i: usize, start: u64, end: u64) {
         self.maps[i].release(start, end);

@@ -90,51 +90,6 @@ pub(crate) fn data_extents(file: &File, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
-fn copy_range(input: &File, out: &File, start: u64, len: u64) -> io::Result<()> {
-    let mut off_in = start as libc::loff_t;
-    let mut off_out = start as libc::loff_t;
-    let mut left = len as usize;
-    while left > 0 {
-        // SAFETY: valid fds, and the offsets are plain integers owned by this frame.
-        let n =
-            unsafe { libc::copy_file_range(input.as_raw_fd(), &mut off_in, out.as_raw_fd(), &mut off_out, left, 0) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if matches!(err.raw_os_error(), Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)) {
-                return copy_range_rw(input, out, off_in as u64, left as u64);
-            }
-            return Err(err);
-        }
-        if n == 0 {
-            break; // source shorter than expected: the rest stays a hole
-        }
-        left -= n as usize;
-    }
-    Ok(())
-}
-
-fn copy_range_rw(input: &File, out: &File, start: u64, len: u64) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = start;
-    let end = start + len;
-    while pos < end {
-        let n = ((end - pos) as usize).min(buf.len());
-        let got = input.read_at(&mut buf[..n], pos)?;
-        if got == 0 {
-            break;
-        }
-        // Keep zero chunks as holes.
-        for (i, c) in buf[..got].chunks(overlay_format::CHUNK_SIZE).enumerate() {
-            if !overlay_format::digest::is_zero(c) {
-                out.write_all_at(c, pos + (i * overlay_format::CHUNK_SIZE) as u64)?;
-            }
-        }
-        pos += got as u64;
-    }
-    Ok(())
-}
-
 /// Makes `[start, start+len)` of `file` read as zeros, as a hole where the filesystem can.
 pub(crate) fn zero_range(file: &File, start: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate on a valid fd with integer arguments.
@@ -159,10 +114,6 @@ pub(crate) fn zero_range(file: &File, start: u64, len: u64) -> io::Result<()> {
     }
     Ok(())
 }
-
-/// Base ranges up to this long are copied through the output's [`WriteBuf`] (one write with
-/// the overlay's chunks around them); longer ones with `copy_file_range`.
-const GATHER_COPY: u64 = 256 << 10;
 
 /// Bytes gathered before one write.
 const WRITE_BUF: usize = 1 << 20;
@@ -200,6 +151,52 @@ impl WriteBuf {
         self.buf.extend_from_slice(data);
         if self.buf.len() >= WRITE_BUF {
             self.flush(out)?;
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes of `input` at `at` to the same offset of `out`, read with `pread`
+    /// into the buffer, so that they join the writes around them. A source shorter than
+    /// `at + len` leaves the rest unwritten.
+    ///
+    /// Measured on ext4 (no reflink), copying a 90 MiB memory image's data: `pread` and
+    /// `pwrite` of 1 MiB take about 30 ms, `copy_file_range` about 37 ms; reading through a
+    /// map of the source was slower still.
+    pub(crate) fn copy_from(&mut self, out: &File, input: &File, mut at: u64, len: u64) -> io::Result<()> {
+        if !self.buf.is_empty() && at != self.end() {
+            self.flush(out)?;
+        }
+        if self.buf.capacity() < WRITE_BUF {
+            self.buf.reserve_exact(WRITE_BUF + CHUNK - self.buf.len());
+        }
+        let end = at + len;
+        while at < end {
+            if self.buf.is_empty() {
+                self.start = at;
+            }
+            let have = self.buf.len();
+            let n = ((end - at) as usize).min(WRITE_BUF.saturating_sub(have).max(CHUNK));
+            let n = n.min(self.buf.capacity() - have);
+            // SAFETY: `n` bytes from `have` are inside the vector's capacity; pread writes at
+            // most `n` bytes there and the length grows only by what it wrote.
+            let got =
+                unsafe { libc::pread(input.as_raw_fd(), self.buf.as_mut_ptr().add(have).cast(), n, at as libc::off_t) };
+            if got < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if got == 0 {
+                break; // the source ends here: the rest stays as it is (a hole)
+            }
+            // SAFETY: pread initialised `got` (<= n) bytes from `have` on.
+            unsafe { self.buf.set_len(have + got as usize) };
+            at += got as u64;
+            if self.buf.len() >= WRITE_BUF {
+                self.flush(out)?;
+            }
         }
         Ok(())
     }
@@ -244,10 +241,9 @@ pub(crate) struct LazyCopy {
 }
 
 impl LazyCopy {
-    /// Everything below `pos` that the overlay has not rewritten now holds the base's bytes.
-    /// `src` is the base image's bytes (a map of the file this copies from): short ranges are
-    /// gathered into `wb` with the overlay's writes around them, long ones copied in the kernel.
-    pub(crate) fn advance_to(&mut self, out: &File, wb: &mut WriteBuf, src: &[u8], pos: u64) -> io::Result<()> {
+    /// Everything below `pos` that the overlay has not rewritten now holds the base's bytes,
+    /// copied through `wb` with the overlay's writes around them.
+    pub(crate) fn advance_to(&mut self, out: &File, wb: &mut WriteBuf, pos: u64) -> io::Result<()> {
         let pos = pos.min(self.limit);
         if pos <= self.cursor {
             return Ok(());
@@ -258,15 +254,8 @@ impl LazyCopy {
                 break;
             }
             let (s, e) = (s.max(self.cursor), e.min(pos));
-            if s >= e {
-                continue;
-            }
-            match src.get(s as usize..e as usize) {
-                Some(bytes) if e - s <= GATHER_COPY => wb.write(out, s, bytes)?,
-                _ => {
-                    wb.flush(out)?;
-                    copy_range(&self.input, out, s, e - s)?;
-                }
+            if s < e {
+                wb.copy_from(out, &self.input, s, e - s)?;
             }
         }
         self.cursor = pos;
@@ -313,6 +302,45 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use std::os::unix::fs::FileExt;
+
+    /// Copies through the buffer (short, longer than the buffer, next to writes, past the
+    /// source's end) leave what plain copies and writes would.
+    #[test]
+    fn copies_through_the_buffer_behave_like_plain_copies() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        const SRC: usize = 3 * WRITE_BUF + 5 * CHUNK;
+        let src: Vec<u8> = (0..SRC).map(|i| (i / 7 + i / CHUNK) as u8).collect();
+        std::fs::write(dir.path().join("src"), &src).unwrap();
+        let input = std::fs::File::open(dir.path().join("src")).unwrap();
+        let out =
+            std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dir.path().join("out")).unwrap();
+        const LEN: usize = SRC + 4 * CHUNK;
+        out.set_len(LEN as u64).unwrap();
+        let mut model = vec![0u8; LEN];
+        let mut wb = WriteBuf::default();
+        let copy = |wb: &mut WriteBuf, model: &mut Vec<u8>, at: usize, len: usize| {
+            wb.copy_from(&out, &input, at as u64, len as u64).unwrap();
+            let end = (at + len).min(SRC);
+            if at < end {
+                model[at..end].copy_from_slice(&src[at..end]);
+            }
+        };
+        copy(&mut wb, &mut model, 0, CHUNK);
+        copy(&mut wb, &mut model, CHUNK, 2 * WRITE_BUF + CHUNK); // continues the last one
+        let at = 2 * WRITE_BUF + 3 * CHUNK;
+        wb.write(&out, at as u64, &[0xAB; CHUNK]).unwrap();
+        model[at..at + CHUNK].fill(0xAB);
+        copy(&mut wb, &mut model, at + CHUNK, 5 * CHUNK); // after a write
+        copy(&mut wb, &mut model, 3 * WRITE_BUF, 7 * CHUNK); // runs past the source's end
+        let mut got = vec![0u8; CHUNK];
+        wb.read_at(&out, &mut got, at as u64).unwrap();
+        assert!(got.iter().all(|&b| b == 0xAB));
+        wb.flush(&out).unwrap();
+        let mut all = vec![0u8; LEN];
+        out.read_exact_at(&mut all, 0).unwrap();
+        assert!(all == model);
+    }
 
     /// A released range (whole pages, bounds anywhere, past the end too) reads the file's
     /// bytes again, as does everything around it.
