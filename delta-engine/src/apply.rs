@@ -2,7 +2,7 @@
 //! in; blobs are decompressed in parallel ahead of the applier; digests checked before success.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use overlay_format::{
 };
 use rayon::prelude::*;
 
-use crate::base::Base;
+use crate::base::{read_padded_at, Base};
 use crate::file::{lazy_copy, zero_range, LazyCopy, WriteBuf};
 use crate::qcow2::{Qcow2Writer, Written};
 use crate::{KindCounts, Progress};
@@ -95,8 +95,8 @@ pub struct ApplyReport {
     /// Time from start until the last byte of the overlay was read (chained blobs are
     /// decompressed as they are read, so this includes their decompression).
     pub receive: Duration,
-    /// Time spent on the pool decompressing blobs compressed alone, checking every blob and
-    /// hashing its raw chunks, summed over threads.
+    /// Time spent on the pool decompressing blobs compressed alone, checking every blob,
+    /// hashing its raw chunks and patching its patched ones, summed over threads.
     pub decode: Duration,
     /// Time the applier spent writing records.
     pub apply: Duration,
@@ -175,6 +175,36 @@ impl Out {
         r.map_err(self.io())
     }
 
+    /// Writes `count` whole chunks from chunk `c` on with the bytes of `input` from offset
+    /// `src` on, read with `pread` (a raw output reads them straight into its write buffer).
+    fn copy_in(&mut self, c: u64, count: u64, input: &File, src: u64, scratch: &mut Vec<u8>) -> Result<(), ApplyError> {
+        let start = c * CHUNK_SIZE as u64;
+        let len = count * CHUNK_SIZE as u64;
+        let r = match &mut self.store {
+            Store::Raw(f, lazy, wb) => (|| {
+                if let Some(l) = lazy {
+                    l.advance_to(f, wb, start)?;
+                    l.skip_to(start + len);
+                }
+                wb.copy_from(f, start, input, src, len)
+            })(),
+            Store::Qcow2(w) => (|| {
+                // In pieces of at most 1 MiB: a run can be as long as the image.
+                const PIECE: u64 = 256;
+                let mut k = 0;
+                while k < count {
+                    let n = (count - k).min(PIECE);
+                    scratch.resize((n * CHUNK_SIZE as u64) as usize, 0);
+                    read_padded_at(input, src + k * CHUNK_SIZE as u64, scratch)?;
+                    w.write(c + k, scratch)?;
+                    k += n;
+                }
+                Ok(())
+            })(),
+        };
+        r.map_err(self.io())
+    }
+
     /// Copies the rest of the base (lazy copies); after this the image is complete.
     fn finish_copy(&mut self) -> Result<(), ApplyError> {
         let size = self.size;
@@ -220,7 +250,8 @@ impl Out {
             Store::Raw(f, _, wb) => wb.read_at(f, buf, c * CHUNK_SIZE as u64).map_err(io),
             Store::Qcow2(w) => {
                 match w.state(c) {
-                    Written::Backing => base.read_padded(self.base_image, c, buf),
+                    Written::Backing => read_padded_at(base.file(self.base_image), c * CHUNK_SIZE as u64, buf)
+                        .map_err(|source| ApplyError::Io { path: base.path(self.base_image).to_path_buf(), source })?,
                     Written::Zero => buf.fill(0),
                     Written::At(host) => w.read_at(buf, host).map_err(io)?,
                 }
@@ -253,8 +284,10 @@ fn zero_hash(len: usize) -> ChunkHash {
 ///
 /// The overlay is read on its own thread, which also decompresses chained blobs (they continue
 /// one another, so in stream order); the other blobs are decompressed on the rayon pool, where
-/// every blob's records are checked and its raw chunks hashed, while the calling thread applies
-/// records in order, so applying starts with the first blob. Digests
+/// every blob's records are checked, its raw chunks hashed and its patches applied to base
+/// chunks, while the calling thread applies records in order, so applying starts with the
+/// first blob. Base chunks are read with `pread`, not through the base's maps: each is read
+/// once, at scattered offsets, and faulting maps in (and unmapping them) cost more. Digests
 /// are checked before the outputs are renamed into place; on any error the partial outputs are
 /// removed.
 pub fn apply_overlay<R: Read + Send>(
@@ -364,10 +397,11 @@ pub fn apply_overlay_reader<R: Read + Send>(
     let mut kinds = KindCounts::default();
     let mut apply_time = Duration::ZERO;
     let result: Result<(Trailer, u64, Duration), ApplyError> = std::thread::scope(|s| {
-        type Pending = Receiver<Result<(DecodedBlob, Vec<ChunkHash>), DecodeError>>;
+        type Pending = Receiver<Result<(DecodedBlob, Prepared), DecodeError>>;
         let (tx, rx) = sync_channel::<Result<Pending, DecodeError>>(8);
         let meta_r = meta_arc.clone();
         let dn = decode_nanos.clone();
+        let files: Arc<[Arc<File>]> = (0..meta.images.len()).map(|i| base.file(i).clone()).collect();
         let reader_thread = s.spawn(move || -> Option<(Trailer, u64, Duration)> {
             loop {
                 match reader.next_blob() {
@@ -375,20 +409,12 @@ pub fn apply_overlay_reader<R: Read + Send>(
                         let (btx, brx) = sync_channel(1);
                         let meta = meta_r.clone();
                         let dn = dn.clone();
+                        let files = files.clone();
                         rayon::spawn(move || {
                             let t = Instant::now();
-                            // The hashes of raw records' chunks are taken here, on the pool,
-                            // not on the thread that writes.
                             let r = blob.into_decoded_for(&meta).map(|d| {
-                                let hashes = d
-                                    .records()
-                                    .filter_map(|r| match r {
-                                        RecordRef::Raw { data, .. } => Some(data),
-                                        _ => None,
-                                    })
-                                    .flat_map(|data| data.chunks(CHUNK_SIZE).map(ChunkHash::of))
-                                    .collect();
-                                (d, hashes)
+                                let p = Prepared::of(&d, &meta, &files);
+                                (d, p)
                             });
                             dn.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                             let _ = btx.send(r);
@@ -409,13 +435,14 @@ pub fn apply_overlay_reader<R: Read + Send>(
             }
         });
         let mut applied_bytes = 0u64;
+        let mut scratch = Vec::new();
         for pending in rx {
-            let (blob, raw_hashes) =
+            let (blob, prepared) =
                 pending?.recv().map_err(|_| ApplyError::Mismatch { reason: "decoder vanished".into() })??;
-            let mut raw_hashes = raw_hashes.into_iter();
+            let mut prepared = prepared.into_iter();
             let ta = Instant::now();
             for r in blob.records() {
-                applied_bytes += apply_record(base, &mut outs, &r, &mut raw_hashes, &mut kinds)?;
+                applied_bytes += apply_record(base, &mut outs, &r, &mut prepared, &mut scratch, &mut kinds)?;
             }
             apply_time += ta.elapsed();
             // The stream's length is unknown while it arrives: report bytes rebuilt, total 0.
@@ -491,13 +518,14 @@ fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.partial"))
 }
 
-/// Applies one record; returns the bytes it covers. `raw_hashes` yields the hashes of raw
-/// records' chunks, in order.
+/// Applies one record; returns the bytes it covers. `prepared` is what the pool made of the
+/// record's blob, read from in record order.
 fn apply_record(
     base: &Base,
     outs: &mut [Out],
     r: &RecordRef<'_>,
-    raw_hashes: &mut impl Iterator<Item = ChunkHash>,
+    prepared: &mut PreparedIter,
+    scratch: &mut Vec<u8>,
     kinds: &mut KindCounts,
 ) -> Result<u64, ApplyError> {
     let cs = CHUNK_SIZE as u64;
@@ -517,22 +545,31 @@ fn apply_record(
         }
         RecordRef::CopyBase { chunk, count, src, .. } => {
             let o = &mut outs[image];
+            let si = src.image as usize;
+            // The common case, whole chunks on both sides: one read of the base's file. Its
+            // chunks' hashes are the index's.
+            let fits =
+                |c: u64, size: u64| c.checked_add(count).and_then(|e| e.checked_mul(cs)).is_some_and(|e| e <= size);
+            let whole = fits(chunk, o.size) && fits(src.chunk, base.size(si));
+            if whole {
+                o.copy_in(chunk, count, base.file(si), src.chunk * cs, scratch)?;
+                for k in 0..count {
+                    o.hashes[(chunk + k) as usize] = base.full_hash(si, src.chunk + k).expect("full chunk");
+                    o.mark(chunk + k);
+                }
+                kinds.copy_base.add(count);
+                return Ok(count * cs);
+            }
             let mut buf = vec![0u8; CHUNK_SIZE];
             for k in 0..count {
                 let c = chunk + k;
                 let len = o.chunk_len(c);
-                let h = match base.full_chunk(src.image as usize, src.chunk + k) {
-                    Some(b) if len == CHUNK_SIZE => {
-                        o.write(c, b)?;
-                        base.full_hash(src.image as usize, src.chunk + k).expect("full chunk")
-                    }
-                    _ => {
-                        base.read_padded(src.image as usize, src.chunk + k, &mut buf[..len]);
-                        o.write(c, &buf[..len])?;
-                        ChunkHash::of(&buf[..len])
-                    }
-                };
-                o.hashes[c as usize] = h;
+                let at = (src.chunk + k).saturating_mul(cs);
+                read_padded_at(base.file(si), at, &mut buf[..len])
+                    .map_err(|source| ApplyError::Io { path: base.path(si).to_path_buf(), source })?;
+                o.write(c, &buf[..len])?;
+                let full = if len == CHUNK_SIZE { base.full_hash(si, src.chunk + k) } else { None };
+                o.hashes[c as usize] = full.unwrap_or_else(|| ChunkHash::of(&buf[..len]));
                 o.mark(c);
             }
             kinds.copy_base.add(count);
@@ -564,17 +601,18 @@ fn apply_record(
         }
         RecordRef::Patch { chunk, patch, .. } => {
             let o = &mut outs[image];
-            let len = o.chunk_len(chunk);
-            let mut b = vec![0u8; len];
-            base.read_padded(image, chunk, &mut b);
-            let mut out = vec![0u8; len];
-            apply_patch(&b, patch, &mut out).map_err(|e| ApplyError::Record {
-                image: o.name.clone(),
-                chunk,
-                reason: e.to_string(),
-            })?;
-            o.write(chunk, &out)?;
-            o.hashes[chunk as usize] = ChunkHash::of(&out);
+            let (out, h) = match prepared.next_patch() {
+                Ok(p) => p,
+                Err(PatchFailure::Invalid(reason)) => {
+                    return Err(ApplyError::Record { image: o.name.clone(), chunk, reason });
+                }
+                Err(PatchFailure::Io(source)) => {
+                    return Err(ApplyError::Io { path: base.path(image).to_path_buf(), source });
+                }
+            };
+            let len = out.len();
+            o.write(chunk, out)?;
+            o.hashes[chunk as usize] = h;
             o.mark(chunk);
             kinds.patch.add(1);
             kinds.patch.bytes += patch.len() as u64;
@@ -585,12 +623,100 @@ fn apply_record(
             o.write(chunk, data)?;
             let n = data.len().div_ceil(CHUNK_SIZE);
             for k in 0..n {
-                o.hashes[chunk as usize + k] = raw_hashes.next().expect("a hash per raw chunk");
+                o.hashes[chunk as usize + k] = prepared.next_raw_hash();
                 o.mark(chunk + k as u64);
             }
             kinds.raw.add(n as u64);
             kinds.raw.bytes += data.len() as u64;
             Ok(data.len() as u64)
         }
+    }
+}
+
+/// Why the pool could not patch a chunk.
+enum PatchFailure {
+    /// The patch does not fit the chunk.
+    Invalid(String),
+    /// The base chunk could not be read.
+    Io(io::Error),
+}
+
+/// What the pool makes of a blob for the applier, so that the thread that writes only writes:
+/// the hashes of its raw records' chunks, and its patched chunks (the base chunk read with
+/// `pread`, the patch applied, the result hashed), in record order.
+#[derive(Default)]
+struct Prepared {
+    raw_hashes: Vec<ChunkHash>,
+    /// The patched chunks' bytes, one after the other.
+    patched: Vec<u8>,
+    /// Per patch record: the length of its chunk and its hash, or why it failed.
+    patches: Vec<Result<(usize, ChunkHash), PatchFailure>>,
+}
+
+impl Prepared {
+    fn of(blob: &DecodedBlob, meta: &OverlayMeta, files: &[Arc<File>]) -> Self {
+        let mut p = Prepared::default();
+        let mut base_chunk = [0u8; CHUNK_SIZE];
+        for r in blob.records() {
+            match r {
+                RecordRef::Raw { data, .. } => p.raw_hashes.extend(data.chunks(CHUNK_SIZE).map(ChunkHash::of)),
+                RecordRef::Patch { image, chunk, patch } => {
+                    // Validated: the chunk lies inside the image.
+                    let size = meta.images[image as usize].size;
+                    let len = (size - chunk * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64) as usize;
+                    let b = &mut base_chunk[..len];
+                    if let Err(e) = read_padded_at(&files[image as usize], chunk * CHUNK_SIZE as u64, b) {
+                        p.patches.push(Err(PatchFailure::Io(e)));
+                        continue;
+                    }
+                    let at = p.patched.len();
+                    p.patched.resize(at + len, 0);
+                    let out = &mut p.patched[at..];
+                    match apply_patch(b, patch, out) {
+                        Ok(()) => {
+                            let h = ChunkHash::of(out);
+                            p.patches.push(Ok((len, h)));
+                        }
+                        Err(e) => {
+                            p.patched.truncate(at);
+                            p.patches.push(Err(PatchFailure::Invalid(e.to_string())));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        p
+    }
+
+    fn into_iter(self) -> PreparedIter {
+        PreparedIter {
+            raw_hashes: self.raw_hashes.into_iter(),
+            patched: self.patched,
+            patches: self.patches.into_iter(),
+            at: 0,
+        }
+    }
+}
+
+/// Hands out a [`Prepared`] in record order.
+struct PreparedIter {
+    raw_hashes: std::vec::IntoIter<ChunkHash>,
+    patched: Vec<u8>,
+    patches: std::vec::IntoIter<Result<(usize, ChunkHash), PatchFailure>>,
+    at: usize,
+}
+
+impl PreparedIter {
+    /// The hash of the next raw chunk.
+    fn next_raw_hash(&mut self) -> ChunkHash {
+        self.raw_hashes.next().expect("a hash per raw chunk")
+    }
+
+    /// The next patched chunk and its hash.
+    fn next_patch(&mut self) -> Result<(&[u8], ChunkHash), PatchFailure> {
+        let (len, h) = self.patches.next().expect("a result per patch")?;
+        self.at += len;
+        Ok((&self.patched[self.at - len..self.at], h))
     }
 }

@@ -1,6 +1,8 @@
 //! An opened base VM: its index and read-only maps of its images.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use overlay_format::{ChunkHash, CHUNK_SIZE};
 
@@ -11,6 +13,7 @@ use crate::index::{BaseImage, BaseIndex, IndexError};
 pub struct Base {
     index: BaseIndex,
     maps: Vec<Mapped>,
+    files: Vec<Arc<File>>,
     paths: Vec<PathBuf>,
 }
 
@@ -25,6 +28,7 @@ impl Base {
     /// sizes are checked against the index (contents are not re-hashed: the registry verifies).
     pub fn open(index: BaseIndex, images: &[BaseImage]) -> Result<Self, IndexError> {
         let mut maps = Vec::new();
+        let mut files = Vec::new();
         let mut paths = Vec::new();
         if images.len() != index.images().len() {
             return Err(IndexError::Invalid {
@@ -35,7 +39,7 @@ impl Base {
             let Some(img) = images.iter().find(|i| i.name == ii.name) else {
                 return Err(IndexError::Invalid { reason: format!("no file given for base image '{}'", ii.name) });
             };
-            let (_, map) =
+            let (file, map) =
                 Mapped::open(&img.path).map_err(|source| IndexError::Io { path: img.path.clone(), source })?;
             if map.len() != ii.size {
                 return Err(IndexError::Invalid {
@@ -43,9 +47,10 @@ impl Base {
                 });
             }
             maps.push(map);
+            files.push(Arc::new(file));
             paths.push(img.path.clone());
         }
-        Ok(Base { index, maps, paths })
+        Ok(Base { index, maps, files, paths })
     }
 
     /// Builds the index of `images` and opens them.
@@ -89,6 +94,12 @@ impl Base {
         out[n..].fill(0);
     }
 
+    /// The open file of image `i`, for reading with `pread` ([`read_padded_at`]) where a map would
+    /// cost page faults and their unmapping: applying reads base chunks once each, scattered.
+    pub(crate) fn file(&self, i: usize) -> &Arc<File> {
+        &self.files[i]
+    }
+
     /// Whether chunk `c` of image `i`, cut to `len` bytes, is all zeros in the base.
     pub(crate) fn chunk_is_zero(&self, i: usize, c: u64, len: usize) -> bool {
         let img = &self.index.images()[i];
@@ -114,4 +125,24 @@ impl Base {
             None
         }
     }
+}
+
+/// Reads `out.len()` bytes of `file` from offset `at` on with `pread`, zeros past the end of
+/// the file (like [`Base::read_padded`], without touching a map).
+pub(crate) fn read_padded_at(file: &File, mut at: u64, out: &mut [u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < out.len() {
+        match file.read_at(&mut out[done..], at) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                at += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out[done..].fill(0);
+    Ok(())
 }
