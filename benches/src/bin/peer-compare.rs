@@ -910,13 +910,14 @@ mod ours {
                 let r = apply_overlay(&base, f, &opts, &|_| {})?;
                 if std::env::var_os("CLOUDLET_BENCH_STATS").is_some() {
                     eprintln!(
-                        "apply {:?} (receive {:?}, decode {:?}, apply {:?}, verify {:?}); with setup {:?}",
+                        "apply {:?} (receive {:?}, decode {:?}, apply {:?}, verify {:?}); with setup {:?}\n{:?}",
                         r.total,
                         r.receive,
                         r.decode,
                         r.apply,
                         r.verify,
-                        t.elapsed()
+                        t.elapsed(),
+                        r.kinds
                     );
                 }
             }
