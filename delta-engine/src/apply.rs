@@ -340,6 +340,8 @@ pub fn apply_overlay_reader<R: Read + Send>(
         }
         let tmp = temp_name(path);
         let _ = std::fs::remove_file(&tmp);
+        // Registered first: creating the output can fail after the file exists.
+        cleanup.0.push(tmp.clone());
         let store = if opts.qcow2_disks && m.kind == ImageKind::Disk {
             let w = Qcow2Writer::create(&tmp, m.size, base.path(i));
             Store::Qcow2(w.map_err(|source| ApplyError::Io { path: tmp.clone(), source })?)
@@ -362,7 +364,6 @@ pub fn apply_overlay_reader<R: Read + Send>(
                 .map_err(|source| ApplyError::Io { path: tmp.clone(), source })?;
             Store::Raw(f, lazy, WriteBuf::default())
         };
-        cleanup.0.push(tmp.clone());
         let n = m.size.div_ceil(CHUNK_SIZE as u64);
         let mut hashes = Vec::with_capacity(n as usize);
         let mut recheck = Vec::new();
