@@ -403,8 +403,13 @@ pub fn apply_overlay_reader<R: Read + Send>(
         let meta_r = meta_arc.clone();
         let dn = decode_nanos.clone();
         let files: Arc<[Arc<File>]> = (0..meta.images.len()).map(|i| base.file(i).clone()).collect();
+        // Applied blobs' buffers go back to the reader, for the chained blobs it decompresses.
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let reader_thread = s.spawn(move || -> Option<(Trailer, u64, Duration)> {
             loop {
+                while let Ok(buf) = back_rx.try_recv() {
+                    reader.recycle(buf);
+                }
                 match reader.next_blob() {
                     Ok(Some(blob)) => {
                         let (btx, brx) = sync_channel(1);
@@ -446,6 +451,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
                 applied_bytes += apply_record(base, &mut outs, &r, &mut prepared, &mut scratch, &mut kinds)?;
             }
             apply_time += ta.elapsed();
+            let _ = back_tx.send(blob.into_buffer());
             // The stream's length is unknown while it arrives: report bytes rebuilt, total 0.
             progress(Progress { phase: "apply", done: applied_bytes, total: 0 });
         }

@@ -576,6 +576,11 @@ impl DecodedBlob {
         Ok(())
     }
 
+    /// The blob's buffer, for reuse ([`OverlayReader::recycle`](crate::OverlayReader::recycle)).
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.raw
+    }
+
     /// The records, in order.
     pub fn records(&self) -> impl ExactSizeIterator<Item = RecordRef<'_>> + '_ {
         self.entries.iter().map(move |e| match *e {

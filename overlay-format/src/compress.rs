@@ -269,10 +269,15 @@ impl ChainDecoder {
     }
 
     /// Decompresses the next segment, which must yield exactly `raw_len` bytes (bounded by the
-    /// caller) and nothing more.
-    pub fn segment(&mut self, stored: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
-        // raw_len is at most MAX_BLOB_LEN; the zeroed buffer is only touched as it is written.
-        let mut out = vec![0u8; raw_len];
+    /// caller) and nothing more, into `out` (a buffer to reuse; its bytes do not matter).
+    pub fn segment(&mut self, stored: &[u8], raw_len: usize, mut out: Vec<u8>) -> Result<Vec<u8>, String> {
+        // raw_len is at most MAX_BLOB_LEN. A fresh zeroed buffer is only touched as it is
+        // written; a reused one is already mapped.
+        if out.capacity() < raw_len {
+            // Room for somewhat larger segments too, so that the buffer can be reused.
+            out = Vec::with_capacity(raw_len + raw_len / 4);
+        }
+        out.resize(raw_len, 0);
         self.open = true;
         // (input taken, output produced, frame ended)
         let (taken, produced, ended) = match &mut self.dec {

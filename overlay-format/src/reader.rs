@@ -33,7 +33,14 @@ pub struct OverlayReader<R: Read> {
     minor: u16,
     /// Decoder of chained blobs, made at the first one.
     chain: Option<ChainDecoder>,
+    /// Buffers handed back with [`OverlayReader::recycle`], for chained blobs' bytes.
+    spare: Vec<Vec<u8>>,
+    /// The stored payload buffer of the last chained blob, for the next frame's payload.
+    scratch: Vec<u8>,
 }
+
+/// Buffers [`OverlayReader::recycle`] keeps at most.
+const MAX_SPARE: usize = 16;
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean EOF before the first byte.
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8], offset: u64) -> Result<bool, DecodeError> {
@@ -93,6 +100,8 @@ impl<R: Read> OverlayReader<R> {
             trailer: None,
             minor,
             chain: None,
+            spare: Vec::new(),
+            scratch: Vec::new(),
         };
         let (h, at, payload) = r.read_frame("metadata")?;
         r.expect_kind(&h, at, FrameKind::Meta, "metadata")?;
@@ -193,6 +202,17 @@ impl<R: Read> OverlayReader<R> {
         }
     }
 
+    /// Hands back the buffer of a blob that is done with (see [`DecodedBlob::into_buffer`]),
+    /// to hold the bytes of a chained blob read later: a reader that decompresses hundreds of
+    /// blobs of megabytes then maps no new memory for each.
+    ///
+    /// [`DecodedBlob::into_buffer`]: crate::DecodedBlob::into_buffer
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE && buf.capacity() > 0 {
+            self.spare.push(buf);
+        }
+    }
+
     /// Decompresses a chained blob, which continues the chained blobs before it (so this
     /// happens here, in stream order).
     fn decode_chained(&mut self, blob: &mut SealedBlob) -> Result<(), DecodeError> {
@@ -219,11 +239,12 @@ impl<R: Read> OverlayReader<R> {
             }
         };
         // raw_len was bounded by read_frame.
+        let out = self.spare.pop().unwrap_or_default();
         let raw = chain
-            .segment(&blob.stored, blob.header.raw_len as usize)
+            .segment(&blob.stored, blob.header.raw_len as usize, out)
             .map_err(|reason| DecodeError::Decompress { frame, offset, reason })?;
         blob.chain_end = !chain.is_open();
-        blob.stored = Vec::new();
+        self.scratch = std::mem::take(&mut blob.stored);
         blob.raw = Some(raw);
         Ok(())
     }
@@ -334,7 +355,11 @@ impl<R: Read> OverlayReader<R> {
             });
         }
         // Grow the buffer as bytes arrive, so a lying length on a short stream costs nothing.
-        let mut payload = Vec::with_capacity(h.stored_len.min(1 << 20) as usize);
+        let mut payload = std::mem::take(&mut self.scratch);
+        payload.clear();
+        if payload.capacity() == 0 {
+            payload.reserve(h.stored_len.min(1 << 20) as usize);
+        }
         let got = (&mut self.input)
             .take(h.stored_len)
             .read_to_end(&mut payload)

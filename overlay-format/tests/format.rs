@@ -356,6 +356,22 @@ fn long_chain(c: Compression) {
     let bytes = w.finish(&t).unwrap();
     let got = read_overlay(&bytes[..]).unwrap();
     assert_eq!(got.blobs, expect);
+    // The same, handing each blob's buffer back (scribbled over) for the chained blobs after
+    // it, and buffers of other sizes besides.
+    let mut r = OverlayReader::new(&bytes[..]).unwrap();
+    let mut again = Vec::new();
+    let mut k = 0;
+    while let Some(b) = r.next_blob().unwrap() {
+        let d = b.into_decoded_for(&r.meta().clone()).unwrap();
+        again.push(d.records().map(|x| x.to_owned()).collect::<Vec<_>>());
+        let mut buf = d.into_buffer();
+        buf.fill(0xAA);
+        r.recycle(buf);
+        k += 1;
+        r.recycle(vec![0x55; k * 1000]);
+        r.recycle(Vec::with_capacity(k * 3000));
+    }
+    assert_eq!(again, expect);
 }
 
 #[test]
