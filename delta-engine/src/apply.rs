@@ -445,7 +445,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
         for pending in rx {
             let (blob, prepared) =
                 pending?.recv().map_err(|_| ApplyError::Mismatch { reason: "decoder vanished".into() })??;
-            let mut prepared = prepared.into_iter();
+            let mut prepared = prepared.hand_out();
             let ta = Instant::now();
             for r in blob.records() {
                 applied_bytes += apply_record(base, &mut outs, &r, &mut prepared, &mut scratch, &mut kinds)?;
@@ -696,7 +696,7 @@ impl Prepared {
         p
     }
 
-    fn into_iter(self) -> PreparedIter {
+    fn hand_out(self) -> PreparedIter {
         PreparedIter {
             raw_hashes: self.raw_hashes.into_iter(),
             patched: self.patched,
