@@ -334,7 +334,8 @@ mod tests {
         let copy = |wb: &mut WriteBuf, model: &mut Vec<u8>, at: usize, len: usize| copy_at(wb, model, at, at, len);
         copy(&mut wb, &mut model, 0, CHUNK);
         copy(&mut wb, &mut model, CHUNK, 2 * WRITE_BUF + CHUNK); // continues the last one
-                                                                 // From elsewhere in the source, before and after the target, joining the last copy.
+
+        // From elsewhere in the source, before and after the target, joining the last copy.
         copy_at(&mut wb, &mut model, 2 * WRITE_BUF + 2 * CHUNK, 5 * CHUNK + 3, CHUNK);
         copy_at(&mut wb, &mut model, 2 * WRITE_BUF + CHUNK, SRC - 2 * CHUNK, CHUNK);
         let at = 2 * WRITE_BUF + 3 * CHUNK;

@@ -39,8 +39,9 @@ pub struct OverlayReader<R: Read> {
     scratch: Vec<u8>,
 }
 
-/// Buffers [`OverlayReader::recycle`] keeps at most.
-const MAX_SPARE: usize = 16;
+/// Buffers [`OverlayReader::recycle`] keeps at most: a reader uses one per chained blob, and
+/// gets one back per blob its caller is done with.
+const MAX_SPARE: usize = 4;
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean EOF before the first byte.
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8], offset: u64) -> Result<bool, DecodeError> {
