@@ -402,7 +402,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
         let (tx, rx) = sync_channel::<Result<Pending, DecodeError>>(8);
         let meta_r = meta_arc.clone();
         let dn = decode_nanos.clone();
-        let files: Arc<[Arc<File>]> = (0..meta.images.len()).map(|i| base.file(i).clone()).collect();
+        let files = base.files().clone();
         // Applied blobs' buffers go back to the reader, for the chained blobs it decompresses.
         let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let reader_thread = s.spawn(move || -> Option<(Trailer, u64, Duration)> {
@@ -661,7 +661,7 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn of(blob: &DecodedBlob, meta: &OverlayMeta, files: &[Arc<File>]) -> Self {
+    fn of(blob: &DecodedBlob, meta: &OverlayMeta, files: &[File]) -> Self {
         let mut p = Prepared::default();
         let mut base_chunk = [0u8; CHUNK_SIZE];
         for r in blob.records() {

@@ -13,7 +13,7 @@ use crate::index::{BaseImage, BaseIndex, IndexError};
 pub struct Base {
     index: BaseIndex,
     maps: Vec<Mapped>,
-    files: Vec<Arc<File>>,
+    files: Arc<[File]>,
     paths: Vec<PathBuf>,
 }
 
@@ -47,10 +47,10 @@ impl Base {
                 });
             }
             maps.push(map);
-            files.push(Arc::new(file));
+            files.push(file);
             paths.push(img.path.clone());
         }
-        Ok(Base { index, maps, files, paths })
+        Ok(Base { index, maps, files: files.into(), paths })
     }
 
     /// Builds the index of `images` and opens them.
@@ -94,9 +94,15 @@ impl Base {
         out[n..].fill(0);
     }
 
-    /// The open file of image `i`, for reading with `pread` ([`read_padded_at`]) where a map would
-    /// cost page faults and their unmapping: applying reads base chunks once each, scattered.
-    pub(crate) fn file(&self, i: usize) -> &Arc<File> {
+    /// The open files of the images, for reading with `pread` ([`read_padded_at`]) where a map
+    /// would cost page faults and their unmapping: applying reads base chunks once each,
+    /// scattered. Shared, for threads that outlive a borrow of the base.
+    pub(crate) fn files(&self) -> &Arc<[File]> {
+        &self.files
+    }
+
+    /// The open file of image `i` (see [`Base::files`]).
+    pub(crate) fn file(&self, i: usize) -> &File {
         &self.files[i]
     }
 
