@@ -50,6 +50,8 @@ pub struct Info {
     pub blobs: u64,
     /// Blobs that are segments of a chained frame (format 1.1), decompressed in order.
     pub chained_blobs: u64,
+    /// Lanes the chained blobs run in: chains of their own (format 1.2).
+    pub chain_lanes: u32,
     /// Blob bytes as stored.
     pub blob_bytes_compressed: u64,
     /// Blob bytes after decompression.
@@ -129,12 +131,18 @@ fn read_into(input: impl std::io::Read, verify: bool, info: &mut Info) -> Result
     .to_string();
     info.device_state_bytes = r.device_state()?.len() as u64;
     let mut batch: Vec<SealedBlob> = Vec::new();
+    // Bit k: a chained blob of lane k was seen (lanes stay below MAX_LANES, far below 64).
+    let mut lanes = 0u64;
     loop {
         let next = r.next_blob()?;
         let done = next.is_none();
         if let Some(b) = next {
             info.blobs += 1;
-            info.chained_blobs += u64::from(b.is_chained());
+            if b.is_chained() {
+                info.chained_blobs += 1;
+                lanes |= 1u64 << b.lane();
+                info.chain_lanes = lanes.count_ones();
+            }
             info.blob_bytes_compressed += b.compressed_len() as u64;
             info.blob_bytes_uncompressed += b.uncompressed_len() as u64;
             info.records += b.record_count();
@@ -224,8 +232,13 @@ pub fn render(info: &Info) -> String {
     };
     let _ = writeln!(
         o,
-        "blobs          {} ({} chained; {} bytes stored, {} uncompressed, ratio {:.3})",
-        info.blobs, info.chained_blobs, info.blob_bytes_compressed, info.blob_bytes_uncompressed, ratio
+        "blobs          {} ({} chained, in {} lanes; {} bytes stored, {} uncompressed, ratio {:.3})",
+        info.blobs,
+        info.chained_blobs,
+        info.chain_lanes,
+        info.blob_bytes_compressed,
+        info.blob_bytes_uncompressed,
+        ratio
     );
     let _ = writeln!(o, "records        {}", info.records);
     for (name, k) in [

@@ -12,7 +12,15 @@ fn golden(name: &str) -> PathBuf {
 
 #[test]
 fn overlay_info_reads_golden_files() {
-    for name in ["v1-none.ovl", "v1-zstd.ovl", "v1-xz.ovl", "v1.1-zstd-chained.ovl", "v1.1-xz-chained.ovl"] {
+    for name in [
+        "v1-none.ovl",
+        "v1-zstd.ovl",
+        "v1-xz.ovl",
+        "v1.1-zstd-chained.ovl",
+        "v1.1-xz-chained.ovl",
+        "v1.2-zstd-lanes.ovl",
+        "v1.2-xz-lanes.ovl",
+    ] {
         let out = cloudlet().arg("overlay-info").arg(golden(name)).arg("--verify").output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{name}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -20,9 +28,13 @@ fn overlay_info_reads_golden_files() {
         assert!(stdout.contains("verify         OK"), "{stdout}");
         assert!(stdout.contains("records        7"), "{stdout}");
         // The version is the file's, not the reader's.
-        let (version, chained) = if name.starts_with("v1.1") { ("v1.1", 2) } else { ("v1.0", 0) };
+        let (version, chained, lanes) = match &name[..4] {
+            "v1.1" => ("v1.1", 2, 1),
+            "v1.2" => ("v1.2", 2, 2),
+            _ => ("v1.0", 0, 0),
+        };
         assert!(stdout.contains(&format!("format         {version}\n")), "{stdout}");
-        assert!(stdout.contains(&format!("blobs          2 ({chained} chained;")), "{stdout}");
+        assert!(stdout.contains(&format!("blobs          2 ({chained} chained, in {lanes} lanes;")), "{stdout}");
     }
     let out = cloudlet().args(["overlay-info", "--json"]).arg(golden("v1-zstd.ovl")).output().unwrap();
     assert!(out.status.success());

@@ -120,7 +120,7 @@ impl BlobBuilder {
         let (raw, record_count) = self.payload()?;
         let stored = compress::compress(compression, effort, &raw)
             .map_err(|source| EncodeError::Compress { what: "blob", source })?;
-        Ok(SealedBlob::new(frame::codec_byte(compression), record_count, stored, raw.len() as u64, false))
+        Ok(SealedBlob::new(frame::codec_byte(compression), 0, record_count, stored, raw.len() as u64, false))
     }
 
     /// Seals the blob as the next segment of `chain`, a zstd frame or .xz stream that runs
@@ -132,7 +132,7 @@ impl BlobBuilder {
         let (raw, record_count) = self.payload()?;
         let stored = chain.segment(&raw, end).map_err(|source| EncodeError::Compress { what: "blob", source })?;
         let codec = frame::chained_codec_byte(chain.compression()).expect("chains are compressed");
-        Ok(SealedBlob::new(codec, record_count, stored, raw.len() as u64, end))
+        Ok(SealedBlob::new(codec, chain.lane(), record_count, stored, raw.len() as u64, end))
     }
 
     /// The uncompressed payload and the record count, checked against the format's limits.
@@ -174,10 +174,11 @@ pub struct SealedBlob {
 }
 
 impl SealedBlob {
-    fn new(codec: u8, record_count: u32, stored: Vec<u8>, raw_len: u64, chain_end: bool) -> Self {
+    fn new(codec: u8, lane: u8, record_count: u32, stored: Vec<u8>, raw_len: u64, chain_end: bool) -> Self {
         let mut header = FrameHeader {
             kind: FrameKind::Blob as u8,
             codec,
+            lane,
             record_count,
             stored_len: stored.len() as u64,
             raw_len,
@@ -195,6 +196,11 @@ impl SealedBlob {
     /// True for a segment of a chained frame (codecs 3 and 4).
     pub fn is_chained(&self) -> bool {
         frame::chained_codec_from_byte(self.header.codec).is_some()
+    }
+
+    /// The lane of a chained blob: the chain it continues (0 for other blobs).
+    pub fn lane(&self) -> u8 {
+        self.header.lane
     }
 
     /// Size of the payload after decompression.

@@ -122,6 +122,7 @@ enum Encoder {
 pub struct ChainEncoder {
     enc: Encoder,
     open: bool,
+    lane: u8,
 }
 
 impl std::fmt::Debug for ChainEncoder {
@@ -129,13 +130,24 @@ impl std::fmt::Debug for ChainEncoder {
         f.debug_struct("ChainEncoder")
             .field("compression", &self.compression())
             .field("open", &self.open)
+            .field("lane", &self.lane)
             .finish_non_exhaustive()
     }
 }
 
 impl ChainEncoder {
-    /// A chain compressing with `compression` (zstd or xz) at `level`.
+    /// A chain compressing with `compression` (zstd or xz) at `level`, in lane 0.
     pub fn new(compression: Compression, level: i32) -> io::Result<Self> {
+        Self::for_lane(compression, level, 0)
+    }
+
+    /// A chain in lane `lane` (below [`MAX_LANES`](crate::MAX_LANES)): an overlay may hold up
+    /// to that many chains, each continuing only its own blobs (format 1.2), so that they can
+    /// be compressed on as many threads.
+    pub fn for_lane(compression: Compression, level: i32, lane: u8) -> io::Result<Self> {
+        if lane >= crate::frame::MAX_LANES {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("lane {lane} is not below MAX_LANES")));
+        }
         let enc = match compression {
             Compression::Zstd => {
                 use zstd::zstd_safe::CParameter;
@@ -162,7 +174,12 @@ impl ChainEncoder {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, "chains are zstd or xz"));
             }
         };
-        Ok(ChainEncoder { enc, open: false })
+        Ok(ChainEncoder { enc, open: false, lane })
+    }
+
+    /// The chain's lane.
+    pub fn lane(&self) -> u8 {
+        self.lane
     }
 
     /// The compressor of the chain.

@@ -6,9 +6,12 @@ use crate::meta::Compression;
 pub const MAGIC: [u8; 8] = [0x89, b'O', b'V', b'L', b'\r', b'\n', 0x1a, b'\n'];
 /// Major format version written and read.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Highest minor format version this reader understands. Writers mark compressed overlays 1.1
-/// (they may hold chained blobs, codecs 3 and 4) and uncompressed ones 1.0.
-pub const FORMAT_MINOR: u16 = 1;
+/// Highest minor format version this reader understands. Writers mark compressed overlays 1.2
+/// (they may hold chained blobs, codecs 3 and 4, in several lanes) and uncompressed ones 1.0.
+pub const FORMAT_MINOR: u16 = 2;
+/// Most chains (lanes) of chained blobs an overlay may hold (format 1.2): a reader keeps one
+/// decoder per lane, each with a window of up to 128 MiB.
+pub const MAX_LANES: u8 = 4;
 
 /// Codec byte of a blob that is a segment of a chained frame of `c` (format 1.1).
 pub(crate) fn chained_codec_byte(c: Compression) -> Option<u8> {
@@ -100,6 +103,8 @@ pub(crate) fn codec_from_byte(b: u8) -> Option<Compression> {
 pub(crate) struct FrameHeader {
     pub kind: u8,
     pub codec: u8,
+    /// The chain a chained blob continues (format 1.2); 0 otherwise.
+    pub lane: u8,
     pub record_count: u32,
     pub stored_len: u64,
     pub raw_len: u64,
@@ -112,7 +117,8 @@ impl FrameHeader {
         let mut b = [0u8; 24];
         b[0] = self.kind;
         b[1] = self.codec;
-        // b[2..4] reserved, zero
+        b[2] = self.lane;
+        // b[3] reserved, zero
         b[4..8].copy_from_slice(&self.record_count.to_le_bytes());
         b[8..16].copy_from_slice(&self.stored_len.to_le_bytes());
         b[16..24].copy_from_slice(&self.raw_len.to_le_bytes());
@@ -126,16 +132,18 @@ impl FrameHeader {
         b
     }
 
-    /// Parses the fixed fields; `Err(reason)` when the reserved bytes are not zero.
+    /// Parses the fixed fields; `Err(reason)` when the reserved byte is not zero. The lane is
+    /// checked by the reader, which knows the stream's version and the frame's codec.
     pub fn decode(b: &[u8; FRAME_HEADER_LEN]) -> Result<Self, &'static str> {
-        if b[2] != 0 || b[3] != 0 {
-            return Err("reserved frame header bytes are not zero");
+        if b[3] != 0 {
+            return Err("reserved frame header byte is not zero");
         }
         let mut checksum = [0u8; 16];
         checksum.copy_from_slice(&b[24..40]);
         Ok(FrameHeader {
             kind: b[0],
             codec: b[1],
+            lane: b[2],
             record_count: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
             stored_len: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
             raw_len: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),

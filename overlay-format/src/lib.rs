@@ -78,8 +78,8 @@ pub use compress::{ChainEncoder, Effort, CHAIN_WINDOW_LOG};
 pub use digest::{BaseId, ChunkHash, ImageDigest, ImageDigester, CHUNK_SIZE};
 pub use error::{DecodeError, EncodeError, PatchError};
 pub use frame::{
-    FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_BLOB_LEN, MAX_DEVICE_STATE_LEN, MAX_IMAGES, MAX_IMAGE_SIZE, MAX_META_LEN,
-    MAX_TABLE_LEN, MAX_TRAILER_LEN,
+    FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_BLOB_LEN, MAX_DEVICE_STATE_LEN, MAX_IMAGES, MAX_IMAGE_SIZE, MAX_LANES,
+    MAX_META_LEN, MAX_TABLE_LEN, MAX_TRAILER_LEN,
 };
 pub use meta::{Compression, ImageKind, ImageMeta, OverlayMeta, Trailer};
 pub use patch::{apply_patch, encode_patch};

@@ -7,7 +7,7 @@ use crate::compress::{self, ChainDecoder};
 use crate::error::DecodeError;
 use crate::frame::{
     self, FrameHeader, FrameKind, FORMAT_MAJOR, FORMAT_MINOR, FRAME_HEADER_LEN, HEADER_LEN, MAGIC, MAX_BLOB_LEN,
-    MAX_DEVICE_STATE_LEN, MAX_META_LEN, MAX_TRAILER_LEN,
+    MAX_DEVICE_STATE_LEN, MAX_LANES, MAX_META_LEN, MAX_TRAILER_LEN,
 };
 use crate::meta::{Compression, OverlayMeta, Trailer};
 
@@ -31,8 +31,8 @@ pub struct OverlayReader<R: Read> {
     trailer: Option<Trailer>,
     /// Minor version of the stream.
     minor: u16,
-    /// Decoder of chained blobs, made at the first one.
-    chain: Option<ChainDecoder>,
+    /// Decoders of chained blobs, one per lane, made at the lane's first blob.
+    chains: [Option<ChainDecoder>; MAX_LANES as usize],
     /// Buffers handed back with [`OverlayReader::recycle`], for chained blobs' bytes.
     spare: Vec<Vec<u8>>,
     /// The stored payload buffer of the last chained blob, for the next frame's payload.
@@ -100,7 +100,7 @@ impl<R: Read> OverlayReader<R> {
             records: 0,
             trailer: None,
             minor,
-            chain: None,
+            chains: Default::default(),
             spare: Vec::new(),
             scratch: Vec::new(),
         };
@@ -228,15 +228,16 @@ impl<R: Read> OverlayReader<R> {
                 ),
             });
         }
-        let chain = match &mut self.chain {
+        // The lane was bounded by read_frame.
+        let chain = match &mut self.chains[usize::from(blob.header.lane)] {
             Some(c) => c,
-            None => {
+            slot => {
                 let c = ChainDecoder::new(self.meta.compression).map_err(|reason| DecodeError::Decompress {
                     frame,
                     offset,
                     reason,
                 })?;
-                self.chain.insert(c)
+                slot.insert(c)
             }
         };
         // raw_len was bounded by read_frame.
@@ -253,8 +254,8 @@ impl<R: Read> OverlayReader<R> {
     fn finish_trailer(&mut self, h: &FrameHeader, at: u64, payload: &[u8]) -> Result<(), DecodeError> {
         self.expect_uncompressed(h, at, payload)?;
         let mismatch = |reason: String| DecodeError::TrailerMismatch { offset: at, reason };
-        if self.chain.as_ref().is_some_and(ChainDecoder::is_open) {
-            return Err(mismatch("the chained frame does not end before the trailer".into()));
+        if let Some(lane) = self.chains.iter().position(|c| c.as_ref().is_some_and(ChainDecoder::is_open)) {
+            return Err(mismatch(format!("the chained frame of lane {lane} does not end before the trailer")));
         }
         if payload.len() < 32 {
             return Err(mismatch("trailer shorter than its stream digest".into()));
@@ -335,6 +336,14 @@ impl<R: Read> OverlayReader<R> {
         let chained = frame::chained_codec_from_byte(h.codec).is_some() && kind == FrameKind::Blob && self.minor >= 1;
         if frame::codec_from_byte(h.codec).is_none() && !chained {
             return Err(DecodeError::Malformed { frame, offset: at, reason: format!("unknown codec {}", h.codec) });
+        }
+        if h.lane != 0 && !(chained && self.minor >= 2 && h.lane < MAX_LANES) {
+            let reason = if chained && self.minor >= 2 {
+                format!("lane {} is not below {MAX_LANES}", h.lane)
+            } else {
+                format!("lane {} on a frame that is not a chained blob of a 1.2 stream", h.lane)
+            };
+            return Err(DecodeError::Malformed { frame, offset: at, reason });
         }
         let (raw_max, name) = match kind {
             FrameKind::Meta => (MAX_META_LEN, "metadata"),

@@ -17,8 +17,8 @@ pub struct OverlayWriter<W: Write> {
     /// blake3 over the file header and every frame header written, for the trailer.
     stream: blake3::Hasher,
     device_state_digest: Option<[u8; 32]>,
-    /// A chained blob was written and the chained frame has not ended.
-    chain_open: bool,
+    /// Per lane: a chained blob was written and the lane's chained frame has not ended.
+    chain_open: [bool; frame::MAX_LANES as usize],
     blobs: u64,
     records: u64,
     bytes: u64,
@@ -37,8 +37,8 @@ impl<W: Write> OverlayWriter<W> {
                 max: frame::MAX_META_LEN,
             });
         }
-        // Only compressed overlays can hold chained blobs, the one thing 1.1 adds.
-        let minor = if meta.compression == Compression::None { 0 } else { 1 };
+        // Only compressed overlays can hold chained blobs (1.1) and lanes of them (1.2).
+        let minor = if meta.compression == Compression::None { 0 } else { frame::FORMAT_MINOR };
         let header = frame::file_header(minor);
         out.write_all(&header).map_err(EncodeError::Io)?;
         let mut w = OverlayWriter {
@@ -47,7 +47,7 @@ impl<W: Write> OverlayWriter<W> {
             images: meta.images.len(),
             stream: blake3::Hasher::new(),
             device_state_digest: None,
-            chain_open: false,
+            chain_open: [false; frame::MAX_LANES as usize],
             blobs: 0,
             records: 0,
             bytes: header.len() as u64,
@@ -68,6 +68,7 @@ impl<W: Write> OverlayWriter<W> {
         let mut h = FrameHeader {
             kind: kind as u8,
             codec: frame::codec_byte(codec),
+            lane: 0,
             record_count,
             stored_len: stored.len() as u64,
             raw_len,
@@ -112,8 +113,8 @@ impl<W: Write> OverlayWriter<W> {
     }
 
     /// Writes one sealed blob (sealed with the overlay's compressor, alone or with
-    /// [`BlobBuilder::seal_chained`](crate::BlobBuilder::seal_chained)). Chained blobs must be
-    /// written in the order they were sealed.
+    /// [`BlobBuilder::seal_chained`](crate::BlobBuilder::seal_chained)). The chained blobs of
+    /// a lane must be written in the order they were sealed; lanes may interleave freely.
     pub fn write_blob(&mut self, blob: &SealedBlob) -> Result<(), EncodeError> {
         if self.device_state_digest.is_none() {
             return Err(EncodeError::Order { reason: "the device state must be written before blobs" });
@@ -131,9 +132,16 @@ impl<W: Write> OverlayWriter<W> {
                 reason: format!("sealed with codec {}, overlay uses {:?}", blob.header.codec, self.compression),
             });
         }
+        let lane = usize::from(blob.header.lane);
+        if lane >= self.chain_open.len() || (lane != 0 && !chained) {
+            return Err(EncodeError::Invalid {
+                what: "blob",
+                reason: format!("lane {lane} on a blob of codec {}", blob.header.codec),
+            });
+        }
         self.write_frame(&blob.header, &blob.stored)?;
         if chained {
-            self.chain_open = !blob.chain_end;
+            self.chain_open[lane] = !blob.chain_end;
         }
         self.blobs += 1;
         self.records += blob.header.record_count as u64;
@@ -166,9 +174,9 @@ impl<W: Write> OverlayWriter<W> {
         let Some(ds) = self.device_state_digest else {
             return Err(EncodeError::Order { reason: "no device state was written" });
         };
-        if self.chain_open {
+        if self.chain_open.contains(&true) {
             return Err(EncodeError::Order {
-                reason: "the chained frame was not ended: seal the last chained blob with `end`",
+                reason: "a chained frame was not ended: seal the last chained blob of every lane with `end`",
             });
         }
         let mismatch = |reason: String| EncodeError::Invalid { what: "trailer", reason };

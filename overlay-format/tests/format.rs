@@ -95,6 +95,27 @@ fn write_chained(c: Compression, blobs: &[Vec<Record>], level: i32) -> Vec<u8> {
     w.finish(&t).unwrap()
 }
 
+/// An overlay whose blobs are chained in two lanes (format 1.2): `lanes[i]` is blob `i`'s
+/// lane, and each lane's last blob ends its frame.
+fn write_lanes(c: Compression, blobs: &[Vec<Record>], lanes: &[u8], level: i32) -> Vec<u8> {
+    let mut w = OverlayWriter::new(Vec::new(), &meta(c)).unwrap();
+    w.write_device_state(b"QEVM device state bytes", level).unwrap();
+    let mut chains: Vec<_> = (0..MAX_LANES).map(|l| ChainEncoder::for_lane(c, level, l).unwrap()).collect();
+    for (i, records) in blobs.iter().enumerate() {
+        let mut b = BlobBuilder::new();
+        for r in records {
+            b.push(r);
+        }
+        let lane = lanes[i];
+        let end = !lanes[i + 1..].contains(&lane);
+        let sealed = b.seal_chained(&mut chains[usize::from(lane)], end).unwrap();
+        assert_eq!(sealed.lane(), lane);
+        w.write_blob(&sealed).unwrap();
+    }
+    let t = w.trailer(vec![ImageDigest([1; 32]), ImageDigest([2; 32])]);
+    w.finish(&t).unwrap()
+}
+
 /// The sample overlay in every encoding a writer produces.
 fn every_encoding() -> Vec<(&'static str, Vec<u8>)> {
     let mut v: Vec<_> = [("none", Compression::None), ("zstd", Compression::Zstd), ("xz", Compression::Xz)]
@@ -103,6 +124,8 @@ fn every_encoding() -> Vec<(&'static str, Vec<u8>)> {
         .collect();
     v.push(("zstd chained", write_chained(Compression::Zstd, &sample_blobs(), 3)));
     v.push(("xz chained", write_chained(Compression::Xz, &sample_blobs(), 3)));
+    v.push(("zstd lanes", write_lanes(Compression::Zstd, &sample_blobs(), &[1, 0], 3)));
+    v.push(("xz lanes", write_lanes(Compression::Xz, &sample_blobs(), &[1, 0], 3)));
     v
 }
 
@@ -133,8 +156,8 @@ fn round_trip_every_record_kind_and_compression() {
         let got = read_overlay(&bytes[..]).unwrap_or_else(|e| panic!("{name}: {e}"));
         let c = got.meta.compression;
         assert_eq!(got.meta, meta(c));
-        // Only compressed overlays are marked 1.1: they may hold chained blobs.
-        assert_eq!(bytes[10], u8::from(c != Compression::None), "{name}");
+        // Only compressed overlays are marked 1.2: they may hold chained blobs, in lanes.
+        assert_eq!(bytes[10], if c == Compression::None { 0 } else { 2 }, "{name}");
         assert_eq!(got.device_state, b"QEVM device state bytes");
         assert_eq!(got.blobs, sample_blobs());
         assert_eq!(got.trailer.blob_count, 2);
@@ -186,6 +209,7 @@ fn every_flipped_bit_is_detected() {
         write_overlay(&meta(Compression::Zstd), &sample_blobs(), 3),
         write_chained(Compression::Zstd, &sample_blobs(), 3),
         write_chained(Compression::Xz, &sample_blobs(), 3),
+        write_lanes(Compression::Zstd, &sample_blobs(), &[1, 0], 3),
     ] {
         for i in 0..bytes.len() {
             for bit in 0..8 {
@@ -310,6 +334,68 @@ fn chained_rules(c: Compression) {
     assert!(matches!(w.write_blob(&sealed), Err(EncodeError::Invalid { .. })));
     // A chained blob sealed here cannot be decoded out of its stream.
     assert!(matches!(sealed.decode(c), Err(DecodeError::Malformed { .. })));
+}
+
+#[test]
+fn lanes_keep_their_rules() {
+    for c in [Compression::Zstd, Compression::Xz] {
+        lane_rules(c);
+    }
+}
+
+fn lane_rules(c: Compression) {
+    let blobs = [sample_blobs(), sample_blobs(), sample_blobs()].concat();
+    let lanes = [0, 3, 0, 3, 3, 0];
+    let bytes = write_lanes(c, &blobs, &lanes, 3);
+    let got = read_overlay(&bytes[..]).unwrap();
+    assert_eq!(got.blobs, blobs);
+    let frames = split_frames(&bytes);
+    let (head, body) = (&bytes[..16], &frames[..frames.len() - 1]);
+    assert_eq!(reframe(head, body, &got.trailer), bytes);
+    let with_lane = |k: usize, lane: u8| {
+        let mut b = body.to_vec();
+        b[k].0[2] = lane;
+        reframe(head, &b, &got.trailer)
+    };
+    // A blob moved to another lane does not continue that lane's frame.
+    assert!(read_overlay(&with_lane(5, 0)[..]).is_err());
+    // Lanes stop below MAX_LANES; the device state has none.
+    for (k, lane) in [(2, MAX_LANES), (2, 255), (1, 1)] {
+        match read_overlay(&with_lane(k, lane)[..]) {
+            Err(DecodeError::Malformed { reason, .. }) => assert!(reason.contains("lane"), "{reason}"),
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+    // Nor do lanes exist in a 1.1 stream, or on a blob compressed alone.
+    let mut v11 = head.to_vec();
+    v11[10] = 1;
+    assert!(matches!(read_overlay(&reframe(&v11, body, &got.trailer)[..]), Err(DecodeError::Malformed { .. })));
+    let alone = write_overlay(&meta(c), &sample_blobs(), 3);
+    let mut af = split_frames(&alone);
+    af[2].0[2] = 1;
+    let t = read_overlay(&alone[..]).unwrap().trailer;
+    assert!(matches!(
+        read_overlay(&reframe(&alone[..16], &af[..af.len() - 1], &t)[..]),
+        Err(DecodeError::Malformed { .. })
+    ));
+    // Every lane's frame must end: drop lane 3's last blob.
+    let mut open = body.to_vec();
+    open.remove(6);
+    match read_overlay(&reframe(head, &open, &got.trailer)[..]) {
+        Err(DecodeError::TrailerMismatch { reason, .. }) => assert!(reason.contains("lane 3"), "{reason}"),
+        other => panic!("expected TrailerMismatch, got {other:?}"),
+    }
+    // The writer checks the same.
+    assert!(ChainEncoder::for_lane(c, 1, MAX_LANES).is_err());
+    let mut w = OverlayWriter::new(Vec::new(), &meta(c)).unwrap();
+    w.write_device_state(b"x", 1).unwrap();
+    for lane in [0, 2] {
+        let mut b = BlobBuilder::new();
+        b.push_zero(0, 0, 1);
+        w.write_blob(&b.seal_chained(&mut ChainEncoder::for_lane(c, 1, lane).unwrap(), lane == 0).unwrap()).unwrap();
+    }
+    let t = w.trailer(vec![ImageDigest([0; 32]); 2]);
+    assert!(matches!(w.finish(&t), Err(EncodeError::Order { .. })));
 }
 
 /// Many segments of assorted sizes, some empty of records, across several frames.
@@ -445,8 +531,8 @@ fn wrong_magic_and_versions_are_rejected() {
     b[8] = 2; // major 2
     assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 2, minor: 0 })));
     let mut b = bytes.clone();
-    b[10] = 2; // minor 2, newer than this reader
-    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 1, minor: 2 })));
+    b[10] = 3; // minor 3, newer than this reader
+    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 1, minor: 3 })));
     assert!(matches!(read_overlay(&b""[..]), Err(DecodeError::Truncated { offset: 0, .. })));
 }
 
@@ -568,13 +654,25 @@ proptest! {
 
 // ---- Golden files ----------------------------------------------------------------------------
 
-/// Golden files: name, compression, level, blobs chained (format 1.1).
-const GOLDEN: [(&str, Compression, i32, bool); 5] = [
-    ("v1-none.ovl", Compression::None, 0, false),
-    ("v1-zstd.ovl", Compression::Zstd, 3, false),
-    ("v1-xz.ovl", Compression::Xz, 6, false),
-    ("v1.1-zstd-chained.ovl", Compression::Zstd, 3, true),
-    ("v1.1-xz-chained.ovl", Compression::Xz, 6, true),
+/// How a golden file's blobs are compressed.
+#[derive(Clone, Copy, PartialEq)]
+enum Blobs {
+    Alone,
+    /// One chain (format 1.1).
+    Chained,
+    /// Two lanes of chains (format 1.2).
+    Lanes,
+}
+
+/// Golden files: name, compression, level, blobs.
+const GOLDEN: [(&str, Compression, i32, Blobs); 7] = [
+    ("v1-none.ovl", Compression::None, 0, Blobs::Alone),
+    ("v1-zstd.ovl", Compression::Zstd, 3, Blobs::Alone),
+    ("v1-xz.ovl", Compression::Xz, 6, Blobs::Alone),
+    ("v1.1-zstd-chained.ovl", Compression::Zstd, 3, Blobs::Chained),
+    ("v1.1-xz-chained.ovl", Compression::Xz, 6, Blobs::Chained),
+    ("v1.2-zstd-lanes.ovl", Compression::Zstd, 3, Blobs::Lanes),
+    ("v1.2-xz-lanes.ovl", Compression::Xz, 6, Blobs::Lanes),
 ];
 
 fn golden_path(name: &str) -> std::path::PathBuf {
@@ -586,14 +684,12 @@ fn golden_path(name: &str) -> std::path::PathBuf {
 /// version never change, so existing files are never rewritten.
 #[test]
 fn golden_files_read_byte_exact() {
-    for (name, c, level, chained) in GOLDEN {
+    for (name, c, level, blobs) in GOLDEN {
         let path = golden_path(name);
-        let fresh = || {
-            if chained {
-                write_chained(c, &sample_blobs(), level)
-            } else {
-                write_overlay(&meta(c), &sample_blobs(), level)
-            }
+        let fresh = || match blobs {
+            Blobs::Alone => write_overlay(&meta(c), &sample_blobs(), level),
+            Blobs::Chained => write_chained(c, &sample_blobs(), level),
+            Blobs::Lanes => write_lanes(c, &sample_blobs(), &[1, 0], level),
         };
         if std::env::var_os("CLOUDLET_WRITE_GOLDEN").is_some() && !path.exists() {
             std::fs::write(&path, fresh()).unwrap();
