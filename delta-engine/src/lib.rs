@@ -64,8 +64,8 @@ pub mod qcow2;
 pub use apply::{apply_overlay, apply_overlay_reader, ApplyError, ApplyOptions, ApplyReport};
 pub use base::Base;
 pub use create::{
-    create_overlay, looks_incompressible, CreateError, CreateOptions, CreateStats, CustomImage, CustomSource,
-    OverlayInfo,
+    content_lane, create_overlay, looks_incompressible, CreateError, CreateOptions, CreateStats, CustomImage,
+    CustomSource, OverlayInfo,
 };
 pub use index::{BaseImage, BaseIndex, IndexError, IndexedImage};
 

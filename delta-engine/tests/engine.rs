@@ -288,6 +288,60 @@ fn text_page(seed: u64) -> Vec<u8> {
     out
 }
 
+/// Bytes that look like x86-64 machine code to [`content_lane`]: few distinct bytes, one in ten
+/// a REX.W prefix (0x48), mostly not printable.
+fn code_page(seed: u64) -> Vec<u8> {
+    const OPS: [u8; 10] = [0x48, 0x8b, 0x89, 0x0f, 0x85, 0xe8, 0x00, 0xff, 0x45, 0x24];
+    page(seed).iter().map(|&r| OPS[usize::from(r) % OPS.len()]).collect()
+}
+
+/// Data that is neither text nor code: small values, no 0x48.
+fn data_page(seed: u64) -> Vec<u8> {
+    page(seed).iter().map(|&r| [0x00, 0x01, 0x02, 0x80, 0xc0, 0xff][usize::from(r) % 6]).collect()
+}
+
+#[test]
+fn content_lanes_tell_text_code_and_data_apart() {
+    assert_eq!(content_lane(&text_page(1)), 0);
+    assert_eq!(content_lane(&code_page(1)), 1);
+    assert_eq!(content_lane(&data_page(1)), 2);
+    assert_eq!(content_lane(&[0u8; PAGE]), 2);
+    // 'H' is 0x48: text full of it is still text.
+    assert_eq!(content_lane(&[b'H'; PAGE]), 0);
+}
+
+/// With three lanes, text, code and data go to chains of their own, each ending its frame, and
+/// copies of earlier chunks follow their sources' lanes.
+#[test]
+fn raw_chunks_go_to_the_lane_of_their_content() {
+    let mem = vec![0u8; 40 * PAGE];
+    let mut cm = mem.clone();
+    for p in 0..10 {
+        let k = p as u64;
+        cm[p * PAGE..(p + 1) * PAGE].copy_from_slice(&text_page(k));
+        cm[(10 + p) * PAGE..(11 + p) * PAGE].copy_from_slice(&code_page(k));
+        cm[(20 + p) * PAGE..(21 + p) * PAGE].copy_from_slice(&data_page(k));
+    }
+    for p in 0..3 {
+        cm.copy_within(p * 10 * PAGE..(p * 10 + 1) * PAGE, (30 + p) * PAGE);
+    }
+    let pair = Pair::new(vec![("memory", ImageKind::Memory, mem)], vec![cm]);
+    for (c, lanes) in [(Compression::Zstd, 1), (Compression::Zstd, 2), (Compression::Zstd, 3), (Compression::Xz, 3)] {
+        let opts = CreateOptions { compression: c, level: 1, blob_bytes: 2 * PAGE, lanes, ..CreateOptions::default() };
+        let s = pair.round_trip(&opts, &format!("lanes-{c:?}-{lanes}"));
+        assert_eq!(s.kinds.copy_self.chunks, 3);
+        let (_, ovl, _) = pair.create(&opts);
+        let mut r = OverlayReader::new(&ovl[..]).unwrap();
+        let mut per_lane = [0usize; 4];
+        while let Some(b) = r.next_blob().unwrap() {
+            assert!(b.is_chained());
+            per_lane[usize::from(b.lane())] += 1;
+        }
+        let used = per_lane.iter().filter(|&&n| n > 0).count();
+        assert_eq!(used, usize::from(lanes), "{per_lane:?}");
+    }
+}
+
 #[test]
 fn incompressible_chunks_are_told_from_compressible_ones() {
     assert!(looks_incompressible(&page(1)));
@@ -377,6 +431,7 @@ fn the_chain_ends_after_its_last_light_blob() {
 #[derive(Debug, Clone)]
 enum Edit {
     Text(usize, u64),
+    Code(usize, u64),
     Random(usize, u64),
     Zero(usize),
     Move(usize, usize),
@@ -394,6 +449,7 @@ fn edits() -> impl Strategy<Value = Vec<Edit>> {
         prop_oneof![
             (0usize..48, any::<u64>()).prop_map(|(p, s)| Edit::Random(p, s)),
             (0usize..48, any::<u64>()).prop_map(|(p, s)| Edit::Text(p, s)),
+            (0usize..48, any::<u64>()).prop_map(|(p, s)| Edit::Code(p, s)),
             (0usize..48).prop_map(Edit::Zero),
             (0usize..48, 0usize..48).prop_map(|(a, b)| Edit::Move(a, b)),
             (0usize..48, 0usize..PAGE, any::<u8>()).prop_map(|(p, o, v)| Edit::Poke(p, o, v)),
@@ -416,6 +472,7 @@ proptest! {
         sep in any::<bool>(),
         chain in any::<bool>(),
         qcow2 in any::<bool>(),
+        lanes in 1u8..=3,
     ) {
         let mut mem: Vec<u8> = (0..48).flat_map(|i| if i % 5 == 0 { vec![0; PAGE] } else { page(i as u64) }).collect();
         let disk: Vec<u8> = (0..16).flat_map(|i| page(500 + i as u64)).collect();
@@ -425,6 +482,7 @@ proptest! {
             match edit {
                 Edit::Random(p, s) => mem[p * PAGE..(p + 1) * PAGE].copy_from_slice(&page(s)),
                 Edit::Text(p, s) => mem[p * PAGE..(p + 1) * PAGE].copy_from_slice(&text_page(s)),
+                Edit::Code(p, s) => mem[p * PAGE..(p + 1) * PAGE].copy_from_slice(&code_page(s)),
                 Edit::Zero(p) => mem[p * PAGE..(p + 1) * PAGE].fill(0),
                 Edit::Move(a, b) => {
                     let src = mem[a * PAGE..(a + 1) * PAGE].to_vec();
@@ -451,6 +509,7 @@ proptest! {
             batch_bytes: 64 << 10,
             separate_dense: sep,
             chain,
+            lanes,
             ..CreateOptions::default()
         };
         pair.round_trip_to(&opts, "prop", qcow2);

@@ -26,7 +26,7 @@ earlier pair, half of its added files random; --real-guest: the test guest befor
 installing a web app), runs our engine and the peer tools on it,
 checks every rebuilt image, and writes the table to DIR/results.md (DIR defaults to
 target/peer-compare). Knobs: CLOUDLET_BENCH_LEVEL, CLOUDLET_BENCH_BLOB_MIB,
-CLOUDLET_BENCH_STATS=1 (see benches/README.md).";
+CLOUDLET_BENCH_LANES, CLOUDLET_BENCH_STATS=1 (see benches/README.md).";
 
 struct Args {
     quick: bool,
@@ -872,6 +872,9 @@ mod ours {
                 }
                 if let Some(l) = super::bench_level() {
                     opts.level = l;
+                }
+                if let Ok(l) = std::env::var("CLOUDLET_BENCH_LANES") {
+                    opts.lanes = l.parse()?;
                 }
                 let info = OverlayInfo {
                     base_id: BaseId([0; 32]),
