@@ -189,7 +189,7 @@ pub struct CreateOptions {
     /// .xz stream ([`ChainEncoder`]), so that each is matched against everything before it
     /// within 128 MiB, not against itself only. What a customization adds repeats a lot across
     /// files (the same code in several binaries of a package): on the peer harness's pairs the
-    /// overlay is about 15% smaller at the same zstd level, 10% with xz. The chain is
+    /// overlay is about 15% smaller at the same zstd level, 10% with xz. A chain is
     /// compressed on one thread, beside the scan, and the applier decompresses it on one
     /// thread, beside the writes. Ignored without compression.
     pub chain: bool,
@@ -197,8 +197,9 @@ pub struct CreateOptions {
     /// [`content_lane`]): with 2, machine code goes apart from the rest; with 3, text goes
     /// apart as well. With `chain`, every stream is a chain of its own (a *lane*, format 1.2)
     /// with a thread of its own. A chain can only run on one core, and on the peer harness's
-    /// full pair it was what creation waited for; chunks of one kind compress about as well
-    /// among themselves as among all the others.
+    /// full pair it was what creation waited for; chunks of one kind compress as well among
+    /// themselves as among all the others. Each lane's decoder keeps its own 128 MiB window
+    /// when the overlay is applied (and, with xz, its encoder its own memory).
     pub lanes: u8,
 }
 
@@ -222,8 +223,8 @@ impl CreateOptions {
     /// Options for xz at `level`. xz is the size-first choice: its light blobs (8 MiB) are the
     /// segments of one chained .xz stream with a 128 MiB dictionary (on the quick peer pair
     /// 35.6 MB, where 48 MiB blobs compressed alone, each with a dictionary covering it and the
-    /// x86 filter, gave 40.1 MB), compressed on one thread with about 1.4 GiB of encoder
-    /// memory, and about twice as slow as two threads on blobs alone. With `chain` off, make
+    /// x86 filter, gave 40.1 MB), compressed on one thread per lane with about 1.4 GiB of
+    /// encoder memory each. With `chain` off, make
     /// `blob_bytes` larger (up to 48 MiB): a blob alone only finds repeats inside itself.
     pub fn xz(level: i32) -> Self {
         CreateOptions { compression: Compression::Xz, level, blob_bytes: 8 << 20, ..Self::default() }
@@ -278,7 +279,7 @@ pub struct CreateStats {
     pub overlay_bytes: u64,
     /// Time classifying chunks (hash, dedup, patch).
     pub scan: Duration,
-    /// Time compressing blobs: the wall clock of the pool's sealing, plus the chain thread's
+    /// Time compressing blobs: the wall clock of the pool's sealing, plus the chain threads'
     /// time. It overlaps `scan`: blobs are sealed while later batches are classified.
     pub compress: Duration,
     /// Time writing the overlay.
@@ -340,10 +341,9 @@ fn uniform(h: &[u32; 256], n: u64) -> bool {
 /// (data, tables, most memory pages).
 ///
 /// Raw chunks of different kinds go to different lanes when `CreateOptions::lanes` allows:
-/// on the raw chunks of the peer harness's pairs, compressing code, text and the rest each as
-/// a chain of its own (zstd level 4, 128 MiB window) gives 1.7% less than one chain over
-/// them all on the full pair and 0.8% more on the quick one; code apart from the rest, 1.6%
-/// less and 0.4% more.
+/// on the peer harness's pairs (zstd level 4), code, text and the rest each in a chain of its
+/// own make the overlay 1.7% smaller than one chain over them all on the full pair and 0.6%
+/// on the quick one; code apart from the rest, 1.1% and 0.2%.
 pub fn content_lane(chunk: &[u8]) -> u8 {
     kind_of(&histogram(chunk), chunk.len() as u64)
 }
@@ -650,11 +650,12 @@ fn chunk_len(size: u64, c: u64) -> usize {
 /// `opts.batch_bytes` in parallel, as a pipeline: while the pool classifies one batch and
 /// seals (compresses) the blobs an earlier batch filled, the calling thread runs the sequential
 /// pass over the batch before and writes the sealed blobs, in order. At most three batches are
-/// in flight, so memory stays bounded whatever the images' size (the zstd chain adds its
+/// in flight, so memory stays bounded whatever the images' size (each zstd chain adds its
 /// 128 MiB window).
 ///
-/// With zstd and `opts.chain`, the light blobs are sealed one after the other through one
-/// [`ChainEncoder`], on one thread, while the dense blobs are sealed in parallel beside it.
+/// With zstd and `opts.chain`, the light blobs of each lane are sealed one after the other
+/// through the lane's [`ChainEncoder`], on a thread per lane, while the dense blobs are sealed
+/// in parallel beside them.
 pub fn create_overlay<W: Write>(
     base: &Base,
     custom: &[CustomImage],
