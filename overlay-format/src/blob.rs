@@ -129,14 +129,28 @@ impl BlobBuilder {
     /// must be written in the order they were sealed, into an overlay of the chain's
     /// compressor.
     pub fn seal_chained(self, chain: &mut ChainEncoder, end: bool) -> Result<SealedBlob, EncodeError> {
-        let (raw, record_count) = self.payload()?;
-        let stored = chain.segment(&raw, end).map_err(|source| EncodeError::Compress { what: "blob", source })?;
+        let record_count = self.checked_record_count()?;
+        let table_len = (self.table.len() as u32).to_le_bytes();
+        // The payload goes to the compressor in its three parts, not copied into one buffer.
+        let stored = chain
+            .segment(&[&table_len, &self.table, &self.data], end)
+            .map_err(|source| EncodeError::Compress { what: "blob", source })?;
         let codec = frame::chained_codec_byte(chain.compression()).expect("chains are compressed");
-        Ok(SealedBlob::new(codec, chain.lane(), record_count, stored, raw.len() as u64, end))
+        Ok(SealedBlob::new(codec, chain.lane(), record_count, stored, self.uncompressed_len() as u64, end))
     }
 
     /// The uncompressed payload and the record count, checked against the format's limits.
     fn payload(self) -> Result<(Vec<u8>, u32), EncodeError> {
+        let record_count = self.checked_record_count()?;
+        let mut raw = Vec::with_capacity(self.uncompressed_len());
+        raw.extend_from_slice(&(self.table.len() as u32).to_le_bytes());
+        raw.extend_from_slice(&self.table);
+        raw.extend_from_slice(&self.data);
+        Ok((raw, record_count))
+    }
+
+    /// The record count, once the payload is checked against the format's limits.
+    fn checked_record_count(&self) -> Result<u32, EncodeError> {
         let raw_len = self.uncompressed_len() as u64;
         if raw_len > MAX_BLOB_LEN {
             return Err(EncodeError::TooLarge { what: "blob", len: raw_len, max: MAX_BLOB_LEN });
@@ -146,11 +160,7 @@ impl BlobBuilder {
             len: self.records,
             max: u32::MAX as u64,
         })?;
-        let mut raw = Vec::with_capacity(raw_len as usize);
-        raw.extend_from_slice(&(self.table.len() as u32).to_le_bytes());
-        raw.extend_from_slice(&self.table);
-        raw.extend_from_slice(&self.data);
-        Ok((raw, record_count))
+        Ok(record_count)
     }
 }
 

@@ -196,9 +196,12 @@ impl ChainEncoder {
         self.open
     }
 
-    /// Compresses the next segment; `end` ends the frame (the .xz stream).
-    pub(crate) fn segment(&mut self, raw: &[u8], end: bool) -> io::Result<Vec<u8>> {
-        let mut out: Vec<u8> = Vec::with_capacity(raw.len() / 2 + 4096);
+    /// Compresses the next segment, the concatenation of `parts` (taken as they are, so that
+    /// a blob's table and data need not be copied together first); `end` ends the frame (the
+    /// .xz stream).
+    pub(crate) fn segment(&mut self, parts: &[&[u8]], end: bool) -> io::Result<Vec<u8>> {
+        let raw_len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut out: Vec<u8> = Vec::with_capacity(raw_len / 2 + 4096);
         let grow = |out: &mut Vec<u8>| {
             if out.capacity() - out.len() < 64 << 10 {
                 out.reserve(out.len().max(1 << 20));
@@ -208,15 +211,22 @@ impl ChainEncoder {
             Encoder::Zstd(cctx) => {
                 use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
                 use zstd::zstd_safe::{InBuffer, OutBuffer};
-                let directive = if end { ZSTD_EndDirective::ZSTD_e_end } else { ZSTD_EndDirective::ZSTD_e_flush };
-                let mut input = InBuffer::around(raw);
-                loop {
-                    grow(&mut out);
-                    let pos = out.len();
-                    let mut output = OutBuffer::around_pos(&mut out, pos);
-                    let left = cctx.compress_stream2(&mut output, &mut input, directive).map_err(zstd_err)?;
-                    if left == 0 && input.pos == raw.len() {
-                        break;
+                for (k, part) in parts.iter().enumerate() {
+                    let directive = match (k + 1 == parts.len(), end) {
+                        (false, _) => ZSTD_EndDirective::ZSTD_e_continue,
+                        (true, false) => ZSTD_EndDirective::ZSTD_e_flush,
+                        (true, true) => ZSTD_EndDirective::ZSTD_e_end,
+                    };
+                    let mut input = InBuffer::around(part);
+                    loop {
+                        grow(&mut out);
+                        let pos = out.len();
+                        let mut output = OutBuffer::around_pos(&mut out, pos);
+                        let left = cctx.compress_stream2(&mut output, &mut input, directive).map_err(zstd_err)?;
+                        let flushed = directive == ZSTD_EndDirective::ZSTD_e_continue || left == 0;
+                        if flushed && input.pos == part.len() {
+                            break;
+                        }
                     }
                 }
             }
@@ -235,13 +245,24 @@ impl ChainEncoder {
                         stream.insert(Stream::new_stream_encoder(&f, Check::Crc64)?)
                     }
                 };
-                let action = if end { Action::Finish } else { Action::SyncFlush };
-                let start = stream.total_in();
-                loop {
-                    grow(&mut out);
-                    let taken = (stream.total_in() - start) as usize;
-                    if stream.process_vec(&raw[taken..], &mut out, action)? == Status::StreamEnd {
-                        break;
+                for (k, part) in parts.iter().enumerate() {
+                    let last = k + 1 == parts.len();
+                    let action = match (last, end) {
+                        (false, _) => Action::Run,
+                        (true, false) => Action::SyncFlush,
+                        (true, true) => Action::Finish,
+                    };
+                    let start = stream.total_in();
+                    loop {
+                        grow(&mut out);
+                        let taken = (stream.total_in() - start) as usize;
+                        let status = stream.process_vec(&part[taken..], &mut out, action)?;
+                        let taken = (stream.total_in() - start) as usize;
+                        // Run is done once the part is taken; SyncFlush and Finish once liblzma
+                        // says so.
+                        if (!last && taken == part.len()) || status == Status::StreamEnd {
+                            break;
+                        }
                     }
                 }
                 if end {
