@@ -11,8 +11,9 @@
 //! ```
 //!
 //! That is 4 MiB per GiB of base image (16 bytes per 4 KiB chunk) plus a few bytes per image.
-//! The lookup map is rebuilt when the index is loaded; in memory it costs about 32 bytes per
-//! distinct non-zero chunk (at most 8 MiB per GiB of base) on top of the hashes.
+//! The lookup map is rebuilt from the hashes the first time it is needed (creating an overlay
+//! needs it, applying one does not); in memory it costs about 32 bytes per distinct non-zero
+//! chunk (at most 8 MiB per GiB of base) on top of the hashes.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -108,14 +109,15 @@ fn key(h: &ChunkHash) -> u64 {
 /// Hashes of every chunk of a base VM's images, plus a map from chunk content to a location.
 pub struct BaseIndex {
     images: Vec<IndexedImage>,
-    lookup: Lookup,
+    /// Built at the first [`BaseIndex::find`].
+    lookup: std::sync::OnceLock<Lookup>,
 }
 
 impl std::fmt::Debug for BaseIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BaseIndex")
             .field("images", &self.images.iter().map(|i| (&i.name, i.size)).collect::<Vec<_>>())
-            .field("distinct_chunks", &self.lookup.len())
+            .field("lookup_built", &self.lookup.get().is_some())
             .finish()
     }
 }
@@ -174,18 +176,24 @@ impl BaseIndex {
     }
 
     fn from_images(images: Vec<IndexedImage>) -> Self {
-        let zero = ChunkHash::zero();
-        let total: usize = images.iter().map(|i| i.hashes.len()).sum();
-        let mut lookup = Lookup::with_capacity_and_hasher(total / 2, Default::default());
-        for (ii, img) in images.iter().enumerate() {
-            let full = img.size / CHUNK_SIZE as u64;
-            for (c, h) in img.hashes.iter().enumerate().take(full as usize) {
-                if *h != zero {
-                    lookup.entry(key(h)).or_insert(ChunkRef { image: ii as u8, chunk: c as u64 });
+        BaseIndex { images, lookup: std::sync::OnceLock::new() }
+    }
+
+    fn lookup(&self) -> &Lookup {
+        self.lookup.get_or_init(|| {
+            let zero = ChunkHash::zero();
+            let total: usize = self.images.iter().map(|i| i.hashes.len()).sum();
+            let mut lookup = Lookup::with_capacity_and_hasher(total / 2, Default::default());
+            for (ii, img) in self.images.iter().enumerate() {
+                let full = img.size / CHUNK_SIZE as u64;
+                for (c, h) in img.hashes.iter().enumerate().take(full as usize) {
+                    if *h != zero {
+                        lookup.entry(key(h)).or_insert(ChunkRef { image: ii as u8, chunk: c as u64 });
+                    }
                 }
             }
-        }
-        BaseIndex { images, lookup }
+            lookup
+        })
     }
 
     /// The indexed images, in order.
@@ -200,13 +208,13 @@ impl BaseIndex {
 
     /// A base location whose chunk hash starts like `hash` (the caller checks the bytes).
     pub fn find(&self, hash: &ChunkHash) -> Option<ChunkRef> {
-        let r = self.lookup.get(&key(hash)).copied()?;
+        let r = self.lookup().get(&key(hash)).copied()?;
         (self.images[r.image as usize].hashes[r.chunk as usize] == *hash).then_some(r)
     }
 
     /// Number of distinct non-zero full chunks in the base.
     pub fn distinct_chunks(&self) -> usize {
-        self.lookup.len()
+        self.lookup().len()
     }
 
     /// Size of the saved index file in bytes.
