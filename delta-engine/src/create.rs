@@ -525,11 +525,18 @@ fn classify(base: &Base, map: &View, ii: usize, c0: u64, c1: u64, opts: &CreateO
                 Src::Data(d) => d,
             };
             let chunk: &[u8] = &data;
+            let base_hash = base.full_hash(ii, c).filter(|_| len == CHUNK_SIZE);
             match base.full_chunk(ii, c) {
+                // A zero base chunk (a hole, often, where the custom disk got new files) is
+                // compared with zeros: its page is neither faulted in nor read.
+                _ if base_hash == Some(ChunkHash::zero()) => {
+                    if overlay_format::digest::is_zero(chunk) {
+                        return (Class::Same, ChunkHash::zero(), None);
+                    }
+                }
                 Some(b) if len == CHUNK_SIZE => {
                     if b == chunk {
-                        let h = base.full_hash(ii, c).expect("full chunk has a hash");
-                        return (Class::Same, h, None);
+                        return (Class::Same, base_hash.expect("full chunk has a hash"), None);
                     }
                 }
                 _ => {
