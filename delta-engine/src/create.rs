@@ -571,6 +571,8 @@ fn classify(base: &Base, map: &View, ii: usize, c0: u64, c1: u64, opts: &CreateO
             };
             let stream = match patch {
                 Some(_) => LIGHT,
+                // Nothing to sort by: no histogram.
+                None if !opts.separate_dense && opts.lanes <= 1 => LIGHT,
                 None => {
                     let hist = histogram(chunk);
                     if opts.separate_dense && uniform(&hist, len as u64) {
