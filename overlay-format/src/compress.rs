@@ -163,6 +163,10 @@ impl ChainEncoder {
                     // 2^21 positions, 16 MiB): about 1% smaller at level 4, for about 10% more
                     // time. (Setting the table size itself instead costs some 100 ms up front.)
                     CParameter::LdmHashRateLog(6),
+                    // Buckets of 4 positions per long-distance hash, not 16 (zstd's default at
+                    // levels 1 to 4): on the full pair at level 4, 12% less CPU for 0.2% more
+                    // bytes; at levels 6 and 9, 7% less for 0.2% more.
+                    CParameter::LdmBucketSizeLog(2),
                     CParameter::ChecksumFlag(false),
                 ] {
                     cctx.set_parameter(p).map_err(zstd_err)?;
