@@ -659,7 +659,7 @@ fn chunk_len(size: u64, c: u64) -> usize {
 /// `opts.batch_bytes` (the images' batches interleaved, each image's in order) in parallel, as
 /// a pipeline: while the pool classifies one batch and seals (compresses) the blobs an earlier
 /// batch filled, the calling thread runs the sequential pass over the batch before and writes
-/// the sealed blobs, in order. At most three batches are in flight, so memory stays bounded
+/// the sealed blobs, each stream's in order. At most three batches are in flight, so memory stays bounded
 /// whatever the images' size (each zstd chain adds its 128 MiB window and up to eight waiting
 /// blobs).
 ///
@@ -755,8 +755,8 @@ pub fn create_overlay<W: Write>(
     // blobs batch k-2 filled, while this thread writes the blobs sealed so far and runs the
     // sequential pass (self-dedup, runs, blobs) over batch k-1. Each chain, if any, has a
     // thread of its own: its lane's blobs go to it as they are cut and come back sealed, in
-    // order, so its one thread is never held up by the steps. Every blob is numbered when cut
-    // and written in that order.
+    // order, so its one thread is never held up by the steps. Every blob is numbered when cut;
+    // each stream's blobs are written in that order (see `Ordered`).
     std::thread::scope(|ts| -> Result<(), CreateError> {
         let mut chains: Vec<Chain> =
             encoders.into_iter().enumerate().map(|(stream, enc)| Chain::start(ts, enc, stream)).collect();
@@ -846,7 +846,7 @@ pub fn create_overlay<W: Write>(
             out.extend(sealed);
         }
         out.write(&mut writer, &mut stats)?;
-        if !out.waiting.is_empty() || out.next != out.cut {
+        if !out.done() {
             return Err(EncodeError::Order { reason: "internal: sealed blobs left unwritten" }.into());
         }
         Ok(())
@@ -1019,14 +1019,22 @@ impl Chain {
     }
 }
 
-/// Sealed blobs waiting to be written in the order they were cut.
+/// Sealed blobs waiting to be written: each stream's in the order they were cut.
+///
+/// Only a stream's own order matters: a chained blob continues its lane's blobs before it, and
+/// a copy-self record goes to the stream of its source (see [`Emitter::copy_self`]), so every
+/// record a blob depends on is in an earlier blob of its stream. So a lane that lags behind
+/// does not hold up the other streams' blobs until it catches up: they are written as they are
+/// sealed, beside the scan, rather than all at the end.
 #[derive(Default)]
 struct Ordered {
-    /// Number of the next blob cut.
+    /// Blobs cut so far.
     cut: u64,
-    /// Number of the next blob to write.
-    next: u64,
-    waiting: std::collections::BTreeMap<u64, (SealedBlob, usize)>,
+    /// Blobs written so far.
+    written: u64,
+    /// Per stream, the numbers of its blobs not written yet, in the order they were cut.
+    queued: [std::collections::VecDeque<u64>; STREAMS],
+    waiting: HashMap<u64, SealedBlob>,
 }
 
 impl Ordered {
@@ -1035,6 +1043,7 @@ impl Ordered {
         ready
             .into_iter()
             .map(|(b, s)| {
+                self.queued[s].push_back(self.cut);
                 self.cut += 1;
                 (self.cut - 1, b, s)
             })
@@ -1042,21 +1051,34 @@ impl Ordered {
     }
 
     fn extend(&mut self, sealed: Vec<SealedCut>) {
-        for (n, b, s) in sealed {
-            self.waiting.insert(n, (b, s));
+        for (n, b, _) in sealed {
+            self.waiting.insert(n, b);
         }
     }
 
-    /// Writes the blobs whose predecessors are all written.
+    /// True when every blob cut is written.
+    fn done(&self) -> bool {
+        self.written == self.cut && self.waiting.is_empty()
+    }
+
+    /// Writes the blobs whose predecessors in their stream are all written, the earliest cut
+    /// first.
     fn write<W: Write>(&mut self, writer: &mut OverlayWriter<W>, stats: &mut CreateStats) -> Result<(), CreateError> {
         let tw = Instant::now();
-        while let Some((s, stream)) = self.waiting.remove(&self.next) {
+        loop {
+            let next = (0..STREAMS)
+                .filter_map(|s| self.queued[s].front().map(|&n| (n, s)))
+                .filter(|(n, _)| self.waiting.contains_key(n))
+                .min();
+            let Some((n, stream)) = next else { break };
+            let s = self.waiting.remove(&n).expect("sealed");
+            self.queued[stream].pop_front();
             stats.dense_blobs += u64::from(stream == DENSE);
             stats.blob_bytes_raw += s.uncompressed_len() as u64;
             stats.blob_bytes_compressed += s.compressed_len() as u64;
             stats.blobs += 1;
             writer.write_blob(&s)?;
-            self.next += 1;
+            self.written += 1;
         }
         stats.write += tw.elapsed();
         Ok(())
