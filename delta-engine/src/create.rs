@@ -377,8 +377,9 @@ fn lane_stream(kind: u8, lanes: u8) -> usize {
 /// fell by 5% (2.47 s to 2.34 s, five alternating runs each) for an overlay 0.25% larger; on
 /// the quick pair, 0.0003% larger.
 fn chain_level(opts: &CreateOptions, lanes: u8, lane: u8) -> i32 {
-    let code = lanes >= 2 && usize::from(lane) == lane_stream(1, lanes);
-    if opts.compression == Compression::Zstd && opts.level == 4 && lanes >= 2 && !code {
+    // With one lane, code shares it with everything else.
+    let code = usize::from(lane) == lane_stream(1, lanes);
+    if opts.compression == Compression::Zstd && opts.level == 4 && !code {
         3
     } else {
         opts.level
@@ -676,9 +677,9 @@ fn chunk_len(size: u64, c: u64) -> usize {
 /// `opts.batch_bytes` (the images' batches interleaved, each image's in order) in parallel, as
 /// a pipeline: while the pool classifies one batch and seals (compresses) the blobs an earlier
 /// batch filled, the calling thread runs the sequential pass over the batch before and writes
-/// the sealed blobs, each stream's in order. At most three batches are in flight, so memory stays bounded
-/// whatever the images' size (each zstd chain adds its 128 MiB window and up to eight waiting
-/// blobs).
+/// the sealed blobs, each stream's in order. At most three batches are in flight, so memory
+/// stays bounded whatever the images' size (each zstd chain adds its 128 MiB window and up to
+/// eight waiting blobs).
 ///
 /// With zstd and `opts.chain`, the light blobs of each lane are sealed one after the other
 /// through the lane's [`ChainEncoder`], on a thread per lane, while the dense blobs are sealed
@@ -948,14 +949,14 @@ struct Sealed {
     time: Duration,
 }
 
-/// A chain's thread: its lane's blobs go in, numbered, in cut order; sealed blobs come back in
-/// the same order. At most two wait to be sealed, so a slow chain holds the scan back rather
-/// than filling memory.
 /// Blobs a chain's thread may have waiting (with `blob_bytes` of 4 MiB, 32 MiB per lane). A
 /// lane's bytes come in bursts; a short queue held the scan up whenever one lane's burst
 /// filled it, while the other lane's thread idled.
 const CHAIN_QUEUE: usize = 8;
 
+/// A chain's thread: its lane's blobs go in, numbered, in cut order; sealed blobs come back in
+/// the same order. At most [`CHAIN_QUEUE`] wait to be sealed, so a slow chain holds the scan
+/// back rather than filling memory.
 struct Chain {
     /// The stream whose blobs it seals.
     stream: usize,
