@@ -1048,8 +1048,6 @@ impl Chain {
 struct Ordered {
     /// Blobs cut so far.
     cut: u64,
-    /// Blobs written so far.
-    written: u64,
     /// Per stream, the numbers of its blobs not written yet, in the order they were cut.
     queued: [std::collections::VecDeque<u64>; STREAMS],
     waiting: HashMap<u64, SealedBlob>,
@@ -1076,7 +1074,7 @@ impl Ordered {
 
     /// True when every blob cut is written.
     fn done(&self) -> bool {
-        self.written == self.cut && self.waiting.is_empty()
+        self.queued.iter().all(|q| q.is_empty()) && self.waiting.is_empty()
     }
 
     /// Writes the blobs whose predecessors in their stream are all written, the earliest cut
@@ -1096,7 +1094,6 @@ impl Ordered {
             stats.blob_bytes_compressed += s.compressed_len() as u64;
             stats.blobs += 1;
             writer.write_blob(&s)?;
-            self.written += 1;
         }
         stats.write += tw.elapsed();
         Ok(())
