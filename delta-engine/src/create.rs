@@ -408,7 +408,7 @@ struct Emitter<'a> {
     run: Run,
     /// The blob being filled for each stream (lanes from [`LIGHT`] on, [`DENSE`]).
     builders: [BlobBuilder; STREAMS],
-    /// Blobs cut, in the order they must be written, with their stream.
+    /// Blobs cut, in the order they were cut (each stream's are written in it), with their stream.
     ready: Vec<(BlobBuilder, usize)>,
     blob_bytes: usize,
     dense_blob_bytes: usize,
