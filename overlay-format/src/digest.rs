@@ -98,21 +98,36 @@ impl fmt::Display for ImageDigest {
 }
 
 /// Incremental [`ImageDigest`]: push the chunk hashes of an image in order.
+///
+/// The hashes are gathered and handed to blake3 64 KiB at a time: blake3 hashes the 1 KiB
+/// chunks of one input in parallel (SIMD), but 16 bytes at a time it compresses one block after
+/// another, about ten times slower (some 15 ms per GiB of image, on the thread that waits).
 #[derive(Clone)]
 pub struct ImageDigester {
     hasher: blake3::Hasher,
+    pending: Vec<u8>,
     chunks: u64,
 }
 
 impl ImageDigester {
+    /// Bytes of chunk hashes gathered before they are hashed.
+    const GATHER: usize = 64 << 10;
+
     /// A digester for an image with no chunks yet.
     pub fn new() -> Self {
-        ImageDigester { hasher: blake3::Hasher::new(), chunks: 0 }
+        ImageDigester { hasher: blake3::Hasher::new(), pending: Vec::new(), chunks: 0 }
     }
 
     /// Appends the hash of the next chunk.
     pub fn push(&mut self, hash: ChunkHash) {
-        self.hasher.update(&hash.0);
+        if self.pending.capacity() == 0 {
+            self.pending.reserve_exact(Self::GATHER);
+        }
+        self.pending.extend_from_slice(&hash.0);
+        if self.pending.len() == Self::GATHER {
+            self.hasher.update(&self.pending);
+            self.pending.clear();
+        }
         self.chunks += 1;
     }
 
@@ -123,7 +138,9 @@ impl ImageDigester {
 
     /// The digest of the chunks pushed.
     pub fn finish(&self) -> ImageDigest {
-        ImageDigest(*self.hasher.finalize().as_bytes())
+        let mut h = self.hasher.clone();
+        h.update(&self.pending);
+        ImageDigest(*h.finalize().as_bytes())
     }
 }
 
@@ -236,6 +253,25 @@ mod tests {
         let hashes: Vec<ChunkHash> = img.chunks(CHUNK_SIZE).map(ChunkHash::of).collect();
         assert_eq!(hashes.len(), 4);
         assert_eq!(ImageDigest::of_bytes(&img), ImageDigest::from_chunk_hashes(hashes));
+    }
+
+    /// The digest is blake3 of the concatenated chunk hashes (FORMAT.md), however many of them
+    /// the digester gathers before hashing: checked across several gathers, and when read
+    /// half-way.
+    #[test]
+    fn image_digest_is_blake3_of_the_concatenated_hashes() {
+        let hashes: Vec<ChunkHash> = (0u32..10_000).map(|i| ChunkHash::of(&i.to_le_bytes())).collect();
+        let mut d = ImageDigester::new();
+        for (k, h) in hashes.iter().enumerate() {
+            if k % 4097 == 0 {
+                let concat: Vec<u8> = hashes[..k].iter().flat_map(|h| h.0).collect();
+                assert_eq!(d.finish().0, *blake3::hash(&concat).as_bytes(), "after {k} hashes");
+            }
+            d.push(*h);
+        }
+        let concat: Vec<u8> = hashes.iter().flat_map(|h| h.0).collect();
+        assert_eq!(d.finish().0, *blake3::hash(&concat).as_bytes());
+        assert_eq!(d.chunks(), 10_000);
     }
 
     #[test]
