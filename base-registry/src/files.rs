@@ -6,8 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use overlay_format::{ChunkHash, ImageDigest, CHUNK_SIZE};
-use rayon::prelude::*;
+use overlay_format::ImageDigest;
 
 /// [`ImageDigest`] of a file, hashing chunks in parallel over a read-only map.
 pub(crate) fn digest_file(path: &Path) -> io::Result<ImageDigest> {
@@ -19,8 +18,7 @@ pub(crate) fn digest_file(path: &Path) -> io::Result<ImageDigest> {
     // SAFETY: registry files are read-only and never truncated while a base exists; a racing
     // writer could only change the digest, which is what verify is for.
     let map = unsafe { memmap2::Mmap::map(&f)? };
-    let hashes: Vec<ChunkHash> = map.par_chunks(CHUNK_SIZE).map(ChunkHash::of).collect();
-    Ok(ImageDigest::from_chunk_hashes(hashes))
+    Ok(ImageDigest::of_bytes(&map))
 }
 
 /// blake3 of a whole file, hex.

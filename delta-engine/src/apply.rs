@@ -8,6 +8,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use overlay_format::digest::hash_tagged;
 use overlay_format::{
     apply_patch, BaseId, ChunkHash, DecodeError, DecodedBlob, ImageDigest, ImageKind, OverlayMeta, OverlayReader,
     RecordRef, Trailer, CHUNK_SIZE,
@@ -664,9 +665,21 @@ impl Prepared {
     fn of(blob: &DecodedBlob, meta: &OverlayMeta, files: &[File]) -> Self {
         let mut p = Prepared::default();
         let mut base_chunk = [0u8; CHUNK_SIZE];
+        // Full chunks to hash, all together at the end (blake3 hashes up to 16 at once).
+        let mut raw_full: Vec<(usize, &[u8; CHUNK_SIZE])> = Vec::new();
         for r in blob.records() {
             match r {
-                RecordRef::Raw { data, .. } => p.raw_hashes.extend(data.chunks(CHUNK_SIZE).map(ChunkHash::of)),
+                RecordRef::Raw { data, .. } => {
+                    for c in data.chunks(CHUNK_SIZE) {
+                        match <&[u8; CHUNK_SIZE]>::try_from(c) {
+                            Ok(full) => {
+                                raw_full.push((p.raw_hashes.len(), full));
+                                p.raw_hashes.push(ChunkHash::zero());
+                            }
+                            Err(_) => p.raw_hashes.push(ChunkHash::of(c)),
+                        }
+                    }
+                }
                 RecordRef::Patch { image, chunk, patch } => {
                     // Validated: the chunk lies inside the image.
                     let size = meta.images[image as usize].size;
@@ -680,10 +693,8 @@ impl Prepared {
                     p.patched.resize(at + len, 0);
                     let out = &mut p.patched[at..];
                     match apply_patch(b, patch, out) {
-                        Ok(()) => {
-                            let h = ChunkHash::of(out);
-                            p.patches.push(Ok((len, h)));
-                        }
+                        // Hashed below, with the others.
+                        Ok(()) => p.patches.push(Ok((len, ChunkHash::zero()))),
                         Err(e) => {
                             p.patched.truncate(at);
                             p.patches.push(Err(PatchFailure::Invalid(e.to_string())));
@@ -691,6 +702,26 @@ impl Prepared {
                     }
                 }
                 _ => {}
+            }
+        }
+        for (at, h) in hash_tagged(raw_full) {
+            p.raw_hashes[at] = h;
+        }
+        let mut patched_full: Vec<(usize, &[u8; CHUNK_SIZE])> = Vec::new();
+        let mut off = 0;
+        for (k, r) in p.patches.iter_mut().enumerate() {
+            if let Ok((len, h)) = r {
+                let out = &p.patched[off..off + *len];
+                off += *len;
+                match <&[u8; CHUNK_SIZE]>::try_from(out) {
+                    Ok(full) => patched_full.push((k, full)),
+                    Err(_) => *h = ChunkHash::of(out),
+                }
+            }
+        }
+        for (k, h) in hash_tagged(patched_full) {
+            if let Ok((_, slot)) = &mut p.patches[k] {
+                *slot = h;
             }
         }
         p

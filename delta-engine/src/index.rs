@@ -137,13 +137,9 @@ pub(crate) fn hash_file(path: &Path, progress: &(dyn Fn(u64) + Sync)) -> io::Res
     for (start, end) in data_extents(&file, len) {
         let (c0, c1) = ((start / CHUNK_SIZE as u64) as usize, (end.div_ceil(CHUNK_SIZE as u64)) as usize);
         hashes[c0..c1].par_chunks_mut(1024).enumerate().for_each(|(i, hs)| {
-            let first = c0 + i * 1024;
-            for (j, h) in hs.iter_mut().enumerate() {
-                let c = first + j;
-                let s = c * CHUNK_SIZE;
-                let e = (s + CHUNK_SIZE).min(len as usize);
-                *h = ChunkHash::of(&bytes[s..e]);
-            }
+            let s = (c0 + i * 1024) * CHUNK_SIZE;
+            let e = (s + hs.len() * CHUNK_SIZE).min(len as usize);
+            overlay_format::digest::hash_chunks(&bytes[s..e], hs);
             progress((hs.len() * CHUNK_SIZE) as u64);
         });
     }
