@@ -398,9 +398,11 @@ pub fn apply_overlay_reader<R: Read + Send>(
     let decode_nanos = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut kinds = KindCounts::default();
     let mut apply_time = Duration::ZERO;
+    let ahead = &Ahead::default();
     let result: Result<(Trailer, u64, Duration), ApplyError> = std::thread::scope(|s| {
-        type Pending = Receiver<Result<(DecodedBlob, Prepared), DecodeError>>;
-        let (tx, rx) = sync_channel::<Result<Pending, DecodeError>>(8);
+        // A blob being decoded: its decoded size, and where its decoding will arrive.
+        type Pending = (u64, Receiver<Result<(DecodedBlob, Prepared), DecodeError>>);
+        let (tx, rx) = sync_channel::<Result<Pending, DecodeError>>(AHEAD_BLOBS);
         let meta_r = meta_arc.clone();
         let dn = decode_nanos.clone();
         let files = base.files().clone();
@@ -413,6 +415,10 @@ pub fn apply_overlay_reader<R: Read + Send>(
                 }
                 match reader.next_blob() {
                     Ok(Some(blob)) => {
+                        let size = blob.uncompressed_len() as u64;
+                        if !ahead.take(size, AHEAD_BYTES) {
+                            return None; // the applier stopped
+                        }
                         let (btx, brx) = sync_channel(1);
                         let meta = meta_r.clone();
                         let dn = dn.clone();
@@ -426,7 +432,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
                             dn.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                             let _ = btx.send(r);
                         });
-                        if tx.send(Ok(brx)).is_err() {
+                        if tx.send(Ok((size, brx))).is_err() {
                             return None;
                         }
                     }
@@ -443,9 +449,12 @@ pub fn apply_overlay_reader<R: Read + Send>(
         });
         let mut applied_bytes = 0u64;
         let mut scratch = Vec::new();
+        // However the applier stops, the reader must not wait for room any more.
+        let _close = ahead.closer();
         for pending in rx {
+            let (decoded, pending) = pending?;
             let (blob, prepared) =
-                pending?.recv().map_err(|_| ApplyError::Mismatch { reason: "decoder vanished".into() })??;
+                pending.recv().map_err(|_| ApplyError::Mismatch { reason: "decoder vanished".into() })??;
             let mut prepared = prepared.hand_out();
             let ta = Instant::now();
             for r in blob.records() {
@@ -453,6 +462,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
             }
             apply_time += ta.elapsed();
             let _ = back_tx.send(blob.into_buffer());
+            ahead.give(decoded);
             // The stream's length is unknown while it arrives: report bytes rebuilt, total 0.
             progress(Progress { phase: "apply", done: applied_bytes, total: 0 });
         }
@@ -519,6 +529,54 @@ pub fn apply_overlay_reader<R: Read + Send>(
         verify,
         total: t0.elapsed(),
     })
+}
+
+/// Blobs the reader may run ahead of the applier, at most.
+const AHEAD_BLOBS: usize = 64;
+/// Decoded bytes the reader may run ahead of the applier, at most (one blob always may). The
+/// two are busy at different times: the applier while it writes a memory image's many short
+/// runs, the reader while it decompresses a lane's chain; the further ahead the reader may get,
+/// the more of one overlaps the other.
+const AHEAD_BYTES: u64 = 128 << 20;
+
+/// The decoded bytes in flight between the reader and the applier.
+#[derive(Default)]
+struct Ahead {
+    /// Bytes in flight, and whether the applier has stopped.
+    state: std::sync::Mutex<(u64, bool)>,
+    freed: std::sync::Condvar,
+}
+
+impl Ahead {
+    /// Waits until `n` more bytes fit under `limit` (or nothing is in flight), and counts them;
+    /// false if the applier has stopped.
+    fn take(&self, n: u64, limit: u64) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !st.1 && st.0 > 0 && st.0 + n > limit {
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.0 += n;
+        !st.1
+    }
+
+    /// `n` bytes were applied.
+    fn give(&self, n: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = st.0.saturating_sub(n);
+        self.freed.notify_all();
+    }
+
+    /// Marks the applier stopped when dropped.
+    fn closer(&self) -> impl Drop + '_ {
+        struct Close<'a>(&'a Ahead);
+        impl Drop for Close<'_> {
+            fn drop(&mut self) {
+                self.0.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+                self.0.freed.notify_all();
+            }
+        }
+        Close(self)
+    }
 }
 
 fn temp_name(path: &Path) -> PathBuf {
@@ -756,5 +814,39 @@ impl PreparedIter {
         let (len, h) = self.patches.next().expect("a result per patch")?;
         self.at += len;
         Ok((&self.patched[self.at - len..self.at], h))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ahead;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// The reader waits for room while the applier works, goes on when bytes are given back,
+    /// and stops waiting (told to stop) once the applier has stopped.
+    #[test]
+    fn the_reader_waits_for_room_until_the_applier_stops() {
+        let ahead = Ahead::default();
+        assert!(ahead.take(100, 150)); // one blob always may, whatever its size
+        let got_room = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                let r = ahead.take(100, 150);
+                got_room.store(true, Ordering::SeqCst);
+                r
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!got_room.load(Ordering::SeqCst), "200 bytes do not fit under 150");
+            ahead.give(100);
+            assert!(t.join().unwrap());
+        });
+        std::thread::scope(|s| {
+            let t = s.spawn(|| ahead.take(100, 150));
+            std::thread::sleep(Duration::from_millis(50));
+            drop(ahead.closer());
+            assert!(!t.join().unwrap(), "the applier stopped");
+        });
+        assert!(!ahead.take(1, 150));
     }
 }
