@@ -7,10 +7,9 @@ use std::path::Path;
 
 use memmap2::Mmap;
 
-/// A read-only view of a whole image file.
+/// A read-only view of a whole file (a qcow2 layer: its tables and clusters are read in place).
 pub(crate) struct Mapped {
     map: Option<Mmap>,
-    len: u64,
 }
 
 impl Mapped {
@@ -28,33 +27,11 @@ impl Mapped {
             let _ = m.advise(memmap2::Advice::Sequential);
             Some(m)
         };
-        Ok((file, Mapped { map, len }))
-    }
-
-    pub fn len(&self) -> u64 {
-        self.len
+        Ok((file, Mapped { map }))
     }
 
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
-    }
-
-    /// Drops this process's page mappings of `[start, end)` (whole pages inside it): a scan
-    /// that is done with a range lets go of it as it goes, so that unmapping the whole file,
-    /// which costs some 50 ms per GiB of mapped pages, does not wait at the end. The bytes
-    /// stay readable: touching them again maps them again from the page cache.
-    pub fn release(&self, start: u64, end: u64) {
-        const PAGE: u64 = 4096;
-        let Some(map) = &self.map else { return };
-        let (s, e) = (start.div_ceil(PAGE) * PAGE, end.min(self.len) / PAGE * PAGE);
-        if s < e {
-            // SAFETY: the map is a shared, read-only map of a file: MADV_DONTNEED only drops
-            // page table entries, and the next read maps the page cache's (the file's) bytes
-            // again, so no borrowed slice of it ever sees other bytes. It cannot discard
-            // anything, as nothing here is private or dirty.
-            let _ =
-                unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s as usize, (e - s) as usize) };
-        }
     }
 }
 
@@ -350,30 +327,6 @@ mod tests {
         let mut all = vec![0u8; LEN];
         out.read_exact_at(&mut all, 0).unwrap();
         assert!(all == model);
-    }
-
-    /// A released range (whole pages, bounds anywhere, past the end too) reads the file's
-    /// bytes again, as does everything around it.
-    #[test]
-    fn released_ranges_read_the_same() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let data: Vec<u8> = (0..5 * 4096 + 100).map(|i| (i * 7 + i / 4096) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let (_, m) = Mapped::open(&path).unwrap();
-        assert!(m.bytes() == data);
-        for (s, e) in [(0, 4096), (100, 9000), (4096, 3 * 4096), (4000, 4100), (0, u64::MAX), (6 * 4096, 7 * 4096)] {
-            m.release(s, e);
-            assert!(m.bytes() == data, "after releasing {s}..{e}");
-        }
-        let (_, empty) = Mapped::open(&{
-            let p = dir.path().join("empty");
-            std::fs::write(&p, b"").unwrap();
-            p
-        })
-        .unwrap();
-        empty.release(0, 4096);
-        assert!(empty.bytes().is_empty());
     }
 
     /// Any mix of writes (contiguous, backwards, overlapping, larger than the buffer), reads

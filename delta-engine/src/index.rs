@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use overlay_format::{ChunkHash, ChunkRef, ImageDigest, ImageKind, CHUNK_SIZE, MAX_IMAGES, MAX_IMAGE_SIZE};
 use rayon::prelude::*;
 
-use crate::file::{data_extents, Mapped};
+use crate::file::data_extents;
 
 const MAGIC: &[u8; 8] = b"CLDINDX1";
 
@@ -122,26 +122,41 @@ impl std::fmt::Debug for BaseIndex {
     }
 }
 
-/// Chunk hashes of one file, hashing in parallel; holes hash as zero without being read.
+/// Chunk hashes of one file, read with `pread` (see [`Base`](crate::Base) for why not
+/// through a map) and hashed in parallel; holes hash as zero without being read.
 pub(crate) fn hash_file(path: &Path, progress: &(dyn Fn(u64) + Sync)) -> io::Result<(u64, Vec<ChunkHash>)> {
-    let (file, map) = Mapped::open(path)?;
-    let len = map.len();
+    const PIECE: usize = 256;
+    thread_local! {
+        /// A piece's bytes, kept by each thread of the pool from piece to piece.
+        static PIECE_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
     let n = len.div_ceil(CHUNK_SIZE as u64) as usize;
     let mut hashes = vec![ChunkHash::zero(); n];
-    // The last chunk of an image whose size is not a multiple of 4 KiB is short: hash it always.
-    if len % CHUNK_SIZE as u64 != 0 {
-        let start = (n - 1) * CHUNK_SIZE;
-        hashes[n - 1] = ChunkHash::of(&map.bytes()[start..]);
-    }
-    let bytes = map.bytes();
     for (start, end) in data_extents(&file, len) {
         let (c0, c1) = ((start / CHUNK_SIZE as u64) as usize, (end.div_ceil(CHUNK_SIZE as u64)) as usize);
-        hashes[c0..c1].par_chunks_mut(1024).enumerate().for_each(|(i, hs)| {
-            let s = (c0 + i * 1024) * CHUNK_SIZE;
-            let e = (s + hs.len() * CHUNK_SIZE).min(len as usize);
-            overlay_format::digest::hash_chunks(&bytes[s..e], hs);
+        hashes[c0..c1].par_chunks_mut(PIECE).enumerate().try_for_each(|(i, hs)| {
+            let s = ((c0 + i * PIECE) * CHUNK_SIZE) as u64;
+            let e = (s + (hs.len() * CHUNK_SIZE) as u64).min(len);
+            PIECE_BUFFER.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.resize((e - s) as usize, 0);
+                crate::base::read_padded_at(&file, s, &mut buf)?;
+                overlay_format::digest::hash_chunks(&buf, hs);
+                io::Result::Ok(())
+            })?;
             progress((hs.len() * CHUNK_SIZE) as u64);
-        });
+            io::Result::Ok(())
+        })?;
+    }
+    // The last chunk of an image whose size is not a multiple of 4 KiB is short: hashed even in
+    // a hole.
+    if len % CHUNK_SIZE as u64 != 0 {
+        let start = ((n - 1) * CHUNK_SIZE) as u64;
+        let mut last = vec![0u8; (len - start) as usize];
+        crate::base::read_padded_at(&file, start, &mut last)?;
+        hashes[n - 1] = ChunkHash::of(&last);
     }
     Ok((len, hashes))
 }

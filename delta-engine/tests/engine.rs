@@ -208,6 +208,23 @@ fn overlay_for_another_base_is_refused_naming_both_ids() {
     assert!(!outputs[0].1.exists());
 }
 
+/// A custom image that cannot be read (here a directory in its place: it opens, and every
+/// read fails) fails creation with an error naming it, not a panic.
+#[test]
+fn an_unreadable_custom_image_is_an_error_naming_it() {
+    let mem: Vec<u8> = (0..4).flat_map(page).collect();
+    let pair = Pair::new(vec![("memory", ImageKind::Memory, mem.clone())], vec![mem]);
+    let base = Base::build(&pair.base_images(), &|_| {}).unwrap();
+    let dir = pair.dir.path().join("not-an-image");
+    std::fs::create_dir(&dir).unwrap();
+    let custom = [CustomImage { name: "memory".into(), source: CustomSource::Raw(dir.clone()) }];
+    match create_overlay(&base, &custom, &info(), b"", &CreateOptions::default(), &|_| {}, Vec::new()) {
+        Err(e @ CreateError::Io { .. }) => assert!(e.to_string().contains("not-an-image"), "{e}"),
+        Err(e) => panic!("not an I/O error: {e}"),
+        Ok(_) => panic!("created an overlay from a directory"),
+    }
+}
+
 fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .unwrap()
