@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::base::{read_padded_at, Base};
 use crate::file::data_extents;
-use crate::qcow2::{LayerChunk, Qcow2Layer};
+use crate::qcow2::{Located, Qcow2Layer};
 use crate::{KindCounts, Progress};
 
 /// One image of the custom VM.
@@ -105,16 +105,37 @@ impl View {
     }
 
     /// Reads what [`View::chunk_in`] needs of chunks `c0..c1` into `buf`: a raw image's data
-    /// extents there (holes are not read), nothing for a qcow2 layer.
+    /// extents there (holes are not read), a qcow2 layer's allocated chunks (in runs that lie
+    /// one after the other in its file).
     fn load(&self, c0: u64, c1: u64, buf: &mut Vec<u8>) -> Result<(), CreateError> {
-        let View::Raw { file, path, size, extents } = self else { return Ok(()) };
-        let (s, e) = (c0 * CHUNK_SIZE as u64, (c1 * CHUNK_SIZE as u64).min(*size));
+        let (s, e) = (c0 * CHUNK_SIZE as u64, (c1 * CHUNK_SIZE as u64).min(self.size()));
         buf.resize((e - s) as usize, 0);
-        let first = extents.partition_point(|&(_, end)| end <= s);
-        for &(a, b) in extents[first..].iter().take_while(|&&(a, _)| a < e) {
-            let (a, b) = (a.max(s), b.min(e));
-            read_padded_at(file, a, &mut buf[(a - s) as usize..(b - s) as usize])
-                .map_err(|source| CreateError::Io { path: path.clone(), source })?;
+        match self {
+            View::Raw { file, path, extents, .. } => {
+                let first = extents.partition_point(|&(_, end)| end <= s);
+                for &(a, b) in extents[first..].iter().take_while(|&&(a, _)| a < e) {
+                    let (a, b) = (a.max(s), b.min(e));
+                    read_padded_at(file, a, &mut buf[(a - s) as usize..(b - s) as usize])
+                        .map_err(|source| CreateError::Io { path: path.clone(), source })?;
+                }
+            }
+            View::Qcow2(l) => {
+                let mut c = c0;
+                while c < c1 {
+                    let Located::At(host) = l.locate(c) else {
+                        c += 1;
+                        continue;
+                    };
+                    let first = c;
+                    c += 1;
+                    while c < c1 && l.locate(c) == Located::At(host + (c - first) * CHUNK_SIZE as u64) {
+                        c += 1;
+                    }
+                    let (a, b) = ((first - c0) as usize * CHUNK_SIZE, ((c - c0) as usize * CHUNK_SIZE).min(buf.len()));
+                    read_padded_at(l.file(), host, &mut buf[a..b])
+                        .map_err(|source| CreateError::Io { path: l.path().to_path_buf(), source })?;
+                }
+            }
         }
         Ok(())
     }
@@ -132,10 +153,13 @@ impl View {
                     Src::Zeros
                 }
             }
-            View::Qcow2(l) => match l.chunk(c, len) {
-                LayerChunk::Backing => Src::Backing,
-                LayerChunk::Zero => Src::Zeros,
-                LayerChunk::Data(d) => Src::Data(d),
+            View::Qcow2(l) => match l.locate(c) {
+                Located::Backing => Src::Backing,
+                Located::Zero => Src::Zeros,
+                Located::At(_) => {
+                    let s = ((c - c0) * CHUNK_SIZE as u64) as usize;
+                    Src::Data(Cow::Borrowed(&buf[s..s + len]))
+                }
             },
         }
     }
@@ -154,9 +178,10 @@ impl View {
             }
             View::Qcow2(l) => {
                 for (k, o) in (c..c + count).zip(out[at..].chunks_mut(CHUNK_SIZE)) {
-                    match l.chunk(k, o.len()) {
-                        LayerChunk::Data(d) => o.copy_from_slice(&d),
-                        LayerChunk::Zero | LayerChunk::Backing => o.fill(0),
+                    match l.locate(k) {
+                        Located::At(host) => read_padded_at(l.file(), host, o)
+                            .map_err(|source| CreateError::Io { path: l.path().to_path_buf(), source })?,
+                        Located::Zero | Located::Backing => o.fill(0),
                     }
                 }
                 Ok(())

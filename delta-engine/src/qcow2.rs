@@ -44,9 +44,21 @@ pub enum LayerChunk<'a> {
     Data(Cow<'a, [u8]>),
 }
 
+/// Where a guest chunk of the layer is ([`Qcow2Layer::locate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Located {
+    /// Not allocated in this layer.
+    Backing,
+    /// Allocated as zeros.
+    Zero,
+    /// At this offset of the layer's file (bytes past its end read as zeros).
+    At(u64),
+}
+
 /// The top layer of a qcow2 image, mapped.
 pub struct Qcow2Layer {
     path: PathBuf,
+    file: File,
     map: Mapped,
     virtual_size: u64,
     cluster_bits: u32,
@@ -87,7 +99,7 @@ impl Qcow2Layer {
     /// Maps `path` and reads its header, L1 and L2 tables.
     pub fn open(path: &Path) -> Result<Self, Qcow2Error> {
         let err = |reason: String| Qcow2Error { path: path.to_owned(), reason };
-        let (_, map) = Mapped::open(path).map_err(|e| err(e.to_string()))?;
+        let (file, map) = Mapped::open(path).map_err(|e| err(e.to_string()))?;
         let b = map.bytes();
         let file_len = b.len() as u64;
         let short = || err(format!("{file_len} bytes: too short for a qcow2 header"));
@@ -209,6 +221,7 @@ impl Qcow2Layer {
         }
         Ok(Qcow2Layer {
             path: path.to_owned(),
+            file,
             map,
             virtual_size,
             cluster_bits,
@@ -242,6 +255,29 @@ impl Qcow2Layer {
     /// Bytes of guest data this layer holds (allocated data and zero clusters).
     pub fn allocated_bytes(&self) -> u64 {
         self.clusters.len() as u64 * (1 << self.cluster_bits)
+    }
+
+    /// The layer's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The layer's open file, to read the data [`Qcow2Layer::locate`] finds with `pread`.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Where guest chunk `c` is.
+    pub(crate) fn locate(&self, c: u64) -> Located {
+        let off = c * CHUNK_SIZE as u64;
+        let gc = off >> self.cluster_bits;
+        match self.clusters.binary_search_by_key(&gc, |&(g, _)| g) {
+            Err(_) => Located::Backing,
+            Ok(i) => match self.clusters[i].1 {
+                1 => Located::Zero,
+                host => Located::At(host + (off & ((1 << self.cluster_bits) - 1))),
+            },
+        }
     }
 
     /// Guest chunk `c` (4 KiB; `len` bytes, shorter at the image's end).
