@@ -287,8 +287,7 @@ fn zero_hash(len: usize) -> ChunkHash {
 /// one another, so in stream order); the other blobs are decompressed on the rayon pool, where
 /// every blob's records are checked, its raw chunks hashed and its patches applied to base
 /// chunks, while the calling thread applies records in order, so applying starts with the
-/// first blob. Base chunks are read with `pread`, not through the base's maps: each is read
-/// once, at scattered offsets, and faulting maps in (and unmapping them) cost more. Digests
+/// first blob. Base chunks are read with `pread` (see [`Base`]). Digests
 /// are checked before the outputs are renamed into place; on any error the partial outputs are
 /// removed.
 pub fn apply_overlay<R: Read + Send>(

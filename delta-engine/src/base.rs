@@ -80,9 +80,8 @@ impl Base {
         read_padded_at(&self.files[i], c.saturating_mul(CHUNK_SIZE as u64), out)
     }
 
-    /// The open files of the images, for reading with `pread` ([`read_padded_at`]) where a map
-    /// would cost page faults and their unmapping: applying reads base chunks once each,
-    /// scattered. Shared, for threads that outlive a borrow of the base.
+    /// The open files of the images, for reading with `pread` ([`read_padded_at`]). Shared, for
+    /// threads that outlive a borrow of the base.
     pub(crate) fn files(&self) -> &Arc<[File]> {
         &self.files
     }
@@ -119,7 +118,7 @@ impl Base {
 }
 
 /// Reads `out.len()` bytes of `file` from offset `at` on with `pread`, zeros past the end of
-/// the file (like [`Base::read_padded`], without touching a map).
+/// the file (what [`Base::read_padded`] does on a base image).
 pub(crate) fn read_padded_at(file: &File, mut at: u64, out: &mut [u8]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mut done = 0;

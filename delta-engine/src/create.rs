@@ -613,10 +613,14 @@ fn classify_group(
     c1: u64,
     opts: &CreateOptions,
 ) -> Result<Classes, CreateError> {
-    GROUP_BUFFERS.with(|bufs| {
-        let mut bufs = bufs.borrow_mut();
-        let (custom, base_bytes) = &mut *bufs;
-        classify_group_in(base, view, ii, c0, c1, opts, custom, base_bytes)
+    GROUP_BUFFERS.with(|bufs| match bufs.try_borrow_mut() {
+        Ok(mut bufs) => {
+            let (custom, base_bytes) = &mut *bufs;
+            classify_group_in(base, view, ii, c0, c1, opts, custom, base_bytes)
+        }
+        // Only if a group ever ran inside another on one thread (it waits on nothing that
+        // could): buffers of its own.
+        Err(_) => classify_group_in(base, view, ii, c0, c1, opts, &mut Vec::new(), &mut Vec::new()),
     })
 }
 
