@@ -576,25 +576,12 @@ impl Emitter<'_> {
     }
 }
 
-/// What each chunk `c0..c1` of custom image `ii` is, with its hash and, for a patch, the patch.
-fn classify(
-    base: &Base,
-    view: &View,
+/// Classifies the chunks of custom image `ii` (read through `view`) against the base.
+struct Classifier<'a> {
+    base: &'a Base,
+    view: &'a View,
     ii: usize,
-    c0: u64,
-    c1: u64,
-    opts: &CreateOptions,
-) -> Result<Classes, CreateError> {
-    // In groups of chunks: each group's bytes are read in a few `pread`s into buffers the
-    // thread keeps, and the chunks a group must hash are hashed together (blake3 hashes up to
-    // 16 chunks at once with SIMD, one 4 KiB chunk alone only 4 ways).
-    const GROUP: u64 = 256;
-    let groups: Vec<u64> = (c0..c1).step_by(GROUP as usize).collect();
-    let parts: Vec<Classes> = groups
-        .into_par_iter()
-        .map(|g| classify_group(base, view, ii, g, (g + GROUP).min(c1), opts))
-        .collect::<Result<_, _>>()?;
-    Ok(parts.concat())
+    opts: &'a CreateOptions,
 }
 
 thread_local! {
@@ -603,130 +590,183 @@ thread_local! {
     static GROUP_BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// [`classify`] of one group of chunks: first what needs no hash of the chunk's bytes (equal to
-/// the base's chunk, zeros), then the others' hashes all at once, then their classes.
-fn classify_group(
-    base: &Base,
-    view: &View,
-    ii: usize,
-    c0: u64,
-    c1: u64,
-    opts: &CreateOptions,
-) -> Result<Classes, CreateError> {
-    GROUP_BUFFERS.with(|bufs| match bufs.try_borrow_mut() {
-        Ok(mut bufs) => {
-            let (custom, base_bytes) = &mut *bufs;
-            classify_group_in(base, view, ii, c0, c1, opts, custom, base_bytes)
-        }
-        // Only if a group ever ran inside another on one thread (it waits on nothing that
-        // could): buffers of its own.
-        Err(_) => classify_group_in(base, view, ii, c0, c1, opts, &mut Vec::new(), &mut Vec::new()),
-    })
-}
+impl Classifier<'_> {
+    /// What each chunk `c0..c1` is, with its hash and, for a patch, the patch.
+    fn classify(&self, c0: u64, c1: u64) -> Result<Classes, CreateError> {
+        // In groups of chunks: each group's bytes are read in a few `pread`s into buffers the
+        // thread keeps, and the chunks a group must hash are hashed together (blake3 hashes up to
+        // 16 chunks at once with SIMD, one 4 KiB chunk alone only 4 ways).
+        const GROUP: u64 = 256;
+        let groups: Vec<u64> = (c0..c1).step_by(GROUP as usize).collect();
+        let parts: Vec<Classes> =
+            groups.into_par_iter().map(|g| self.group(g, (g + GROUP).min(c1))).collect::<Result<_, _>>()?;
+        Ok(parts.concat())
+    }
 
-#[allow(clippy::too_many_arguments)]
-fn classify_group_in(
-    base: &Base,
-    view: &View,
-    ii: usize,
-    c0: u64,
-    c1: u64,
-    opts: &CreateOptions,
-    custom: &mut Vec<u8>,
-    base_bytes: &mut Vec<u8>,
-) -> Result<Classes, CreateError> {
-    let size = view.size();
-    let base_io = base_io(base, ii);
-    view.load(c0, c1, custom)?;
-    let srcs: Vec<Src<'_>> = (c0..c1).map(|c| view.chunk_in(c, chunk_len(size, c), c0, custom)).collect();
-    // The base's bytes at the same offsets, where they are needed: under the custom image's
-    // data, where the base's chunk is whole and not zero (the index knows), read in runs.
-    let needs_base = |k: usize| {
-        let c = c0 + k as u64;
-        matches!(srcs[k], Src::Data(_))
-            && chunk_len(size, c) == CHUNK_SIZE
-            && base.full_hash(ii, c).is_some_and(|h| h != ChunkHash::zero())
-    };
-    base_bytes.resize(srcs.len() * CHUNK_SIZE, 0);
-    let mut k = 0;
-    while k < srcs.len() {
-        if !needs_base(k) {
-            k += 1;
-            continue;
-        }
-        let first = k;
-        while k < srcs.len() && needs_base(k) {
-            k += 1;
-        }
-        base.read_padded(ii, c0 + first as u64, &mut base_bytes[first * CHUNK_SIZE..k * CHUNK_SIZE])
-            .map_err(&base_io)?;
+    /// [`Classifier::classify`] of one group of chunks: first what needs no hash of the chunk's
+    /// bytes (equal to the base's chunk, zeros), then the others' hashes all at once, then their
+    /// classes.
+    fn group(&self, c0: u64, c1: u64) -> Result<Classes, CreateError> {
+        GROUP_BUFFERS.with(|bufs| match bufs.try_borrow_mut() {
+            Ok(mut bufs) => {
+                let (custom, base_bytes) = &mut *bufs;
+                self.group_in(c0, c1, custom, base_bytes)
+            }
+            // Only if a group ever ran inside another on one thread (it waits on nothing that
+            // could): buffers of its own.
+            Err(_) => self.group_in(c0, c1, &mut Vec::new(), &mut Vec::new()),
+        })
     }
-    let mut out: Classes = Vec::with_capacity(srcs.len());
-    let mut fresh: Vec<Unhashed<'_>> = Vec::new();
-    for (k, src) in srcs.into_iter().enumerate() {
-        let c = c0 + k as u64;
-        let len = chunk_len(size, c);
-        let data = match src {
-            Src::Zeros => {
-                let h = if len == CHUNK_SIZE { ChunkHash::zero() } else { ChunkHash::of(&vec![0u8; len]) };
-                let class = if base.chunk_is_zero(ii, c, len) { Class::Same } else { Class::Zero };
-                out.push((class, h, None));
+
+    /// [`Classifier::group`] with the buffers to read into.
+    fn group_in(
+        &self,
+        c0: u64,
+        c1: u64,
+        custom: &mut Vec<u8>,
+        base_bytes: &mut Vec<u8>,
+    ) -> Result<Classes, CreateError> {
+        let Classifier { base, view, ii, .. } = *self;
+        let size = view.size();
+        let base_io = base_io(base, ii);
+        view.load(c0, c1, custom)?;
+        let srcs: Vec<Src<'_>> = (c0..c1).map(|c| view.chunk_in(c, chunk_len(size, c), c0, custom)).collect();
+        // The base's bytes at the same offsets, where they are needed: under the custom image's
+        // data, where the base's chunk is whole and not zero (the index knows), read in runs.
+        let needs_base = |k: usize| {
+            let c = c0 + k as u64;
+            matches!(srcs[k], Src::Data(_))
+                && chunk_len(size, c) == CHUNK_SIZE
+                && base.full_hash(ii, c).is_some_and(|h| h != ChunkHash::zero())
+        };
+        base_bytes.resize(srcs.len() * CHUNK_SIZE, 0);
+        let mut k = 0;
+        while k < srcs.len() {
+            if !needs_base(k) {
+                k += 1;
                 continue;
             }
-            Src::Backing => {
-                let h = match base.full_hash(ii, c) {
-                    Some(h) if len == CHUNK_SIZE => h,
-                    _ => {
-                        let mut padded = vec![0u8; len];
-                        base.read_padded(ii, c, &mut padded).map_err(&base_io)?;
-                        ChunkHash::of(&padded)
-                    }
-                };
+            let first = k;
+            while k < srcs.len() && needs_base(k) {
+                k += 1;
+            }
+            base.read_padded(ii, c0 + first as u64, &mut base_bytes[first * CHUNK_SIZE..k * CHUNK_SIZE])
+                .map_err(&base_io)?;
+        }
+        let mut out: Classes = Vec::with_capacity(srcs.len());
+        let mut fresh: Vec<Unhashed<'_>> = Vec::new();
+        for (k, src) in srcs.into_iter().enumerate() {
+            let c = c0 + k as u64;
+            let len = chunk_len(size, c);
+            let data = match src {
+                Src::Zeros => {
+                    let h = if len == CHUNK_SIZE { ChunkHash::zero() } else { ChunkHash::of(&vec![0u8; len]) };
+                    let class = if base.chunk_is_zero(ii, c, len) { Class::Same } else { Class::Zero };
+                    out.push((class, h, None));
+                    continue;
+                }
+                Src::Backing => {
+                    let h = match base.full_hash(ii, c) {
+                        Some(h) if len == CHUNK_SIZE => h,
+                        _ => {
+                            let mut padded = vec![0u8; len];
+                            base.read_padded(ii, c, &mut padded).map_err(&base_io)?;
+                            ChunkHash::of(&padded)
+                        }
+                    };
+                    out.push((Class::Same, h, None));
+                    continue;
+                }
+                Src::Data(d) => d,
+            };
+            let chunk: &[u8] = &data;
+            let base_hash = base.full_hash(ii, c).filter(|_| len == CHUNK_SIZE);
+            let mut base_chunk = None;
+            let same = match base_hash {
+                // A zero base chunk (a hole, often, where the custom disk got new files) is
+                // compared with zeros: it is not read.
+                Some(h) if h == ChunkHash::zero() => overlay_format::digest::is_zero(chunk).then_some(h),
+                Some(h) => {
+                    let b = &base_bytes[k * CHUNK_SIZE..(k + 1) * CHUNK_SIZE];
+                    base_chunk = Some(b);
+                    (b == chunk).then_some(h)
+                }
+                None => {
+                    // Straddles or lies past the base image's end: compare with the
+                    // zero-padded base bytes.
+                    let mut padded = vec![0u8; len];
+                    base.read_padded(ii, c, &mut padded).map_err(&base_io)?;
+                    (padded == chunk).then(|| ChunkHash::of(chunk))
+                }
+            };
+            if let Some(h) = same {
                 out.push((Class::Same, h, None));
-                continue;
+            } else if overlay_format::digest::is_zero(chunk) {
+                out.push((Class::Zero, ChunkHash::of(chunk), None));
+            } else {
+                fresh.push(Unhashed { at: out.len(), c, data, base_chunk });
+                out.push((Class::Same, ChunkHash::zero(), None)); // set below
             }
-            Src::Data(d) => d,
-        };
-        let chunk: &[u8] = &data;
-        let base_hash = base.full_hash(ii, c).filter(|_| len == CHUNK_SIZE);
-        let mut base_chunk = None;
-        let same = match base_hash {
-            // A zero base chunk (a hole, often, where the custom disk got new files) is
-            // compared with zeros: it is not read.
-            Some(h) if h == ChunkHash::zero() => overlay_format::digest::is_zero(chunk).then_some(h),
-            Some(h) => {
-                let b = &base_bytes[k * CHUNK_SIZE..(k + 1) * CHUNK_SIZE];
-                base_chunk = Some(b);
-                (b == chunk).then_some(h)
-            }
-            None => {
-                // Straddles or lies past the base image's end: compare with the
-                // zero-padded base bytes.
-                let mut padded = vec![0u8; len];
-                base.read_padded(ii, c, &mut padded).map_err(&base_io)?;
-                (padded == chunk).then(|| ChunkHash::of(chunk))
-            }
-        };
-        if let Some(h) = same {
-            out.push((Class::Same, h, None));
-        } else if overlay_format::digest::is_zero(chunk) {
-            out.push((Class::Zero, ChunkHash::of(chunk), None));
-        } else {
-            fresh.push(Unhashed { at: out.len(), c, data, base_chunk });
-            out.push((Class::Same, ChunkHash::zero(), None)); // set below
         }
+        let full = fresh.iter().enumerate().filter_map(|(k, f)| Some((k, (*f.data).try_into().ok()?))).collect();
+        let mut hashes = vec![ChunkHash::zero(); fresh.len()];
+        for (k, h) in overlay_format::digest::hash_tagged(full) {
+            hashes[k] = h;
+        }
+        for (f, h) in fresh.into_iter().zip(hashes) {
+            let chunk: &[u8] = &f.data;
+            let h = if chunk.len() == CHUNK_SIZE { h } else { ChunkHash::of(chunk) };
+            out[f.at] = self.fresh(f.c, chunk, h, f.base_chunk)?;
+        }
+        Ok(out)
     }
-    let full = fresh.iter().enumerate().filter_map(|(k, f)| Some((k, (*f.data).try_into().ok()?))).collect();
-    let mut hashes = vec![ChunkHash::zero(); fresh.len()];
-    for (k, h) in overlay_format::digest::hash_tagged(full) {
-        hashes[k] = h;
+
+    /// The class of a chunk that differs from the base's chunk at its offset and is not zeros;
+    /// `base_chunk` is that base chunk if it was read (whole and not zero).
+    fn fresh(
+        &self,
+        c: u64,
+        chunk: &[u8],
+        h: ChunkHash,
+        base_chunk: Option<&[u8]>,
+    ) -> Result<(Class, ChunkHash, Option<Vec<u8>>), CreateError> {
+        let Classifier { base, ii, opts, .. } = *self;
+        let len = chunk.len();
+        if len == CHUNK_SIZE {
+            if let Some(r) = base.index().find(&h) {
+                // Confirmed byte for byte.
+                let mut b = [0u8; CHUNK_SIZE];
+                base.read_padded(r.image as usize, r.chunk, &mut b).map_err(base_io(base, r.image as usize))?;
+                if b == chunk {
+                    return Ok((Class::Base(r), h, None));
+                }
+            }
+        }
+        // A patch against the same-offset base chunk, if that chunk has content.
+        let patch = match base_chunk {
+            Some(b) => encode_patch(b, chunk, opts.patch_limit),
+            None if !base.chunk_is_zero(ii, c, len) => {
+                let mut b = vec![0u8; len];
+                base.read_padded(ii, c, &mut b).map_err(base_io(base, ii))?;
+                encode_patch(&b, chunk, opts.patch_limit)
+            }
+            None => None,
+        };
+        let stream = match patch {
+            Some(_) => LIGHT,
+            // Nothing to sort by: no histogram.
+            None if !opts.separate_dense && opts.lanes <= 1 => LIGHT,
+            None => {
+                let hist = histogram(chunk);
+                if opts.separate_dense && uniform(&hist, len as u64) {
+                    DENSE
+                } else {
+                    lane_stream(kind_of(&hist, len as u64), opts.lanes)
+                }
+            }
+        };
+        Ok((Class::Fresh { stream }, h, patch))
     }
-    for (f, h) in fresh.into_iter().zip(hashes) {
-        let chunk: &[u8] = &f.data;
-        let h = if chunk.len() == CHUNK_SIZE { h } else { ChunkHash::of(chunk) };
-        out[f.at] = classify_fresh(base, ii, f.c, chunk, h, f.base_chunk, opts)?;
-    }
-    Ok(out)
 }
 
 /// A chunk of a group still to hash and classify.
@@ -738,54 +778,6 @@ struct Unhashed<'a> {
     data: Cow<'a, [u8]>,
     /// The base's chunk at the same offset, if it was read (whole and not zero).
     base_chunk: Option<&'a [u8]>,
-}
-
-/// The class of a chunk that differs from the base's chunk at its offset and is not zeros;
-/// `base_chunk` is that base chunk if it was read (whole and not zero).
-fn classify_fresh(
-    base: &Base,
-    ii: usize,
-    c: u64,
-    chunk: &[u8],
-    h: ChunkHash,
-    base_chunk: Option<&[u8]>,
-    opts: &CreateOptions,
-) -> Result<(Class, ChunkHash, Option<Vec<u8>>), CreateError> {
-    let len = chunk.len();
-    if len == CHUNK_SIZE {
-        if let Some(r) = base.index().find(&h) {
-            // Confirmed byte for byte.
-            let mut b = [0u8; CHUNK_SIZE];
-            base.read_padded(r.image as usize, r.chunk, &mut b).map_err(base_io(base, r.image as usize))?;
-            if b == chunk {
-                return Ok((Class::Base(r), h, None));
-            }
-        }
-    }
-    // A patch against the same-offset base chunk, if that chunk has content.
-    let patch = match base_chunk {
-        Some(b) => encode_patch(b, chunk, opts.patch_limit),
-        None if !base.chunk_is_zero(ii, c, len) => {
-            let mut b = vec![0u8; len];
-            base.read_padded(ii, c, &mut b).map_err(base_io(base, ii))?;
-            encode_patch(&b, chunk, opts.patch_limit)
-        }
-        None => None,
-    };
-    let stream = match patch {
-        Some(_) => LIGHT,
-        // Nothing to sort by: no histogram.
-        None if !opts.separate_dense && opts.lanes <= 1 => LIGHT,
-        None => {
-            let hist = histogram(chunk);
-            if opts.separate_dense && uniform(&hist, len as u64) {
-                DENSE
-            } else {
-                lane_stream(kind_of(&hist, len as u64), opts.lanes)
-            }
-        }
-    };
-    Ok((Class::Fresh { stream }, h, patch))
 }
 
 /// The error of a failed read of base image `i`.
@@ -1009,7 +1001,7 @@ pub fn create_overlay<W: Write>(
                     let (view, new_classes) = (&views[ii], &mut new_classes);
                     s.spawn(move |_| {
                         let ts = Instant::now();
-                        let classes = classify(base, view, ii, c0, c1, opts);
+                        let classes = Classifier { base, view, ii, opts }.classify(c0, c1);
                         *new_classes = Some((b, classes, ts.elapsed()));
                     });
                 }
