@@ -119,27 +119,16 @@ pub fn hash_tagged<T>(chunks: Vec<(T, &[u8; CHUNK_SIZE])>) -> impl Iterator<Item
 /// ([`hash_full_chunks`]).
 pub fn hash_chunks(bytes: &[u8], out: &mut [ChunkHash]) {
     assert_eq!(out.len(), bytes.len().div_ceil(CHUNK_SIZE), "a hash per chunk");
-    let mut batch: Vec<(&[u8; CHUNK_SIZE], usize)> = Vec::with_capacity(HASH_BATCH);
-    let flush = |batch: &mut Vec<(&[u8; CHUNK_SIZE], usize)>, out: &mut [ChunkHash]| {
-        let chunks: Vec<&[u8; CHUNK_SIZE]> = batch.iter().map(|(c, _)| *c).collect();
-        let mut hs = [ChunkHash::zero(); HASH_BATCH];
-        hash_full_chunks(&chunks, &mut hs[..chunks.len()]);
-        for ((_, at), h) in batch.drain(..).zip(hs) {
-            out[at] = h;
-        }
-    };
+    let mut full = Vec::with_capacity(out.len());
     for (i, c) in bytes.chunks(CHUNK_SIZE).enumerate() {
         match <&[u8; CHUNK_SIZE]>::try_from(c) {
-            Ok(full) if !is_zero(full) => {
-                batch.push((full, i));
-                if batch.len() == HASH_BATCH {
-                    flush(&mut batch, out);
-                }
-            }
+            Ok(f) if !is_zero(f) => full.push((i, f)),
             _ => out[i] = ChunkHash::of(c),
         }
     }
-    flush(&mut batch, out);
+    for (i, h) in hash_tagged(full) {
+        out[i] = h;
+    }
 }
 
 /// `ChunkHash::compute(&[0; 4096])`, checked by a unit test.
