@@ -787,7 +787,7 @@ fn base_io(base: &Base, i: usize) -> impl Fn(std::io::Error) -> CreateError + '_
 
 /// A batch: image, first chunk, end chunk.
 type Batch = (usize, u64, u64);
-/// What [`classify`] says of each chunk of a batch.
+/// What [`Classifier::classify`] says of each chunk of a batch.
 type Classes = Vec<(Class, ChunkHash, Option<Vec<u8>>)>;
 
 /// The sequential part of a batch, in chunk order: the image digest, self-dedup, runs and
