@@ -6,8 +6,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use base_registry::Registry;
 use delta_engine::CreateOptions;
+use overlay_format::PortForward;
 use synthesis::{
-    create_base, create_overlay_file, parse_forward, synthesize, BaseRequest, Event, OverlayRequest, RegisteredBase,
+    create_base, create_overlay_file, parse_forward, synthesize_with, BaseRequest, Event, HttpCheck, HttpTarget,
+    OverlayRequest, RegisteredBase, SynthesisOptions,
 };
 use vm_driver::Qemu;
 
@@ -127,8 +129,8 @@ pub struct BaseArgs {
     /// Kernel command line.
     #[arg(long, default_value = "console=ttyS0 quiet panic=-1")]
     pub append: String,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Guest RAM in MiB (16..=1048576).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
     pub ram_mib: u64,
     /// Serial-console text that means the guest is ready.
     #[arg(long, default_value = "cloudlet-guest: ready")]
@@ -144,15 +146,31 @@ pub struct BaseArgs {
     /// closing the viewer also ends the step.
     #[arg(long)]
     pub vnc: bool,
-    /// Then wait until the guest answers HTTP on this port.
-    #[arg(long)]
-    pub wait_http: Option<u16>,
+    /// Then wait until the guest answers HTTP on this guest port, GETting PATH (default /);
+    /// any HTTP answer will do unless --expect-status is given.
+    #[arg(long, value_name = "PORT[/PATH]")]
+    pub wait_http: Option<HttpTarget>,
+    /// How long --wait-http waits, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub wait_timeout: u64,
+    /// With --wait-http, wait for this HTTP status (e.g. 200) instead of any answer.
+    #[arg(long, value_name = "CODE", requires = "wait_http", value_parser = clap::value_parser!(u16).range(100..=599))]
+    pub expect_status: Option<u16>,
     /// Print the result as JSON on stdout (steps still go to stderr).
     #[arg(long)]
     pub json: bool,
     /// Name of the base (unique in the registry).
     #[arg(long)]
     pub name: String,
+}
+
+fn wait_check(target: &Option<HttpTarget>, timeout: u64, expect_status: Option<u16>) -> Option<HttpCheck> {
+    target.as_ref().map(|t| HttpCheck {
+        port: t.port,
+        path: t.path.clone(),
+        expect_status,
+        timeout: Duration::from_secs(timeout),
+    })
 }
 
 fn msf(d: Duration) -> f64 {
@@ -172,7 +190,7 @@ pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<Re
         prepare: a.prepare.clone(),
         interactive: a.interactive || a.vnc,
         vnc: a.vnc,
-        wait_http: a.wait_http,
+        wait_http: wait_check(&a.wait_http, a.wait_timeout, a.expect_status),
         work_dir: reg.root().join(format!(".work-{}", std::process::id())),
     };
     let (b, t) = create_base(qemu, reg, &req, &printer(quiet)).context("creating the base VM")?;
@@ -213,24 +231,32 @@ pub struct OverlayArgs {
     /// closing the viewer also ends the step.
     #[arg(long)]
     pub vnc: bool,
-    /// Then wait until the guest answers HTTP on this port (e.g. the app just started).
-    #[arg(long)]
-    pub wait_http: Option<u16>,
+    /// Then wait until the guest answers HTTP on this guest port, GETting PATH (default /);
+    /// any HTTP answer will do unless --expect-status is given.
+    #[arg(long, value_name = "PORT[/PATH]")]
+    pub wait_http: Option<HttpTarget>,
+    /// How long --wait-http waits, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub wait_timeout: u64,
+    /// With --wait-http, wait for this HTTP status (e.g. 200) instead of any answer.
+    #[arg(long, value_name = "CODE", requires = "wait_http", value_parser = clap::value_parser!(u16).range(100..=599))]
+    pub expect_status: Option<u16>,
     /// Print the result as JSON on stdout (steps still go to stderr).
     #[arg(long)]
     pub json: bool,
-    /// Port forward the app needs, tcp:HOST:GUEST (repeatable; HOST 0 = any).
-    #[arg(long = "forward")]
-    pub forwards: Vec<String>,
+    /// Port forward the app needs, tcp:HOST:GUEST (repeatable; HOST 0 = any). TCP only:
+    /// udp: is refused.
+    #[arg(long = "forward", value_name = "tcp:HOST:GUEST", value_parser = parse_forward)]
+    pub forwards: Vec<PortForward>,
     /// The old spelling, tcp:HOST::GUEST.
-    #[arg(long = "redir", short = 'r')]
-    pub redir: Vec<String>,
+    #[arg(long = "redir", short = 'r', value_name = "tcp:HOST::GUEST", value_parser = parse_forward)]
+    pub redir: Vec<PortForward>,
     /// Compress with xz (smaller, slower) instead of zstd.
     #[arg(long)]
     pub xz: bool,
     /// Compression level (zstd 1..=19, default 4; xz 0..=9, default 6). Chunks that look
     /// incompressible are always stored at the fastest level.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub level: Option<i32>,
     /// Name of the app.
     #[arg(long, default_value = "app")]
@@ -238,6 +264,19 @@ pub struct OverlayArgs {
     /// Overlay file to write.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+impl OverlayArgs {
+    /// Checks `--level` against the compression chosen.
+    pub fn check_level(&self) -> std::result::Result<(), String> {
+        let (range, name) = if self.xz { (0..=9, "xz") } else { (1..=19, "zstd") };
+        match self.level {
+            Some(l) if !range.contains(&l) => {
+                Err(format!("--level {l} is out of range for {name} ({}..={})", range.start(), range.end()))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 fn kinds_json(k: &delta_engine::KindCounts) -> serde_json::Value {
@@ -249,8 +288,8 @@ fn kinds_json(k: &delta_engine::KindCounts) -> serde_json::Value {
 
 /// `cloudlet overlay`.
 pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Result<synthesis::OverlayOutcome> {
+    let forwards: Vec<PortForward> = a.forwards.iter().chain(&a.redir).copied().collect();
     let base = RegisteredBase::find(reg, &a.base).with_context(|| format!("finding base '{}'", a.base))?;
-    let forwards = a.forwards.iter().chain(&a.redir).map(|f| parse_forward(f)).collect::<Result<Vec<_>, _>>()?;
     let mut options = if a.xz { CreateOptions::xz(6) } else { CreateOptions::default() };
     if let Some(l) = a.level {
         options.level = l;
@@ -260,7 +299,7 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
         customize: a.customize.clone(),
         interactive: a.interactive || a.vnc,
         vnc: a.vnc,
-        wait_http: a.wait_http,
+        wait_http: wait_check(&a.wait_http, a.wait_timeout, a.expect_status),
         forwards,
         out: a.out.clone(),
         options,
@@ -308,29 +347,120 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
     Ok(o)
 }
 
-/// `cloudlet synthesis`: returns the running VM.
+/// What to ask the app once its VM runs: `--probe PORT[/PATH]` and its options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProbeArgs {
+    /// Wait for the app's first HTTP answer on this guest port (one the overlay forwards),
+    /// GETting PATH (default /); any HTTP answer will do unless --expect-status is given.
+    #[arg(long, value_name = "PORT[/PATH]")]
+    pub probe: Option<HttpTarget>,
+    /// How long --probe waits, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub probe_timeout: u64,
+    /// With --probe, wait for this HTTP status (e.g. 200) instead of any answer.
+    #[arg(long, value_name = "CODE", requires = "probe", value_parser = clap::value_parser!(u16).range(100..=599))]
+    pub expect_status: Option<u16>,
+}
+
+impl ProbeArgs {
+    fn check(&self) -> Option<HttpCheck> {
+        wait_check(&self.probe, self.probe_timeout, self.expect_status)
+    }
+}
+
+/// Options of `cloudlet synthesis`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SynthesisArgs {
+    /// The overlay file (it names its base by id).
+    #[arg(long)]
+    pub overlay: PathBuf,
+    /// Directory for the rebuilt VM (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Keep the VM running until Enter is pressed (or Ctrl-C); without it the VM is stopped
+    /// as soon as the result is printed.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Keep the rebuilt VM directory afterwards, to start it again with `cloudlet run DIR`
+    /// (without it, the directory is removed when the VM stops).
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the result as JSON on stdout (steps still go to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The first line of an answer's body.
+fn first_body_line(raw: &str) -> String {
+    let body = raw.split_once("\r\n\r\n").or_else(|| raw.split_once("\n\n")).map(|(_, b)| b).unwrap_or("");
+    body.lines().next().unwrap_or("").to_string()
+}
+
+/// Waits until a line arrives on stdin; at the end of stdin (nothing to read), until Ctrl-C.
+fn wait_enter_or_interrupt() {
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).unwrap_or(0) == 0 {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+/// `cloudlet synthesis`: rebuilds and resumes the VM, reports, keeps it running while asked,
+/// stops it, and removes its directory unless `--keep`.
+pub fn synthesis_cmd(qemu: &Qemu, reg: &Registry, a: &SynthesisArgs) -> Result<()> {
+    let s = synth(qemu, reg, &a.overlay, &a.out, a.probe.check(), false, a.json, a.keep_running, a.keep)?;
+    let dir = s.dir.clone();
+    if !a.keep {
+        synthesis::remove_on_interrupt(&dir);
+    }
+    if a.keep_running {
+        eprintln!("VM running; press Enter (or Ctrl-C) to stop it.");
+        wait_enter_or_interrupt();
+    }
+    drop(s);
+    if !a.keep {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    if a.keep_running && !a.json {
+        println!("  VM stopped");
+    }
+    Ok(())
+}
+
+/// `cloudlet synthesis`: returns the running VM. `keep_running` and `keep` only decide what
+/// the report says will happen next (the caller stops the VM and removes the directory).
+#[allow(clippy::too_many_arguments)]
 pub fn synth(
     qemu: &Qemu,
     reg: &Registry,
     overlay: &Path,
     out: &Path,
-    probe: Option<u16>,
+    probe: Option<HttpCheck>,
     quiet: bool,
     json: bool,
+    keep_running: bool,
+    keep: bool,
 ) -> Result<synthesis::Synthesized> {
     let f = std::fs::File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
-    let s = synthesize(qemu, reg, std::io::BufReader::with_capacity(1 << 20, f), out, probe, &printer(quiet))
+    let mut opts = SynthesisOptions::new(out);
+    if let Some(c) = probe {
+        opts.probe_port = Some(c.port);
+        opts.probe_path = c.path;
+        opts.probe_status = c.expect_status;
+        opts.probe_timeout = c.timeout;
+    }
+    let s = synthesize_with(qemu, reg, std::io::BufReader::with_capacity(1 << 20, f), &opts, &printer(quiet))
         .context("synthesis")?;
     let base = &s.base;
     let t = &s.timeline;
-    let answer = s
-        .answer
-        .as_deref()
-        .map(|body| body.split("\r\n\r\n").nth(1).unwrap_or(body).lines().next().unwrap_or("").to_string());
+    let answer = s.answer.as_deref().map(first_body_line);
     if json {
         let v = serde_json::json!({"name": s.meta.name, "base_id": base.entry.manifest.id, "base_name": base.entry.manifest.name,
             "dir": out, "ports": s.ports.iter().map(|(g, h)| serde_json::json!({"guest": g, "host": h, "address": "127.0.0.1"})).collect::<Vec<_>>(),
-            "app_answer": answer,
+            "app_answer": answer, "vm_kept_running": keep_running, "dir_kept": keep,
             "timeline_ms": {"receive": msf(t.receive), "decompress": msf(t.decompress), "apply": msf(t.apply),
                 "verify": msf(t.verify), "rebuild": msf(t.rebuild), "resume": msf(t.resume),
                 "first_answer": t.first_answer.map(msf), "total": msf(t.total)}});
@@ -355,14 +485,80 @@ pub fn synth(
         t.first_answer.map(ms).unwrap_or_else(|| "-".into()),
         ms(t.total)
     );
-    for (g, h) in &s.ports {
-        println!("  forward: 127.0.0.1:{h} -> guest :{g}");
-    }
     if let Some(first) = answer {
         println!("  the app answered: {first}");
     }
+    if keep_running {
+        for (g, h) in &s.ports {
+            println!("  forward: 127.0.0.1:{h} -> guest :{g}");
+        }
+    } else {
+        println!("  VM stopped (--keep-running keeps it running)");
+    }
+    if keep {
+        println!("  kept {}: start it again with `cloudlet run {}`", out.display(), out.display());
+    } else {
+        println!("  removing {} when the VM stops (--keep keeps it for `cloudlet run`)", out.display());
+    }
     Ok(s)
 }
+
+/// Options of `cloudlet run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// A VM directory kept by `cloudlet synthesis --keep`.
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// With --probe, keep the VM running after the answer until Enter (or Ctrl-C) instead of
+    /// stopping it.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+/// `cloudlet run DIR`: resumes a kept synthesized VM, from the state synthesis rebuilt (its
+/// files are not changed: the VM writes to layers of its own, dropped when it stops).
+pub fn run_cmd(qemu: &Qemu, a: &RunArgs) -> Result<()> {
+    use vm_driver::{Hypervisor, Vm};
+    let manifest = a.dir.join("snapshot.json");
+    let bytes = match std::fs::read(&manifest) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{} is not a VM directory kept by `cloudlet synthesis --keep` (no snapshot.json)", a.dir.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", manifest.display())),
+    };
+    let mut snap: vm_driver::Snapshot =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a VM manifest", manifest.display()))?;
+    snap.dir = std::fs::canonicalize(&a.dir).with_context(|| format!("opening {}", a.dir.display()))?;
+    let check = a.probe.check();
+    if let Some(c) = check.as_ref().filter(|c| !snap.guest_ports.contains(&c.port)) {
+        return Err(synthesis::FlowError::NotForwarded { port: c.port, forwarded: snap.guest_ports.clone() })
+            .context(format!("probing {}", a.dir.display()));
+    }
+    let print = printer(false);
+    print(Event::Step(format!("resuming the VM in {}", a.dir.display())));
+    let vm = qemu.restore(&snap, &vm_driver::RestoreOptions::default()).context("resuming the VM")?;
+    for f in vm.forwards() {
+        println!("  forward: 127.0.0.1:{} -> guest :{}", f.host_port, f.guest_port);
+    }
+    if let Some(c) = &check {
+        print(Event::Step(c.describe()));
+        let host = vm.host_port(c.port).expect("checked against the snapshot's ports");
+        let answer = synthesis::http_wait("127.0.0.1", host, c)?;
+        println!("  the app answered: {}", first_body_line(&answer.raw));
+    }
+    if check.is_none() || a.keep_running {
+        eprintln!("VM running; press Enter (or Ctrl-C) to stop it.");
+        wait_enter_or_interrupt();
+    }
+    vm.shutdown().context("stopping the VM")?;
+    println!("  VM stopped");
+    Ok(())
+}
+
+/// The file that marks a demo work directory.
+const DEMO_MARKER: &str = ".cloudlet-demo";
 
 /// `cloudlet demo`: the whole flow on the test guest.
 pub fn demo(work: &Path, guest: &Path) -> Result<()> {
@@ -371,10 +567,19 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             bail!("{} is missing: run scripts/build-guest.sh first", guest.join(f).display());
         }
     }
+    // Only a directory an earlier demo made (it holds the marker) is emptied: never a user's.
+    let marker = work.join(DEMO_MARKER);
     if work.exists() {
-        std::fs::remove_dir_all(work).with_context(|| format!("cleaning {}", work.display()))?;
+        let empty = std::fs::read_dir(work).with_context(|| format!("reading {}", work.display()))?.next().is_none();
+        if !empty && !marker.exists() {
+            bail!("{} exists and was not made by `cloudlet demo`: choose another --work", work.display());
+        }
+        if !empty {
+            std::fs::remove_dir_all(work).with_context(|| format!("cleaning {}", work.display()))?;
+        }
     }
     std::fs::create_dir_all(work)?;
+    std::fs::write(&marker, "made by `cloudlet demo`; emptied by the next one\n")?;
     let qemu = Qemu::new()?;
     let reg = Registry::open(&work.join("registry"))?;
     let t0 = std::time::Instant::now();
@@ -394,6 +599,8 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             interactive: false,
             vnc: false,
             wait_http: None,
+            wait_timeout: 300,
+            expect_status: None,
             json: false,
         },
         false,
@@ -415,20 +622,23 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             base: b.entry.manifest.name.clone(),
             name: "webapp".into(),
             customize: app.iter().map(|s| s.to_string()).collect(),
-            forwards: vec!["tcp:0:8080".into()],
+            forwards: vec![PortForward { protocol: overlay_format::Protocol::Tcp, host_port: 0, guest_port: 8080 }],
             redir: vec![],
             out: work.join("webapp.overlay"),
             xz: false,
             level: None,
             interactive: false,
             vnc: false,
-            wait_http: Some(8080),
+            wait_http: Some(HttpTarget { port: 8080, path: "/".into() }),
+            wait_timeout: 300,
+            expect_status: None,
             json: false,
         },
         false,
     )?;
     println!("== 3/3 synthesis: rebuild the custom VM from base + overlay, resume it, ask the app");
-    let s = synth(&qemu, &reg, &o.path, &work.join("vm"), Some(8080), false, false)?;
+    let probe = HttpCheck::new(8080, Duration::from_secs(60));
+    let s = synth(&qemu, &reg, &o.path, &work.join("vm"), Some(probe), false, false, false, true)?;
     let (base_alloc, base_apparent) = b.sizes();
     println!("== summary");
     println!("  base VM:  {} on disk ({} apparent)", size(base_alloc), size(base_apparent));
@@ -443,28 +653,49 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `cloudlet list-base`.
+/// Allocated (on disk) and apparent bytes of the files in `dir`.
+fn dir_sizes(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut alloc, mut apparent) = (0, 0);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for m in rd.flatten().filter_map(|e| e.metadata().ok()) {
+            alloc += m.blocks() * 512;
+            apparent += m.len();
+        }
+    }
+    (alloc, apparent)
+}
+
+/// `cloudlet list-base`: a table with a header, sizes on disk and apparent.
 pub fn list_base(reg: &Registry, json: bool) -> Result<()> {
     let all = reg.list()?;
     if json {
         let v: Vec<_> = all
             .iter()
-            .map(|b| serde_json::json!({"id": b.manifest.id, "name": b.manifest.name, "bytes": b.size(),
-                "created_unix": b.manifest.created_unix, "source_image": b.manifest.source_image, "spec": b.manifest.spec}))
+            .map(|b| {
+                let (alloc, apparent) = dir_sizes(&b.dir);
+                serde_json::json!({"id": b.manifest.id, "name": b.manifest.name, "bytes": b.size(),
+                "bytes_on_disk": alloc, "bytes_apparent": apparent,
+                "created_unix": b.manifest.created_unix, "source_image": b.manifest.source_image, "spec": b.manifest.spec})
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     if all.is_empty() {
         println!("no bases in {}", reg.root().display());
+        return Ok(());
     }
+    println!("{:<16}  {:<20} {:>11} {:>11}  VM", "ID", "NAME", "ON DISK", "APPARENT");
     for b in all {
         let s = &b.manifest.spec;
+        let (alloc, apparent) = dir_sizes(&b.dir);
         println!(
-            "{}  {:<20} {:>10}  {} MiB RAM, {} disk(s), {} {}",
+            "{}  {:<20} {:>11} {:>11}  {} MiB RAM, {} disk(s), {} {}",
             &b.manifest.id[..16],
             b.manifest.name,
-            size(b.size()),
+            size(alloc),
+            size(apparent),
             s.ram_bytes >> 20,
             s.disks.len(),
             s.machine_type,

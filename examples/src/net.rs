@@ -81,9 +81,9 @@ pub struct ClientArgs {
 }
 
 /// Exit code when the server refused the request (4xx).
-pub const EXIT_REFUSED: u8 = 2;
+pub const EXIT_REFUSED: u8 = crate::exit::REFUSED;
 /// Exit code when the server failed or is busy (5xx, 429).
-pub const EXIT_SERVER: u8 = 3;
+pub const EXIT_SERVER: u8 = crate::exit::SERVER;
 
 struct Progress<R> {
     inner: R,

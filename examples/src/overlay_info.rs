@@ -74,6 +74,10 @@ pub struct Info {
     pub device_state_digest: String,
     /// The damage found, if any.
     pub error: Option<String>,
+    /// The registry looked in for the base.
+    pub registry: Option<String>,
+    /// Whether the base is in that registry.
+    pub base_in_registry: Option<bool>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -205,6 +209,10 @@ pub fn render(info: &Info) -> String {
     let _ = writeln!(o, "name           {}", info.name);
     let _ = writeln!(o, "creator        {} at {} (unix)", info.creator, info.created_unix);
     let _ = writeln!(o, "base id        {}", info.base_id);
+    if let (Some(reg), Some(present)) = (&info.registry, info.base_in_registry) {
+        let verdict = if present { "present in" } else { "NOT in" };
+        let _ = writeln!(o, "base           {verdict} the registry {reg}");
+    }
     if let Some(s) = &info.spec {
         let _ = writeln!(
             o,

@@ -45,7 +45,7 @@ fn overlay_info_reads_golden_files() {
 }
 
 #[test]
-fn overlay_info_exits_2_on_damage() {
+fn overlay_info_exits_3_on_damage() {
     let dir = std::env::temp_dir().join(format!("cloudlet-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut bytes = std::fs::read(golden("v1-zstd.ovl")).unwrap();
@@ -54,16 +54,96 @@ fn overlay_info_exits_2_on_damage() {
     let bad = dir.join("damaged.ovl");
     std::fs::write(&bad, &bytes).unwrap();
     let out = cloudlet().arg("overlay-info").arg(&bad).arg("--verify").output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("DAMAGED"));
     let truncated = dir.join("truncated.ovl");
     std::fs::write(&truncated, &bytes[..n / 2]).unwrap();
     let out = cloudlet().arg("overlay-info").arg(&truncated).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
+    // A file that is not an overlay: only the error, no table of empty fields.
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, "just some notes, not an overlay\n").unwrap();
+    let out = cloudlet().arg("overlay-info").arg(&text).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    assert!(stderr.contains("notes.txt: not an overlay"), "{stderr}");
     let missing = cloudlet().arg("overlay-info").arg(dir.join("nope.ovl")).output().unwrap();
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.ovl"));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn exit_codes_are_one_table_in_help() {
+    let help = cloudlet().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success());
+    for line in [
+        "0    done",
+        "1    failed",
+        "2    usage error",
+        "3    damaged or invalid input",
+        "4    refused by the server",
+        "5    the server failed or is busy",
+        "130  interrupted",
+    ] {
+        assert!(text.contains(line), "{line} missing from --help:\n{text}");
+    }
+    // The README shows the same table.
+    let readme = std::fs::read_to_string(common::root().join("README.md")).unwrap();
+    assert!(readme.contains(cloudlet_examples::exit::TABLE), "README's exit-code table differs from --help's");
+    // Usage errors are clap's 2, and nothing else is 2.
+    let out = cloudlet().arg("no-such-command").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// Runs `cloudlet ARGS` (no VM needed: these fail on the command line) and returns (code, stderr).
+fn refused(args: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cloudlet_in(&dir.path().join("registry")).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn numeric_options_are_range_checked() {
+    let ov = ["overlay", "--base", "deb", "--out", "x.overlay"];
+    let with = |extra: &[&str]| refused(&[&ov[..], extra].concat());
+    let (code, err) = with(&["--level", "99"]);
+    assert!(code == Some(2) && err.contains("99") && err.contains("--level"), "{code:?} {err}");
+    let (code, err) = with(&["--xz", "--level", "12"]);
+    assert!(code == Some(2) && err.contains("--level 12 is out of range for xz (0..=9)"), "{code:?} {err}");
+    let (code, err) = with(&["--level", "0"]);
+    assert!(code == Some(2) && err.contains("out of range for zstd (1..=19)"), "{code:?} {err}");
+    let (code, err) = refused(&["base", "--name", "b", "--kernel", "k", "--initrd", "i", "--ram-mib", "0", "d.raw"]);
+    assert!(code == Some(2) && err.contains("--ram-mib"), "{code:?} {err}");
+    let (code, err) = with(&["--wait-http", "8080", "--wait-timeout", "0"]);
+    assert!(code == Some(2) && err.contains("--wait-timeout"), "{code:?} {err}");
+    let (code, err) = with(&["--wait-http", "70000"]);
+    assert!(code == Some(2) && err.contains("port is out of range"), "{code:?} {err}");
+    let (code, err) = with(&["--expect-status", "200"]);
+    assert!(code == Some(2) && err.contains("--wait-http"), "--expect-status alone: {code:?} {err}");
+    let (code, err) = refused(&["synthesis", "--overlay", "x", "--out", "y", "--probe", "80", "--expect-status", "42"]);
+    assert!(code == Some(2) && err.contains("--expect-status"), "{code:?} {err}");
+    let (code, err) = refused(&["serve", "--max-vms", "0"]);
+    assert!(code == Some(2) && err.contains("must be at least 1"), "{code:?} {err}");
+    let (code, err) = refused(&["client", "--discover", "--discover-timeout", "inf"]);
+    assert!(code == Some(2) && err.contains("between 0.1 and 600"), "{code:?} {err}");
+}
+
+#[test]
+fn forward_errors_say_what_is_wrong() {
+    let ov = ["overlay", "--base", "deb", "--out", "x.overlay", "--forward"];
+    for (spec, why) in [
+        ("udp:5353:53", "udp forwards are not supported, only tcp"),
+        ("tcp:70000:80", "host port '70000' is out of range"),
+        ("tcp:8080", "expected tcp:HOST_PORT:GUEST_PORT"),
+        ("tcp:8080:", "guest port '' is missing"),
+        ("sctp:1:2", "unknown protocol 'sctp'"),
+    ] {
+        let (code, err) = refused(&[&ov[..], &[spec]].concat());
+        assert!(code == Some(2) && err.contains(why), "{spec}: {code:?} {err}");
+    }
 }
 
 #[test]
@@ -89,6 +169,11 @@ fn full_flow_through_the_cli() {
     let list = cl().arg("list-base").output().unwrap();
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(text.contains(" deb "), "{text}");
+    // A header, and the size on disk next to the apparent size (a sparse base: they differ).
+    let header = text.lines().next().unwrap();
+    assert!(header.starts_with("ID") && header.contains("ON DISK") && header.contains("APPARENT"), "{text}");
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_ne!(row[2..4], row[4..6], "on-disk and apparent sizes: {text}");
     let verify = cl().args(["verify-base", "deb"]).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
     let ovl = work.path().join("app.overlay");
@@ -104,13 +189,22 @@ fn full_flow_through_the_cli() {
     let info = cloudlet().arg("overlay-info").arg(&ovl).arg("--verify").output().unwrap();
     let text = String::from_utf8_lossy(&info.stdout);
     assert!(info.status.success() && text.contains("forwards       tcp:0:8080"), "{text}");
+    // --registry says whether the overlay's base is there.
+    let info = cl().arg("overlay-info").arg(&ovl).output().unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("base           present in the registry registry"), "{text}");
+    let info =
+        cloudlet().arg("--registry").arg(work.path().join("nowhere")).arg("overlay-info").arg(&ovl).output().unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("base           NOT in the registry"), "{text}");
+    assert!(!work.path().join("nowhere").exists(), "overlay-info created a registry");
     let vm = work.path().join("vm");
     let out = cl()
         .args(["synthesis", "--overlay"])
         .arg(&ovl)
         .arg("--out")
         .arg(&vm)
-        .args(["--probe", "8080", "--json"])
+        .args(["--probe", "8080", "--json", "--keep"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -129,7 +223,7 @@ fn full_flow_through_the_cli() {
     std::fs::write(&bad, bytes).unwrap();
     let vm2 = work.path().join("vm2");
     let out = cl().args(["synthesis", "--overlay"]).arg(&bad).arg("--out").arg(&vm2).output().unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "a damaged overlay: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!vm2.exists(), "a failed synthesis left {}", vm2.display());
     // Export to another registry; an overlay for a base this cloudlet lacks names the base.
     let exp = work.path().join("deb.base");
@@ -335,4 +429,108 @@ fn overlay_succeeds_and_serves(
     let out = out.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains(&format!("the app answered: {page}")), "{stdout}");
+}
+
+/// What the directory holds besides `registry`, sorted.
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "registry")
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn overlay_and_synthesis_flow_spare_user_files_and_say_what_they_wait_for() {
+    let work = tempfile::tempdir().unwrap();
+    let reg = work.path().join("registry");
+    make_base(&reg);
+    let cl = || cloudlet_in(&reg);
+    // A user's own files where the old code put its work directory and partial file.
+    let ovl = work.path().join("app.overlay");
+    let user_work = work.path().join("app.work");
+    std::fs::create_dir(&user_work).unwrap();
+    std::fs::write(user_work.join("notes.txt"), "mine").unwrap();
+    let user_partial = work.path().join("app.partial");
+    std::fs::write(&user_partial, "my half-written essay").unwrap();
+    let mine = || {
+        assert_eq!(std::fs::read_to_string(user_work.join("notes.txt")).unwrap(), "mine");
+        assert_eq!(std::fs::read_to_string(&user_partial).unwrap(), "my half-written essay");
+    };
+    // A failed run: nothing answers on 8081; the wait says what it waits for and what it saw.
+    let out = cl()
+        .args(["overlay", "--base", "deb", "--forward", "tcp:0:80", "--wait-http", "8081", "--wait-timeout", "3"])
+        .arg("--out")
+        .arg(&ovl)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("waiting up to 3 s for an HTTP answer on guest port 8081 (GET /)"), "{stderr}");
+    assert!(stderr.contains("no HTTP answer from guest port 8081 (forwarded to 127.0.0.1:"), "{stderr}");
+    assert!(stderr.contains("within 3 s; the last attempt:"), "{stderr}");
+    mine();
+    assert_eq!(entries(work.path()), ["app.partial", "app.work"], "a failed overlay left files");
+    // A 404 is an HTTP answer: accepted unless a status is asked for, and named when it is.
+    let out = cl()
+        .args(["overlay", "--base", "deb", "--forward", "tcp:0:80", "--wait-http", "80/missing"])
+        .args(["--expect-status", "200", "--wait-timeout", "2", "--out"])
+        .arg(&ovl)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && stderr.contains("answers 404 Not Found on /missing, not 200, after 2 s"),
+        "{stderr}"
+    );
+    let out = cl()
+        .args(["overlay", "--base", "deb", "--forward", "tcp:0:80", "--wait-http", "80/missing", "--out"])
+        .arg(&ovl)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("guest port 80 answers 404 Not Found on /missing"), "{stderr}");
+    mine();
+    assert_eq!(entries(work.path()), ["app.overlay", "app.partial", "app.work"]);
+
+    // Probing a port the overlay does not forward: refused before any work.
+    let vm = work.path().join("vm");
+    let out =
+        cl().args(["synthesis", "--probe", "8081", "--overlay"]).arg(&ovl).arg("--out").arg(&vm).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && stderr.contains("guest port 8081 is not forwarded by the overlay; it forwards guest port(s) 80"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("rebuilding"), "refused only after rebuilding: {stderr}");
+    assert!(!vm.exists());
+    // Without --keep-running the VM is stopped and said to be; without --keep its directory goes.
+    let out = cl().args(["synthesis", "--probe", "80", "--overlay"]).arg(&ovl).arg("--out").arg(&vm).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("VM stopped") && !stdout.contains("forward:"), "{stdout}");
+    assert!(stdout.contains("the app answered: hello from the cloudlet base guest"), "{stdout}");
+    assert!(!vm.exists(), "the VM directory was left behind");
+    // --keep keeps it, and `run` starts it again (twice: it does not change the directory).
+    let out = cl().args(["synthesis", "--keep", "--overlay"]).arg(&ovl).arg("--out").arg(&vm).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("start it again with `cloudlet run"), "{stdout}");
+    for _ in 0..2 {
+        let out = cloudlet().arg("run").arg(&vm).args(["--probe", "80/", "--expect-status", "200"]).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "run: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("forward: 127.0.0.1:") && stdout.contains("-> guest :80"), "{stdout}");
+        assert!(stdout.contains("the app answered: hello from the cloudlet base guest"), "{stdout}");
+        assert!(stdout.contains("VM stopped"), "{stdout}");
+    }
+    let out = cloudlet().arg("run").arg(work.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("no snapshot.json"), "{stderr}");
+    mine();
+    assert_eq!(processes_mentioning(&work.path().display().to_string()), Vec::<String>::new());
 }

@@ -160,7 +160,7 @@ fn server_flow_concurrent_clients_and_bad_uploads() {
     ids.dedup();
     assert_eq!(ids.len(), 4);
 
-    // Garbage: 400, and the client exits 2 on a refused upload.
+    // Garbage: 400, and the client exits 4 on a refused upload.
     let garbage: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let (st, body) = http(server.addr, &post_head("/v1/synthesis", garbage.len() as u64, Some(token)), &garbage);
     assert_eq!(st, 400, "{body}");
@@ -181,7 +181,12 @@ fn server_flow_concurrent_clients_and_bad_uploads() {
         .env("CLOUDLET_TOKEN", token)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(cloudlet_examples::exit::REFUSED.into()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not hold base 4242"));
     // Declared too large: 413 before any byte is read.
     let (st, body) = http(server.addr, &post_head("/v1/synthesis", 1 << 50, Some(token)), b"");
@@ -240,7 +245,7 @@ fn server_flow_concurrent_clients_and_bad_uploads() {
     assert!(!vms.join(&ids[0]).exists());
     let out =
         cloudlet().args(["client", "--server", &url, "--stop", &ids[0]]).env("CLOUDLET_TOKEN", token).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(cloudlet_examples::exit::REFUSED.into()));
 
     // Ctrl-C stops every VM and removes its files.
     let vms_s = vms.display().to_string();
@@ -317,7 +322,12 @@ fn discovery_in_network_namespaces() {
         .args(["netns", "exec", &net.b, bin, "client", "--discover", "--discover-timeout", "20", "--stop", "vm-none"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(cloudlet_examples::exit::REFUSED.into()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("no VM vm-none"));
     // Listing: every server that answers within the timeout.
     let out = Command::new("ip")

@@ -1,7 +1,6 @@
 //! The three flows: base, overlay, synthesis.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use overlay_format::{OverlayReader, PortForward};
 use vm_driver::{DiskFormat, Forward, Hypervisor, LaunchSpec, Qemu, QemuVm, RamMode, RestoreOptions, Snapshot, Vm};
 
 use crate::base::{register_snapshot, RegisteredBase};
+use crate::http::{http_wait, HttpCheck};
 use crate::{Event, FlowError};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -41,6 +41,12 @@ pub fn interrupt_cleanup() {
     for p in std::mem::take(&mut *pending()) {
         remove(&p);
     }
+}
+
+/// Adds `path` to what [`interrupt_cleanup`] removes: for a caller that removes it itself when
+/// done (e.g. a VM directory removed once its VM stops).
+pub fn remove_on_interrupt(path: &Path) {
+    pending().push(path.to_owned());
 }
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -89,13 +95,82 @@ impl Drop for Guard {
     }
 }
 
+/// Refuses what the flows cannot honour before any work: a udp forward (only tcp is
+/// forwarded), and a probe of a guest port the overlay does not forward.
+fn check_forwards(forwards: &[PortForward], probe_port: Option<u16>) -> Result<(), FlowError> {
+    if let Some(f) = forwards.iter().find(|f| f.protocol != overlay_format::Protocol::Tcp) {
+        return Err(FlowError::Unsupported {
+            what: format!("the {:?} forward of guest port {}: only tcp forwards", f.protocol, f.guest_port)
+                .to_lowercase(),
+        });
+    }
+    if let Some(p) = probe_port.filter(|p| !forwards.iter().any(|f| f.guest_port == *p)) {
+        return Err(FlowError::NotForwarded { port: p, forwarded: forwards.iter().map(|f| f.guest_port).collect() });
+    }
+    Ok(())
+}
+
+/// Creates a path of our own next to `out` (`.NAME.KIND-PID-N`, hidden, in the same
+/// directory) with `create`, which must fail with `AlreadyExists` when the path exists; tries
+/// the next `N` then. Returns the path and a guard that removes it.
+fn fresh_sibling(
+    out: &Path,
+    kind: &str,
+    mut create: impl FnMut(&Path) -> std::io::Result<()>,
+) -> Result<(PathBuf, Guard), FlowError> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    for n in 0..1000u32 {
+        let p = dir.join(format!(".{name}.{kind}-{}-{n}", std::process::id()));
+        match create(&p) {
+            Ok(()) => {
+                let guard = Guard::new(&p);
+                return Ok((p, guard));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(source) => return Err(FlowError::Io { path: p, source }),
+        }
+    }
+    Err(FlowError::Exists { path: dir.join(format!(".{name}.{kind}-{}-999", std::process::id())) })
+}
+
+/// Creates the directory `dir` (and its missing parents), failing with [`FlowError::Exists`]
+/// when `dir` exists: what a flow then removes on error is its own.
+fn create_dir_new(dir: &Path) -> Result<(), FlowError> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| FlowError::Io { path: parent.to_owned(), source })?;
+    }
+    std::fs::create_dir(dir).map_err(|source| match source.kind() {
+        std::io::ErrorKind::AlreadyExists => FlowError::Exists { path: dir.to_owned() },
+        _ => FlowError::Io { path: dir.to_owned(), source },
+    })
+}
+
+/// Moves the finished file `from` to `to` without ever replacing a file at `to`: a hard link
+/// (which fails when `to` exists), then the unlink of `from`. On a file system without hard
+/// links, a rename after a last check.
+pub(crate) fn publish(from: &Path, to: &Path) -> Result<(), FlowError> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(from);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(FlowError::Exists { path: to.to_owned() }),
+        Err(_) if to.symlink_metadata().is_ok() => Err(FlowError::Exists { path: to.to_owned() }),
+        Err(_) => std::fs::rename(from, to).map_err(|source| FlowError::Io { path: to.to_owned(), source }),
+    }
+}
+
 /// The preparation steps of the base and overlay flows: commands over the serial console, a
 /// person at the console, then waiting for the app's HTTP answer.
 fn prepare(
     vm: &mut QemuVm,
     commands: &[String],
     interactive: bool,
-    wait_http: Option<u16>,
+    wait_http: Option<&HttpCheck>,
     events: &(dyn Fn(Event) + Sync),
 ) -> Result<(), FlowError> {
     run_all(vm, commands, events)?;
@@ -123,10 +198,17 @@ fn prepare(
             })?;
         }
     }
-    if let Some(port) = wait_http {
-        let host = vm.host_port(port).ok_or(FlowError::NoAnswer { port, timeout: Duration::ZERO })?;
-        events(Event::Step(format!("waiting for an HTTP answer on guest port {port}")));
-        http_get_until(host, COMMAND_TIMEOUT)?;
+    if let Some(check) = wait_http {
+        let host = vm.host_port(check.port).ok_or_else(|| FlowError::NotForwarded {
+            port: check.port,
+            forwarded: vm.forwards().iter().map(|f| f.guest_port).collect(),
+        })?;
+        events(Event::Step(check.describe()));
+        let answer = http_wait("127.0.0.1", host, check)?;
+        events(Event::Step(format!(
+            "guest port {} answers {} {} on {}",
+            check.port, answer.status, answer.reason, check.path
+        )));
     }
     Ok(())
 }
@@ -189,7 +271,7 @@ pub struct BaseRequest {
     /// for the person of `interactive`.
     pub vnc: bool,
     /// Then wait until the guest answers HTTP on this port (forwarded for the wait only).
-    pub wait_http: Option<u16>,
+    pub wait_http: Option<HttpCheck>,
     /// Scratch directory for the snapshot before it moves into the registry (must not
     /// exist; removed afterwards).
     pub work_dir: PathBuf,
@@ -221,7 +303,7 @@ pub fn create_base(
     }
     let mut t = BaseTimings::default();
     let work = req.work_dir.clone();
-    std::fs::create_dir_all(&work).map_err(|source| FlowError::Io { path: work.clone(), source })?;
+    create_dir_new(&work)?;
     let _work_guard = Guard::new(&work);
     let disk = work.join("disk0.raw");
     std::fs::copy(&req.disk, &disk).map_err(|source| FlowError::Io { path: req.disk.clone(), source })?;
@@ -230,8 +312,8 @@ pub fn create_base(
         &disk,
         DiskFormat::Raw,
     );
-    if let Some(p) = req.wait_http {
-        spec = spec.forward(0, p);
+    if let Some(c) = &req.wait_http {
+        spec = spec.forward(0, c.port);
     }
     spec.vnc_display = req.vnc.then_some(0);
     let (accel, why) = qemu.accelerator(spec.kernel.as_ref());
@@ -240,7 +322,7 @@ pub fn create_base(
     let mut vm = qemu.launch(&spec)?;
     vm.console()?.wait_for_text(&req.ready_text, BOOT_TIMEOUT)?;
     t.boot = t0.elapsed();
-    prepare(&mut vm, &req.prepare, req.interactive, req.wait_http, events)?;
+    prepare(&mut vm, &req.prepare, req.interactive, req.wait_http.as_ref(), events)?;
     events(Event::Step("snapshotting the base VM".into()));
     let t1 = Instant::now();
     let snap = vm.snapshot(&work.join("snapshot"))?;
@@ -267,7 +349,7 @@ pub struct OverlayRequest {
     pub vnc: bool,
     /// Then wait until the guest answers HTTP on this port (one of `forwards`, or forwarded
     /// for the wait only).
-    pub wait_http: Option<u16>,
+    pub wait_http: Option<HttpCheck>,
     /// The app's port forwards (recorded in the overlay).
     pub forwards: Vec<PortForward>,
     /// The overlay file to write (must not exist).
@@ -301,6 +383,7 @@ pub fn create_overlay_file(
     if req.out.exists() {
         return Err(FlowError::Exists { path: req.out.clone() });
     }
+    check_forwards(&req.forwards, None)?;
     if req.vnc && !base.snapshot.display {
         return Err(FlowError::BadBase {
             dir: base.entry.dir.clone(),
@@ -310,15 +393,15 @@ pub fn create_overlay_file(
             ),
         });
     }
-    let work = req.out.with_extension("work");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).map_err(|source| FlowError::Io { path: work.clone(), source })?;
-    let _work_guard = Guard::new(&work);
+    // Work files are created fresh under names of their own, next to the output (the same
+    // file system, so the overlay is renamed into place): a user's `X.work` or `X.partial`
+    // is never touched.
+    let (work, _work_guard) = fresh_sibling(&req.out, "work", |p| std::fs::create_dir(p))?;
     events(Event::Step(format!("resuming base {} ({})", &base.entry.manifest.id[..12], base.entry.manifest.name)));
     let t0 = Instant::now();
     let mut forwards: Vec<Forward> =
         req.forwards.iter().map(|f| Forward { host_port: 0, guest_port: f.guest_port }).collect();
-    if let Some(p) = req.wait_http.filter(|p| !forwards.iter().any(|f| f.guest_port == *p)) {
+    if let Some(p) = req.wait_http.as_ref().map(|c| c.port).filter(|p| !forwards.iter().any(|f| f.guest_port == *p)) {
         forwards.push(Forward { host_port: 0, guest_port: p });
     }
     let mut vm = qemu.restore(
@@ -332,7 +415,7 @@ pub fn create_overlay_file(
     )?;
     let resume = t0.elapsed();
     let t1 = Instant::now();
-    prepare(&mut vm, &req.customize, req.interactive, req.wait_http, events)?;
+    prepare(&mut vm, &req.customize, req.interactive, req.wait_http.as_ref(), events)?;
     run_all(&mut vm, &["sync".to_string()], events)?;
     let customize = t1.elapsed();
     events(Event::Step("snapshotting the custom VM".into()));
@@ -367,9 +450,12 @@ pub fn create_overlay_file(
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    let partial = req.out.with_extension("partial");
-    let mut partial_guard = Guard::new(&partial);
-    let file = std::fs::File::create(&partial).map_err(|source| FlowError::Io { path: partial.clone(), source })?;
+    let mut file = None;
+    let (partial, mut partial_guard) = fresh_sibling(&req.out, "partial", |p| {
+        file = Some(std::fs::OpenOptions::new().write(true).create_new(true).open(p)?);
+        Ok(())
+    })?;
+    let file = file.expect("set when fresh_sibling succeeds");
     let progress = |p: delta_engine::Progress| events(Event::Progress { phase: p.phase, done: p.done, total: p.total });
     let (w, stats) = create_overlay(
         &engine_base,
@@ -382,7 +468,7 @@ pub fn create_overlay_file(
     )?;
     let file = w.into_inner().map_err(|e| FlowError::Io { path: partial.clone(), source: e.into_error() })?;
     file.sync_all().map_err(|source| FlowError::Io { path: partial.clone(), source })?;
-    std::fs::rename(&partial, &req.out).map_err(|source| FlowError::Io { path: req.out.clone(), source })?;
+    publish(&partial, &req.out)?;
     partial_guard.disarm();
     Ok(OverlayOutcome { path: req.out.clone(), stats, resume, customize, snapshot })
 }
@@ -452,17 +538,23 @@ pub struct SynthesisOptions {
     pub probe_port: Option<u16>,
     /// How long to wait for that answer.
     pub probe_timeout: Duration,
+    /// The path the probe GETs (default `/`).
+    pub probe_path: String,
+    /// The status the probe waits for; `None` (the default) accepts any HTTP answer.
+    pub probe_status: Option<u16>,
     /// Address the forwarded host ports listen on.
     pub forward_address: String,
 }
 
 impl SynthesisOptions {
-    /// Defaults: no probe (60 s when set), forwards on 127.0.0.1.
+    /// Defaults: no probe (60 s, `/`, any HTTP answer when set), forwards on 127.0.0.1.
     pub fn new(out_dir: &Path) -> Self {
         SynthesisOptions {
             out_dir: out_dir.to_owned(),
             probe_port: None,
             probe_timeout: Duration::from_secs(60),
+            probe_path: "/".into(),
+            probe_status: None,
             forward_address: "127.0.0.1".into(),
         }
     }
@@ -484,12 +576,13 @@ pub fn synthesize_with<R: Read + Send>(
     }
     let reader = OverlayReader::new(overlay).map_err(|e| FlowError::Apply(e.into()))?;
     let base_id = reader.meta().base_id;
+    check_forwards(&reader.meta().forwards, probe_port)?;
     let base = match registry.get(&base_id) {
         Ok(e) => RegisteredBase::from_entry(e)?,
         Err(base_registry::RegistryError::NotFound { .. }) => return Err(FlowError::UnknownBase { id: base_id }),
         Err(e) => return Err(e.into()),
     };
-    std::fs::create_dir_all(out_dir).map_err(|source| FlowError::Io { path: out_dir.to_owned(), source })?;
+    create_dir_new(out_dir)?;
     let mut out_guard = Guard::new(out_dir);
     let out_dir =
         &std::fs::canonicalize(out_dir).map_err(|source| FlowError::Io { path: out_dir.to_owned(), source })?;
@@ -575,9 +668,19 @@ pub fn synthesize_with<R: Read + Send>(
     let mut answer = None;
     let mut first_answer = None;
     if let Some(gp) = probe_port {
-        let hp = vm.host_port(gp).ok_or(FlowError::NoAnswer { port: gp, timeout: Duration::ZERO })?;
+        let hp = vm.host_port(gp).ok_or_else(|| FlowError::NotForwarded {
+            port: gp,
+            forwarded: vm.forwards().iter().map(|f| f.guest_port).collect(),
+        })?;
+        let check = HttpCheck {
+            port: gp,
+            path: opts.probe_path.clone(),
+            expect_status: opts.probe_status,
+            timeout: opts.probe_timeout,
+        };
+        events(Event::Step(check.describe()));
         let t2 = Instant::now();
-        answer = Some(http_get_from(&opts.forward_address, hp, opts.probe_timeout)?);
+        answer = Some(http_wait(&opts.forward_address, hp, &check)?.raw);
         first_answer = Some(t2.elapsed());
     }
     out_guard.disarm();
@@ -592,29 +695,4 @@ pub fn synthesize_with<R: Read + Send>(
         total: t0.elapsed(),
     };
     Ok(Synthesized { vm, base, meta: report.meta, timeline, ports, answer, dir: out_dir.to_owned() })
-}
-
-/// GETs `/` on 127.0.0.1:`port` until a 200 answer arrives.
-pub fn http_get_until(port: u16, timeout: Duration) -> Result<String, FlowError> {
-    http_get_from("127.0.0.1", port, timeout)
-}
-
-/// GETs `/` on `host`:`port` until a 200 answer arrives.
-pub fn http_get_from(host: &str, port: u16, timeout: Duration) -> Result<String, FlowError> {
-    let start = Instant::now();
-    loop {
-        let r = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect((host, port))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")?;
-            let mut out = String::new();
-            s.take(1 << 20).read_to_string(&mut out)?;
-            Ok(out)
-        })();
-        match r {
-            Ok(body) if body.starts_with("HTTP/1.") && body.contains(" 200 ") => return Ok(body),
-            _ if start.elapsed() > timeout => return Err(FlowError::NoAnswer { port, timeout }),
-            _ => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
 }

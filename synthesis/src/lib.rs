@@ -28,6 +28,7 @@ mod base;
 pub mod discovery;
 mod flows;
 mod forward;
+mod http;
 #[cfg(feature = "server")]
 pub mod server;
 
@@ -36,10 +37,11 @@ use std::time::Duration;
 
 pub use base::RegisteredBase;
 pub use flows::{
-    create_base, create_overlay_file, http_get_from, http_get_until, interrupt_cleanup, interrupted, synthesize,
-    synthesize_with, BaseRequest, BaseTimings, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
+    create_base, create_overlay_file, interrupt_cleanup, interrupted, remove_on_interrupt, synthesize, synthesize_with,
+    BaseRequest, BaseTimings, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
 };
-pub use forward::{parse_forward, ForwardParseError};
+pub use forward::{parse_forward, ForwardParseError, HttpTarget, HttpTargetError};
+pub use http::{http_get_from, http_get_until, http_wait, parse_status_line, HttpAnswer, HttpCheck, POLL_INTERVAL};
 
 /// Progress reported by the flows.
 #[derive(Debug, Clone)]
@@ -137,12 +139,64 @@ pub enum FlowError {
         /// Its stderr.
         output: String,
     },
-    /// The app did not answer on its forwarded port.
-    #[error("no HTTP answer from guest port forwarded to 127.0.0.1:{port} within {timeout:?}")]
+    /// The app did not give the awaited HTTP answer on its forwarded port in time.
+    #[error("{}", no_answer(*.guest_port, .address, .path, *.expect_status, *.timeout, .last))]
     NoAnswer {
-        /// Host port.
-        port: u16,
+        /// The guest port, when known.
+        guest_port: Option<u16>,
+        /// The forward's host address and port.
+        address: String,
+        /// The path asked for.
+        path: String,
+        /// The status awaited (`None`: any HTTP answer).
+        expect_status: Option<u16>,
         /// How long we tried.
         timeout: Duration,
+        /// What the last attempt saw: "answers 404 Not Found", "no connection (...)", ...
+        last: String,
     },
+    /// A guest port to wait on or probe that the VM does not forward.
+    #[error("guest port {port} is not forwarded by the overlay; {}", forwarded_list(.forwarded))]
+    NotForwarded {
+        /// The port asked for.
+        port: u16,
+        /// The guest ports the overlay forwards.
+        forwarded: Vec<u16>,
+    },
+    /// Something the flows do not support.
+    #[error("{what} is not supported")]
+    Unsupported {
+        /// What.
+        what: String,
+    },
+}
+
+fn forwarded_list(ports: &[u16]) -> String {
+    if ports.is_empty() {
+        return "it forwards no ports".into();
+    }
+    let list: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+    format!("it forwards guest port(s) {}", list.join(", "))
+}
+
+fn no_answer(
+    guest_port: Option<u16>,
+    address: &str,
+    path: &str,
+    expect: Option<u16>,
+    timeout: Duration,
+    last: &str,
+) -> String {
+    let port = match guest_port {
+        Some(p) => format!("guest port {p} (forwarded to {address})"),
+        None => address.to_string(),
+    };
+    let t = http::secs(timeout);
+    match (last.strip_prefix("answers "), expect) {
+        (Some(status), Some(want)) => format!("{port} answers {status} on {path}, not {want}, after {t}"),
+        _ => {
+            let what = expect.map(|s| format!("HTTP {s} answer")).unwrap_or_else(|| "HTTP answer".into());
+            format!("no {what} from {port} on {path} within {t}; the last attempt: {last}")
+        }
+    }
 }

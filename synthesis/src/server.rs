@@ -507,6 +507,8 @@ async fn synthesis(
             out_dir: dir,
             probe_port: probe,
             probe_timeout: st2.cfg.probe_timeout,
+            probe_path: "/".into(),
+            probe_status: None,
             forward_address: st2.cfg.listen.ip().to_string(),
         };
         let events = |e: Event| {
@@ -614,6 +616,9 @@ fn flow_error(e: FlowError) -> Response {
         }
         FlowError::Apply(_) => api_error(StatusCode::BAD_REQUEST, "bad_overlay", msg),
         FlowError::NoAnswer { .. } => api_error(StatusCode::GATEWAY_TIMEOUT, "no_answer", msg),
+        FlowError::NotForwarded { .. } | FlowError::Unsupported { .. } => {
+            api_error(StatusCode::BAD_REQUEST, "bad_request", msg)
+        }
         _ => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
     }
 }

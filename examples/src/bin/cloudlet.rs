@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cloudlet_examples::exit;
 
 #[derive(Parser)]
 #[command(
@@ -20,7 +21,8 @@ use clap::{Parser, Subcommand};
                   Over the network:\n  \
                   cloudlet serve --listen 127.0.0.1:7878\n  \
                   cloudlet client --server http://127.0.0.1:7878 --overlay app.overlay --probe 8080\n\n\
-                  `cloudlet demo` runs base, overlay and synthesis on the test guest."
+                  `cloudlet demo` runs base, overlay and synthesis on the test guest.",
+    after_help = cloudlet_examples::exit::TABLE
 )]
 struct Cli {
     /// The base registry directory (default: $CLOUDLET_REGISTRY, else $XDG_DATA_HOME/cloudlet/bases).
@@ -34,7 +36,8 @@ struct Cli {
 enum Command {
     /// Run the whole flow on the test guest: base, overlay (a web app), synthesis.
     Demo {
-        /// Work directory (emptied first; holds its own registry).
+        /// Work directory (holds its own registry; emptied first if an earlier demo made it,
+        /// refused if it holds anything else).
         #[arg(long, default_value = ".cache/demo")]
         work: PathBuf,
         /// The test guest (from scripts/build-guest.sh).
@@ -50,7 +53,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Recompute a base's digests; names every damaged file (exit 2 when damaged).
+    /// Recompute a base's digests; names every damaged file (exit 3 when damaged).
     VerifyBase {
         /// Name, id, or unique id prefix.
         base: String,
@@ -75,24 +78,14 @@ enum Command {
     },
     /// Create an overlay: resume a base, customize it, capture what changed.
     Overlay(cloudlet_examples::flows::OverlayArgs),
-    /// Rebuild a custom VM from an overlay and its registered base, and resume it.
-    Synthesis {
-        /// The overlay file (it names its base by id).
-        #[arg(long)]
-        overlay: PathBuf,
-        /// Directory for the rebuilt VM.
-        #[arg(long)]
-        out: PathBuf,
-        /// Guest port to probe with an HTTP GET before reporting.
-        #[arg(long)]
-        probe: Option<u16>,
-        /// Keep the VM running until Enter is pressed.
-        #[arg(long)]
-        keep_running: bool,
-        /// Print the result as JSON on stdout (steps still go to stderr).
-        #[arg(long)]
-        json: bool,
-    },
+    /// Rebuild a custom VM from an overlay and its registered base, and resume it. The VM is
+    /// stopped once the result is printed (--keep-running: when you press Enter), and its
+    /// directory removed (--keep: kept, for `cloudlet run`).
+    Synthesis(cloudlet_examples::flows::SynthesisArgs),
+    /// Resume a VM kept by `synthesis --keep` again, from the state synthesis rebuilt, with its
+    /// port forwards (on free host ports), until Enter or Ctrl-C; or, with --probe, until it
+    /// answers. The directory is not changed.
+    Run(cloudlet_examples::flows::RunArgs),
     /// Run the synthesis server: overlays POSTed to /v1/synthesis are applied while they
     /// arrive and the VM is resumed with its port forwards. Ctrl-C stops every VM it started.
     Serve {
@@ -103,13 +96,13 @@ enum Command {
         #[arg(long)]
         work: Option<PathBuf>,
         /// Largest overlay accepted, in MiB (larger uploads get 413).
-        #[arg(long, default_value_t = 8192)]
+        #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
         max_overlay_mib: u64,
         /// Syntheses at once (more get 429).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = at_least_one)]
         max_syntheses: usize,
         /// Running VMs at once (more get 503).
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = at_least_one)]
         max_vms: usize,
         /// Require `Authorization: Bearer TOKEN` on /v1.
         #[arg(long, env = "CLOUDLET_TOKEN", hide_env_values = true)]
@@ -121,8 +114,8 @@ enum Command {
     /// Talk to a synthesis server: upload an overlay (it is applied as it arrives), list what
     /// the server has, or stop a VM.
     ///
-    /// Exit codes: 0 done, 2 the server refused the request (bad overlay, unknown base, ...),
-    /// 3 the server failed or is busy, 1 anything else.
+    /// Exit codes: 0 done, 4 the server refused the request (bad overlay, unknown base, ...),
+    /// 5 the server failed or is busy, 1 anything else.
     Client {
         /// Server URL, e.g. http://127.0.0.1:7878.
         #[arg(long, conflicts_with = "discover")]
@@ -131,7 +124,7 @@ enum Command {
         #[arg(long)]
         discover: bool,
         /// Seconds to look for servers.
-        #[arg(long, default_value_t = 3.0)]
+        #[arg(long, default_value_t = 3.0, value_parser = seconds)]
         discover_timeout: f64,
         /// Overlay to synthesize.
         #[arg(long)]
@@ -154,7 +147,8 @@ enum Command {
     },
     /// Show what an overlay holds: base id, VM spec, images, sizes by record kind, digests.
     ///
-    /// Exit codes: 0 readable, 2 damaged (the damage is printed), 1 other errors.
+    /// Exit codes: 0 readable, 3 damaged or not an overlay (only the damage is printed), 1
+    /// other errors (e.g. the file cannot be opened).
     OverlayInfo {
         /// The overlay file.
         file: PathBuf,
@@ -167,15 +161,37 @@ enum Command {
     },
 }
 
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.1..=600.0).contains(&x) => Ok(x),
+        Ok(_) => Err("must be between 0.1 and 600 seconds".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Overlay(a) = &cli.command {
+        if let Err(msg) = a.check_level() {
+            use clap::CommandFactory;
+            Cli::command().error(clap::error::ErrorKind::ValueValidation, msg).exit();
+        }
+    }
     if !matches!(cli.command, Command::Serve { .. }) {
         // Ctrl-C or SIGTERM in the middle of a flow: stop its VMs and remove what it had half
         // written. (The server handles its signals itself.)
         let _ = ctrlc::set_handler(|| {
             synthesis::interrupt_cleanup();
             eprintln!("cloudlet: interrupted; stopped its VMs and removed partial files");
-            std::process::exit(130);
+            std::process::exit(exit::INTERRUPTED.into());
         });
     }
     let result = run(cli);
@@ -190,7 +206,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("cloudlet: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit::code_of(&e))
         }
     }
 }
@@ -222,7 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for (file, problem) in &rep.problems {
                     println!("base {} ({}): {file}: {problem}", &b.manifest.id[..16], b.manifest.name);
                 }
-                return Ok(ExitCode::from(2));
+                return Ok(ExitCode::from(exit::INVALID));
             }
         }
         Command::RmBase { base } => {
@@ -234,14 +250,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ExportBase { base, out } => {
             let reg = registry()?;
             let b = reg.find(&base)?;
-            let tmp = out.with_extension("partial");
-            let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            let res = reg.export(&b.id(), std::io::BufWriter::new(f));
-            if let Err(e) = res {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e.into());
+            if out.symlink_metadata().is_ok() {
+                anyhow::bail!("{} already exists", out.display());
             }
-            std::fs::rename(&tmp, &out)?;
+            // A partial file of our own next to the output (a user's `X.partial` is never
+            // touched), linked into place only if nothing appeared at `out` meanwhile.
+            let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            synthesis::remove_on_interrupt(&tmp);
+            let res = reg
+                .export(&b.id(), std::io::BufWriter::new(f))
+                .map_err(anyhow::Error::from)
+                .and_then(|()| std::fs::hard_link(&tmp, &out).with_context(|| format!("creating {}", out.display())));
+            let _ = std::fs::remove_file(&tmp);
+            res?;
             println!("exported base {} ({}) to {}", b.manifest.id, b.manifest.name, out.display());
         }
         Command::ImportBase { file } => {
@@ -253,15 +280,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let qemu = vm_driver::Qemu::new()?;
             flows::overlay(&qemu, &registry()?, &a, false)?;
         }
-        Command::Synthesis { overlay, out, probe, keep_running, json } => {
+        Command::Synthesis(a) => {
             let qemu = vm_driver::Qemu::new()?;
-            let s = flows::synth(&qemu, &registry()?, &overlay, &out, probe, false, json)?;
-            if keep_running {
-                eprintln!("VM running; press Enter to stop it.");
-                let mut line = String::new();
-                let _ = std::io::stdin().read_line(&mut line);
-            }
-            drop(s);
+            flows::synthesis_cmd(&qemu, &registry()?, &a)?;
+        }
+        Command::Run(a) => {
+            let qemu = vm_driver::Qemu::new()?;
+            flows::run_cmd(&qemu, &a)?;
         }
         Command::Serve { listen, work, max_overlay_mib, max_syntheses, max_vms, token, advertise } => {
             let dir = cli.registry.clone().unwrap_or_else(Registry::default_dir);
@@ -290,8 +315,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
         }
         Command::OverlayInfo { file, verify, json } => {
-            let (info, err) =
+            let (mut info, err) =
                 overlay_info::inspect(&file, verify).with_context(|| format!("cannot open {}", file.display()))?;
+            let header_read = !info.format_version.is_empty();
+            if let (Some(e), false) = (&info.error, header_read || json) {
+                // Not an overlay, or damaged before its metadata: nothing else to show.
+                eprintln!("cloudlet: {}: {e}", file.display());
+                return Ok(ExitCode::from(exit::INVALID));
+            }
+            if header_read {
+                let dir = cli.registry.clone().unwrap_or_else(Registry::default_dir);
+                info.registry = Some(dir.display().to_string());
+                // A registry that does not exist is not created by a look.
+                info.base_in_registry =
+                    Some(dir.is_dir() && Registry::open(&dir).is_ok_and(|r| r.find(&info.base_id).is_ok()));
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
@@ -301,7 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if !json {
                     eprintln!("cloudlet: {} is damaged", file.display());
                 }
-                return Ok(ExitCode::from(2));
+                return Ok(ExitCode::from(exit::INVALID));
             }
             if verify && !json {
                 println!("verify         OK: every frame checksum, record and trailer count checked");

@@ -1,0 +1,49 @@
+//! The exit codes of every `cloudlet` command: one table, shown by `cloudlet --help` and the
+//! README.
+
+/// Done.
+pub const OK: u8 = 0;
+/// Failed (a file missing, a VM that would not start, a guest that did not answer, ...).
+pub const FAILURE: u8 = 1;
+/// The command line is wrong (clap's own code: an unknown option, a value out of range).
+pub const USAGE: u8 = 2;
+/// An input is damaged or not what it should be: not an overlay, a damaged overlay, base or
+/// export file.
+pub const INVALID: u8 = 3;
+/// The server refused the request (4xx other than 429: bad overlay, unknown base, token).
+pub const REFUSED: u8 = 4;
+/// The server failed or is busy (5xx, 429).
+pub const SERVER: u8 = 5;
+/// Interrupted by Ctrl-C or SIGTERM (its VMs were stopped and its half-written files removed).
+pub const INTERRUPTED: u8 = 130;
+
+/// The table, for `--help` and the README.
+pub const TABLE: &str = "Exit codes (every command):\n  \
+    0    done\n  \
+    1    failed\n  \
+    2    usage error (the command line is wrong)\n  \
+    3    damaged or invalid input (not an overlay, a damaged overlay, base or export)\n  \
+    4    refused by the server (client)\n  \
+    5    the server failed or is busy (client)\n  \
+    130  interrupted (its VMs were stopped and its half-written files removed)";
+
+/// The exit code for an error: [`INVALID`] when its cause is damaged or invalid input,
+/// [`FAILURE`] otherwise.
+pub fn code_of(e: &anyhow::Error) -> u8 {
+    use delta_engine::ApplyError as A;
+    for cause in e.chain() {
+        if cause.is::<overlay_format::DecodeError>() {
+            return INVALID;
+        }
+        if let Some(a) = cause.downcast_ref::<A>() {
+            return match a {
+                A::Io { .. } | A::OutputExists { .. } => FAILURE,
+                _ => INVALID,
+            };
+        }
+        if let Some(base_registry::RegistryError::BadExport { .. }) = cause.downcast_ref() {
+            return INVALID;
+        }
+    }
+    FAILURE
+}
