@@ -506,7 +506,8 @@ pub fn synth(
 /// Options of `cloudlet run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// A VM directory kept by `cloudlet synthesis --keep`.
+    /// A VM directory kept by `cloudlet synthesis --keep` (its base must still be
+    /// registered: the VM's disks are layers over the base's).
     pub dir: PathBuf,
     #[command(flatten)]
     pub probe: ProbeArgs,

@@ -106,6 +106,21 @@ fn refused(args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[test]
+fn damaged_inputs_exit_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.base");
+    std::fs::write(&junk, "not an export at all\n".repeat(100)).unwrap();
+    let (code, err) = refused(&["import-base", junk.to_str().unwrap()]);
+    assert_eq!(code, Some(3), "{err}");
+    let ovl = dir.path().join("junk.overlay");
+    std::fs::write(&ovl, "not an overlay\n".repeat(300)).unwrap();
+    let out = dir.path().join("vm");
+    let (code, err) = refused(&["synthesis", "--overlay", ovl.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(code == Some(3) && err.contains("not an overlay"), "{code:?} {err}");
+    assert!(!out.exists());
+}
+
+#[test]
 fn numeric_options_are_range_checked() {
     let ov = ["overlay", "--base", "deb", "--out", "x.overlay"];
     let with = |extra: &[&str]| refused(&[&ov[..], extra].concat());
@@ -127,6 +142,8 @@ fn numeric_options_are_range_checked() {
     assert!(code == Some(2) && err.contains("--expect-status"), "{code:?} {err}");
     let (code, err) = refused(&["serve", "--max-vms", "0"]);
     assert!(code == Some(2) && err.contains("must be at least 1"), "{code:?} {err}");
+    let (code, err) = refused(&["client", "--server", "http://127.0.0.1:9", "--check", "0"]);
+    assert!(code == Some(2) && err.contains("--check"), "{code:?} {err}");
     let (code, err) = refused(&["client", "--discover", "--discover-timeout", "inf"]);
     assert!(code == Some(2) && err.contains("between 0.1 and 600"), "{code:?} {err}");
 }

@@ -130,10 +130,10 @@ enum Command {
         #[arg(long)]
         overlay: Option<PathBuf>,
         /// Guest port the server waits on for the app's first HTTP answer.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         probe: Option<u16>,
         /// Guest port to GET from here through its forward once the VM runs.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         check: Option<u16>,
         /// Bearer token.
         #[arg(long, env = "CLOUDLET_TOKEN", hide_env_values = true)]
