@@ -110,7 +110,7 @@ pub(crate) fn read(input: impl Read, dir: &Path) -> Result<Manifest, RegistryErr
     }
     let mut mbytes = vec![0u8; mlen as usize];
     r.exact(&mut mbytes, "the manifest")?;
-    let manifest = Manifest::parse(&mbytes, dir).map_err(|e| bad(12, e.to_string()))?;
+    let manifest = Manifest::parse(&mbytes).map_err(|e| bad(12, format!("refused manifest: {e}")))?;
     let files: Vec<FileEntry> = manifest.files.iter().chain(manifest.index.iter()).cloned().collect();
     let mut buf = vec![0u8; 1 << 20];
     for f in &files {

@@ -44,6 +44,7 @@
 
 mod export;
 mod files;
+mod validate;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -54,6 +55,7 @@ pub use overlay_format::{BaseId, ImageDigest, VmSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::files::{digest_file, fsync_dir, place_file};
+pub(crate) use crate::validate::valid_name;
 
 /// Registry layout version written to `registry.json`.
 pub const REGISTRY_FORMAT: u32 = 1;
@@ -159,8 +161,9 @@ pub struct FileEntry {
 pub struct Manifest {
     /// Manifest format (1).
     pub format: u32,
-    /// Base id, hex.
-    pub id: String,
+    /// Base id (64 hex digits in the JSON).
+    #[serde(with = "hex_id")]
+    pub id: BaseId,
     /// Unique human name.
     pub name: String,
     /// Where the base came from (e.g. the raw disk image path).
@@ -192,23 +195,34 @@ impl Manifest {
         self
     }
 
-    fn parse(bytes: &[u8], at: &Path) -> Result<Self> {
-        let bad = |reason: String| RegistryError::Corrupt { dir: at.to_owned(), reason };
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(format!("manifest: {e}")))?;
-        if m.format != 1 {
-            return Err(bad(format!("manifest format {}", m.format)));
-        }
+    /// Parses and checks a manifest: its checksum and every rule a base follows (the same
+    /// rules [`Registry::register`] applies). The error says what is wrong.
+    fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("manifest: {e}"))?;
         if m.checksum != m.compute_checksum() {
-            return Err(bad("manifest checksum mismatch".into()));
+            return Err("manifest checksum mismatch".into());
         }
-        if BaseId::from_hex(&m.id).is_none() {
-            return Err(bad("manifest id is not 64 hex digits".into()));
-        }
+        validate::check_manifest(&m)?;
         Ok(m)
     }
 
     fn base_id(&self) -> BaseId {
-        BaseId::from_hex(&self.id).expect("checked by parse")
+        self.id
+    }
+}
+
+/// A [`BaseId`] as 64 hex digits in JSON.
+mod hex_id {
+    use overlay_format::BaseId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(id: &BaseId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&id.to_hex())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BaseId, D::Error> {
+        let s = String::deserialize(d)?;
+        BaseId::from_hex(&s).ok_or_else(|| serde::de::Error::custom(format!("id {s:?} is not 64 hex digits")))
     }
 }
 
@@ -298,16 +312,6 @@ impl VerifyReport {
 #[derive(Debug, Clone)]
 pub struct Registry {
     root: PathBuf,
-}
-
-const REQUIRED: [&str; 2] = ["memory", "device-state"];
-const OPTIONAL: [&str; 2] = ["kernel", "initrd"];
-
-fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 64
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !n.starts_with('.')
 }
 
 fn crash_point(step: &str) {
@@ -416,13 +420,12 @@ impl Registry {
         if bytes.len() as u64 > MAX_MANIFEST_LEN {
             return Err(RegistryError::Corrupt { dir: dir.to_owned(), reason: "manifest over 1 MiB".into() });
         }
-        let manifest = Manifest::parse(&bytes, dir)?;
-        if dir.file_name().and_then(|n| n.to_str()) != Some(manifest.id.as_str()) {
-            return Err(RegistryError::Corrupt {
-                dir: dir.to_owned(),
-                reason: "directory name is not the manifest's id".into(),
-            });
+        let bad = |reason: String| RegistryError::Corrupt { dir: dir.to_owned(), reason };
+        let manifest = Manifest::parse(&bytes).map_err(bad)?;
+        if dir.file_name().and_then(|n| n.to_str()) != Some(manifest.id.to_hex().as_str()) {
+            return Err(bad(format!("directory name is not the manifest's id {}", manifest.id)));
         }
+        validate::check_entry_files(&manifest, dir).map_err(bad)?;
         Ok(BaseEntry { dir: dir.to_owned(), manifest })
     }
 
@@ -457,7 +460,7 @@ impl Registry {
         }
         let q = query.to_ascii_lowercase();
         if q.len() >= 4 && q.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let m: Vec<&BaseEntry> = all.iter().filter(|b| b.manifest.id.starts_with(&q)).collect();
+            let m: Vec<&BaseEntry> = all.iter().filter(|b| b.manifest.id.to_hex().starts_with(&q)).collect();
             match m.len() {
                 0 => {}
                 1 => return Ok(m[0].clone()),
@@ -479,43 +482,23 @@ impl Registry {
         if !valid_name(&new.name) {
             return Err(bad("names are 1-64 characters of [A-Za-z0-9._-], not starting with '.'".into()));
         }
-        let mut wanted: Vec<String> = REQUIRED.iter().map(|s| s.to_string()).collect();
-        wanted.extend(new.spec.disks.iter().map(|d| d.name.clone()));
-        for (n, _) in &new.files {
-            if !valid_name(n) || n == "manifest.json" {
-                return Err(bad(format!("bad file name '{n}'")));
-            }
-            if !wanted.contains(n) && !OPTIONAL.contains(&n.as_str()) && n != "index" {
-                return Err(bad(format!(
-                    "unexpected file '{n}' (not memory, device-state, a disk of the spec, kernel, initrd or index)"
-                )));
-            }
-            if new.files.iter().filter(|(m, _)| m == n).count() > 1 {
-                return Err(bad(format!("file '{n}' given twice")));
-            }
-        }
-        for w in &wanted {
-            if !new.files.iter().any(|(n, _)| n == w) {
-                return Err(bad(format!("missing file '{w}'")));
-            }
-        }
-        // Sizes and digests (read-only work, before taking the lock).
-        let mut entries = Vec::new();
-        let mut index = None;
+        // The same rules as import and opening an entry, on the sources' names and sizes.
+        let mut sized = Vec::new();
         for (n, p) in &new.files {
             let meta = fs::metadata(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
             if !meta.is_file() {
                 return Err(bad(format!("{} is not a regular file", p.display())));
             }
-            let size = meta.len();
-            if n == "memory" && size != new.spec.ram_bytes {
-                return Err(bad(format!("memory image is {size} bytes, the spec says {}", new.spec.ram_bytes)));
-            }
-            if let Some(d) = new.spec.disks.iter().find(|d| &d.name == n) {
-                if size != d.size_bytes {
-                    return Err(bad(format!("disk '{n}' is {size} bytes, the spec says {}", d.size_bytes)));
-                }
-            }
+            sized.push((n.as_str(), meta.len()));
+        }
+        validate::check_files(&new.spec, &sized, true).map_err(bad)?;
+        if new.labels.len() > 256 || new.labels.iter().any(|(k, v)| k.len() > 256 || v.len() > 4096) {
+            return Err(bad("at most 256 labels, keys up to 256 bytes, values up to 4096".into()));
+        }
+        // Sizes and digests (read-only work, before taking the lock).
+        let mut entries = Vec::new();
+        let mut index = None;
+        for ((n, p), &(_, size)) in new.files.iter().zip(&sized) {
             if n == "index" {
                 let h = files::blake3_file(p).map_err(io(p))?;
                 index = Some(FileEntry { name: n.clone(), size, digest: h });
@@ -528,7 +511,7 @@ impl Registry {
         let id = BaseId::compute(&new.spec, &refs);
         let manifest = Manifest {
             format: 1,
-            id: id.to_hex(),
+            id,
             name: new.name.clone(),
             source_image: new.source_image.clone(),
             created_unix: now_unix(),

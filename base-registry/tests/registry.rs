@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use base_registry::*;
-use overlay_format::DiskSpec;
+use overlay_format::{DiskSpec, ImageDigest};
 
 const MEM: u64 = 4 << 20;
 const DISK: u64 = 1 << 20;
@@ -133,7 +133,7 @@ fn ambiguous_prefix_lists_candidates() {
         let dir = root.join("bases").join(&id);
         std::fs::create_dir(&dir).unwrap();
         let mut m = a.manifest.clone();
-        m.id = id;
+        m.id = BaseId::from_hex(&id).unwrap();
         m.name = name.to_string();
         m.checksum = String::new();
         m.checksum = blake3::hash(&serde_json::to_vec(&m).unwrap()).to_hex().to_string();
@@ -275,4 +275,161 @@ fn a_crash_at_any_step_leaves_no_partial_entry() {
         }
     }
     assert_eq!(reg.list().unwrap().len(), steps.len());
+}
+
+/// `m` with its checksum recomputed, as a tamperer would.
+fn sealed(mut m: Manifest) -> Manifest {
+    m.checksum = String::new();
+    m.checksum = blake3::hash(&serde_json::to_vec(&m).unwrap()).to_hex().to_string();
+    m
+}
+
+/// An export file in the documented layout, holding `files` under a manifest built for them:
+/// digests, id and checksums all consistent, so only the names can be refused.
+fn crafted_export(spec: VmSpec, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let entries: Vec<FileEntry> = files
+        .iter()
+        .map(|(n, b)| FileEntry {
+            name: n.to_string(),
+            size: b.len() as u64,
+            digest: ImageDigest::of_bytes(b).to_string(),
+        })
+        .collect();
+    let refs: Vec<(&str, ImageDigest)> = files.iter().map(|(n, b)| (*n, ImageDigest::of_bytes(b))).collect();
+    let m = sealed(Manifest {
+        format: 1,
+        id: BaseId::compute(&spec, &refs),
+        name: "crafted".into(),
+        source_image: None,
+        created_unix: 0,
+        spec,
+        files: entries,
+        index: None,
+        labels: Default::default(),
+        checksum: String::new(),
+    });
+    let mj = serde_json::to_vec(&m).unwrap();
+    let mut raw = b"CLDBASE1".to_vec();
+    raw.extend((mj.len() as u32).to_le_bytes());
+    raw.extend(&mj);
+    for (n, b) in files {
+        raw.extend((n.len() as u16).to_le_bytes());
+        raw.extend(n.as_bytes());
+        raw.extend((b.len() as u64).to_le_bytes());
+        raw.extend(b);
+    }
+    let sum = *blake3::hash(&raw).as_bytes();
+    raw.extend(sum);
+    zstd::encode_all(&raw[..], 3).unwrap()
+}
+
+/// A crafted export whose names would lead outside the entry directory (an absolute disk path,
+/// `..`, a NUL, a disk that shadows another file) is refused before any file is written, with
+/// an error naming the field and the value, and leaves the registry as it was.
+#[test]
+fn import_refuses_hostile_names() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::open(&t.path().join("reg")).unwrap();
+    let outside = t.path().join("host-file");
+    std::fs::write(&outside, vec![1u8; DISK as usize]).unwrap();
+    let mem = vec![0u8; MEM as usize];
+    let hostile_disks = [
+        outside.display().to_string(),
+        "/etc/passwd".to_string(),
+        "../../host-file".to_string(),
+        "..".to_string(),
+        "sub/disk".to_string(),
+        "disk\0x".to_string(),
+        "memory".to_string(),
+        "x".repeat(65),
+    ];
+    for disk in &hostile_disks {
+        // The disk is named in the spec only (the files need not hold it for the id to check out).
+        let mut sp = spec();
+        sp.disks = vec![DiskSpec { name: disk.clone(), size_bytes: DISK }];
+        let e = reg
+            .import(&crafted_export(sp.clone(), &[("memory", mem.clone()), ("device-state", b"QEVM".to_vec())])[..])
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::BadExport { offset: 12, .. }), "{disk:?}: {e}");
+        assert!(e.to_string().contains("disk"), "{disk:?}: the error should name the field: {e}");
+        // Also with the hostile name as a file of the export.
+        let e = reg
+            .import(
+                &crafted_export(
+                    sp,
+                    &[
+                        ("memory", mem.clone()),
+                        ("device-state", b"QEVM".to_vec()),
+                        (disk.as_str(), vec![1; DISK as usize]),
+                    ],
+                )[..],
+            )
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::BadExport { offset: 12, .. }), "{disk:?}: {e}");
+        assert!(reg.list().unwrap().is_empty());
+        assert_eq!(staging_entries(reg.root()), 0, "{disk:?}");
+    }
+    // A file the spec does not call for, and a memory image of the wrong size.
+    let e = reg
+        .import(
+            &crafted_export(
+                spec(),
+                &[
+                    ("memory", mem.clone()),
+                    ("device-state", vec![1]),
+                    ("disk0", vec![0; DISK as usize]),
+                    ("extra", vec![1]),
+                ],
+            )[..],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("unexpected file 'extra'"), "{e}");
+    let e = reg
+        .import(
+            &crafted_export(
+                spec(),
+                &[("memory", vec![0; 4096]), ("device-state", vec![1]), ("disk0", vec![0; DISK as usize])],
+            )[..],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("memory image is 4096 bytes"), "{e}");
+    // The same export with sane names imports.
+    let ok = reg
+        .import(&crafted_export(spec(), &[("memory", mem), ("device-state", vec![1]), ("disk0", vec![0; DISK as usize])])[..])
+        .unwrap();
+    assert!(reg.verify(&ok.id()).unwrap().is_ok());
+    assert_eq!(std::fs::read(&outside).unwrap(), vec![1u8; DISK as usize], "the host file was touched");
+}
+
+/// An entry tampered with on disk (a disk replaced by a symlink to a host file, or a manifest
+/// resealed with a hostile disk name) is refused when opened, naming what is wrong.
+#[test]
+fn opening_a_tampered_entry_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::open(&t.path().join("reg")).unwrap();
+    let a = reg.register(new_base(&t.path().join("a"), "alpha", 1, Mode::Copy)).unwrap();
+    let b = reg.register(new_base(&t.path().join("b"), "beta", 2, Mode::Copy)).unwrap();
+    // A symlink in place of a disk.
+    let outside = t.path().join("host-file");
+    std::fs::write(&outside, vec![2u8; DISK as usize]).unwrap();
+    std::fs::remove_file(a.dir.join("disk0")).unwrap();
+    std::os::unix::fs::symlink(&outside, a.dir.join("disk0")).unwrap();
+    let e = reg.get(&a.id()).unwrap_err();
+    assert!(matches!(e, RegistryError::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("'disk0' is a symlink"), "{e}");
+    assert!(e.to_string().contains(&a.dir.display().to_string()), "the error should name the entry: {e}");
+    assert!(matches!(reg.find("alpha"), Err(RegistryError::NotFound { .. })), "a tampered entry is not listed");
+    // A resealed manifest whose disk leaves the directory.
+    let mut m = b.manifest.clone();
+    m.spec.disks[0].name = "../../../host-file".into();
+    m.files.retain(|f| f.name != "disk0");
+    let p = b.dir.join("manifest.json");
+    let mut perm = std::fs::metadata(&p).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    std::fs::set_permissions(&p, perm).unwrap();
+    std::fs::write(&p, serde_json::to_vec(&sealed(m)).unwrap()).unwrap();
+    let e = reg.get(&b.id()).unwrap_err();
+    assert!(e.to_string().contains("\"../../../host-file\" is not a valid name"), "{e}");
+    assert!(reg.list().unwrap().is_empty());
 }

@@ -196,7 +196,7 @@ pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<Re
     let (b, t) = create_base(qemu, reg, &req, &printer(quiet)).context("creating the base VM")?;
     let (alloc, apparent) = b.sizes();
     if a.json {
-        let v = serde_json::json!({"id": b.entry.manifest.id, "name": b.entry.manifest.name,
+        let v = serde_json::json!({"id": b.entry.manifest.id.to_hex(), "name": b.entry.manifest.name,
             "registry": reg.root(), "bytes_on_disk": alloc, "bytes_apparent": apparent,
             "ms": {"boot": msf(t.boot), "snapshot": msf(t.snapshot), "index": msf(t.index)}});
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -308,7 +308,7 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
     let s = &o.stats;
     let (base_alloc, _) = base.sizes();
     if a.json {
-        let v = serde_json::json!({"path": o.path, "base_id": base.entry.manifest.id, "base_name": base.entry.manifest.name,
+        let v = serde_json::json!({"path": o.path, "base_id": base.entry.manifest.id.to_hex(), "base_name": base.entry.manifest.name,
             "overlay_bytes": s.overlay_bytes, "base_bytes_on_disk": base_alloc, "changed_chunks": s.changed_chunks,
             "compression": format!("{:?}", req.options.compression).to_lowercase(), "kinds": kinds_json(&s.kinds),
             "ms": {"resume": msf(o.resume), "customize": msf(o.customize), "snapshot": msf(o.snapshot),
@@ -316,7 +316,12 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(o);
     }
-    println!("overlay {} for base {} ({})", o.path.display(), &base.entry.manifest.id[..16], base.entry.manifest.name);
+    println!(
+        "overlay {} for base {} ({})",
+        o.path.display(),
+        &base.entry.manifest.id.to_hex()[..16],
+        base.entry.manifest.name
+    );
     println!(
         "  size {} ({:.4} of the base's {}), {} changed chunks ({}), compression {:?}",
         size(s.overlay_bytes),
@@ -458,7 +463,7 @@ pub fn synth(
     let t = &s.timeline;
     let answer = s.answer.as_deref().map(first_body_line);
     if json {
-        let v = serde_json::json!({"name": s.meta.name, "base_id": base.entry.manifest.id, "base_name": base.entry.manifest.name,
+        let v = serde_json::json!({"name": s.meta.name, "base_id": base.entry.manifest.id.to_hex(), "base_name": base.entry.manifest.name,
             "dir": out, "ports": s.ports.iter().map(|(g, h)| serde_json::json!({"guest": g, "host": h, "address": "127.0.0.1"})).collect::<Vec<_>>(),
             "app_answer": answer, "vm_kept_running": keep_running, "dir_kept": keep,
             "timeline_ms": {"receive": msf(t.receive), "decompress": msf(t.decompress), "apply": msf(t.apply),
@@ -470,7 +475,7 @@ pub fn synth(
     println!(
         "synthesized '{}' from base {} ({}) into {}",
         s.meta.name,
-        &base.entry.manifest.id[..16],
+        &base.entry.manifest.id.to_hex()[..16],
         base.entry.manifest.name,
         out.display()
     );
@@ -675,7 +680,7 @@ pub fn list_base(reg: &Registry, json: bool) -> Result<()> {
             .iter()
             .map(|b| {
                 let (alloc, apparent) = dir_sizes(&b.dir);
-                serde_json::json!({"id": b.manifest.id, "name": b.manifest.name, "bytes": b.size(),
+                serde_json::json!({"id": b.manifest.id.to_hex(), "name": b.manifest.name, "bytes": b.size(),
                 "bytes_on_disk": alloc, "bytes_apparent": apparent,
                 "created_unix": b.manifest.created_unix, "source_image": b.manifest.source_image, "spec": b.manifest.spec})
             })
@@ -693,7 +698,7 @@ pub fn list_base(reg: &Registry, json: bool) -> Result<()> {
         let (alloc, apparent) = dir_sizes(&b.dir);
         println!(
             "{}  {:<20} {:>11} {:>11}  {} MiB RAM, {} disk(s), {} {}",
-            &b.manifest.id[..16],
+            &b.manifest.id.to_hex()[..16],
             b.manifest.name,
             size(alloc),
             size(apparent),

@@ -397,7 +397,11 @@ pub fn create_overlay_file(
     // file system, so the overlay is renamed into place): a user's `X.work` or `X.partial`
     // is never touched.
     let (work, _work_guard) = fresh_sibling(&req.out, "work", |p| std::fs::create_dir(p))?;
-    events(Event::Step(format!("resuming base {} ({})", &base.entry.manifest.id[..12], base.entry.manifest.name)));
+    events(Event::Step(format!(
+        "resuming base {} ({})",
+        &base.entry.manifest.id.to_hex()[..12],
+        base.entry.manifest.name
+    )));
     let t0 = Instant::now();
     let mut forwards: Vec<Forward> =
         req.forwards.iter().map(|f| Forward { host_port: 0, guest_port: f.guest_port }).collect();

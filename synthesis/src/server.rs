@@ -354,7 +354,7 @@ async fn bases(State(st): State<Arc<AppState>>) -> Response {
             let v: Vec<_> = all
                 .iter()
                 .map(|b| {
-                    serde_json::json!({"id": b.manifest.id, "name": b.manifest.name, "bytes": b.size(),
+                    serde_json::json!({"id": b.manifest.id.to_hex(), "name": b.manifest.name, "bytes": b.size(),
                 "created_unix": b.manifest.created_unix, "spec": b.manifest.spec})
                 })
                 .collect();
@@ -566,7 +566,7 @@ fn outcome(
             let info = VmInfo {
                 id: id.clone(),
                 name: s.meta.name.clone(),
-                base_id: s.base.entry.manifest.id.clone(),
+                base_id: s.base.entry.manifest.id.to_hex(),
                 base_name: s.base.entry.manifest.name.clone(),
                 ports: s.ports.iter().map(|&(g, h)| PortInfo { guest: g, host: h, address: address.clone() }).collect(),
                 overlay_bytes: bytes,

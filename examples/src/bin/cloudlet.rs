@@ -236,7 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("base {} ({}): every file matches", b.manifest.id, b.manifest.name);
             } else {
                 for (file, problem) in &rep.problems {
-                    println!("base {} ({}): {file}: {problem}", &b.manifest.id[..16], b.manifest.name);
+                    println!("base {} ({}): {file}: {problem}", &b.manifest.id.to_hex()[..16], b.manifest.name);
                 }
                 return Ok(ExitCode::from(exit::INVALID));
             }
