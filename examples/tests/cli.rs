@@ -244,7 +244,23 @@ fn full_flow_through_the_cli() {
     assert!(!vm2.exists(), "a failed synthesis left {}", vm2.display());
     // Export to another registry; an overlay for a base this cloudlet lacks names the base.
     let exp = work.path().join("deb.base");
+    // A user's `deb.partial` is not the export's work file.
+    let user_partial = work.path().join("deb.partial");
+    std::fs::write(&user_partial, "mine").unwrap();
     assert!(cl().args(["export-base", "deb", "--out"]).arg(&exp).status().unwrap().success());
+    assert_eq!(std::fs::read_to_string(&user_partial).unwrap(), "mine");
+    // An existing output is refused, and left as it was.
+    let out = cl().args(["export-base", "deb", "--out"]).arg(&user_partial).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("already exists"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&user_partial).unwrap(), "mine");
+    let hidden: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(hidden.is_empty(), "work files left behind: {hidden:?}");
     let reg2 = work.path().join("registry2");
     let vm3 = work.path().join("vm3");
     let out = cloudlet()
