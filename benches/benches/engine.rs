@@ -59,6 +59,7 @@ fn engine(c: &mut Criterion) {
                 outputs: vec![("memory".into(), out.clone())],
                 fsync: false,
                 qcow2_disks: false,
+                max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
             };
             apply_overlay(&base, &overlay[..], &opts, &|_| {}).unwrap();
             std::fs::remove_file(out).unwrap();

@@ -38,6 +38,33 @@ pub enum ApplyError {
         /// What differs.
         reason: String,
     },
+    /// A size the overlay declares for one of its images does not fit the base image it is
+    /// rebuilt over (see `FORMAT.md`, "Sizes a reader trusts"). Checked before any output file
+    /// is created or any buffer sized.
+    #[error("overlay image '{image}': {field} is {overlay} bytes, but {allowed}")]
+    ImageMismatch {
+        /// The image's name.
+        image: String,
+        /// The field of the overlay's metadata, e.g. `size` or `base_size`.
+        field: &'static str,
+        /// The value the overlay declares.
+        overlay: u64,
+        /// The base's value the field is checked against.
+        base: u64,
+        /// The rule, with the base's value, e.g. `the base memory image is 1048576 bytes`.
+        allowed: String,
+    },
+    /// Decoding a blob panicked (a bug in a decoder, reached by a damaged overlay): the
+    /// overlay is refused, the process lives on.
+    #[error("frame {frame} at byte {offset}: decoding failed unexpectedly: {reason}")]
+    DecoderPanic {
+        /// Frame number of the blob.
+        frame: u64,
+        /// Stream offset of the blob's frame.
+        offset: u64,
+        /// The panic's message.
+        reason: String,
+    },
     /// The overlay stream is damaged.
     #[error("cannot read the overlay")]
     Decode(#[from] DecodeError),
@@ -77,6 +104,29 @@ pub enum ApplyError {
         got: ImageDigest,
     },
 }
+
+impl ApplyError {
+    /// True when the overlay itself is at fault (damaged, hostile, or made for another base):
+    /// the caller's input, not our I/O. A server answers these with a client error.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            ApplyError::WrongBase { .. }
+            | ApplyError::Mismatch { .. }
+            | ApplyError::ImageMismatch { .. }
+            | ApplyError::DecoderPanic { .. }
+            | ApplyError::Record { .. }
+            | ApplyError::DigestMismatch { .. } => true,
+            ApplyError::Decode(e) => !matches!(e, DecodeError::Io { .. }),
+            ApplyError::Io { .. } | ApplyError::OutputExists { .. } => false,
+        }
+    }
+}
+
+/// How much larger than its base image a rebuilt disk image may be, by default
+/// ([`ApplyOptions::max_disk_growth`]): 64 GiB. A disk grows when the custom VM's disk was
+/// resized; the bound keeps a hostile overlay from making the applier create, and account for,
+/// absurdly large images. Output files are sparse, so only what the overlay writes takes space.
+pub const DEFAULT_MAX_DISK_GROWTH: u64 = 64 << 30;
 
 /// What applying did.
 #[derive(Debug, Clone)]
@@ -120,6 +170,10 @@ pub struct ApplyOptions {
     /// Write disk images as qcow2 layers (4 KiB clusters) over the base's raw disk holding
     /// only the changed chunks, instead of raw copies. Memory images are always raw.
     pub qcow2_disks: bool,
+    /// How many bytes larger than its base image a disk image of the overlay may be (usually
+    /// [`DEFAULT_MAX_DISK_GROWTH`]). A memory image always has its base's size; a disk may
+    /// shrink freely.
+    pub max_disk_growth: u64,
 }
 
 /// Where an output image's bytes go.
@@ -138,15 +192,43 @@ struct Out {
     /// Index of the base image this output derives from.
     base_image: usize,
     size: u64,
+    /// Chunk hashes of the image as rebuilt so far. They cover at first only the chunks the
+    /// base image has, and grow as records write chunks past them: a chunk past the end reads
+    /// as zeros (see [`Out::hash`]).
     hashes: Vec<ChunkHash>,
     /// Chunks whose hash must be read back at the end (untouched chunks straddling a size edge).
     recheck: Vec<u64>,
+    /// Bitmap of the chunks records wrote; grows as they are written.
     written: Vec<u64>,
 }
 
 impl Out {
     fn mark(&mut self, c: u64) {
-        self.written[(c / 64) as usize] |= 1 << (c % 64);
+        let w = (c / 64) as usize;
+        if w >= self.written.len() {
+            self.written.resize(w + 1, 0);
+        }
+        self.written[w] |= 1 << (c % 64);
+    }
+    /// The hash of chunk `c` of the image as rebuilt so far.
+    fn hash(&self, c: u64) -> ChunkHash {
+        match self.hashes.get(c as usize) {
+            Some(h) => *h,
+            None => zero_hash(self.chunk_len(c)),
+        }
+    }
+    /// Sets the hash of chunk `c` (inside the image). Past the hashes kept, a zero chunk's
+    /// hash is what [`Out::hash`] gives anyway: they do not grow for it.
+    fn set_hash(&mut self, c: u64, h: ChunkHash) {
+        let i = c as usize;
+        if i >= self.hashes.len() {
+            if h == zero_hash(self.chunk_len(c)) {
+                return;
+            }
+            // Every chunk before the image's last is a whole one.
+            self.hashes.resize(i + 1, ChunkHash::zero());
+        }
+        self.hashes[i] = h;
     }
     fn was_written(&self, c: u64) -> bool {
         self.written.get((c / 64) as usize).is_some_and(|w| w & (1 << (c % 64)) != 0)
@@ -318,16 +400,9 @@ pub fn apply_overlay_reader<R: Read + Send>(
             reason: format!("{} images in the overlay, {} in the base", meta.images.len(), idx.images().len()),
         });
     }
-    for (m, b) in meta.images.iter().zip(idx.images()) {
-        if m.name != b.name || m.base_size != b.size {
-            return Err(ApplyError::Mismatch {
-                reason: format!(
-                    "overlay image '{}' expects a base image of {} bytes, base has '{}' of {} bytes",
-                    m.name, m.base_size, b.name, b.size
-                ),
-            });
-        }
-    }
+    check_sizes(&meta, base, opts)?;
+    // The device state comes before the blobs: a stream cut off before it creates nothing.
+    let device_state = reader.take_device_state()?;
     // Prepare outputs: sparse copies of the base images under temporary names.
     let mut cleanup = Cleanup(Vec::new());
     let mut outs = Vec::with_capacity(meta.images.len());
@@ -364,7 +439,9 @@ pub fn apply_overlay_reader<R: Read + Send>(
                 .map_err(|source| ApplyError::Io { path: tmp.clone(), source })?;
             Store::Raw(f, lazy, WriteBuf::default())
         };
-        let n = m.size.div_ceil(CHUNK_SIZE as u64);
+        // Hashes of the chunks the base has (checked above: within the base's size and its
+        // index); the chunks past them grow as they are written.
+        let n = m.size.div_ceil(CHUNK_SIZE as u64).min(m.base_size.div_ceil(CHUNK_SIZE as u64));
         let mut hashes = Vec::with_capacity(n as usize);
         let mut recheck = Vec::new();
         for c in 0..n {
@@ -388,10 +465,9 @@ pub fn apply_overlay_reader<R: Read + Send>(
             size: m.size,
             hashes,
             recheck,
-            written: vec![0u64; n.div_ceil(64) as usize],
+            written: Vec::new(),
         });
     }
-    let device_state = reader.take_device_state()?;
 
     let meta_arc = Arc::new(meta.clone());
     let decode_nanos = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -400,7 +476,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
     let ahead = &Ahead::default();
     let result: Result<(Trailer, u64, Duration), ApplyError> = std::thread::scope(|s| {
         // A blob being decoded: its decoded size, and where its decoding will arrive.
-        type Pending = (u64, Receiver<Result<(DecodedBlob, Prepared), DecodeError>>);
+        type Pending = (u64, Receiver<Result<(DecodedBlob, Prepared), ApplyError>>);
         let (tx, rx) = sync_channel::<Result<Pending, DecodeError>>(AHEAD_BLOBS);
         let meta_r = meta_arc.clone();
         let dn = decode_nanos.clone();
@@ -424,10 +500,21 @@ pub fn apply_overlay_reader<R: Read + Send>(
                         let files = files.clone();
                         rayon::spawn(move || {
                             let t = Instant::now();
-                            let r = blob.into_decoded_for(&meta).map(|d| {
-                                let p = Prepared::of(&d, &meta, &files);
-                                (d, p)
-                            });
+                            let (frame, offset) = (blob.frame_index(), blob.stream_offset());
+                            // A panic here would abort the process (rayon::spawn): a decoder
+                            // that panics on hostile bytes becomes an error instead.
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                blob.into_decoded_for(&meta).map(|d| {
+                                    let p = Prepared::of(&d, &meta, &files);
+                                    (d, p)
+                                })
+                            }));
+                            let r = match r {
+                                Ok(r) => r.map_err(ApplyError::Decode),
+                                Err(panic) => {
+                                    Err(ApplyError::DecoderPanic { frame, offset, reason: panic_message(&*panic) })
+                                }
+                            };
                             dn.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                             let _ = btx.send(r);
                         });
@@ -486,10 +573,12 @@ pub fn apply_overlay_reader<R: Read + Send>(
             if !o.was_written(c) {
                 let len = o.chunk_len(c);
                 o.read(base, c, &mut buf[..len])?;
-                o.hashes[c as usize] = ChunkHash::of(&buf[..len]);
+                o.set_hash(c, ChunkHash::of(&buf[..len]));
             }
         }
-        let got = ImageDigest::from_chunk_hashes(o.hashes.iter().copied());
+        let n = o.size.div_ceil(CHUNK_SIZE as u64);
+        let tail = (o.hashes.len() as u64..n).map(|c| zero_hash(o.chunk_len(c)));
+        let got = ImageDigest::from_chunk_hashes(o.hashes.iter().copied().chain(tail));
         if got != trailer.image_digests[i] {
             return Err(ApplyError::DigestMismatch { image: o.name.clone(), expected: trailer.image_digests[i], got });
         }
@@ -528,6 +617,61 @@ pub fn apply_overlay_reader<R: Read + Send>(
         verify,
         total: t0.elapsed(),
     })
+}
+
+/// Checks every size the overlay declares against the base it is applied to, before anything
+/// is created or sized by them: each image has its base image (same name, same order), its
+/// `base_size` is that image's real size, a memory image has its base's size, and a disk is
+/// at most `opts.max_disk_growth` bytes larger than its base.
+fn check_sizes(meta: &OverlayMeta, base: &Base, opts: &ApplyOptions) -> Result<(), ApplyError> {
+    for (m, b) in meta.images.iter().zip(base.index().images()) {
+        if m.name != b.name || m.kind != b.kind {
+            return Err(ApplyError::Mismatch {
+                reason: format!(
+                    "overlay image '{}' ({:?}) is rebuilt over base image '{}' ({:?})",
+                    m.name, m.kind, b.name, b.kind
+                ),
+            });
+        }
+        let mismatch = |field, overlay, allowed| ApplyError::ImageMismatch {
+            image: m.name.clone(),
+            field,
+            overlay,
+            base: b.size,
+            allowed,
+        };
+        if m.base_size != b.size {
+            return Err(mismatch("base_size", m.base_size, format!("the base image is {} bytes", b.size)));
+        }
+        match m.kind {
+            ImageKind::Memory if m.size != b.size => {
+                return Err(mismatch("size", m.size, format!("the base memory image is {} bytes", b.size)));
+            }
+            ImageKind::Disk if m.size > b.size.saturating_add(opts.max_disk_growth) => {
+                return Err(mismatch(
+                    "size",
+                    m.size,
+                    format!(
+                        "the base disk is {} bytes and a disk may grow by at most {} bytes",
+                        b.size, opts.max_disk_growth
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".into()
+    }
 }
 
 /// Blobs the reader may run ahead of the applier, at most.
@@ -602,7 +746,7 @@ fn apply_record(
             let end = ((chunk + count) * cs).min(o.size);
             o.zero(chunk, count)?;
             for c in chunk..chunk + count {
-                o.hashes[c as usize] = zero_hash(o.chunk_len(c));
+                o.set_hash(c, zero_hash(o.chunk_len(c)));
                 o.mark(c);
             }
             kinds.zero.add(count);
@@ -619,7 +763,7 @@ fn apply_record(
             if whole {
                 o.copy_in(chunk, count, base.file(si), src.chunk * cs, scratch)?;
                 for k in 0..count {
-                    o.hashes[(chunk + k) as usize] = base.full_hash(si, src.chunk + k).expect("full chunk");
+                    o.set_hash(chunk + k, base.full_hash(si, src.chunk + k).expect("full chunk"));
                     o.mark(chunk + k);
                 }
                 kinds.copy_base.add(count);
@@ -634,7 +778,7 @@ fn apply_record(
                     .map_err(|source| ApplyError::Io { path: base.path(si).to_path_buf(), source })?;
                 o.write(c, &buf[..len])?;
                 let full = if len == CHUNK_SIZE { base.full_hash(si, src.chunk + k) } else { None };
-                o.hashes[c as usize] = full.unwrap_or_else(|| ChunkHash::of(&buf[..len]));
+                o.set_hash(c, full.unwrap_or_else(|| ChunkHash::of(&buf[..len])));
                 o.mark(c);
             }
             kinds.copy_base.add(count);
@@ -656,10 +800,10 @@ fn apply_record(
             let s = &mut outs[src.image as usize];
             let mut buf = vec![0u8; len];
             s.read(base, src.chunk, &mut buf)?;
-            let h = s.hashes[src.chunk as usize];
+            let h = s.hash(src.chunk);
             let o = &mut outs[image];
             o.write(chunk, &buf)?;
-            o.hashes[chunk as usize] = h;
+            o.set_hash(chunk, h);
             o.mark(chunk);
             kinds.copy_self.add(1);
             Ok(len as u64)
@@ -677,7 +821,7 @@ fn apply_record(
             };
             let len = out.len();
             o.write(chunk, out)?;
-            o.hashes[chunk as usize] = h;
+            o.set_hash(chunk, h);
             o.mark(chunk);
             kinds.patch.add(1);
             kinds.patch.bytes += patch.len() as u64;
@@ -688,7 +832,8 @@ fn apply_record(
             o.write(chunk, data)?;
             let n = data.len().div_ceil(CHUNK_SIZE);
             for k in 0..n {
-                o.hashes[chunk as usize + k] = prepared.next_raw_hash();
+                let h = prepared.next_raw_hash();
+                o.set_hash(chunk + k as u64, h);
                 o.mark(chunk + k as u64);
             }
             kinds.raw.add(n as u64);

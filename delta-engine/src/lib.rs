@@ -46,6 +46,7 @@
 //!     outputs: vec![("memory".into(), out.clone())],
 //!     fsync: false,
 //!     qcow2_disks: false,
+//!     max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
 //! };
 //! let report = apply_overlay(&base, &overlay[..], &opts, &|_| {})?;
 //! assert_eq!(report.device_state, b"state");
@@ -61,7 +62,7 @@ mod file;
 pub mod index;
 pub mod qcow2;
 
-pub use apply::{apply_overlay, apply_overlay_reader, ApplyError, ApplyOptions, ApplyReport};
+pub use apply::{apply_overlay, apply_overlay_reader, ApplyError, ApplyOptions, ApplyReport, DEFAULT_MAX_DISK_GROWTH};
 pub use base::Base;
 pub use create::{
     content_lane, create_overlay, looks_incompressible, CreateError, CreateOptions, CreateStats, CustomImage,

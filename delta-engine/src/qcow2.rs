@@ -318,8 +318,11 @@ pub(crate) struct Qcow2Writer {
     size: u64,
     backing: String,
     /// Per guest cluster: 0 unallocated (reads the backing file), 1 zero without a host
-    /// cluster, `host | 1` zero with a host cluster, `host` data.
+    /// cluster, `host | 1` zero with a host cluster, `host` data. It grows as clusters are
+    /// written, never up front: clusters past its end are unallocated.
     map: Vec<u64>,
+    /// Clusters of the backing file (past them, an unallocated cluster reads zeros).
+    backing_clusters: u64,
     next: u64,
     finished: bool,
     /// Data clusters are appended in order, so their writes mostly continue one another.
@@ -346,13 +349,14 @@ impl Qcow2Writer {
         if backing.len() > 1023 {
             return Err(std::io::Error::other("backing file path longer than 1023 bytes"));
         }
+        let backing_clusters = std::fs::metadata(&backing)?.len().div_ceil(CLUSTER);
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        let n = size.div_ceil(CLUSTER) as usize;
         Ok(Qcow2Writer {
             file,
             size,
             backing,
-            map: vec![0; n],
+            map: Vec::new(),
+            backing_clusters,
             next: CLUSTER,
             finished: false,
             wb: crate::file::WriteBuf::default(),
@@ -377,7 +381,7 @@ impl Qcow2Writer {
             let mut run = 1u64;
             while k + run < n {
                 let expect = host0 + run * CLUSTER;
-                let e = self.map[(c + k + run) as usize];
+                let e = self.map.get((c + k + run) as usize).copied().unwrap_or(0);
                 let fits = if e & !1 == 0 { self.next == expect } else { e & !1 == expect };
                 if !fits {
                     break;
@@ -395,24 +399,37 @@ impl Qcow2Writer {
 
     /// The host cluster of chunk `c`, allocating one at the end if it has none; marks it data.
     fn host_for(&mut self, c: u64) -> u64 {
-        let e = &mut self.map[c as usize];
+        let next = self.next;
+        let e = self.entry(c);
         let host = *e & !1;
         if host != 0 {
             *e = host;
             return host;
         }
-        let host = self.next;
+        *e = next;
         self.next += CLUSTER;
-        *e = host;
-        host
+        next
     }
 
     /// Makes chunks `c..c + count` read as zeros.
     pub(crate) fn zero(&mut self, c: u64, count: u64) {
-        for k in c..c + count {
-            let e = &mut self.map[k as usize];
+        // Past both the map and the backing file, a cluster already reads zeros: the map does
+        // not grow for them (a zero record over a large grown disk costs nothing).
+        let end = c.saturating_add(count).min((self.map.len() as u64).max(self.backing_clusters));
+        for k in c..end {
+            let e = self.entry(k);
             *e = if *e == 0 { 1 } else { *e | 1 };
         }
+    }
+
+    /// The map entry of guest cluster `c`, growing the map to it. The caller bounds `c` by the
+    /// image's size.
+    fn entry(&mut self, c: u64) -> &mut u64 {
+        let c = c as usize;
+        if c >= self.map.len() {
+            self.map.resize(c + 1, 0);
+        }
+        &mut self.map[c]
     }
 
     /// The file (complete once [`Qcow2Writer::finish`] returned).
@@ -425,6 +442,13 @@ impl Qcow2Writer {
         self.wb.read_at(&self.file, buf, at)
     }
 
+    /// The map entries of L2 table `g` (fewer, or none, past the end of the map).
+    fn group(&self, g: usize) -> &[u64] {
+        let per_l2 = (CLUSTER / 8) as usize;
+        let end = ((g + 1) * per_l2).min(self.map.len());
+        self.map.get(g * per_l2..end).unwrap_or_default()
+    }
+
     /// Writes the L2 tables, the L1 table, the refcounts and the header (once).
     pub(crate) fn finish(&mut self) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
@@ -434,11 +458,9 @@ impl Qcow2Writer {
         self.finished = true;
         self.wb.flush(&self.file)?;
         let per_l2 = (CLUSTER / 8) as usize;
-        let l1_entries = self.map.len().div_ceil(per_l2).max(1);
+        let l1_entries = (self.size.div_ceil(CLUSTER) as usize).div_ceil(per_l2).max(1);
         let l1_clusters = (l1_entries as u64 * 8).div_ceil(CLUSTER);
-        let groups: Vec<usize> = (0..l1_entries)
-            .filter(|&g| self.map[g * per_l2..((g + 1) * per_l2).min(self.map.len())].iter().any(|&e| e != 0))
-            .collect();
+        let groups: Vec<usize> = (0..l1_entries).filter(|&g| self.group(g).iter().any(|&e| e != 0)).collect();
         let data_clusters = self.next / CLUSTER; // header + data
         let fixed = data_clusters + groups.len() as u64 + l1_clusters;
         let per_rb = CLUSTER / 2; // 16-bit refcounts
@@ -459,7 +481,7 @@ impl Qcow2Writer {
         let mut l1 = vec![0u8; (l1_clusters * CLUSTER) as usize];
         for &g in &groups {
             let mut l2 = vec![0u8; CLUSTER as usize];
-            for (k, &e) in self.map[g * per_l2..((g + 1) * per_l2).min(self.map.len())].iter().enumerate() {
+            for (k, &e) in self.group(g).iter().enumerate() {
                 let v = match e {
                     0 => 0,
                     1 => 1,

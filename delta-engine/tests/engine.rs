@@ -27,10 +27,11 @@ fn spec() -> VmSpec {
     }
 }
 
-fn info() -> OverlayInfo {
+/// The overlay's info, its spec's RAM the size of the custom memory image.
+fn info(ram_bytes: u64) -> OverlayInfo {
     OverlayInfo {
         base_id: BaseId([9; 32]),
-        spec: spec(),
+        spec: VmSpec { ram_bytes, ..spec() },
         forwards: vec![],
         name: "t".into(),
         creator: "tests".into(),
@@ -47,6 +48,12 @@ impl Pair {
             std::fs::write(dir.path().join(format!("custom-{n}")), &custom[i]).unwrap();
         }
         Pair { dir, base, custom }
+    }
+
+    /// [`info`] for this pair's custom memory image.
+    fn info(&self) -> OverlayInfo {
+        let mem = self.base.iter().position(|(_, k, _)| *k == ImageKind::Memory);
+        info(mem.map_or(0, |i| self.custom[i].len() as u64))
     }
 
     fn base_images(&self) -> Vec<BaseImage> {
@@ -69,7 +76,7 @@ impl Pair {
     fn create(&self, opts: &CreateOptions) -> (Base, Vec<u8>, CreateStats) {
         let base = Base::build(&self.base_images(), &|_| {}).unwrap();
         let (ovl, stats) =
-            create_overlay(&base, &self.customs(), &info(), b"device", opts, &|_| {}, Vec::new()).unwrap();
+            create_overlay(&base, &self.customs(), &self.info(), b"device", opts, &|_| {}, Vec::new()).unwrap();
         (base, ovl, stats)
     }
 
@@ -86,7 +93,13 @@ impl Pair {
     fn round_trip_to(&self, opts: &CreateOptions, tag: &str, qcow2: bool) -> CreateStats {
         let (base, ovl, stats) = self.create(opts);
         let outputs = self.outputs(tag);
-        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: false, qcow2_disks: qcow2 };
+        let a = ApplyOptions {
+            base_id: BaseId([9; 32]),
+            outputs: outputs.clone(),
+            fsync: false,
+            qcow2_disks: qcow2,
+            max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
+        };
         let report = apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap();
         assert_eq!(report.device_state, b"device");
         for (i, (_, p)) in outputs.iter().enumerate() {
@@ -201,7 +214,13 @@ fn overlay_for_another_base_is_refused_naming_both_ids() {
     let pair = Pair::new(vec![("memory", ImageKind::Memory, mem)], vec![cm]);
     let (base, ovl, _) = pair.create(&CreateOptions::default());
     let outputs = pair.outputs("wrong");
-    let a = ApplyOptions { base_id: BaseId([8; 32]), outputs: outputs.clone(), fsync: false, qcow2_disks: false };
+    let a = ApplyOptions {
+        base_id: BaseId([8; 32]),
+        outputs: outputs.clone(),
+        fsync: false,
+        qcow2_disks: false,
+        max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
+    };
     let err = apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains(&BaseId([9; 32]).to_hex()) && msg.contains(&BaseId([8; 32]).to_hex()), "{msg}");
@@ -218,7 +237,9 @@ fn an_unreadable_custom_image_is_an_error_naming_it() {
     let dir = pair.dir.path().join("not-an-image");
     std::fs::create_dir(&dir).unwrap();
     let custom = [CustomImage { name: "memory".into(), source: CustomSource::Raw(dir.clone()) }];
-    match create_overlay(&base, &custom, &info(), b"", &CreateOptions::default(), &|_| {}, Vec::new()) {
+    // The spec agrees with the size the directory reports, so that reading it is what fails.
+    let info = info(std::fs::metadata(&dir).unwrap().len());
+    match create_overlay(&base, &custom, &info, b"", &CreateOptions::default(), &|_| {}, Vec::new()) {
         Err(e @ CreateError::Io { .. }) => assert!(e.to_string().contains("not-an-image"), "{e}"),
         Err(e) => panic!("not an I/O error: {e}"),
         Ok(_) => panic!("created an overlay from a directory"),
@@ -251,6 +272,7 @@ fn damaged_overlays_fail_and_leave_nothing_behind() {
             outputs: pair.outputs(&format!("cut{k}")),
             fsync: false,
             qcow2_disks: false,
+            max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
         };
         assert!(apply_overlay(&base, &ovl[..cut], &a, &|_| {}).is_err());
     }
@@ -262,6 +284,7 @@ fn damaged_overlays_fail_and_leave_nothing_behind() {
             outputs: pair.outputs(&format!("flip{k}")),
             fsync: false,
             qcow2_disks: false,
+            max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
         };
         assert!(apply_overlay(&base, &bad[..], &a, &|_| {}).is_err());
     }
@@ -581,13 +604,19 @@ fn qcow2_layer_over_the_base_disk() {
             CustomImage { name: "disk0".into(), source: CustomSource::Qcow2(layer.clone()) },
         ];
         let (ovl, stats) =
-            create_overlay(&base, &customs, &info(), b"device", &CreateOptions::default(), &|_| {}, Vec::new())
+            create_overlay(&base, &customs, &pair.info(), b"device", &CreateOptions::default(), &|_| {}, Vec::new())
                 .unwrap();
         assert!(stats.changed_chunks <= 2 + 16 + 3 + 1 + 1, "{cluster}: {} changed chunks", stats.changed_chunks);
         // Two pages of the 0x11 run and the repeated 0x5a page.
         assert_eq!(stats.kinds.copy_self.chunks, 3, "{cluster}: {:?}", stats.kinds);
         let outputs = pair.outputs(cluster);
-        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: false, qcow2_disks: false };
+        let a = ApplyOptions {
+            base_id: BaseId([9; 32]),
+            outputs: outputs.clone(),
+            fsync: false,
+            qcow2_disks: false,
+            max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
+        };
         apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap();
         assert!(std::fs::read(&outputs[1].1).unwrap() == std::fs::read(&expected).unwrap(), "{cluster}: disk differs");
         assert!(std::fs::read(&outputs[0].1).unwrap() == mem);
@@ -595,7 +624,13 @@ fn qcow2_layer_over_the_base_disk() {
         // The same overlay applied with the disk as a qcow2 layer over the base disk: clean
         // for `qemu-img check`, only the changed chunks stored, and the same guest bytes.
         let outputs = pair.outputs(&format!("{cluster}-q"));
-        let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: false, qcow2_disks: true };
+        let a = ApplyOptions {
+            base_id: BaseId([9; 32]),
+            outputs: outputs.clone(),
+            fsync: false,
+            qcow2_disks: true,
+            max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
+        };
         apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap();
         let q = &outputs[1].1;
         run(std::process::Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(q));
@@ -616,8 +651,8 @@ fn qcow2_layer_over_the_base_disk() {
             .arg(&other));
         let customs =
             vec![customs[0].clone(), CustomImage { name: "disk0".into(), source: CustomSource::Qcow2(other) }];
-        let e =
-            create_overlay(&base, &customs, &info(), b"d", &CreateOptions::default(), &|_| {}, Vec::new()).unwrap_err();
+        let e = create_overlay(&base, &customs, &pair.info(), b"d", &CreateOptions::default(), &|_| {}, Vec::new())
+            .unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("custom-memory") && msg.contains("base-disk0"), "{msg}");
     }
@@ -638,7 +673,13 @@ fn qcow2_output_large_and_odd_sized() {
     );
     let (base, ovl, _) = pair.create(&CreateOptions::default());
     let outputs = pair.outputs("big");
-    let a = ApplyOptions { base_id: BaseId([9; 32]), outputs: outputs.clone(), fsync: true, qcow2_disks: true };
+    let a = ApplyOptions {
+        base_id: BaseId([9; 32]),
+        outputs: outputs.clone(),
+        fsync: true,
+        qcow2_disks: true,
+        max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
+    };
     apply_overlay(&base, &ovl[..], &a, &|_| {}).unwrap();
     let q = &outputs[1].1;
     run(std::process::Command::new("qemu-img").args(["check", "-q", "-f", "qcow2"]).arg(q));
@@ -666,4 +707,90 @@ fn long_copies_from_the_base() {
         assert_eq!(s.kinds.copy_base.chunks, 599);
         assert!(s.kinds.copy_base.records <= 2, "{:?}", s.kinds);
     }
+}
+
+/// The header, metadata and device state of an overlay whose images are `images` over a base
+/// of one 64 KiB memory image and one 64 KiB disk, cut off after the device state: a few
+/// hundred bytes that declare whatever sizes they like.
+fn declared(images: &[(u64, u64, u64)], ram_bytes: u64) -> Vec<u8> {
+    use overlay_format::{DiskSpec, ImageMeta, OverlayMeta, OverlayWriter};
+    let names = ["memory", "disk0"];
+    let kinds = [ImageKind::Memory, ImageKind::Disk];
+    let meta = OverlayMeta {
+        base_id: BaseId([9; 32]),
+        spec: VmSpec { ram_bytes, disks: vec![DiskSpec { name: "disk0".into(), size_bytes: images[1].0 }], ..spec() },
+        images: images
+            .iter()
+            .enumerate()
+            .map(|(i, &(size, base_size, _))| ImageMeta { name: names[i].into(), kind: kinds[i], size, base_size })
+            .collect(),
+        compression: Compression::Zstd,
+        forwards: vec![],
+        name: "hostile".into(),
+        created_unix: 0,
+        creator: "tests".into(),
+    };
+    let mut out = Vec::new();
+    let mut w = OverlayWriter::new(&mut out, &meta).unwrap();
+    w.write_device_state(b"device", 3).unwrap();
+    drop(w);
+    out
+}
+
+/// The 277-byte overlays seen in the wild: memory declared 8 TiB (or 1 PiB), cut off after the
+/// device state. Applying refuses them naming the field and both sizes, before any output file
+/// exists; so are a disk grown past the bound and a base_size that is not the base's.
+#[test]
+fn absurd_declared_sizes_are_refused_before_any_file_exists() {
+    const K64: u64 = 64 << 10;
+    let mem: Vec<u8> = (0..16).flat_map(page).collect();
+    let disk: Vec<u8> = (100..116).flat_map(page).collect();
+    let pair = Pair::new(
+        vec![("memory", ImageKind::Memory, mem.clone()), ("disk0", ImageKind::Disk, disk.clone())],
+        vec![mem, disk],
+    );
+    let base = Base::build(&pair.base_images(), &|_| {}).unwrap();
+    let growth = 1 << 30;
+    let cases: Vec<(Vec<u8>, &str, &str, u64)> = vec![
+        (declared(&[(8 << 40, K64, 0), (K64, K64, 0)], 8 << 40), "memory", "size", 8 << 40),
+        (declared(&[(1 << 50, K64, 0), (K64, K64, 0)], 1 << 50), "memory", "size", 1 << 50),
+        (declared(&[(K64, K64, 0), (K64 + growth + 1, K64, 0)], K64), "disk0", "size", K64 + growth + 1),
+        (declared(&[(K64, K64, 0), (1 << 52, K64, 0)], K64), "disk0", "size", 1 << 52),
+        (declared(&[(K64, 1 << 40, 0), (K64, K64, 0)], K64), "memory", "base_size", 1 << 40),
+        (declared(&[(K64, K64, 0), (K64, K64 - 1, 0)], K64), "disk0", "base_size", K64 - 1),
+    ];
+    for (k, (bytes, image, field, value)) in cases.into_iter().enumerate() {
+        assert!(bytes.len() < 400, "case {k}: {} bytes", bytes.len());
+        let opts = ApplyOptions {
+            base_id: BaseId([9; 32]),
+            outputs: pair.outputs(&format!("hostile{k}")),
+            fsync: false,
+            qcow2_disks: k % 2 == 1,
+            max_disk_growth: growth,
+        };
+        let e = apply_overlay(&base, &bytes[..], &opts, &|_| {}).unwrap_err();
+        match &e {
+            ApplyError::ImageMismatch { image: i, field: f, overlay, base: b, .. } => {
+                assert_eq!((i.as_str(), *f, *overlay, *b), (image, field, value, K64), "case {k}: {e}");
+            }
+            other => panic!("case {k}: not an image mismatch: {other}"),
+        }
+        let msg = e.to_string();
+        assert!(msg.contains(&value.to_string()) && msg.contains(&K64.to_string()), "case {k}: {msg}");
+        assert!(e.is_bad_input(), "case {k}");
+        assert_eq!(leftovers(pair.dir.path()), Vec::<String>::new(), "case {k}: files were created");
+    }
+    // Within the bound, the same cut-off overlay gets as far as the missing blobs.
+    let bytes = declared(&[(K64, K64, 0), (K64 + growth, K64, 0)], K64);
+    let opts = ApplyOptions {
+        base_id: BaseId([9; 32]),
+        outputs: pair.outputs("grown"),
+        fsync: false,
+        qcow2_disks: false,
+        max_disk_growth: growth,
+    };
+    let e = apply_overlay(&base, &bytes[..], &opts, &|_| {}).unwrap_err();
+    assert!(matches!(e, ApplyError::Decode(overlay_format::DecodeError::Truncated { .. })), "{e}");
+    assert!(e.is_bad_input());
+    assert_eq!(leftovers(pair.dir.path()), Vec::<String>::new());
 }

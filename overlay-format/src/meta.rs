@@ -75,7 +75,9 @@ pub struct Trailer {
     pub record_count: u64,
 }
 
-/// Checks the rules the format puts on metadata (also applied by the reader).
+/// Checks the rules the format puts on metadata (also applied by the reader). Every declared
+/// size is checked against what the metadata itself states (the spec), so that a reader never
+/// sizes anything by a number nothing else vouches for; the error names the field and both values.
 pub(crate) fn check_meta(meta: &OverlayMeta) -> Result<(), String> {
     use crate::frame::{MAX_IMAGES, MAX_IMAGE_SIZE};
     if meta.images.is_empty() {
@@ -83,6 +85,9 @@ pub(crate) fn check_meta(meta: &OverlayMeta) -> Result<(), String> {
     }
     if meta.images.len() > MAX_IMAGES {
         return Err(format!("{} images, at most {MAX_IMAGES} allowed", meta.images.len()));
+    }
+    if meta.spec.disks.len() > MAX_IMAGES {
+        return Err(format!("spec.disks lists {} disks, at most {MAX_IMAGES} allowed", meta.spec.disks.len()));
     }
     for (i, img) in meta.images.iter().enumerate() {
         if img.name.is_empty() || img.name.len() > 255 {
@@ -92,7 +97,46 @@ pub(crate) fn check_meta(meta: &OverlayMeta) -> Result<(), String> {
             return Err(format!("image name '{}' appears twice", img.name));
         }
         if img.size > MAX_IMAGE_SIZE || img.base_size > MAX_IMAGE_SIZE {
-            return Err(format!("image '{}': size over {MAX_IMAGE_SIZE} bytes", img.name));
+            return Err(format!(
+                "image '{}': size {} / base_size {} over the limit of {MAX_IMAGE_SIZE} bytes",
+                img.name, img.size, img.base_size
+            ));
+        }
+        match img.kind {
+            ImageKind::Memory => {
+                if meta.images[..i].iter().any(|o| o.kind == ImageKind::Memory) {
+                    return Err(format!("image '{}' is a second memory image", img.name));
+                }
+                if img.size != meta.spec.ram_bytes {
+                    return Err(format!(
+                        "images[{i}].size of memory image '{}' is {} bytes, spec.ram_bytes is {}",
+                        img.name, img.size, meta.spec.ram_bytes
+                    ));
+                }
+            }
+            // A spec that lists disks lists exactly the overlay's disk images, with their sizes.
+            ImageKind::Disk if !meta.spec.disks.is_empty() => {
+                let Some(d) = meta.spec.disks.iter().find(|d| d.name == img.name) else {
+                    return Err(format!("disk image '{}' is not among spec.disks", img.name));
+                };
+                if img.size != d.size_bytes {
+                    return Err(format!(
+                        "images[{i}].size of disk image '{}' is {} bytes, spec.disks size_bytes is {}",
+                        img.name, img.size, d.size_bytes
+                    ));
+                }
+            }
+            ImageKind::Disk => {}
+        }
+    }
+    if !meta.spec.disks.is_empty() {
+        for (k, d) in meta.spec.disks.iter().enumerate() {
+            if meta.spec.disks[..k].iter().any(|o| o.name == d.name) {
+                return Err(format!("spec.disks names disk '{}' twice", d.name));
+            }
+            if !meta.images.iter().any(|img| img.kind == ImageKind::Disk && img.name == d.name) {
+                return Err(format!("spec.disks names disk '{}', the overlay has no disk image of that name", d.name));
+            }
         }
     }
     Ok(())

@@ -707,9 +707,82 @@ fn golden_files_read_byte_exact() {
     }
 }
 
+/// `bytes` with its metadata changed by `f` (checksums, stream digest and trailer recomputed).
+fn with_meta(bytes: &[u8], f: impl FnOnce(&mut OverlayMeta)) -> Vec<u8> {
+    let trailer = read_overlay(bytes).unwrap().trailer;
+    let mut frames = split_frames(bytes);
+    frames.pop(); // the trailer
+    let mut m: OverlayMeta = postcard::from_bytes(&frames[0].1).unwrap();
+    f(&mut m);
+    let payload = postcard::to_stdvec(&m).unwrap();
+    frames[0].0[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    frames[0].0[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    frames[0].1 = payload;
+    reframe(&bytes[..16], &frames, &trailer)
+}
+
+/// The header, metadata and device state of `bytes`, cut off there (a few hundred bytes).
+fn cut_after_device_state(bytes: &[u8]) -> Vec<u8> {
+    let frames = split_frames(bytes);
+    let len = 16 + frames[..2].iter().map(|(h, p)| h.len() + p.len()).sum::<usize>();
+    bytes[..len].to_vec()
+}
+
+fn meta_error(bytes: &[u8]) -> String {
+    match OverlayReader::new(bytes) {
+        Err(e @ DecodeError::Malformed { frame: 0, .. }) => e.to_string(),
+        Err(e) => panic!("not a metadata error: {e}"),
+        Ok(_) => panic!("metadata accepted"),
+    }
+}
+
+/// A real overlay's header and metadata with the memory image's size set to 8 TiB or 1 PiB,
+/// cut off after the device state: the reader names the absurd size and what it should be,
+/// not the truncation.
 #[test]
-fn random_seeded_rng_is_used() {
-    // Keeps the rand dev-dependency honest for the ShortReads reader.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-    let _: u8 = rng.gen();
+fn an_absurd_memory_size_is_the_damage_reported() {
+    let good = write_overlay(&meta(Compression::None), &sample_blobs(), 3);
+    for size in [8u64 << 40, 1 << 50] {
+        let bad = cut_after_device_state(&with_meta(&good, |m| m.images[0].size = size));
+        assert!(bad.len() < 400, "{} bytes", bad.len());
+        let e = meta_error(&bad);
+        for want in ["images[0].size", "memory", &size.to_string(), "spec.ram_bytes", &(64 * 4096).to_string()] {
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+    }
+    // Over the format's limit, even if the spec agrees.
+    let e = meta_error(&with_meta(&good, |m| {
+        m.images[0].size = 1 << 53;
+        m.spec.ram_bytes = 1 << 53;
+    }));
+    assert!(e.contains(&(1u64 << 53).to_string()) && e.contains("limit"), "{e}");
+}
+
+#[test]
+fn disk_sizes_and_names_must_match_the_spec() {
+    let good = write_overlay(&meta(Compression::None), &sample_blobs(), 3);
+    let e = meta_error(&with_meta(&good, |m| m.images[1].size = 1 << 45));
+    for want in ["images[1].size", "disk0", &(1u64 << 45).to_string(), &(10 * 4096 + 100).to_string()] {
+        assert!(e.contains(want), "{e:?} lacks {want:?}");
+    }
+    let e = meta_error(&with_meta(&good, |m| m.spec.disks[0].name = "disk1".into()));
+    assert!(e.contains("disk0") && e.contains("spec.disks"), "{e}");
+    let e = meta_error(&with_meta(&good, |m| m.spec.disks.push(m.spec.disks[0].clone())));
+    assert!(e.contains("twice"), "{e}");
+    let e = meta_error(&with_meta(&good, |m| {
+        m.images[1].kind = ImageKind::Memory;
+    }));
+    assert!(e.contains("second memory image") || e.contains("spec.ram_bytes"), "{e}");
+    let e = meta_error(&with_meta(&good, |m| {
+        m.spec.disks = (0..65).map(|i| DiskSpec { name: format!("d{i}"), size_bytes: 1 }).collect();
+    }));
+    assert!(e.contains("65 disks"), "{e}");
+    // The writer holds itself to the same rules.
+    let mut m = meta(Compression::None);
+    m.spec.ram_bytes += 1;
+    match OverlayWriter::new(Vec::new(), &m) {
+        Err(e @ EncodeError::Invalid { .. }) => assert!(e.to_string().contains("spec.ram_bytes"), "{e}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("the writer took a memory image of another size than the spec's RAM"),
+    }
 }

@@ -608,7 +608,13 @@ pub fn synthesize_with<R: Read + Send>(
     let report = apply_overlay_reader(
         &engine_base,
         reader,
-        &ApplyOptions { base_id: base.id(), outputs: outputs.clone(), fsync: false, qcow2_disks: true },
+        &ApplyOptions {
+            base_id: base.id(),
+            outputs: outputs.clone(),
+            fsync: false,
+            qcow2_disks: true,
+            max_disk_growth: delta_engine::DEFAULT_MAX_DISK_GROWTH,
+        },
         &progress,
     )?;
     let rebuild = t0.elapsed();

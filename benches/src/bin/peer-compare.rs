@@ -969,6 +969,7 @@ mod ours {
                     outputs: vec![("memory".into(), a[5].clone().into()), ("disk0".into(), a[6].clone().into())],
                     fsync: false,
                     qcow2_disks: a.get(7).map(String::as_str) == Some("qcow2"),
+                    max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
                 };
                 let t = std::time::Instant::now();
                 let r = apply_overlay(&base, f, &opts, &|_| {})?;
