@@ -59,6 +59,7 @@ mod apply;
 mod base;
 mod create;
 mod file;
+pub mod fuzzing;
 pub mod index;
 pub mod qcow2;
 

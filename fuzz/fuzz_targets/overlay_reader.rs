@@ -1,21 +1,12 @@
-//! Arbitrary bytes into the overlay reader: every frame read, every blob decoded and validated.
+//! Arbitrary bytes into the overlay reader: every frame read, every blob decoded and validated;
+//! the same bytes resealed (checksums recomputed) so that mutations reach the parsers behind
+//! the checksums. The corpus replays as `overlay-format/tests/fuzz_corpus.rs`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use overlay_format::OverlayReader;
+use overlay_format::fuzzing::{read_all, reseal};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(mut r) = OverlayReader::new(data) else {
-        return;
-    };
-    if r.device_state().is_err() {
-        return;
-    }
-    while let Ok(Some(blob)) = r.next_blob() {
-        if let Ok(decoded) = blob.decode_for(r.meta()) {
-            for record in decoded.records() {
-                let _ = record.to_owned();
-            }
-        }
-    }
+    read_all(data);
+    read_all(&reseal(data)[..]);
 });

@@ -93,6 +93,30 @@ pub(crate) fn decompress(c: Compression, stored: &[u8], raw_len: usize) -> Resul
     Ok(out)
 }
 
+/// [`decompress`] for a payload whose declared length may be far larger than a blob's (the
+/// device state, up to 512 MiB): the output grows as bytes are decompressed, so a small payload
+/// that declares a large length costs only what it holds.
+pub(crate) fn decompress_growing(c: Compression, stored: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(raw_len.min(stored.len().saturating_mul(4)).min(16 << 20));
+    let limit = raw_len as u64 + 1;
+    match c {
+        Compression::None => out.extend_from_slice(stored),
+        Compression::Zstd => {
+            let mut dec = zstd::stream::read::Decoder::with_buffer(stored).map_err(|e| e.to_string())?.single_frame();
+            (&mut dec).take(limit).read_to_end(&mut out).map_err(|e| e.to_string())?;
+        }
+        Compression::Xz => {
+            let stream = liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, 0).map_err(|e| e.to_string())?;
+            let mut dec = liblzma::read::XzDecoder::new_stream(stored, stream);
+            (&mut dec).take(limit).read_to_end(&mut out).map_err(|e| e.to_string())?;
+        }
+    }
+    if out.len() != raw_len {
+        return Err(format!("decompressed to {} bytes, header says {raw_len}", out.len()));
+    }
+    Ok(out)
+}
+
 /// log2 of the window of a chained frame (codecs 3 and 4): 128 MiB, the largest window zstd's
 /// decoders accept by default; for xz, the dictionary size.
 pub const CHAIN_WINDOW_LOG: u32 = 27;

@@ -66,6 +66,7 @@ mod compress;
 pub mod digest;
 pub mod error;
 pub mod frame;
+pub mod fuzzing;
 pub mod meta;
 pub mod patch;
 pub mod reader;

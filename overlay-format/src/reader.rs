@@ -160,7 +160,7 @@ impl<R: Read> OverlayReader<R> {
                     reason: "device state codec differs from the overlay's".into(),
                 });
             }
-            let raw = compress::decompress(self.meta.compression, &stored, h.raw_len as usize)
+            let raw = compress::decompress_growing(self.meta.compression, &stored, h.raw_len as usize)
                 .map_err(|reason| DecodeError::Decompress { frame, offset: at, reason })?;
             self.device_state_digest = Some(*blake3::hash(&raw).as_bytes());
             self.device_state = Some(raw);
