@@ -313,7 +313,7 @@ fn discovery_in_network_namespaces() {
             Command::new("ip")
                 .args(["netns", "exec", &net.a, bin, "--registry"])
                 .arg(work.path().join("registry"))
-                .args(["serve", "--listen", "10.231.7.1:0", "--advertise", "test-cloudlet"]),
+                .args(["serve", "--listen", "10.231.7.1:0", "--insecure", "--advertise", "test-cloudlet"]),
         );
     assert_eq!(server.addr.ip().to_string(), "10.231.7.1");
     // The client finds the server and reaches it across the namespaces (the first answer can

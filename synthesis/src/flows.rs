@@ -586,6 +586,7 @@ pub fn synthesize_with<R: Read + Send>(
         Err(base_registry::RegistryError::NotFound { .. }) => return Err(FlowError::UnknownBase { id: base_id }),
         Err(e) => return Err(e.into()),
     };
+    check_spec(&reader.meta().spec, &base.entry.manifest.spec)?;
     create_dir_new(out_dir)?;
     let mut out_guard = Guard::new(out_dir);
     let out_dir =
@@ -705,4 +706,31 @@ pub fn synthesize_with<R: Read + Send>(
         total: t0.elapsed(),
     };
     Ok(Synthesized { vm, base, meta: report.meta, timeline, ports, answer, dir: out_dir.to_owned() })
+}
+
+/// Checks that an overlay's VM spec is its base's, before anything is created.
+///
+/// Must be equal: the machine type, CPU model, vCPU count, RAM size, kernel command line and
+/// the disks (names, order and sizes): the device state and the memory image depend on each.
+/// May differ (compatible): the QEMU version and the accelerator the snapshot was taken under;
+/// the VM resumes under this host's QEMU and accelerator, and the versioned machine type pins
+/// the device layout.
+pub(crate) fn check_spec(overlay: &overlay_format::VmSpec, base: &overlay_format::VmSpec) -> Result<(), FlowError> {
+    fn differ(field: &'static str, overlay: String, base: String) -> Result<(), FlowError> {
+        if overlay == base {
+            Ok(())
+        } else {
+            Err(FlowError::BadOverlay { field, overlay, base })
+        }
+    }
+    let disks = |s: &overlay_format::VmSpec| {
+        let v: Vec<String> = s.disks.iter().map(|d| format!("{} ({} bytes)", d.name, d.size_bytes)).collect();
+        format!("[{}]", v.join(", "))
+    };
+    differ("ram_bytes", overlay.ram_bytes.to_string(), base.ram_bytes.to_string())?;
+    differ("machine_type", overlay.machine_type.clone(), base.machine_type.clone())?;
+    differ("cpu_model", overlay.cpu_model.clone(), base.cpu_model.clone())?;
+    differ("vcpus", overlay.vcpus.to_string(), base.vcpus.to_string())?;
+    differ("disks", disks(overlay), disks(base))?;
+    differ("kernel_cmdline", format!("{:?}", overlay.kernel_cmdline), format!("{:?}", base.kernel_cmdline))
 }

@@ -139,6 +139,17 @@ pub enum FlowError {
         /// Its stderr.
         output: String,
     },
+    /// The overlay's VM spec does not match its base's: the device state would not load, or
+    /// would load into a VM that is not the one it was taken from.
+    #[error("the overlay's {field} is {overlay}, but its base's is {base}")]
+    BadOverlay {
+        /// The spec field (`ram_bytes`, `machine_type`, `disks`, ...).
+        field: &'static str,
+        /// Its value in the overlay.
+        overlay: String,
+        /// Its value in the base.
+        base: String,
+    },
     /// The app did not give the awaited HTTP answer on its forwarded port in time.
     #[error("{}", no_answer(*.guest_port, .address, .path, *.expect_status, *.timeout, .last))]
     NoAnswer {

@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub probe_timeout: Duration,
     /// Advertise `_cloudlet._tcp` over mDNS under this instance name.
     pub advertise: Option<String>,
+    /// Listen on a non-loopback address without a token. Off by default: [`Server::bind`]
+    /// refuses such an address unless a token is set or this is.
+    pub insecure: bool,
 }
 
 impl ServerConfig {
@@ -76,6 +79,7 @@ impl ServerConfig {
             token: None,
             probe_timeout: Duration::from_secs(60),
             advertise: None,
+            insecure: false,
         }
     }
 }
@@ -99,6 +103,15 @@ pub enum ServerError {
     /// QEMU cannot be used.
     #[error("hypervisor")]
     Driver(#[from] vm_driver::DriverError),
+    /// A non-loopback address without a token, and `insecure` not set.
+    #[error(
+        "refusing to listen on {listen} without a token: anyone who reaches it could run VMs here; \
+         set a token (--token or CLOUDLET_TOKEN), listen on a loopback address, or say --insecure"
+    )]
+    Insecure {
+        /// The address asked for.
+        listen: SocketAddr,
+    },
     /// mDNS advertisement failed.
     #[error("mDNS advertisement")]
     Discovery(#[from] crate::discovery::DiscoveryError),
@@ -248,6 +261,9 @@ impl Server {
     /// Opens the registry, checks QEMU, binds the address and (optionally) advertises it.
     /// Must be called inside a tokio runtime.
     pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        if !cfg.listen.ip().is_loopback() && cfg.token.is_none() && !cfg.insecure {
+            return Err(ServerError::Insecure { listen: cfg.listen });
+        }
         let registry = Registry::open(&cfg.registry)?;
         let qemu = Qemu::new()?;
         std::fs::create_dir_all(&cfg.work_dir)
@@ -458,6 +474,7 @@ async fn synthesis(
     }
     let id = st.new_id();
     let dir = st.cfg.work_dir.join(&id);
+    let dir2 = dir.clone();
 
     // Pump the body into a bounded channel: backpressure reaches the client's TCP window.
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
@@ -526,7 +543,7 @@ async fn synthesis(
         let result = task.await;
         let _ = pump.await;
         let bytes = received.load(Ordering::Relaxed);
-        let response = outcome(&st, &id, result, bytes, too_large.load(Ordering::Relaxed), max, t0);
+        let response = outcome(&st, &id, &dir2, result, bytes, too_large.load(Ordering::Relaxed), max, t0);
         if let Err(response) = answer_tx.send(response) {
             // Nobody is waiting: undo a VM that was just started for them.
             if response.status() == StatusCode::CREATED {
@@ -547,9 +564,11 @@ async fn synthesis(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn outcome(
     st: &AppState,
     id: &str,
+    dir: &std::path::Path,
     result: Result<Result<crate::Synthesized, FlowError>, tokio::task::JoinError>,
     bytes: u64,
     too_large: bool,
@@ -598,7 +617,25 @@ fn outcome(
             }
             flow_error(e)
         }
-        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("synthesis task: {e}")),
+        Err(e) => {
+            // A panic in the flow: a bug of ours, never the client's. Unwinding dropped the VM
+            // and the flow's guards; the VM directory goes too, should anything be left.
+            let what = match e.try_into_panic() {
+                Ok(p) => p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into()),
+                Err(e) => e.to_string(),
+            };
+            let _ = std::fs::remove_dir_all(dir);
+            eprintln!("[{id}] failed: the synthesis task panicked: {what}");
+            api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the synthesis failed on an internal error (a bug of this server): {what}"),
+            )
+        }
     }
 }
 
@@ -614,7 +651,7 @@ fn flow_error(e: FlowError) -> Response {
         FlowError::Apply(A::Io { .. } | A::OutputExists { .. }) => {
             api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg)
         }
-        FlowError::Apply(_) => api_error(StatusCode::BAD_REQUEST, "bad_overlay", msg),
+        FlowError::Apply(_) | FlowError::BadOverlay { .. } => api_error(StatusCode::BAD_REQUEST, "bad_overlay", msg),
         FlowError::NoAnswer { .. } => api_error(StatusCode::GATEWAY_TIMEOUT, "no_answer", msg),
         FlowError::NotForwarded { .. } | FlowError::Unsupported { .. } => {
             api_error(StatusCode::BAD_REQUEST, "bad_request", msg)
@@ -695,6 +732,64 @@ mod tests {
         let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
         drop(tx);
         assert_eq!(ChannelReader { rx, cur: Bytes::new() }.read(&mut buf).unwrap(), 0);
+    }
+
+    fn state(dir: &std::path::Path) -> AppState {
+        let cfg = ServerConfig::new(dir.join("registry"), dir.join("vms"));
+        AppState {
+            qemu: Qemu::new().unwrap(),
+            registry: Registry::open(&cfg.registry).unwrap(),
+            syntheses: Arc::new(Semaphore::new(cfg.max_syntheses)),
+            cfg,
+            vms: Mutex::new(BTreeMap::new()),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn a_panicking_synthesis_is_a_500_and_leaves_no_files() {
+        let work = tempfile::tempdir().unwrap();
+        let st = state(work.path());
+        let dir = work.path().join("vms").join("vm-000000000000");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory"), b"half written").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let result = rt.block_on(async {
+            tokio::task::spawn_blocking(|| -> Result<crate::Synthesized, FlowError> { panic!("decoder bug") }).await
+        });
+        let r = outcome(&st, "vm-000000000000", &dir, result, 10, false, 100, Instant::now());
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = rt.block_on(axum::body::to_bytes(r.into_body(), 1 << 20)).unwrap();
+        let e: ApiError = serde_json::from_slice(&body).unwrap();
+        assert_eq!(e.code, "internal");
+        assert!(e.error.contains("decoder bug"), "{}", e.error);
+        assert!(!dir.exists(), "{} is left behind", dir.display());
+        assert!(st.vms.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_non_loopback_address_needs_a_token_or_insecure() {
+        let work = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut cfg = ServerConfig::new(work.path().join("registry"), work.path().join("vms"));
+        cfg.listen = SocketAddr::from(([0, 0, 0, 0], 0));
+        match rt.block_on(Server::bind(cfg.clone())) {
+            Err(e @ ServerError::Insecure { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("0.0.0.0:0") && msg.contains("--token") && msg.contains("--insecure"), "{msg}");
+            }
+            Err(e) => panic!("expected Insecure, got {e:?}"),
+            Ok(_) => panic!("bound 0.0.0.0 without a token"),
+        }
+        // Nothing was created for the refused server.
+        assert!(!work.path().join("vms").exists());
+        let with_token = ServerConfig { token: Some("t".into()), ..cfg.clone() };
+        assert!(rt.block_on(Server::bind(with_token)).is_ok());
+        let insecure = ServerConfig { insecure: true, ..cfg.clone() };
+        assert!(rt.block_on(Server::bind(insecure)).is_ok());
+        // Loopback needs neither.
+        let lo = ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..cfg };
+        assert!(rt.block_on(Server::bind(lo)).is_ok());
     }
 
     #[test]

@@ -110,6 +110,10 @@ enum Command {
         /// Advertise the server over mDNS as `_cloudlet._tcp` under this name.
         #[arg(long)]
         advertise: Option<String>,
+        /// Allow a non-loopback --listen address without --token (anyone who reaches it can
+        /// run VMs).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Talk to a synthesis server: upload an overlay (it is applied as it arrives), list what
     /// the server has, or stop a VM.
@@ -117,7 +121,7 @@ enum Command {
     /// Exit codes: 0 done, 4 the server refused the request (bad overlay, unknown base, ...),
     /// 5 the server failed or is busy, 1 anything else.
     Client {
-        /// Server URL, e.g. http://127.0.0.1:7878.
+        /// Server URL, e.g. http://127.0.0.1:7878 (or just 127.0.0.1:7878).
         #[arg(long, conflicts_with = "discover")]
         server: Option<String>,
         /// Find the server over mDNS (without --overlay: list every server found).
@@ -138,6 +142,10 @@ enum Command {
         /// Bearer token.
         #[arg(long, env = "CLOUDLET_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// When the server is busy (429), try again up to N times, waiting as it asks (or 1, 2,
+        /// 4... s).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        retry: u32,
         /// Stop this VM (id from the upload) and remove its files.
         #[arg(long, conflicts_with = "overlay")]
         stop: Option<String>,
@@ -288,7 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let qemu = vm_driver::Qemu::new()?;
             flows::run_cmd(&qemu, &a)?;
         }
-        Command::Serve { listen, work, max_overlay_mib, max_syntheses, max_vms, token, advertise } => {
+        Command::Serve { listen, work, max_overlay_mib, max_syntheses, max_vms, token, advertise, insecure } => {
             let dir = cli.registry.clone().unwrap_or_else(Registry::default_dir);
             net::serve(net::ServeArgs {
                 registry: dir,
@@ -299,9 +307,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_vms,
                 token,
                 advertise,
+                insecure,
             })?;
         }
-        Command::Client { server, discover, discover_timeout, overlay, probe, check, token, stop, json } => {
+        Command::Client { server, discover, discover_timeout, overlay, probe, check, token, retry, stop, json } => {
             return net::client(net::ClientArgs {
                 server,
                 discover,
@@ -310,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 probe,
                 check,
                 token,
+                retry,
                 stop,
                 json,
             });
