@@ -342,3 +342,233 @@ fn discovery_in_network_namespaces() {
     server.interrupt();
     drop(net);
 }
+
+/// Pseudo-random bytes (xorshift): they do not compress.
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A base registered from made-up images (it cannot resume: it serves the tests where the
+/// server answers before any VM starts), and the real writer for overlays of it.
+struct FakeBase {
+    registry: PathBuf,
+    base: synthesis::RegisteredBase,
+    spec: overlay_format::VmSpec,
+    scratch: PathBuf,
+}
+
+impl FakeBase {
+    const RAM: u64 = 8 << 20;
+
+    fn new(dir: &Path) -> FakeBase {
+        use overlay_format::{DiskSpec, VmSpec};
+        let files = dir.join("fake-files");
+        std::fs::create_dir_all(&files).unwrap();
+        std::fs::write(files.join("memory"), noise(Self::RAM as usize, 1)).unwrap();
+        std::fs::write(files.join("disk0"), noise(1 << 20, 2)).unwrap();
+        std::fs::write(files.join("device-state"), b"made-up device state").unwrap();
+        let spec = VmSpec {
+            machine_type: "pc-q35-10.0".into(),
+            cpu_model: "qemu64".into(),
+            vcpus: 1,
+            ram_bytes: Self::RAM,
+            qemu_version: "10.0.2".into(),
+            accelerator: "tcg".into(),
+            disks: vec![DiskSpec { name: "disk0".into(), size_bytes: 1 << 20 }],
+            kernel_cmdline: None,
+        };
+        let registry = dir.join("fake-registry");
+        let reg = base_registry::Registry::open(&registry).unwrap();
+        let entry = reg
+            .register(base_registry::NewBase {
+                name: "fake".into(),
+                source_image: None,
+                spec: spec.clone(),
+                files: ["memory", "disk0", "device-state"].iter().map(|n| (n.to_string(), files.join(n))).collect(),
+                mode: base_registry::Mode::Move,
+                labels: [("state_hash".to_string(), "0".repeat(64))].into(),
+            })
+            .unwrap();
+        let base = synthesis::RegisteredBase::from_entry(entry).unwrap();
+        FakeBase { registry, base, spec, scratch: dir.join("fake-scratch") }
+    }
+
+    /// An overlay whose memory differs from the base's in its first `changed` bytes (noise),
+    /// claiming `spec`.
+    fn overlay(&self, spec: &overlay_format::VmSpec, changed: usize) -> Vec<u8> {
+        use delta_engine::{CustomImage, CustomSource};
+        std::fs::create_dir_all(&self.scratch).unwrap();
+        let mut mem = std::fs::read(self.base.entry.memory_path()).unwrap();
+        mem[..changed].copy_from_slice(&noise(changed, 99));
+        mem.resize(spec.ram_bytes as usize, 0);
+        let m = self.scratch.join("memory");
+        std::fs::write(&m, &mem).unwrap();
+        let d = self.scratch.join("disk0");
+        std::fs::copy(self.base.entry.dir.join("disk0"), &d).unwrap();
+        let info = delta_engine::OverlayInfo {
+            base_id: self.base.id(),
+            spec: spec.clone(),
+            forwards: vec![overlay_format::PortForward {
+                protocol: overlay_format::Protocol::Tcp,
+                host_port: 0,
+                guest_port: 8080,
+            }],
+            name: "fake-app".into(),
+            creator: "test".into(),
+            created_unix: 0,
+        };
+        let (out, _) = delta_engine::create_overlay(
+            &self.base.engine_base().unwrap(),
+            &[
+                CustomImage { name: "memory".into(), source: CustomSource::Raw(m) },
+                CustomImage { name: "disk0".into(), source: CustomSource::Raw(d) },
+            ],
+            &info,
+            b"custom device state",
+            &delta_engine::CreateOptions::default(),
+            &|_| {},
+            Vec::new(),
+        )
+        .unwrap();
+        std::fs::remove_dir_all(&self.scratch).unwrap();
+        out
+    }
+}
+
+fn healthz(addr: SocketAddr) -> serde_json::Value {
+    let (st, body) = http(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"");
+    assert_eq!(st, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Waits until the server runs `n` syntheses.
+fn wait_syntheses(addr: SocketAddr, n: u64) {
+    let t0 = Instant::now();
+    loop {
+        let v = healthz(addr);
+        if v["syntheses"] == n {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "waited 20 s for {n} syntheses at once: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Entries of a directory.
+fn entries(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Waits until `dir` is empty.
+fn wait_empty(dir: &Path, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let left = entries(dir);
+        if left.is_empty() {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "after {what}, {} still holds {left:?}", dir.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn clients_hear_a_busy_or_refusing_server() {
+    let work = tempfile::tempdir().unwrap();
+    let fake = FakeBase::new(work.path());
+    // 6 MiB of noise: more than the socket buffers hold, so a client that writes the whole
+    // body before reading breaks its pipe when the server answers early.
+    let app = work.path().join("app.overlay");
+    std::fs::write(&app, fake.overlay(&fake.spec, 6 << 20)).unwrap();
+    // The same overlay, 9 MiB long: over this server's 8 MiB limit.
+    let big = work.path().join("big.overlay");
+    let mut b = std::fs::read(&app).unwrap();
+    b.resize(9 << 20, 0);
+    std::fs::write(&big, b).unwrap();
+    // An overlay for another RAM size than its base's.
+    let hostile = work.path().join("hostile.overlay");
+    let spec = overlay_format::VmSpec { ram_bytes: 2 * FakeBase::RAM, ..fake.spec.clone() };
+    std::fs::write(&hostile, fake.overlay(&spec, 4096)).unwrap();
+
+    let vms = work.path().join("vms");
+    let token = "t0ken";
+    let server = Served::start(
+        cloudlet()
+            .arg("--registry")
+            .arg(&fake.registry)
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-overlay-mib", "8"])
+            .arg("--work")
+            .arg(&vms)
+            .env("CLOUDLET_TOKEN", token),
+    );
+    // host:port without http:// is taken as http://host:port.
+    let server_arg = server.addr.to_string();
+    let client = |overlay: &Path| {
+        let mut c = cloudlet();
+        c.args(["client", "--server", &server_arg, "--overlay"]).arg(overlay).env("CLOUDLET_TOKEN", token);
+        c
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // Too large: 413, exit 2.
+    let out = client(&big).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("413 (too_large)"), "{}", stderr(&out));
+    // Without the token: 401, exit 2.
+    let out = client(&app).env_remove("CLOUDLET_TOKEN").output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("401 (unauthorized)"), "{}", stderr(&out));
+    // A spec that is not the base's: 400 naming the field and both values, exit 2.
+    let out = client(&hostile).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("400 (bad_overlay)") && e.contains("ram_bytes is 16777216, but its base's is 8388608"), "{e}");
+    assert!(entries(&vms).is_empty(), "a refused upload left {:?}", entries(&vms));
+
+    // Two uploads that stall in the header hold both synthesis slots (the default 2).
+    let overlay = std::fs::read(&app).unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(server.addr).unwrap();
+        s.write_all(post_head("/v1/synthesis", overlay.len() as u64, Some(token)).as_bytes()).unwrap();
+        s.write_all(&overlay[..10]).unwrap();
+        stalled.push(s);
+    }
+    wait_syntheses(server.addr, 2);
+    // Eight clients at once: every one hears 429 busy and exits 3; none sees a broken pipe.
+    let busy: Vec<_> =
+        (0..8).map(|_| client(&app).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()).collect();
+    for c in busy {
+        let out = c.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+        assert!(stderr(&out).contains("429 (busy)"), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("Broken pipe"), "{}", stderr(&out));
+    }
+    // With --retry, a client waits for a slot: it hears busy, a slot frees, and its upload
+    // goes through (here to be refused for its spec).
+    let mut retrying =
+        client(&hostile).args(["--retry", "5"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = BufReader::new(retrying.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("the server is busy; trying again in 2 s (1 of 5)"), "{line}");
+    drop(stalled);
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    let st = retrying.wait().unwrap();
+    assert_eq!(st.code(), Some(4), "{line}{rest}");
+    assert!(rest.contains("400 (bad_overlay)"), "{line}{rest}");
+    wait_empty(&vms, "busy, refused and disconnected uploads");
+    server.interrupt();
+}
