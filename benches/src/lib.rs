@@ -11,6 +11,13 @@ use rand::{Rng, RngCore, SeedableRng};
 
 const PAGE: usize = 4096;
 
+/// `p` as one shell word: single-quoted, each `'` written `'\''`, so spaces, `;`, `$`, `*`,
+/// quotes and newlines in a path stay part of it. Text may follow the word directly
+/// (`'dir'/p0.zst`, `'out'.tmp`, `'out'*` still globs on the suffix only).
+pub fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
+}
+
 /// Sizes of a generated pair.
 #[derive(Debug, Clone, Copy)]
 pub struct PairSpec {

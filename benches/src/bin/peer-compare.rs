@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cloudlet_benches::{changed_chunks, make_memory_pair, PairSpec};
+use cloudlet_benches::{changed_chunks, make_memory_pair, shell_quote, PairSpec};
 use rand::{Rng, SeedableRng};
 
 const GEN_VERSION: &str = "pair-v2";
@@ -325,7 +325,7 @@ fn build_pair(w: &Path, kind: Synthetic) -> Result<(PathBuf, PathBuf, PathBuf, P
            [ $used -ge {budget} ] && break; mkdir -p .$d; cp -a $d/. .$d/ 2>/dev/null || true; \
            used=$(du -sm . | cut -f1); done; \
          while [ $(du -sm . | cut -f1) -gt {budget} ]; do f=$(find . -type f -size +64k | head -n 50); [ -z \"$f\" ] && break; rm -f $f; done",
-        s = staging.display()
+        s = shell_quote(&staging)
     ))
     .status()?;
     if !st.success() {
@@ -351,9 +351,9 @@ fn build_pair(w: &Path, kind: Synthetic) -> Result<(PathBuf, PathBuf, PathBuf, P
         for i in 0..add_mb / 4 {
             let f = adds.join(format!("f{i}"));
             if i % 2 == 0 {
-                sh(&format!("head -c 4M /dev/urandom > {}", f.display())).status()?;
+                sh(&format!("head -c 4M /dev/urandom > {}", shell_quote(&f))).status()?;
             } else {
-                plain_sh(&format!("find /usr/share -type f -size +8k | head -n $(({i} * 40 + 200)) | tail -n 200 | xargs cat 2>/dev/null | head -c 4M > {}", f.display())).status()?;
+                plain_sh(&format!("find /usr/share -type f -size +8k | head -n $(({i} * 40 + 200)) | tail -n 200 | xargs cat 2>/dev/null | head -c 4M > {}", shell_quote(&f))).status()?;
             }
             cmds.push_str(&format!("write {} /app/f{i}\n", f.display()));
         }
@@ -504,7 +504,7 @@ fn main() -> Result<()> {
     let me = std::env::current_exe()?;
     let t = a.timeout;
     let mut rows: Vec<Row> = Vec::new();
-    let q = |p: &Path| p.display().to_string();
+    let q = shell_quote;
     let verify = |rebuilt: &[(&Path, &Path)]| -> bool {
         rebuilt.iter().all(|(x, y)| changed_chunks(x, y).map(|n| n == 0).unwrap_or(false))
     };
