@@ -123,73 +123,7 @@ impl Qemu {
         let ser_sock = runtime.join("serial.sock");
         let ser_log = runtime.join("serial.log");
         let stderr_log = runtime.join("qemu.stderr");
-        let mut args: Vec<String> = vec![
-            "-nodefaults".into(),
-            "-no-user-config".into(),
-            "-machine".into(),
-            format!("{},accel={},memory-backend=ram0", p.machine, p.accel.as_str()),
-            "-cpu".into(),
-            p.cpu.into(),
-            "-smp".into(),
-            p.vcpus.to_string(),
-            "-m".into(),
-            format!("{}M", p.ram_bytes >> 20),
-            "-object".into(),
-            format!(
-                "memory-backend-file,id=ram0,size={},mem-path={},share={},readonly={},rom=off",
-                p.ram_bytes,
-                p.ram_path.display(),
-                if p.ram_share { "on" } else { "off" },
-                if p.ram_readonly { "on" } else { "off" },
-            ),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", qmp_sock.display()),
-            "-chardev".into(),
-            format!(
-                "socket,id=ser0,path={},server=on,wait=off,logfile={},logappend=on",
-                ser_sock.display(),
-                ser_log.display()
-            ),
-            "-serial".into(),
-            "chardev:ser0".into(),
-            "-device".into(),
-            format!("virtio-balloon-pci,free-page-reporting={}", if p.free_page_reporting { "on" } else { "off" }),
-        ];
-        if p.display {
-            // Part of the device layout: a snapshot taken with it restores only with it.
-            args.extend(["-vga".into(), "std".into()]);
-        }
-        match p.vnc {
-            // `to=`: when display n is taken, the next free one up to 99 (see `vnc_address`).
-            Some(n) => args.extend(["-vnc".into(), format!("127.0.0.1:{n},to=99")]),
-            None => args.extend(["-display".into(), "none".into()]),
-        }
-        if let Some(k) = p.kernel {
-            args.extend(["-kernel".into(), k.kernel.display().to_string(), "-append".into(), k.cmdline.clone()]);
-            if let Some(i) = &k.initrd {
-                args.extend(["-initrd".into(), i.display().to_string()]);
-            }
-        }
-        for (i, d) in p.disks.iter().enumerate() {
-            let fmt = match d.format {
-                DiskFormat::Raw => "raw",
-                DiskFormat::Qcow2 => "qcow2",
-            };
-            args.extend([
-                "-drive".into(),
-                format!("file={},format={fmt},if=none,id=d{i},discard=unmap,cache=writeback", d.path.display()),
-                "-device".into(),
-                format!("virtio-blk-pci,drive=d{i}"),
-            ]);
-        }
-        let mut netdev = "user,id=n0".to_string();
-        for f in &forwards {
-            netdev.push_str(&format!(",hostfwd=tcp:{}:{}-:{}", p.forward_address, f.host_port, f.guest_port));
-        }
-        args.extend(["-netdev".into(), netdev, "-device".into(), "virtio-net-pci,netdev=n0".into()]);
-        if p.incoming {
-            args.extend(["-incoming".into(), "defer".into()]);
-        }
+        let args = qemu_args(&p, &forwards, &qmp_sock, &ser_sock, &ser_log);
         let stderr = fs::File::create(&stderr_log)
             .map_err(|source| DriverError::Io { what: format!("create {}", stderr_log.display()), source })?;
         let child = Command::new(&self.binary)
@@ -228,6 +162,93 @@ impl Qemu {
         }
         Ok(vm)
     }
+}
+
+/// Arguments of `migrate` / `migrate-incoming` to or from the file `p`, as a structured channel
+/// rather than a `file:` URI, whose parser would cut the path at `,offset=`.
+fn file_channel(p: &Path) -> serde_json::Value {
+    json!({"channels": [{"channel-type": "main",
+        "addr": {"transport": "file", "filename": p.to_string_lossy(), "offset": 0}}]})
+}
+
+/// `p` for a QEMU option value (`file=`, `mem-path=`, `path=`, ...): QEMU splits option lists
+/// at commas and reads `,,` as a literal comma, so every comma is doubled. Nothing else needs
+/// escaping: a value ends only at a single comma.
+pub(crate) fn opt_path(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+/// The command line of a QEMU process for `p`, with `forwards` resolved to host ports.
+fn qemu_args(p: &Start<'_>, forwards: &[Forward], qmp_sock: &Path, ser_sock: &Path, ser_log: &Path) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-machine".into(),
+        format!("{},accel={},memory-backend=ram0", p.machine, p.accel.as_str()),
+        "-cpu".into(),
+        p.cpu.into(),
+        "-smp".into(),
+        p.vcpus.to_string(),
+        "-m".into(),
+        format!("{}M", p.ram_bytes >> 20),
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=ram0,size={},mem-path={},share={},readonly={},rom=off",
+            p.ram_bytes,
+            opt_path(p.ram_path),
+            if p.ram_share { "on" } else { "off" },
+            if p.ram_readonly { "on" } else { "off" },
+        ),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", opt_path(qmp_sock)),
+        "-chardev".into(),
+        format!(
+            "socket,id=ser0,path={},server=on,wait=off,logfile={},logappend=on",
+            opt_path(ser_sock),
+            opt_path(ser_log)
+        ),
+        "-serial".into(),
+        "chardev:ser0".into(),
+        "-device".into(),
+        format!("virtio-balloon-pci,free-page-reporting={}", if p.free_page_reporting { "on" } else { "off" }),
+    ];
+    if p.display {
+        // Part of the device layout: a snapshot taken with it restores only with it.
+        args.extend(["-vga".into(), "std".into()]);
+    }
+    match p.vnc {
+        // `to=`: when display n is taken, the next free one up to 99 (see `vnc_address`).
+        Some(n) => args.extend(["-vnc".into(), format!("127.0.0.1:{n},to=99")]),
+        None => args.extend(["-display".into(), "none".into()]),
+    }
+    if let Some(k) = p.kernel {
+        // -kernel and -initrd take a plain file name: no option parsing, no escaping.
+        args.extend(["-kernel".into(), k.kernel.display().to_string(), "-append".into(), k.cmdline.clone()]);
+        if let Some(i) = &k.initrd {
+            args.extend(["-initrd".into(), i.display().to_string()]);
+        }
+    }
+    for (i, d) in p.disks.iter().enumerate() {
+        let fmt = match d.format {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        };
+        args.extend([
+            "-drive".into(),
+            format!("file={},format={fmt},if=none,id=d{i},discard=unmap,cache=writeback", opt_path(&d.path)),
+            "-device".into(),
+            format!("virtio-blk-pci,drive=d{i}"),
+        ]);
+    }
+    let mut netdev = "user,id=n0".to_string();
+    for f in forwards {
+        netdev.push_str(&format!(",hostfwd=tcp:{}:{}-:{}", p.forward_address, f.host_port, f.guest_port));
+    }
+    args.extend(["-netdev".into(), netdev, "-device".into(), "virtio-net-pci,netdev=n0".into()]);
+    if p.incoming {
+        args.extend(["-incoming".into(), "defer".into()]);
+    }
+    args
 }
 
 fn check_file(what: &'static str, path: &Path) -> Result<(), DriverError> {
@@ -675,7 +696,7 @@ impl QemuVm {
 
     fn incoming(&mut self, device_state: &Path) -> Result<(), DriverError> {
         self.set_migration_caps()?;
-        self.qmp("migrate-incoming", Some(json!({"uri": format!("file:{}", device_state.display())})))?;
+        self.qmp("migrate-incoming", Some(file_channel(device_state)))?;
         self.wait_migration()?;
         self.qmp("cont", None)?;
         Ok(())
@@ -713,7 +734,7 @@ impl Vm for QemuVm {
         self.set_migration_caps()?;
         self.qmp("migrate-set-parameters", Some(json!({"max-bandwidth": 100u64 << 30})))?;
         let ds = dir.join("device-state");
-        self.qmp("migrate", Some(json!({"uri": format!("file:{}", ds.display())})))?;
+        self.qmp("migrate", Some(file_channel(&ds)))?;
         self.wait_migration()?;
         let memory = dir.join("memory");
         sparse_copy(&self.ram_path, &memory)?;
@@ -854,5 +875,115 @@ pub fn kill_all() {
 impl Drop for QemuVm {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start<'a>(kernel: Option<&'a KernelBoot>, disks: &'a [Disk], runtime: &'a Path, ram: &'a Path) -> Start<'a> {
+        Start {
+            machine: "pc-q35-10.0",
+            cpu: "qemu64",
+            vcpus: 1,
+            ram_bytes: 256 << 20,
+            kernel,
+            disks,
+            forwards: &[],
+            forward_address: "127.0.0.1",
+            vnc: None,
+            runtime,
+            ram_path: ram,
+            ram_share: false,
+            ram_readonly: true,
+            incoming: true,
+            accel: Accel::Tcg,
+            free_page_reporting: false,
+            display: false,
+        }
+    }
+
+    /// The value of the option list following `flag` whose first item starts with `first`.
+    fn option<'a>(args: &'a [String], flag: &str, first: &str) -> &'a str {
+        args.windows(2)
+            .find(|w| w[0] == flag && w[1].starts_with(first))
+            .map(|w| w[1].as_str())
+            .unwrap_or_else(|| panic!("no {flag} {first}... in {args:?}"))
+    }
+
+    /// Splits a QEMU option list as QEMU does: at single commas, `,,` being a literal comma.
+    fn split_opts(s: &str) -> Vec<String> {
+        let mut out = vec![String::new()];
+        let mut it = s.chars().peekable();
+        while let Some(c) = it.next() {
+            if c == ',' {
+                if it.peek() == Some(&',') {
+                    it.next();
+                    out.last_mut().unwrap().push(',');
+                } else {
+                    out.push(String::new());
+                }
+            } else {
+                out.last_mut().unwrap().push(c);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn opt_path_doubles_commas_only() {
+        assert_eq!(opt_path(Path::new("/a b/c,d,,e=f")), "/a b/c,,d,,,,e=f");
+        assert_eq!(opt_path(Path::new("/plain")), "/plain");
+    }
+
+    /// Paths with commas, spaces and `=` stay one option value each: nothing can be injected.
+    #[test]
+    fn paths_in_options_cannot_inject() {
+        let dir = Path::new("/tmp/reg, share=on,readonly=off x");
+        let runtime = dir.join("vm,id=evil");
+        let ram = dir.join("base,mem-path=/etc/passwd/memory");
+        let disks = [Disk { name: "disk0".into(), path: dir.join("d,file=/etc/shadow"), format: DiskFormat::Qcow2 }];
+        let k = KernelBoot {
+            kernel: dir.join("vmlinuz"),
+            initrd: Some(dir.join("initrd,x")),
+            cmdline: "console=ttyS0".into(),
+        };
+        let p = start(Some(&k), &disks, &runtime, &ram);
+        let args =
+            qemu_args(&p, &[], &runtime.join("qmp.sock"), &runtime.join("serial.sock"), &runtime.join("serial.log"));
+
+        let mem = split_opts(option(&args, "-object", "memory-backend-file"));
+        let mem_paths: Vec<&String> = mem.iter().filter(|o| o.starts_with("mem-path=")).collect();
+        assert_eq!(mem_paths, [&format!("mem-path={}", ram.display())]);
+        assert_eq!(mem.iter().filter(|o| o.starts_with("share=")).count(), 1, "{mem:?}");
+        assert_eq!(mem.iter().filter(|o| o.starts_with("readonly=")).collect::<Vec<_>>(), ["readonly=on"]);
+
+        let drive = split_opts(option(&args, "-drive", "file="));
+        assert_eq!(drive[0], format!("file={}", disks[0].path.display()));
+        assert_eq!(drive.iter().filter(|o| o.starts_with("file=")).count(), 1, "{drive:?}");
+
+        let qmp = split_opts(option(&args, "-qmp", "unix:"));
+        assert_eq!(
+            qmp,
+            [format!("unix:{}", runtime.join("qmp.sock").display()), "server=on".into(), "wait=off".into()]
+        );
+
+        let ser = split_opts(option(&args, "-chardev", "socket,"));
+        assert!(ser.contains(&format!("path={}", runtime.join("serial.sock").display())), "{ser:?}");
+        assert!(ser.contains(&format!("logfile={}", runtime.join("serial.log").display())), "{ser:?}");
+        assert!(!ser.iter().any(|o| o.starts_with("id=evil")), "{ser:?}");
+
+        // Plain file names, passed as they are.
+        assert_eq!(option(&args, "-kernel", "/"), k.kernel.display().to_string());
+        assert_eq!(option(&args, "-initrd", "/"), dir.join("initrd,x").display().to_string());
+    }
+
+    #[test]
+    fn migration_files_are_structured_channels() {
+        let v = file_channel(Path::new("/s, x/device-state,offset=9"));
+        assert_eq!(v["channels"][0]["addr"]["filename"], "/s, x/device-state,offset=9");
+        assert_eq!(v["channels"][0]["addr"]["offset"], 0);
+        assert!(v.get("uri").is_none());
     }
 }

@@ -182,3 +182,48 @@ fn bad_inputs_get_clear_errors() {
     let e = qemu.restore(&Snapshot::load(&d).unwrap(), &RestoreOptions::default()).unwrap_err();
     assert!(matches!(e, DriverError::Incompatible { what: "QEMU version", .. }), "{e}");
 }
+
+/// Every path QEMU gets (kernel, initrd, disk, RAM file, snapshot files, qcow2 layer backing)
+/// lives under directories whose names hold a comma and a space: the guest boots, snapshots and
+/// restores in both RAM modes with its own disk.
+#[test]
+fn paths_with_commas_and_spaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("reg, share=on,x y");
+    let vmdir = tmp.path().join("vm, readonly=off,z w");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::create_dir_all(&vmdir).unwrap();
+    let g = guest();
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(g.join(f), store.join(format!("{f},1 x"))).unwrap();
+    }
+    let disk = store.join("disk0,file=x y.raw");
+    std::fs::copy(g.join("disk.raw"), &disk).unwrap();
+    let mut spec = LaunchSpec::new(256 << 20)
+        .kernel(store.join("vmlinuz,1 x"), store.join("initrd.img,1 x"), "console=ttyS0 quiet panic=-1")
+        .disk("disk0", disk, DiskFormat::Raw)
+        .forward(0, 80);
+    spec.ram_dir = Some(vmdir.clone());
+    let qemu = Qemu::new().unwrap();
+    let mut vm = match qemu.launch(&spec) {
+        Ok(vm) => vm,
+        Err(e) => panic!("launch with commas in the paths: {e}"),
+    };
+    if let Err(e) = vm.console().unwrap().wait_for_text("cloudlet-guest: ready", BOOT) {
+        panic!("{e}\nserial:\n{}\nstderr:\n{}", vm.serial_log(), vm.stderr(4096));
+    }
+    assert_eq!(std::fs::read_dir(&vmdir).unwrap().count(), 1, "the RAM file is in the VM directory");
+    let (_, st) = vm.console().unwrap().run("echo comma-disk > /mnt/disk/f && sync", CMD).unwrap();
+    assert_eq!(st, 0);
+    let snap = vm.snapshot(&store.join("snap, offset=1,x y")).unwrap();
+    drop(vm);
+    for mode in [RamMode::CopyOnWrite, RamMode::PrivateCopy] {
+        let mut r = match qemu.restore(&snap, &RestoreOptions { ram: mode, ..Default::default() }) {
+            Ok(r) => r,
+            Err(e) => panic!("restore ({mode:?}) from {}: {e}", snap.dir.display()),
+        };
+        let (out, st) = r.console().unwrap().run("cat /mnt/disk/f", CMD).unwrap();
+        assert_eq!((st, out.trim()), (0, "comma-disk"), "{mode:?}");
+        assert!(http_get(r.host_port(80).unwrap()).contains("200"), "{mode:?}");
+    }
+}
