@@ -129,6 +129,14 @@ pub enum RegistryError {
         /// (id, name) of each match.
         candidates: Vec<(BaseId, String)>,
     },
+    /// [`Registry::open_existing`] found no registry at the path.
+    #[error("no base registry at {dir}: {reason}")]
+    NoRegistry {
+        /// The path given.
+        dir: PathBuf,
+        /// What is there instead (the directory does not exist, or holds no `registry.json`).
+        reason: String,
+    },
     /// An export file is truncated, damaged or tampered with.
     #[error("bad export at byte {offset}: {reason}")]
     BadExport {
@@ -358,25 +366,7 @@ impl Registry {
     pub fn open(root: &Path) -> Result<Self> {
         let meta = root.join("registry.json");
         match fs::read(&meta) {
-            Ok(b) => {
-                #[derive(Deserialize)]
-                struct Meta {
-                    format: u32,
-                }
-                if b.len() > 4096 {
-                    return Err(RegistryError::Corrupt {
-                        dir: root.to_owned(),
-                        reason: "registry.json too large".into(),
-                    });
-                }
-                let m: Meta = serde_json::from_slice(&b).map_err(|e| RegistryError::Corrupt {
-                    dir: root.to_owned(),
-                    reason: format!("registry.json: {e}"),
-                })?;
-                if m.format > REGISTRY_FORMAT {
-                    return Err(RegistryError::NewerFormat { dir: root.to_owned(), found: m.format });
-                }
-            }
+            Ok(b) => check_format(root, &b)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 for d in [root.to_owned(), root.join("bases"), root.join("staging")] {
                     fs::create_dir_all(&d).map_err(io(&d))?;
@@ -397,6 +387,35 @@ impl Registry {
         }
         // Absolute paths, so entries stay valid whatever the caller's working directory.
         let root = fs::canonicalize(root).map_err(io(root))?;
+        Ok(Registry { root })
+    }
+
+    /// Opens the registry at `root` without creating or changing anything: for commands that
+    /// only read or remove. Fails with [`RegistryError::NoRegistry`] naming the path when
+    /// `root` does not exist or is not a registry (no `registry.json`), so a mistyped path is
+    /// reported instead of silently becoming a new, empty registry.
+    pub fn open_existing(root: &Path) -> Result<Self> {
+        let none = |reason: &str| RegistryError::NoRegistry { dir: root.to_owned(), reason: reason.into() };
+        match fs::metadata(root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(none("not a directory")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(none("the directory does not exist")),
+            Err(e) => return Err(RegistryError::Io { path: root.to_owned(), source: e }),
+        }
+        let meta = root.join("registry.json");
+        match fs::read(&meta) {
+            Ok(b) => check_format(root, &b)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(none("the directory holds no registry.json"))
+            }
+            Err(e) => return Err(RegistryError::Io { path: meta, source: e }),
+        }
+        let root = fs::canonicalize(root).map_err(io(root))?;
+        for d in [root.join("bases"), root.join("staging")] {
+            if !d.is_dir() {
+                return Err(RegistryError::Corrupt { dir: root, reason: format!("{} is missing", d.display()) });
+            }
+        }
         Ok(Registry { root })
     }
 
@@ -676,6 +695,23 @@ impl Registry {
         }
         result
     }
+}
+
+/// Checks `registry.json` (its bytes `b`): a format this version understands.
+fn check_format(root: &Path, b: &[u8]) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Meta {
+        format: u32,
+    }
+    if b.len() > 4096 {
+        return Err(RegistryError::Corrupt { dir: root.to_owned(), reason: "registry.json too large".into() });
+    }
+    let m: Meta = serde_json::from_slice(b)
+        .map_err(|e| RegistryError::Corrupt { dir: root.to_owned(), reason: format!("registry.json: {e}") })?;
+    if m.format > REGISTRY_FORMAT {
+        return Err(RegistryError::NewerFormat { dir: root.to_owned(), found: m.format });
+    }
+    Ok(())
 }
 
 fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {

@@ -433,3 +433,31 @@ fn opening_a_tampered_entry_is_refused() {
     assert!(e.to_string().contains("\"../../../host-file\" is not a valid name"), "{e}");
     assert!(reg.list().unwrap().is_empty());
 }
+
+/// `open_existing` creates nothing: a missing directory, a file, or a directory that is not a
+/// registry is refused naming the path; an existing registry opens.
+#[test]
+fn open_existing_never_creates() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("no-such-registry");
+    let e = Registry::open_existing(&missing).unwrap_err();
+    assert!(matches!(e, RegistryError::NoRegistry { .. }), "{e}");
+    assert!(e.to_string().contains(&missing.display().to_string()) && e.to_string().contains("does not exist"), "{e}");
+    assert!(!missing.exists(), "open_existing created the directory");
+    let plain = t.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    let e = Registry::open_existing(&plain).unwrap_err();
+    assert!(e.to_string().contains("no registry.json"), "{e}");
+    assert_eq!(std::fs::read_dir(&plain).unwrap().count(), 0, "open_existing wrote into a plain directory");
+    let file = t.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(matches!(Registry::open_existing(&file), Err(RegistryError::NoRegistry { .. })));
+    let root = t.path().join("reg");
+    let reg = Registry::open(&root).unwrap();
+    reg.register(new_base(&t.path().join("a"), "alpha", 1, Mode::Copy)).unwrap();
+    let again = Registry::open_existing(&root).unwrap();
+    assert_eq!(again.root(), reg.root());
+    assert_eq!(again.list().unwrap().len(), 1);
+    std::fs::write(root.join("registry.json"), "{\"format\": 99}").unwrap();
+    assert!(matches!(Registry::open_existing(&root), Err(RegistryError::NewerFormat { found: 99, .. })));
+}
