@@ -101,6 +101,7 @@ fn exit_codes_are_one_table_in_help() {
 /// Runs `cloudlet ARGS` (no VM needed: these fail on the command line) and returns (code, stderr).
 fn refused(args: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
+    base_registry::Registry::open(&dir.path().join("registry")).unwrap();
     let out = cloudlet_in(&dir.path().join("registry")).args(args).output().unwrap();
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
@@ -566,4 +567,41 @@ fn overlay_and_synthesis_flow_spare_user_files_and_say_what_they_wait_for() {
     assert!(out.status.code() == Some(1) && stderr.contains("no snapshot.json"), "{stderr}");
     mine();
     assert_eq!(processes_mentioning(&work.path().display().to_string()), Vec::<String>::new());
+}
+
+/// Commands that only read or remove refuse a registry path that does not exist, naming it,
+/// and create nothing there; `overlay-info --registry` says the base is not in it.
+#[test]
+fn read_only_commands_do_not_create_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("mistyped-registry");
+    let ovl = golden("v1-zstd.ovl");
+    let export = dir.path().join("x.base");
+    let vm = dir.path().join("vm");
+    let cases: [&[&str]; 5] = [
+        &["list-base"],
+        &["verify-base", "deb"],
+        &["rm-base", "deb"],
+        &["export-base", "deb", "--out", export.to_str().unwrap()],
+        &["synthesis", "--overlay", ovl.to_str().unwrap(), "--out", vm.to_str().unwrap()],
+    ];
+    for args in cases {
+        let out = cloudlet_in(&missing).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&missing.display().to_string()) && err.contains("does not exist"),
+            "{args:?}: the error should name the missing registry: {err}"
+        );
+        assert!(!missing.exists(), "{args:?} created the registry");
+        assert!(!export.exists() && !vm.exists(), "{args:?} left a file");
+    }
+    // Also with the default registry from the environment.
+    let out = cloudlet().env("CLOUDLET_REGISTRY", &missing).arg("list-base").output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!missing.exists());
+    let out = cloudlet_in(&missing).args(["overlay-info", ovl.to_str().unwrap(), "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["base_in_registry"], false, "{v}");
+    assert!(!missing.exists(), "overlay-info created the registry");
 }

@@ -227,6 +227,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let dir = cli.registry.clone().unwrap_or_else(Registry::default_dir);
         Registry::open(&dir).with_context(|| format!("opening the base registry {}", dir.display()))
     };
+    // Commands that only read or remove never create a registry: a mistyped path is an error.
+    let existing = || -> anyhow::Result<Registry> {
+        let dir = cli.registry.clone().unwrap_or_else(Registry::default_dir);
+        Ok(Registry::open_existing(&dir)?)
+    };
     match cli.command {
         Command::Demo { work, guest } => {
             flows::demo(&work, &guest)?;
@@ -235,9 +240,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let qemu = vm_driver::Qemu::new()?;
             flows::base(&qemu, &registry()?, &a, false)?;
         }
-        Command::ListBase { json } => flows::list_base(&registry()?, json)?,
+        Command::ListBase { json } => flows::list_base(&existing()?, json)?,
         Command::VerifyBase { base } => {
-            let reg = registry()?;
+            let reg = existing()?;
             let b = reg.find(&base)?;
             let rep = reg.verify(&b.id())?;
             if rep.is_ok() {
@@ -250,13 +255,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::RmBase { base } => {
-            let reg = registry()?;
+            let reg = existing()?;
             let b = reg.find(&base)?;
             reg.remove(&b.id())?;
             println!("removed base {} ({})", b.manifest.id, b.manifest.name);
         }
         Command::ExportBase { base, out } => {
-            let reg = registry()?;
+            let reg = existing()?;
             let b = reg.find(&base)?;
             if out.symlink_metadata().is_ok() {
                 anyhow::bail!("{} already exists", out.display());
@@ -290,7 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Synthesis(a) => {
             let qemu = vm_driver::Qemu::new()?;
-            flows::synthesis_cmd(&qemu, &registry()?, &a)?;
+            flows::synthesis_cmd(&qemu, &existing()?, &a)?;
         }
         Command::Run(a) => {
             let qemu = vm_driver::Qemu::new()?;
@@ -338,7 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 info.registry = Some(dir.display().to_string());
                 // A registry that does not exist is not created by a look.
                 info.base_in_registry =
-                    Some(dir.is_dir() && Registry::open(&dir).is_ok_and(|r| r.find(&info.base_id).is_ok()));
+                    Some(Registry::open_existing(&dir).is_ok_and(|r| r.find(&info.base_id).is_ok()));
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
