@@ -477,7 +477,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
     let result: Result<(Trailer, u64, Duration), ApplyError> = std::thread::scope(|s| {
         // A blob being decoded: its decoded size, and where its decoding will arrive.
         type Pending = (u64, Receiver<Result<(DecodedBlob, Prepared), ApplyError>>);
-        let (tx, rx) = sync_channel::<Result<Pending, DecodeError>>(AHEAD_BLOBS);
+        let (tx, rx) = sync_channel::<Result<Pending, ApplyError>>(AHEAD_BLOBS);
         let meta_r = meta_arc.clone();
         let dn = decode_nanos.clone();
         let files = base.files().clone();
@@ -488,7 +488,14 @@ pub fn apply_overlay_reader<R: Read + Send>(
                 while let Ok(buf) = back_rx.try_recv() {
                     reader.recycle(buf);
                 }
-                match reader.next_blob() {
+                // Chained blobs are decompressed here: a panic in a decoder becomes an error
+                // (it would otherwise end the scope, and the caller, in a panic).
+                let (frame, offset) = (2 + reader.blob_count(), reader.bytes_read());
+                let next = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.next_blob())) {
+                    Ok(next) => next.map_err(ApplyError::Decode),
+                    Err(panic) => Err(ApplyError::DecoderPanic { frame, offset, reason: panic_message(&*panic) }),
+                };
+                match next {
                     Ok(Some(blob)) => {
                         let size = blob.uncompressed_len() as u64;
                         if !ahead.take(size, AHEAD_BYTES) {
@@ -534,6 +541,8 @@ pub fn apply_overlay_reader<R: Read + Send>(
             }
         });
         let mut applied_bytes = 0u64;
+        let chunk_budget: u64 = meta_arc.images.iter().map(|m| m.size.div_ceil(CHUNK_SIZE as u64)).sum();
+        let mut covered = 0u64;
         let mut scratch = Vec::new();
         // However the applier stops, the reader must not wait for room any more.
         let _close = ahead.closer();
@@ -544,6 +553,18 @@ pub fn apply_overlay_reader<R: Read + Send>(
             let mut prepared = prepared.hand_out();
             let ta = Instant::now();
             for r in blob.records() {
+                // A record may cover a large run in a few bytes: the work is bounded by the
+                // images' chunks, each rebuilt once.
+                covered = covered.saturating_add(r.chunk_count());
+                if covered > chunk_budget {
+                    return Err(ApplyError::Record {
+                        image: outs[r.image() as usize].name.clone(),
+                        chunk: r.chunk(),
+                        reason: format!(
+                            "the records cover more than the images' {chunk_budget} chunks (each chunk is rebuilt once)"
+                        ),
+                    });
+                }
                 applied_bytes += apply_record(base, &mut outs, &r, &mut prepared, &mut scratch, &mut kinds)?;
             }
             apply_time += ta.elapsed();

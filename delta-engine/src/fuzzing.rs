@@ -1,6 +1,6 @@
 //! Entry points shared by the `apply` fuzz target (`fuzz/`) and the tests that replay its
-//! corpus, so that both run the same code: a small base VM of a memory image and a disk, built
-//! once per process in a temporary directory, and overlays applied to it.
+//! corpus, so that both run the same code: a small base VM of a memory image and a disk in the
+//! temporary directory, and overlays applied to it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,16 +21,11 @@ pub const FUZZ_DISK: u64 = 11 * 4096 + 100;
 /// How much a disk may grow over the fuzz base's (small, so that inputs stay fast).
 pub const FUZZ_DISK_GROWTH: u64 = 1 << 20;
 
-/// A small base VM in a temporary directory (removed when dropped).
+/// A small base VM in the temporary directory (`cloudlet-fuzz-base`, shared by every process
+/// that uses it: its bytes are always the same, so it is written once and left for the next).
 pub struct FuzzBase {
     dir: PathBuf,
     base: Base,
-}
-
-impl Drop for FuzzBase {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn pattern(seed: u64, len: u64) -> Vec<u8> {
@@ -66,21 +61,22 @@ fn spec(ram_bytes: u64, disk: u64) -> VmSpec {
 }
 
 impl FuzzBase {
-    /// Builds the base under the system's temporary directory.
-    pub fn new() -> std::io::Result<Self> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "cloudlet-fuzz-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+    /// Builds (or finds) the base under the system's temporary directory.
+    fn new() -> std::io::Result<Self> {
+        let dir = std::env::temp_dir().join("cloudlet-fuzz-base");
         std::fs::create_dir_all(&dir)?;
         let images = [
             BaseImage { name: "memory".into(), kind: ImageKind::Memory, path: dir.join("base-memory") },
             BaseImage { name: "disk0".into(), kind: ImageKind::Disk, path: dir.join("base-disk0") },
         ];
-        std::fs::write(&images[0].path, pattern(1, FUZZ_MEMORY))?;
-        std::fs::write(&images[1].path, pattern(2, FUZZ_DISK))?;
+        for (img, bytes) in images.iter().zip([pattern(1, FUZZ_MEMORY), pattern(2, FUZZ_DISK)]) {
+            if std::fs::read(&img.path).ok().as_deref() != Some(&bytes[..]) {
+                // Whole or not at all, for other processes building it at the same time.
+                let tmp = dir.join(format!(".{}.{}", img.name, std::process::id()));
+                std::fs::write(&tmp, &bytes)?;
+                std::fs::rename(&tmp, &img.path)?;
+            }
+        }
         let base = Base::build(&images, &|_| {}).map_err(std::io::Error::other)?;
         Ok(FuzzBase { dir, base })
     }
@@ -115,8 +111,9 @@ impl FuzzBase {
                 [(Compression::None, false), (Compression::Zstd, true), (Compression::Xz, false)]
             {
                 n += 1;
-                let mem_path = self.dir.join(format!("seed-{n}-memory"));
-                let disk_path = self.dir.join(format!("seed-{n}-disk0"));
+                let pid = std::process::id();
+                let mem_path = self.dir.join(format!("seed-{pid}-{n}-memory"));
+                let disk_path = self.dir.join(format!("seed-{pid}-{n}-disk0"));
                 if std::fs::write(&mem_path, &mem).and_then(|()| std::fs::write(&disk_path, &disk)).is_err() {
                     continue;
                 }
@@ -151,7 +148,7 @@ impl FuzzBase {
     /// crash.
     pub fn apply(&self, overlay: &[u8], qcow2: bool) -> bool {
         static N: AtomicU64 = AtomicU64::new(0);
-        let out = self.dir.join(format!("out-{}", N.fetch_add(1, Ordering::Relaxed)));
+        let out = self.dir.join(format!("out-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         if std::fs::create_dir(&out).is_err() {
             return false;
         }

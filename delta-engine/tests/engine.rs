@@ -794,3 +794,50 @@ fn absurd_declared_sizes_are_refused_before_any_file_exists() {
     assert!(e.is_bad_input());
     assert_eq!(leftovers(pair.dir.path()), Vec::<String>::new());
 }
+
+/// Records that cover the images' chunks more than once in all (a few bytes each, any amount
+/// of work) are refused: each chunk is rebuilt once.
+#[test]
+fn records_covering_the_images_over_and_over_are_refused() {
+    use overlay_format::{BlobBuilder, ImageDigest, ImageMeta, OverlayMeta, OverlayWriter};
+    let mem: Vec<u8> = (0..16).flat_map(page).collect();
+    let pair = Pair::new(vec![("memory", ImageKind::Memory, mem.clone())], vec![mem]);
+    let base = Base::build(&pair.base_images(), &|_| {}).unwrap();
+    let size = 16 * PAGE as u64;
+    let meta = OverlayMeta {
+        base_id: BaseId([9; 32]),
+        spec: VmSpec { ram_bytes: size, ..spec() },
+        images: vec![ImageMeta { name: "memory".into(), kind: ImageKind::Memory, size, base_size: size }],
+        compression: Compression::Zstd,
+        forwards: vec![],
+        name: "t".into(),
+        created_unix: 0,
+        creator: "tests".into(),
+    };
+    for (times, ok) in [(1, true), (2, false)] {
+        let mut w = OverlayWriter::new(Vec::new(), &meta).unwrap();
+        w.write_device_state(b"d", 3).unwrap();
+        let mut b = BlobBuilder::new();
+        for _ in 0..times {
+            b.push_zero(0, 0, 16);
+        }
+        w.write_blob(&b.seal(Compression::Zstd, 3).unwrap()).unwrap();
+        let t = w.trailer(vec![ImageDigest::of_bytes(&vec![0u8; size as usize])]);
+        let ovl = w.finish(&t).unwrap();
+        let opts = ApplyOptions {
+            base_id: BaseId([9; 32]),
+            outputs: pair.outputs(&format!("zero{times}")),
+            fsync: false,
+            qcow2_disks: false,
+            max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
+        };
+        match apply_overlay(&base, &ovl[..], &opts, &|_| {}) {
+            Ok(_) => assert!(ok, "{times} zero runs over the whole image applied"),
+            Err(e @ ApplyError::Record { .. }) if !ok => {
+                assert!(e.to_string().contains("16 chunks") && e.is_bad_input(), "{e}");
+                assert_eq!(leftovers(pair.dir.path()), vec!["out-zero1-memory".to_string()]);
+            }
+            Err(e) => panic!("{times}: {e}"),
+        }
+    }
+}
