@@ -38,7 +38,7 @@ pub mod qmp;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use accel::Accel;
+pub use accel::{probe_cache_path, Accel, PROBE_TIMEOUT};
 pub use console::Console;
 pub use qemu::{kill_all, qcow2_layer, Qemu, QemuVm};
 use serde::{Deserialize, Serialize};

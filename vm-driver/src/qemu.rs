@@ -853,6 +853,19 @@ fn live() -> std::sync::MutexGuard<'static, Vec<Live>> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Puts a QEMU that is not a [`QemuVm`] (the KVM probe) on the list [`kill_all`] empties.
+pub(crate) fn track(pid: u32, runtime: &Path) {
+    live().push(Live { pid, runtime: runtime.to_owned(), private_ram: None });
+}
+
+/// Takes `pid` off that list before it is reaped; false if [`kill_all`] took it already.
+pub(crate) fn untrack(pid: u32) -> bool {
+    let mut l = live();
+    let before = l.len();
+    l.retain(|e| e.pid != pid);
+    l.len() != before
+}
+
 /// Emergency stop for a Ctrl-C / SIGTERM handler that is about to exit the process: kills
 /// (SIGKILL) every QEMU this process started and still owns, and removes their runtime
 /// directories and private RAM files. Normal code drops its [`QemuVm`]s instead.
