@@ -159,7 +159,13 @@ fn probe(qemu: &Path, k: &KernelBoot) -> Option<bool> {
         let _ = std::fs::remove_dir_all(&dir);
         return Some(false);
     };
-    crate::qemu::track(child.id(), &dir);
+    if !crate::qemu::track(child.id(), &dir) {
+        // kill_all already ran: the process is exiting.
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+        return None;
+    }
     let start = Instant::now();
     let mut ok = false;
     while start.elapsed() < PROBE_TIMEOUT {

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -135,7 +135,15 @@ impl Qemu {
             .map_err(|source| DriverError::MissingQemu { path: self.binary.clone(), source })?;
         let private_ram =
             (p.ram_share && !p.ram_readonly && !p.ram_path.starts_with(runtime)).then(|| p.ram_path.to_owned());
-        live().push(Live { pid: child.id(), runtime: runtime.to_owned(), private_ram });
+        let mut child = child;
+        if !track_live(Live { pid: child.id(), runtime: runtime.to_owned(), private_ram }) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(DriverError::Io {
+                what: format!("start QEMU in {}", runtime.display()),
+                source: std::io::Error::other("interrupted: this process is stopping its VMs (kill_all)"),
+            });
+        }
         let mut vm = QemuVm {
             child: Some(child),
             qmp: None,
@@ -853,9 +861,24 @@ fn live() -> std::sync::MutexGuard<'static, Vec<Live>> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Puts a QEMU that is not a [`QemuVm`] (the KVM probe) on the list [`kill_all`] empties.
-pub(crate) fn track(pid: u32, runtime: &Path) {
-    live().push(Live { pid, runtime: runtime.to_owned(), private_ram: None });
+/// Set by [`kill_all`]: the process is exiting, no QEMU may start any more.
+static STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// Puts `l` on the list [`kill_all`] empties; false (and not listed) once `kill_all` ran, when
+/// the caller must stop the QEMU it just started.
+fn track_live(l: Live) -> bool {
+    let mut all = live();
+    if STOPPED.load(Ordering::SeqCst) {
+        return false;
+    }
+    all.push(l);
+    true
+}
+
+/// Puts a QEMU that is not a [`QemuVm`] (the KVM probe) on the list [`kill_all`] empties; false
+/// if `kill_all` already ran.
+pub(crate) fn track(pid: u32, runtime: &Path) -> bool {
+    track_live(Live { pid, runtime: runtime.to_owned(), private_ram: None })
 }
 
 /// Takes `pid` off that list before it is reaped; false if [`kill_all`] took it already.
@@ -869,8 +892,15 @@ pub(crate) fn untrack(pid: u32) -> bool {
 /// Emergency stop for a Ctrl-C / SIGTERM handler that is about to exit the process: kills
 /// (SIGKILL) every QEMU this process started and still owns, and removes their runtime
 /// directories and private RAM files. Normal code drops its [`QemuVm`]s instead.
+///
+/// From then on no QEMU starts in this process: a launch or restore racing with the handler
+/// fails instead of leaving a QEMU behind.
 pub fn kill_all() {
-    let all = std::mem::take(&mut *live());
+    let all = {
+        let mut l = live();
+        STOPPED.store(true, Ordering::SeqCst);
+        std::mem::take(&mut *l)
+    };
     for l in all {
         // SAFETY: kill(2) on a child pid we spawned and have not reaped (it is removed from the
         // list before it is waited for); no memory is touched.

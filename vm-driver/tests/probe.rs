@@ -106,6 +106,10 @@ fn kill_all_stops_the_probe() {
         .collect();
     assert!(left.is_empty(), "probe directory left: {left:?}");
     assert!(!tmp.path().join("cache/kvm-probe").exists(), "an interrupted probe was cached");
+    // After kill_all the process is exiting: a probe racing with it starts no QEMU.
+    let q = Qemu::with_binary(&tmp.path().join("fake-qemu")).unwrap();
+    assert_eq!(q.accelerator(Some(&kernel(tmp.path()))).1, "KVM probe interrupted");
+    assert_eq!(processes_mentioning(&marker), Vec::<u32>::new(), "a probe started after kill_all survived");
 }
 
 /// Child role: runs the probe (with a hanging QEMU) until killed.
