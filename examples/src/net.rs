@@ -36,7 +36,24 @@ pub struct ServeArgs {
 pub fn serve(a: ServeArgs) -> Result<()> {
     let (work, own) = match a.work {
         Some(w) => (w, false),
-        None => (std::env::temp_dir().join(format!("cloudlet-serve-{}", std::process::id())), true),
+        None => {
+            // A server killed with SIGKILL left its fresh work directory: clean those of
+            // servers that are gone (a live server removes its own when it stops).
+            for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix("cloudlet-serve-").and_then(|p| p.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                    match synthesis::server::recover_abandoned(&e.path()) {
+                        Ok(Some(line)) => eprintln!("{line}"),
+                        Ok(None) => {}
+                        Err(err) => eprintln!("cloudlet: cleaning {}: {err}", e.path().display()),
+                    }
+                }
+            }
+            (std::env::temp_dir().join(format!("cloudlet-serve-{}", std::process::id())), true)
+        }
     };
     let mut cfg = ServerConfig::new(a.registry.clone(), work.clone());
     cfg.listen = a.listen;

@@ -572,3 +572,102 @@ fn clients_hear_a_busy_or_refusing_server() {
     wait_empty(&vms, "busy, refused and disconnected uploads");
     server.interrupt();
 }
+
+/// A `cloudlet serve` child whose stderr is collected.
+fn start_collecting(cmd: &mut Command) -> (Served, std::sync::Arc<std::sync::Mutex<String>>) {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let err = child.stderr.take().unwrap();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("server: {line}");
+            let mut g = l.lock().unwrap();
+            g.push_str(&line);
+            g.push('\n');
+        }
+    });
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line
+        .strip_prefix("listening on http://")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = out.read_to_string(&mut sink);
+    });
+    (Served { child, addr }, log)
+}
+
+#[test]
+fn server_flow_recovers_after_sigkill() {
+    let work = tempfile::tempdir().unwrap();
+    let (reg, ovl) = make_overlay(work.path());
+    let vms = work.path().join("vms");
+    let serve = || {
+        let mut c = cloudlet();
+        c.arg("--registry").arg(&reg).args(["serve", "--listen", "127.0.0.1:0"]).arg("--work").arg(&vms);
+        c
+    };
+    let (mut first, _) = start_collecting(&mut serve());
+    let first_pid = first.child.id();
+    // One VM runs; a second upload stalls a third of the way (its VM directory half written).
+    let out = cloudlet().args(["client", "--server", &first.url(), "--json", "--overlay"]).arg(&ovl).output().unwrap();
+    assert!(out.status.success(), "client: {}", String::from_utf8_lossy(&out.stderr));
+    let overlay = std::fs::read(&ovl).unwrap();
+    let mut stalled = TcpStream::connect(first.addr).unwrap();
+    stalled.write_all(post_head("/v1/synthesis", overlay.len() as u64, None).as_bytes()).unwrap();
+    stalled.write_all(&overlay[..overlay.len() / 3]).unwrap();
+    let t0 = Instant::now();
+    while entries(&vms).iter().filter(|n| n.starts_with("vm-")).count() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "waited 30 s for the stalled upload's VM directory");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SIGKILL: the server cannot clean anything.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    drop(stalled);
+    let vms_s = format!("{}/vm-", vms.canonicalize().unwrap().display());
+    assert_eq!(processes_mentioning(&vms_s).len(), 1, "the running VM's QEMU should outlive its server");
+    assert_eq!(entries(&vms).iter().filter(|n| n.starts_with("vm-")).count(), 2);
+
+    // The next server on that work directory kills that QEMU, removes both VM directories
+    // and the dead server's QEMU runtime directory, and says so.
+    let (second, log) = start_collecting(&mut serve());
+    let t0 = Instant::now();
+    let line = loop {
+        if let Some(l) = log.lock().unwrap().lines().find(|l| l.starts_with("recovered")).map(String::from) {
+            break l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no recovery line in {:?}", log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(line.contains(&format!("(pid {first_pid})")), "{line}");
+    assert!(line.contains("killed 1 QEMU process(es)") && line.contains("removed 2 VM director(ies)"), "{line}");
+    assert_eq!(processes_mentioning(&vms_s), Vec::<String>::new());
+    assert_eq!(entries(&vms), vec!["server.pid".to_string()]);
+    let runtime = format!("cloudlet-vm-{first_pid}-");
+    assert!(
+        !entries(Path::new("/dev/shm")).iter().chain(&entries(&std::env::temp_dir())).any(|n| n.starts_with(&runtime)),
+        "a runtime directory {runtime}* is left"
+    );
+    // The work directory of a live server is refused to a third one.
+    let mut third = serve().stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    while third.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = third.kill();
+            panic!("a second server ran on the work directory of a live one");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = third.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the work directory of a running server"));
+    second.interrupt();
+    assert!(entries(&vms).is_empty(), "left: {:?}", entries(&vms));
+}

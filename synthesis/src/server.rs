@@ -112,6 +112,14 @@ pub enum ServerError {
         /// The address asked for.
         listen: SocketAddr,
     },
+    /// Another server, still running, uses the work directory.
+    #[error("{dir} is the work directory of a running server (pid {pid}); give another --work")]
+    WorkDirInUse {
+        /// The work directory.
+        dir: PathBuf,
+        /// That server's pid.
+        pid: u32,
+    },
     /// mDNS advertisement failed.
     #[error("mDNS advertisement")]
     Discovery(#[from] crate::discovery::DiscoveryError),
@@ -270,6 +278,9 @@ impl Server {
             .map_err(|source| ServerError::Io { what: format!("creating {}", cfg.work_dir.display()), source })?;
         let work_dir = std::fs::canonicalize(&cfg.work_dir)
             .map_err(|source| ServerError::Io { what: format!("resolving {}", cfg.work_dir.display()), source })?;
+        if let Some(r) = recover(&work_dir)? {
+            eprintln!("{r}");
+        }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| ServerError::Io { what: format!("listening on {}", cfg.listen), source })?;
@@ -314,6 +325,7 @@ impl Server {
         let r = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
         let s = state.clone();
         let _ = tokio::task::spawn_blocking(move || s.stop_all()).await;
+        let _ = std::fs::remove_file(state.cfg.work_dir.join(PID_FILE));
         r.map_err(|source| ServerError::Io { what: "serving".into(), source })
     }
 }
@@ -600,6 +612,10 @@ fn outcome(
                 info.name,
                 t0.elapsed().as_secs_f64() * 1e3
             );
+            if let Some(pid) = s.vm.pid() {
+                // For the next server, should this one be killed (see `recover`).
+                let _ = std::fs::write(s.dir.join(QEMU_PID_FILE), pid.to_string());
+            }
             st.vms
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -658,6 +674,140 @@ fn flow_error(e: FlowError) -> Response {
         }
         _ => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
     }
+}
+
+/// The server's pid, in its work directory while it runs.
+const PID_FILE: &str = "server.pid";
+/// A running VM's QEMU pid, in its VM directory.
+const QEMU_PID_FILE: &str = "qemu.pid";
+
+/// What [`recover`] found and removed.
+#[derive(Debug, Default)]
+struct Recovered {
+    dead_pid: Option<u32>,
+    killed: Vec<u32>,
+    dirs: Vec<PathBuf>,
+    runtime: usize,
+}
+
+impl std::fmt::Display for Recovered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = match self.dead_pid {
+            Some(p) => format!("the server before this one (pid {p})"),
+            None => "an earlier server".into(),
+        };
+        write!(
+            f,
+            "recovered what {who} left: killed {} QEMU process(es) {:?}, removed {} VM director(ies) {:?} and {} \
+             QEMU runtime director(ies)",
+            self.killed.len(),
+            self.killed,
+            self.dirs.len(),
+            self.dirs.iter().filter_map(|d| d.file_name()).map(|n| n.to_string_lossy()).collect::<Vec<_>>(),
+            self.runtime
+        )
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The command line of a process, arguments joined by spaces.
+fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(String::from_utf8_lossy(&raw).replace('\0', " "))
+}
+
+/// Whether `pid` is a QEMU running a VM of `vm_dirs` (its command line names a file there).
+fn is_our_qemu(pid: u32, vm_dirs: &str) -> bool {
+    cmdline(pid).is_some_and(|c| {
+        c.split(' ').next().is_some_and(|exe| exe.rsplit('/').next().unwrap_or(exe).starts_with("qemu-system"))
+            && c.contains(vm_dirs)
+    })
+}
+
+/// A server killed with SIGKILL cannot stop its VMs: the next one on the same work directory
+/// does. It claims the directory with its pid file (refusing one of a live server), kills the
+/// QEMU processes whose command line names a VM directory of it (recorded in `qemu.pid`, or
+/// found in `/proc` for a VM still resuming), and removes the VM directories and the dead
+/// server's QEMU runtime directories. Returns what it removed, if anything.
+fn recover(work_dir: &std::path::Path) -> Result<Option<Recovered>, ServerError> {
+    let io = |what: String| move |source| ServerError::Io { what, source };
+    let pid_file = work_dir.join(PID_FILE);
+    let mut r = Recovered::default();
+    if let Ok(text) = std::fs::read_to_string(&pid_file) {
+        if let Ok(pid) = text.trim().parse::<u32>() {
+            if pid != std::process::id() {
+                if alive(pid) && cmdline(pid).is_some_and(|c| c.contains("serve")) {
+                    return Err(ServerError::WorkDirInUse { dir: work_dir.to_owned(), pid });
+                }
+                r.dead_pid = Some(pid);
+            }
+        }
+    }
+    std::fs::write(&pid_file, std::process::id().to_string()).map_err(io(format!("writing {}", pid_file.display())))?;
+    // VM directories are `vm-` + 12 hex digits; nothing else in the directory is touched.
+    let vm_dirs: Vec<PathBuf> = std::fs::read_dir(work_dir)
+        .map_err(io(format!("reading {}", work_dir.display())))?
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.len() == 15 && n.starts_with("vm-") && n[3..].bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .map(|e| e.path())
+        .collect();
+    let needle = format!("{}/vm-", work_dir.display());
+    let mut pids: Vec<u32> = vm_dirs
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join(QEMU_PID_FILE)).ok())
+        .filter_map(|t| t.trim().parse().ok())
+        .collect();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        pids.extend(rd.flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())));
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    for pid in pids {
+        if is_our_qemu(pid, &needle) {
+            // SAFETY: kill(2) has no memory effects; the pid was just checked to be a QEMU
+            // running a VM of this work directory.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let t0 = Instant::now();
+            while alive(pid) && is_our_qemu(pid, &needle) && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r.killed.push(pid);
+        }
+    }
+    for d in vm_dirs {
+        std::fs::remove_dir_all(&d).map_err(io(format!("removing {}", d.display())))?;
+        r.dirs.push(d);
+    }
+    // The dead server's QEMU runtime directories (sockets, qcow2 layers): vm-driver names
+    // them `cloudlet-vm-PID-N`.
+    if let Some(dead) = r.dead_pid.filter(|&p| !alive(p)) {
+        let prefix = format!("cloudlet-vm-{dead}-");
+        for base in [PathBuf::from("/dev/shm"), std::env::temp_dir()] {
+            for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) && std::fs::remove_dir_all(e.path()).is_ok() {
+                    r.runtime += 1;
+                }
+            }
+        }
+    }
+    Ok((!r.killed.is_empty() || !r.dirs.is_empty() || r.runtime > 0).then_some(r))
+}
+
+/// Runs the recovery of [`Server::bind`] on the work directory of a server that is gone
+/// (one killed with SIGKILL), then removes the directory if that leaves it empty. Returns a
+/// line saying what was removed, if anything.
+pub fn recover_abandoned(work_dir: &std::path::Path) -> Result<Option<String>, ServerError> {
+    let r = recover(work_dir)?;
+    let _ = std::fs::remove_file(work_dir.join(PID_FILE));
+    let _ = std::fs::remove_dir(work_dir);
+    Ok(r.map(|r| format!("{}: {r}", work_dir.display())))
 }
 
 /// Runs a server on a fresh multi-threaded runtime until Ctrl-C or SIGTERM; then stops every
