@@ -605,3 +605,39 @@ fn read_only_commands_do_not_create_the_registry() {
     assert_eq!(v["base_in_registry"], false, "{v}");
     assert!(!missing.exists(), "overlay-info created the registry");
 }
+
+/// A registry, an overlay and a VM directory whose names hold commas and spaces (QEMU's option
+/// separator): base, overlay and synthesis work, the synthesized app answers, nothing is left
+/// running.
+#[test]
+fn registry_and_vm_directories_with_commas_and_spaces() {
+    let work = tempfile::tempdir().unwrap();
+    let reg = work.path().join("reg, share=on,x y");
+    make_base(&reg);
+    let out_dir = work.path().join("vm, readonly=off,z w");
+    std::fs::create_dir(&out_dir).unwrap();
+    let ovl = out_dir.join("app, 1.overlay");
+    let out = cloudlet_in(&reg)
+        .args(["overlay", "--base", "deb"])
+        .args(["--customize", "mkdir -p /mnt/disk/app && echo comma-ok > /mnt/disk/app/index.html"])
+        .args(["--customize", "httpd -p 8080 -h /mnt/disk/app"])
+        .args(["-r", "tcp:0::8080", "--out"])
+        .arg(&ovl)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
+    let vm = out_dir.join("vm, 2");
+    let out = cloudlet_in(&reg)
+        .args(["synthesis", "--overlay"])
+        .arg(&ovl)
+        .arg("--out")
+        .arg(&vm)
+        .args(["--probe", "8080", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "synthesis: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["app_answer"], "comma-ok", "{v}");
+    assert_eq!(processes_mentioning(&work.path().display().to_string()), Vec::<String>::new());
+}
