@@ -491,10 +491,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
                 // Chained blobs are decompressed here: a panic in a decoder becomes an error
                 // (it would otherwise end the scope, and the caller, in a panic).
                 let (frame, offset) = (2 + reader.blob_count(), reader.bytes_read());
-                let next = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.next_blob())) {
-                    Ok(next) => next.map_err(ApplyError::Decode),
-                    Err(panic) => Err(ApplyError::DecoderPanic { frame, offset, reason: panic_message(&*panic) }),
-                };
+                let next = guard(frame, offset, || reader.next_blob().map_err(ApplyError::Decode));
                 match next {
                     Ok(Some(blob)) => {
                         let size = blob.uncompressed_len() as u64;
@@ -510,18 +507,11 @@ pub fn apply_overlay_reader<R: Read + Send>(
                             let (frame, offset) = (blob.frame_index(), blob.stream_offset());
                             // A panic here would abort the process (rayon::spawn): a decoder
                             // that panics on hostile bytes becomes an error instead.
-                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                blob.into_decoded_for(&meta).map(|d| {
-                                    let p = Prepared::of(&d, &meta, &files);
-                                    (d, p)
-                                })
-                            }));
-                            let r = match r {
-                                Ok(r) => r.map_err(ApplyError::Decode),
-                                Err(panic) => {
-                                    Err(ApplyError::DecoderPanic { frame, offset, reason: panic_message(&*panic) })
-                                }
-                            };
+                            let r = guard(frame, offset, || {
+                                let d = blob.into_decoded_for(&meta)?;
+                                let p = Prepared::of(&d, &meta, &files);
+                                Ok((d, p))
+                            });
                             dn.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
                             let _ = btx.send(r);
                         });
@@ -682,6 +672,15 @@ fn check_sizes(meta: &OverlayMeta, base: &Base, opts: &ApplyOptions) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Runs `f`, which decodes the blob of frame `frame` at stream offset `offset`, turning a panic
+/// into [`ApplyError::DecoderPanic`].
+fn guard<T>(frame: u64, offset: u64, f: impl FnOnce() -> Result<T, ApplyError>) -> Result<T, ApplyError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => Err(ApplyError::DecoderPanic { frame, offset, reason: panic_message(&*panic) }),
+    }
 }
 
 /// The message of a caught panic.
@@ -984,7 +983,25 @@ impl PreparedIter {
 
 #[cfg(test)]
 mod tests {
-    use super::Ahead;
+    use super::{guard, Ahead, ApplyError};
+
+    /// A decoder that panics gives an error naming the frame and the panic, on any thread.
+    #[test]
+    fn a_panicking_decoder_becomes_an_error() {
+        let e = std::thread::spawn(|| guard::<()>(7, 1234, || panic!("index out of bounds: boom")))
+            .join()
+            .expect("the panic was caught");
+        match e {
+            Err(e @ ApplyError::DecoderPanic { frame: 7, offset: 1234, .. }) => {
+                assert!(e.to_string().contains("boom") && e.is_bad_input(), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = guard::<()>(1, 2, || panic!("{}", String::from("owned message"))).unwrap_err();
+        assert!(e.to_string().contains("owned message"), "{e}");
+        assert_eq!(guard(0, 0, || Ok(5)).unwrap(), 5);
+    }
+
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
