@@ -273,7 +273,24 @@ fn full_flow_through_the_cli() {
         .arg(&vm3)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("which is not in the registry"));
+    // A registry that does not exist is named, not created.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("no base registry at"), "{stderr}");
+    assert!(!reg2.exists(), "synthesis created the registry {}", reg2.display());
+    // An existing registry without the base: the error names the missing base.
+    base_registry::Registry::open(&reg2).unwrap();
+    let out = cloudlet()
+        .arg("--registry")
+        .arg(&reg2)
+        .args(["synthesis", "--overlay"])
+        .arg(&ovl)
+        .arg("--out")
+        .arg(&vm3)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("which is not in the registry"), "{stderr}");
+    assert!(!vm3.exists());
     assert!(cloudlet().arg("--registry").arg(&reg2).arg("import-base").arg(&exp).status().unwrap().success());
     let out = cloudlet()
         .arg("--registry")
