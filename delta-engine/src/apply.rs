@@ -192,10 +192,11 @@ struct Out {
     /// Index of the base image this output derives from.
     base_image: usize,
     size: u64,
-    /// Chunk hashes of the image as rebuilt so far. They cover at first only the chunks the
-    /// base image has, and grow as records write chunks past them: a chunk past the end reads
-    /// as zeros (see [`Out::hash`]).
+    /// Chunk hashes of the image as rebuilt so far, of the chunks the base image has.
     hashes: Vec<ChunkHash>,
+    /// Hashes of the chunks past those that records wrote (a grown disk); the others read as
+    /// zeros (see [`Out::hash`]). Kept apart so that what is kept grows with what is written.
+    grown: std::collections::BTreeMap<u64, ChunkHash>,
     /// Chunks whose hash must be read back at the end (untouched chunks straddling a size edge).
     recheck: Vec<u64>,
     /// Bitmap of the chunks records wrote; grows as they are written.
@@ -214,21 +215,19 @@ impl Out {
     fn hash(&self, c: u64) -> ChunkHash {
         match self.hashes.get(c as usize) {
             Some(h) => *h,
-            None => zero_hash(self.chunk_len(c)),
+            None => self.grown.get(&c).copied().unwrap_or_else(|| zero_hash(self.chunk_len(c))),
         }
     }
-    /// Sets the hash of chunk `c` (inside the image). Past the hashes kept, a zero chunk's
-    /// hash is what [`Out::hash`] gives anyway: they do not grow for it.
+    /// Sets the hash of chunk `c` (inside the image).
     fn set_hash(&mut self, c: u64, h: ChunkHash) {
-        let i = c as usize;
-        if i >= self.hashes.len() {
-            if h == zero_hash(self.chunk_len(c)) {
-                return;
-            }
-            // Every chunk before the image's last is a whole one.
-            self.hashes.resize(i + 1, ChunkHash::zero());
+        if let Some(slot) = self.hashes.get_mut(c as usize) {
+            *slot = h;
+        } else if h == zero_hash(self.chunk_len(c)) {
+            // A zero chunk past the base reads as zeros without an entry.
+            self.grown.remove(&c);
+        } else {
+            self.grown.insert(c, h);
         }
-        self.hashes[i] = h;
     }
     fn was_written(&self, c: u64) -> bool {
         self.written.get((c / 64) as usize).is_some_and(|w| w & (1 << (c % 64)) != 0)
@@ -464,6 +463,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
             base_image: i,
             size: m.size,
             hashes,
+            grown: Default::default(),
             recheck,
             written: Vec::new(),
         });
@@ -588,7 +588,7 @@ pub fn apply_overlay_reader<R: Read + Send>(
             }
         }
         let n = o.size.div_ceil(CHUNK_SIZE as u64);
-        let tail = (o.hashes.len() as u64..n).map(|c| zero_hash(o.chunk_len(c)));
+        let tail = (o.hashes.len() as u64..n).map(|c| o.hash(c));
         let got = ImageDigest::from_chunk_hashes(o.hashes.iter().copied().chain(tail));
         if got != trailer.image_digests[i] {
             return Err(ApplyError::DigestMismatch { image: o.name.clone(), expected: trailer.image_digests[i], got });

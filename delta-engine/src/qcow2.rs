@@ -321,8 +321,11 @@ pub(crate) struct Qcow2Writer {
     /// cluster, `host | 1` zero with a host cluster, `host` data. It grows as clusters are
     /// written, never up front: clusters past its end are unallocated.
     map: Vec<u64>,
-    /// Clusters of the backing file (past them, an unallocated cluster reads zeros).
+    /// Clusters of the backing file (past them, an unallocated cluster reads zeros). `map`
+    /// covers at most these; the entries of the clusters past them (a grown disk) are in `far`,
+    /// only for the clusters written.
     backing_clusters: u64,
+    far: std::collections::BTreeMap<u64, u64>,
     next: u64,
     finished: bool,
     /// Data clusters are appended in order, so their writes mostly continue one another.
@@ -357,6 +360,7 @@ impl Qcow2Writer {
             backing,
             map: Vec::new(),
             backing_clusters,
+            far: Default::default(),
             next: CLUSTER,
             finished: false,
             wb: crate::file::WriteBuf::default(),
@@ -364,7 +368,7 @@ impl Qcow2Writer {
     }
 
     pub(crate) fn state(&self, c: u64) -> Written {
-        match self.map.get(c as usize).copied().unwrap_or(0) {
+        match self.get(c) {
             0 => Written::Backing,
             e if e & 1 == 1 => Written::Zero,
             host => Written::At(host),
@@ -381,7 +385,7 @@ impl Qcow2Writer {
             let mut run = 1u64;
             while k + run < n {
                 let expect = host0 + run * CLUSTER;
-                let e = self.map.get((c + k + run) as usize).copied().unwrap_or(0);
+                let e = self.get(c + k + run);
                 let fits = if e & !1 == 0 { self.next == expect } else { e & !1 == expect };
                 if !fits {
                     break;
@@ -415,16 +419,32 @@ impl Qcow2Writer {
     pub(crate) fn zero(&mut self, c: u64, count: u64) {
         // Past both the map and the backing file, a cluster already reads zeros: the map does
         // not grow for them (a zero record over a large grown disk costs nothing).
-        let end = c.saturating_add(count).min((self.map.len() as u64).max(self.backing_clusters));
-        for k in c..end {
+        let end = c.saturating_add(count);
+        for k in c..end.min(self.backing_clusters) {
             let e = self.entry(k);
             *e = if *e == 0 { 1 } else { *e | 1 };
+        }
+        // Past the backing file only the clusters written have entries (never 0).
+        for (_, e) in self.far.range_mut(c.max(self.backing_clusters)..end.max(self.backing_clusters)) {
+            *e |= 1;
+        }
+    }
+
+    /// The map entry of guest cluster `c`.
+    fn get(&self, c: u64) -> u64 {
+        if c < self.backing_clusters {
+            self.map.get(c as usize).copied().unwrap_or(0)
+        } else {
+            self.far.get(&c).copied().unwrap_or(0)
         }
     }
 
     /// The map entry of guest cluster `c`, growing the map to it. The caller bounds `c` by the
     /// image's size.
     fn entry(&mut self, c: u64) -> &mut u64 {
+        if c >= self.backing_clusters {
+            return self.far.entry(c).or_insert(0);
+        }
         let c = c as usize;
         if c >= self.map.len() {
             self.map.resize(c + 1, 0);
@@ -442,11 +462,11 @@ impl Qcow2Writer {
         self.wb.read_at(&self.file, buf, at)
     }
 
-    /// The map entries of L2 table `g` (fewer, or none, past the end of the map).
-    fn group(&self, g: usize) -> &[u64] {
-        let per_l2 = (CLUSTER / 8) as usize;
-        let end = ((g + 1) * per_l2).min(self.map.len());
-        self.map.get(g * per_l2..end).unwrap_or_default()
+    /// The map entries of L2 table `g`.
+    fn group(&self, g: usize) -> Vec<u64> {
+        let per_l2 = CLUSTER / 8;
+        let first = g as u64 * per_l2;
+        (first..(first + per_l2).min(self.size.div_ceil(CLUSTER))).map(|c| self.get(c)).collect()
     }
 
     /// Writes the L2 tables, the L1 table, the refcounts and the header (once).
@@ -460,7 +480,11 @@ impl Qcow2Writer {
         let per_l2 = (CLUSTER / 8) as usize;
         let l1_entries = (self.size.div_ceil(CLUSTER) as usize).div_ceil(per_l2).max(1);
         let l1_clusters = (l1_entries as u64 * 8).div_ceil(CLUSTER);
-        let groups: Vec<usize> = (0..l1_entries).filter(|&g| self.group(g).iter().any(|&e| e != 0)).collect();
+        let mut groups: Vec<usize> = (0..self.map.len().div_ceil(per_l2))
+            .filter(|&g| self.map[g * per_l2..((g + 1) * per_l2).min(self.map.len())].iter().any(|&e| e != 0))
+            .collect();
+        groups.extend(self.far.keys().map(|&c| (c / per_l2 as u64) as usize));
+        groups.dedup();
         let data_clusters = self.next / CLUSTER; // header + data
         let fixed = data_clusters + groups.len() as u64 + l1_clusters;
         let per_rb = CLUSTER / 2; // 16-bit refcounts
@@ -481,7 +505,7 @@ impl Qcow2Writer {
         let mut l1 = vec![0u8; (l1_clusters * CLUSTER) as usize];
         for &g in &groups {
             let mut l2 = vec![0u8; CLUSTER as usize];
-            for (k, &e) in self.group(g).iter().enumerate() {
+            for (k, e) in self.group(g).into_iter().enumerate() {
                 let v = match e {
                     0 => 0,
                     1 => 1,

@@ -262,3 +262,53 @@ fn write_seed_corpora() {
         std::fs::write(reader.join(name), bytes).unwrap();
     }
 }
+
+/// A disk grown by the whole default bound (64 GiB, 16 Mi chunks) with one chunk written at
+/// its end: what the applier keeps per chunk grows with the chunks written, not with the
+/// declared size (no table of 16 Mi hashes, bits or qcow2 entries made up front).
+#[test]
+fn a_disk_grown_by_64_gib_costs_what_is_written() {
+    use delta_engine::{apply_overlay, ApplyOptions, DEFAULT_MAX_DISK_GROWTH};
+    use overlay_format::{BlobBuilder, ChunkHash, Compression, ImageDigest, OverlayWriter};
+    let fb = FuzzBase::shared();
+    let mut meta: OverlayMeta = postcard::from_bytes(&frames(&seeds()[0])[0].1).unwrap();
+    let size = FUZZ_DISK + DEFAULT_MAX_DISK_GROWTH;
+    (meta.images[1].size, meta.spec.disks[0].size_bytes) = (size, size);
+    meta.compression = Compression::Zstd;
+    let last = size.div_ceil(4096) - 1;
+    let tail = vec![0xabu8; (size - last * 4096) as usize];
+    let mut w = OverlayWriter::new(Vec::new(), &meta).unwrap();
+    w.write_device_state(b"d", 3).unwrap();
+    let mut b = BlobBuilder::new();
+    b.push_raw(1, last, &tail);
+    w.write_blob(&b.seal(Compression::Zstd, 3).unwrap()).unwrap();
+    let mem = std::fs::read(fb.base().path(0)).unwrap();
+    let mut disk = std::fs::read(fb.base().path(1)).unwrap();
+    disk.resize(12 * 4096, 0);
+    let head = disk.chunks(4096).map(ChunkHash::of);
+    let zeros = (12..last).map(|_| ChunkHash::zero());
+    let disk_digest = ImageDigest::from_chunk_hashes(head.chain(zeros).chain([ChunkHash::of(&tail)]));
+    let t = w.trailer(vec![ImageDigest::of_bytes(&mem), disk_digest]);
+    let ovl = w.finish(&t).unwrap();
+    for qcow2 in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ApplyOptions {
+            base_id: delta_engine::fuzzing::FUZZ_BASE_ID,
+            outputs: vec![("memory".into(), dir.path().join("memory")), ("disk0".into(), dir.path().join("disk0"))],
+            fsync: false,
+            qcow2_disks: qcow2,
+            max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
+        };
+        let before = LARGEST.swap(0, Ordering::Relaxed);
+        apply_overlay(fb.base(), &ovl[..], &opts, &|_| {}).unwrap();
+        let largest = LARGEST.load(Ordering::Relaxed);
+        LARGEST.fetch_max(before, Ordering::Relaxed);
+        assert!(largest < 8 << 20, "qcow2 {qcow2}: an allocation of {largest} bytes");
+        // One byte further is past the bound.
+        let opts = ApplyOptions { max_disk_growth: DEFAULT_MAX_DISK_GROWTH - 1, ..opts };
+        std::fs::remove_file(dir.path().join("memory")).unwrap();
+        std::fs::remove_file(dir.path().join("disk0")).unwrap();
+        let e = apply_overlay(fb.base(), &ovl[..], &opts, &|_| {}).unwrap_err();
+        assert!(matches!(e, delta_engine::ApplyError::ImageMismatch { field: "size", .. }), "{e}");
+    }
+}
