@@ -671,3 +671,218 @@ fn server_flow_recovers_after_sigkill() {
     second.interrupt();
     assert!(entries(&vms).is_empty(), "left: {:?}", entries(&vms));
 }
+
+/// The kind of overlay seen in the wild: a real overlay's header and metadata with the memory
+/// image declared 8 TiB, cut off after the device state.
+fn declared_8_tib(real: &[u8]) -> Vec<u8> {
+    let reader = overlay_format::OverlayReader::new(real).unwrap();
+    let mut meta = reader.meta().clone();
+    let mem = meta.images.iter_mut().find(|i| i.name == "memory").unwrap();
+    mem.size = 8 << 40;
+    // The spec agrees (the writer refuses metadata that contradicts itself): the refusal is
+    // the server's, against the base's spec, before any byte of it is allocated.
+    meta.spec.ram_bytes = 8 << 40;
+    // Not finished: the bytes so far, as a cut-off upload.
+    let mut out = Vec::new();
+    let mut w = overlay_format::OverlayWriter::new(&mut out, &meta).unwrap();
+    w.write_device_state(b"device state", 3).unwrap();
+    drop(w);
+    out
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS`, `RssAnon`...).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A request with a timeout; status 0 when there was no complete answer.
+fn try_http(addr: SocketAddr, head: &str, body: &[u8], timeout: Duration) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(10)) else {
+        return (0, "no connection".into());
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(body);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+#[test]
+fn server_flow_soak_with_hostile_uploads() {
+    let secs: u64 = std::env::var("CLOUDLET_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    let work = tempfile::tempdir().unwrap();
+    let (reg, ovl) = make_overlay(work.path());
+    let overlay = std::sync::Arc::new(std::fs::read(&ovl).unwrap());
+    let hostile = std::sync::Arc::new(declared_8_tib(&overlay));
+    let vms = work.path().join("vms");
+    let server = Served::start(
+        cloudlet()
+            .arg("--registry")
+            .arg(&reg)
+            .args(["serve", "--listen", "127.0.0.1:0", "--max-overlay-mib", "64", "--max-syntheses", "6"])
+            .args(["--max-vms", "16", "--work"])
+            .arg(&vms),
+    );
+    let (addr, pid) = (server.addr, server.child.id());
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let post = |len: u64| post_head("/v1/synthesis", len, None);
+
+    // Four valid uploads at a time, each VM stopped again once it runs.
+    let valid: Vec<_> = (0..4)
+        .map(|_| {
+            let overlay = overlay.clone();
+            std::thread::spawn(move || {
+                let mut ok = 0;
+                while Instant::now() < deadline {
+                    let (st, body) = try_http(addr, &post(overlay.len() as u64), &overlay, Duration::from_secs(300));
+                    match st {
+                        201 => {
+                            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                            let id = v["id"].as_str().unwrap();
+                            let head = format!("DELETE /v1/vms/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                            let (st, body) = try_http(addr, &head, b"", Duration::from_secs(60));
+                            assert_eq!(st, 200, "stopping {id}: {body}");
+                            ok += 1;
+                        }
+                        429 => std::thread::sleep(Duration::from_millis(200)),
+                        _ => panic!("a valid upload got {st}: {body}"),
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+
+    // Hostile uploads, one kind after another, each with the answer it must get (or 429).
+    let hostile_thread = {
+        let (overlay, hostile) = (overlay.clone(), hostile.clone());
+        std::thread::spawn(move || {
+            let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+            let garbage: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+            let mut kind = 0;
+            while Instant::now() < deadline {
+                let t = Duration::from_secs(120);
+                let (name, st, want, body): (&str, u16, u16, String) = match kind % 6 {
+                    0 => {
+                        let (st, b) = try_http(addr, &post(garbage.len() as u64), &garbage, t);
+                        ("garbage", st, 400, b)
+                    }
+                    1 => {
+                        let half = &overlay[..overlay.len() / 2];
+                        let (st, b) = try_http(addr, &post(half.len() as u64), half, t);
+                        ("truncated", st, 400, b)
+                    }
+                    2 => {
+                        let (st, b) = try_http(addr, &post(1 << 40), b"", t);
+                        ("oversized", st, 413, b)
+                    }
+                    3 => {
+                        let (st, b) = try_http(addr, &post(hostile.len() as u64), &hostile, t);
+                        ("declared 8 TiB memory", st, 400, b)
+                    }
+                    4 => {
+                        // Stalls mid-body, then sends the rest: a slow client is served.
+                        let mut s = TcpStream::connect(addr).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+                        s.write_all(post(overlay.len() as u64).as_bytes()).unwrap();
+                        let cut = overlay.len() / 2;
+                        s.write_all(&overlay[..cut]).unwrap();
+                        std::thread::sleep(Duration::from_secs(3));
+                        let _ = s.write_all(&overlay[cut..]);
+                        let mut out = String::new();
+                        let _ = s.read_to_string(&mut out);
+                        let st = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                        let b = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+                        if st == 201 {
+                            let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+                            let id = v["id"].as_str().unwrap();
+                            let head = format!("DELETE /v1/vms/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                            assert_eq!(try_http(addr, &head, b"", Duration::from_secs(60)).0, 200);
+                        }
+                        ("slow", st, 201, b)
+                    }
+                    _ => {
+                        // Disconnects a third of the way: no answer to check, nothing may stay.
+                        let mut s = TcpStream::connect(addr).unwrap();
+                        s.write_all(post(overlay.len() as u64).as_bytes()).unwrap();
+                        s.write_all(&overlay[..overlay.len() / 3]).unwrap();
+                        std::thread::sleep(Duration::from_millis(300));
+                        drop(s);
+                        ("disconnected", 0, 0, String::new())
+                    }
+                };
+                assert!(st == want || st == 429, "{name} upload got {st}, not {want}: {body}");
+                *counts.entry(name).or_default() += 1;
+                kind += 1;
+            }
+            counts
+        })
+    };
+
+    // The server answers /healthz throughout, and its RSS stays bounded.
+    // VmRSS counts the base images the engine maps (file pages, once per mapping); RssAnon is
+    // the server's own memory, which must not grow with the number of requests.
+    let (mut max_rss, mut max_anon, mut anon_first_half) = (0, 0, 0);
+    let half = Instant::now() + Duration::from_secs(secs / 2);
+    while Instant::now() < deadline {
+        let (st, body) = try_http(
+            addr,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+            Duration::from_secs(10),
+        );
+        assert_eq!(st, 200, "/healthz during the soak: {body}");
+        max_rss = max_rss.max(status_kib(pid, "VmRSS"));
+        max_anon = max_anon.max(status_kib(pid, "RssAnon"));
+        if Instant::now() < half {
+            anon_first_half = max_anon;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let synthesized: usize = valid.into_iter().map(|t| t.join().unwrap()).sum();
+    let counts = hostile_thread.join().unwrap();
+    eprintln!(
+        "soak {secs} s: {synthesized} valid syntheses, hostile {counts:?}, server peak VmRSS {max_rss} KiB, \
+         RssAnon {max_anon} KiB ({anon_first_half} KiB in the first half)"
+    );
+    assert!(synthesized > 0, "no valid upload went through");
+    assert!(counts.len() == 6, "not every hostile kind ran: {counts:?}");
+    assert!(max_anon < 512 << 10, "the server's anonymous RSS reached {max_anon} KiB");
+    assert!(
+        max_anon < anon_first_half + (128 << 10),
+        "the server's anonymous RSS grew from {anon_first_half} KiB in the first half to {max_anon} KiB"
+    );
+
+    // Afterwards nothing of it remains: no QEMU, no VM directory, no runtime or temp file.
+    wait_empty_but_pid(&vms);
+    let vms_s = vms.display().to_string();
+    server.interrupt();
+    assert_eq!(processes_mentioning(&vms_s), Vec::<String>::new());
+    assert!(entries(&vms).is_empty(), "left: {:?}", entries(&vms));
+    let runtime = format!("cloudlet-vm-{pid}-");
+    assert!(
+        !entries(Path::new("/dev/shm")).iter().chain(&entries(&std::env::temp_dir())).any(|n| n.starts_with(&runtime)),
+        "a runtime directory {runtime}* is left"
+    );
+}
+
+/// Waits until `dir` holds nothing but the server's pid file.
+fn wait_empty_but_pid(dir: &Path) {
+    let t0 = Instant::now();
+    loop {
+        let left: Vec<_> = entries(dir).into_iter().filter(|n| n != "server.pid").collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{} still holds {left:?}", dir.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
