@@ -464,11 +464,9 @@ pub fn synth(
     let answer = s.answer.as_deref().map(first_body_line);
     if json {
         let v = serde_json::json!({"name": s.meta.name, "base_id": base.entry.manifest.id.to_hex(), "base_name": base.entry.manifest.name,
-            "dir": out, "ports": s.ports.iter().map(|(g, h)| serde_json::json!({"guest": g, "host": h, "address": "127.0.0.1"})).collect::<Vec<_>>(),
+            "dir": out, "ports": s.ports.iter().map(|&(g, h)| synthesis::api::Forward::listening(g, h, "127.0.0.1")).collect::<Vec<_>>(),
             "app_answer": answer, "vm_kept_running": keep_running, "dir_kept": keep,
-            "timeline_ms": {"receive": msf(t.receive), "decompress": msf(t.decompress), "apply": msf(t.apply),
-                "verify": msf(t.verify), "rebuild": msf(t.rebuild), "resume": msf(t.resume),
-                "first_answer": t.first_answer.map(msf), "total": msf(t.total)}});
+            "timeline": synthesis::api::Timeline::from(t)});
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(s);
     }

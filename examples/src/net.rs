@@ -312,7 +312,10 @@ fn upload(agent: &ureq::Agent, server: &str, auth: Option<&str>, overlay: &Path,
                 let fwd: Vec<String> = info.ports.iter().map(|p| p.guest.to_string()).collect();
                 bail!("the VM forwards no guest port {gp} (it forwards: {})", fwd.join(", "));
             };
-            let host = if p.address == "0.0.0.0" { host_of(server) } else { p.address.clone() };
+            let host = match p.address.as_deref() {
+                Some("0.0.0.0") | None => host_of(server),
+                Some(a) => a.to_string(),
+            };
             let body = synthesis::http_get_from(&host, p.host, Duration::from_secs(60))?;
             Ok(body.split("\r\n\r\n").nth(1).unwrap_or(&body).lines().next().unwrap_or("").to_string())
         };
@@ -359,7 +362,7 @@ fn upload(agent: &ureq::Agent, server: &str, auth: Option<&str>, overlay: &Path,
             wall.as_secs_f64() * 1000.0
         );
         for p in &info.ports {
-            println!("  forward: {}:{} -> guest :{}", p.address, p.host, p.guest);
+            println!("  forward: {}:{} -> guest :{}", p.address.as_deref().unwrap_or("?"), p.host, p.guest);
         }
         if let Some(c) = checked {
             println!("  the app answered: {c}");

@@ -40,8 +40,8 @@ pub struct Info {
     pub spec: Option<overlay_format::VmSpec>,
     /// Images: (name, kind, size, base size).
     pub images: Vec<(String, String, u64, u64)>,
-    /// Port forwards, e.g. `tcp:2222:22`.
-    pub forwards: Vec<String>,
+    /// Port forwards (printed as `tcp:2222:22`).
+    pub forwards: Vec<synthesis::api::Forward>,
     /// Compression of blobs and device state.
     pub compression: String,
     /// Device state size, uncompressed.
@@ -122,11 +122,7 @@ fn read_into(input: impl std::io::Read, verify: bool, info: &mut Info) -> Result
         .iter()
         .map(|i| (i.name.clone(), format!("{:?}", i.kind).to_lowercase(), i.size, i.base_size))
         .collect();
-    info.forwards = m
-        .forwards
-        .iter()
-        .map(|f| format!("{:?}:{}:{}", f.protocol, f.host_port, f.guest_port).to_lowercase())
-        .collect();
+    info.forwards = m.forwards.iter().map(synthesis::api::Forward::recorded).collect();
     info.compression = match m.compression {
         Compression::None => "none",
         Compression::Zstd => "zstd",
@@ -229,7 +225,11 @@ pub fn render(info: &Info) -> String {
         let _ = writeln!(o, "image          {name:<10} {kind:<7} {size} bytes (base {base})");
     }
     if !info.forwards.is_empty() {
-        let _ = writeln!(o, "forwards       {}", info.forwards.join(", "));
+        let _ = writeln!(
+            o,
+            "forwards       {}",
+            info.forwards.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        );
     }
     let _ = writeln!(o, "compression    {}", info.compression);
     let _ = writeln!(o, "device state   {} bytes", info.device_state_bytes);

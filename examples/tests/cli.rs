@@ -229,7 +229,7 @@ fn full_flow_through_the_cli() {
     assert!(out.status.success(), "synthesis: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["app_answer"], "flow-ok", "{v}");
-    assert!(v["timeline_ms"]["first_answer"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["timeline"]["first_answer"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["ports"][0]["guest"], 8080);
     // Refuses to write over an existing VM directory, and a damaged overlay leaves nothing.
     let again = cl().args(["synthesis", "--overlay"]).arg(&ovl).arg("--out").arg(&vm).output().unwrap();

@@ -23,6 +23,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod api;
 mod base;
 #[cfg(feature = "server")]
 pub mod discovery;

@@ -30,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base_registry::Registry;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::{mpsc, Semaphore};
 use vm_driver::{Qemu, QemuVm};
 
@@ -125,88 +125,7 @@ pub enum ServerError {
     Discovery(#[from] crate::discovery::DiscoveryError),
 }
 
-/// One forwarded port of a running VM.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PortInfo {
-    /// Guest port.
-    pub guest: u16,
-    /// Host port.
-    pub host: u16,
-    /// Host address the port listens on.
-    pub address: String,
-}
-
-/// The synthesis timeline in milliseconds.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TimelineMs {
-    /// Until the last overlay byte arrived (chained blobs are decompressed as they arrive).
-    pub receive: f64,
-    /// Decoding on the pool (blobs compressed alone decompressed, every blob checked, raw
-    /// chunks hashed), summed over threads.
-    pub decompress: f64,
-    /// Writing records.
-    pub apply: f64,
-    /// Digest check.
-    pub verify: f64,
-    /// Receive + decompress + apply + verify, overlapped.
-    pub rebuild: f64,
-    /// QEMU start and device state load.
-    pub resume: f64,
-    /// First HTTP answer of the app, when probed.
-    pub first_answer: Option<f64>,
-    /// Everything, from the first byte.
-    pub total: f64,
-}
-
-impl From<&crate::Timeline> for TimelineMs {
-    fn from(t: &crate::Timeline) -> Self {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        TimelineMs {
-            receive: ms(t.receive),
-            decompress: ms(t.decompress),
-            apply: ms(t.apply),
-            verify: ms(t.verify),
-            rebuild: ms(t.rebuild),
-            resume: ms(t.resume),
-            first_answer: t.first_answer.map(ms),
-            total: ms(t.total),
-        }
-    }
-}
-
-/// A running VM as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct VmInfo {
-    /// VM id (`vm-` + 12 hex digits).
-    pub id: String,
-    /// App name from the overlay.
-    pub name: String,
-    /// Base id.
-    pub base_id: String,
-    /// Base name.
-    pub base_name: String,
-    /// Forwarded ports.
-    pub ports: Vec<PortInfo>,
-    /// Overlay bytes received.
-    pub overlay_bytes: u64,
-    /// Unix time of the resume.
-    pub created_unix: u64,
-    /// How synthesis went.
-    pub timeline: TimelineMs,
-}
-
-/// An error answer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ApiError {
-    /// Machine-readable kind: `unauthorized`, `too_large`, `busy`, `full`, `unknown_base`,
-    /// `bad_overlay`, `no_answer`, `not_found`, `internal`.
-    pub code: String,
-    /// Human-readable message with its causes.
-    pub error: String,
-    /// With `unknown_base`: the base the overlay needs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_id: Option<String>,
-}
+pub use crate::api::{ApiError, Forward as PortInfo, Timeline as TimelineMs, VmInfo};
 
 fn api_error(status: StatusCode, code: &str, error: String) -> Response {
     (status, Json(ApiError { code: code.into(), error, base_id: None })).into_response()
@@ -599,7 +518,7 @@ fn outcome(
                 name: s.meta.name.clone(),
                 base_id: s.base.entry.manifest.id.to_hex(),
                 base_name: s.base.entry.manifest.name.clone(),
-                ports: s.ports.iter().map(|&(g, h)| PortInfo { guest: g, host: h, address: address.clone() }).collect(),
+                ports: s.ports.iter().map(|&(g, h)| PortInfo::listening(g, h, &address)).collect(),
                 overlay_bytes: bytes,
                 created_unix: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

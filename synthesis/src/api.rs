@@ -1,0 +1,125 @@
+//! The JSON shapes shared by the server's answers, `cloudlet client --json`,
+//! `cloudlet synthesis --json` and `cloudlet overlay-info --json`: one type per concept.
+//!
+//! - [`Forward`]: a port forward, `{"protocol": "tcp", "guest": 80, "host": 8080,
+//!   "address": "127.0.0.1"}` (`address` only once a VM listens; `host` 0 in an overlay means
+//!   "any free port");
+//! - [`Timeline`]: how a synthesis went, in milliseconds;
+//! - [`VmInfo`]: a VM the server runs; [`ApiError`]: an error answer.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A port forward from the host into the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Forward {
+    /// `tcp` or `udp`.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    /// Guest port.
+    pub guest: u16,
+    /// Host port (0 in an overlay: any free port).
+    pub host: u16,
+    /// Host address the port listens on, once a VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+
+impl Forward {
+    /// An overlay's recorded forward (no address: no VM listens yet).
+    pub fn recorded(f: &overlay_format::PortForward) -> Self {
+        let protocol = match f.protocol {
+            overlay_format::Protocol::Tcp => "tcp",
+            overlay_format::Protocol::Udp => "udp",
+        };
+        Forward { protocol: protocol.into(), guest: f.guest_port, host: f.host_port, address: None }
+    }
+
+    /// A forward of a running VM.
+    pub fn listening(guest: u16, host: u16, address: &str) -> Self {
+        Forward { protocol: "tcp".into(), guest, host, address: Some(address.into()) }
+    }
+}
+
+impl std::fmt::Display for Forward {
+    /// `tcp:HOST:GUEST`, the spelling of `--forward`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.protocol, self.host, self.guest)
+    }
+}
+
+/// The synthesis timeline in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Timeline {
+    /// Until the last overlay byte arrived (chained blobs are decompressed as they arrive).
+    pub receive: f64,
+    /// Decoding on the pool (blobs compressed alone decompressed, every blob checked, raw
+    /// chunks hashed), summed over threads.
+    pub decompress: f64,
+    /// Writing records.
+    pub apply: f64,
+    /// Digest check.
+    pub verify: f64,
+    /// Receive + decompress + apply + verify, overlapped.
+    pub rebuild: f64,
+    /// QEMU start and device state load.
+    pub resume: f64,
+    /// First HTTP answer of the app, when probed.
+    pub first_answer: Option<f64>,
+    /// Everything, from the first byte.
+    pub total: f64,
+}
+
+impl From<&crate::Timeline> for Timeline {
+    fn from(t: &crate::Timeline) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        Timeline {
+            receive: ms(t.receive),
+            decompress: ms(t.decompress),
+            apply: ms(t.apply),
+            verify: ms(t.verify),
+            rebuild: ms(t.rebuild),
+            resume: ms(t.resume),
+            first_answer: t.first_answer.map(ms),
+            total: ms(t.total),
+        }
+    }
+}
+
+/// A running VM as the server shows it (and `cloudlet client --json` prints it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmInfo {
+    /// VM id (`vm-` + 12 hex digits).
+    pub id: String,
+    /// App name from the overlay.
+    pub name: String,
+    /// Base id.
+    pub base_id: String,
+    /// Base name.
+    pub base_name: String,
+    /// Forwarded ports.
+    pub ports: Vec<Forward>,
+    /// Overlay bytes received.
+    pub overlay_bytes: u64,
+    /// Unix time of the resume.
+    pub created_unix: u64,
+    /// How synthesis went.
+    pub timeline: Timeline,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    /// Machine-readable kind: `unauthorized`, `too_large`, `busy`, `full`, `unknown_base`,
+    /// `bad_overlay`, `no_answer`, `not_found`, `internal`.
+    pub code: String,
+    /// Human-readable message with its causes.
+    pub error: String,
+    /// With `unknown_base`: the base the overlay needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_id: Option<String>,
+}
