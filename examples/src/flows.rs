@@ -146,6 +146,19 @@ pub struct BaseArgs {
     /// closing the viewer also ends the step.
     #[arg(long)]
     pub vnc: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+    /// Print the result as JSON on stdout (steps still go to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Name of the base (unique in the registry).
+    #[arg(long)]
+    pub name: String,
+}
+
+/// `--wait-http` and its options, shared by `cloudlet base` and `cloudlet overlay`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WaitArgs {
     /// Then wait until the guest answers HTTP on this guest port, GETting PATH (default /);
     /// any HTTP answer will do unless --expect-status is given.
     #[arg(long, value_name = "PORT[/PATH]")]
@@ -156,12 +169,12 @@ pub struct BaseArgs {
     /// With --wait-http, wait for this HTTP status (e.g. 200) instead of any answer.
     #[arg(long, value_name = "CODE", requires = "wait_http", value_parser = clap::value_parser!(u16).range(100..=599))]
     pub expect_status: Option<u16>,
-    /// Print the result as JSON on stdout (steps still go to stderr).
-    #[arg(long)]
-    pub json: bool,
-    /// Name of the base (unique in the registry).
-    #[arg(long)]
-    pub name: String,
+}
+
+impl WaitArgs {
+    fn check(&self) -> Option<HttpCheck> {
+        wait_check(&self.wait_http, self.wait_timeout, self.expect_status)
+    }
 }
 
 fn wait_check(target: &Option<HttpTarget>, timeout: u64, expect_status: Option<u16>) -> Option<HttpCheck> {
@@ -190,7 +203,7 @@ pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<Re
         prepare: a.prepare.clone(),
         interactive: a.interactive || a.vnc,
         vnc: a.vnc,
-        wait_http: wait_check(&a.wait_http, a.wait_timeout, a.expect_status),
+        wait_http: a.wait.check(),
         work_dir: reg.root().join(format!(".work-{}", std::process::id())),
     };
     let (b, t) = create_base(qemu, reg, &req, &printer(quiet)).context("creating the base VM")?;
@@ -231,16 +244,8 @@ pub struct OverlayArgs {
     /// closing the viewer also ends the step.
     #[arg(long)]
     pub vnc: bool,
-    /// Then wait until the guest answers HTTP on this guest port, GETting PATH (default /);
-    /// any HTTP answer will do unless --expect-status is given.
-    #[arg(long, value_name = "PORT[/PATH]")]
-    pub wait_http: Option<HttpTarget>,
-    /// How long --wait-http waits, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
-    pub wait_timeout: u64,
-    /// With --wait-http, wait for this HTTP status (e.g. 200) instead of any answer.
-    #[arg(long, value_name = "CODE", requires = "wait_http", value_parser = clap::value_parser!(u16).range(100..=599))]
-    pub expect_status: Option<u16>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
     /// Print the result as JSON on stdout (steps still go to stderr).
     #[arg(long)]
     pub json: bool,
@@ -299,7 +304,7 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
         customize: a.customize.clone(),
         interactive: a.interactive || a.vnc,
         vnc: a.vnc,
-        wait_http: wait_check(&a.wait_http, a.wait_timeout, a.expect_status),
+        wait_http: a.wait.check(),
         forwards,
         out: a.out.clone(),
         options,
@@ -602,9 +607,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             prepare: vec![],
             interactive: false,
             vnc: false,
-            wait_http: None,
-            wait_timeout: 300,
-            expect_status: None,
+            wait: WaitArgs { wait_timeout: 300, ..Default::default() },
             json: false,
         },
         false,
@@ -633,9 +636,11 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             level: None,
             interactive: false,
             vnc: false,
-            wait_http: Some(HttpTarget { port: 8080, path: "/".into() }),
-            wait_timeout: 300,
-            expect_status: None,
+            wait: WaitArgs {
+                wait_http: Some(HttpTarget { port: 8080, path: "/".into() }),
+                wait_timeout: 300,
+                expect_status: None,
+            },
             json: false,
         },
         false,

@@ -18,7 +18,11 @@ struct Served {
 
 impl Served {
     fn start(cmd: &mut Command) -> Served {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        Served::from_child(cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap())
+    }
+
+    /// Reads the address from the child's first line on stdout, then keeps draining stdout.
+    fn from_child(mut child: Child) -> Served {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
@@ -587,20 +591,7 @@ fn start_collecting(cmd: &mut Command) -> (Served, std::sync::Arc<std::sync::Mut
             g.push('\n');
         }
     });
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr = line
-        .strip_prefix("listening on http://")
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        let _ = out.read_to_string(&mut sink);
-    });
-    (Served { child, addr }, log)
+    (Served::from_child(child), log)
 }
 
 #[test]
