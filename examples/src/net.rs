@@ -513,11 +513,8 @@ fn read_head(r: &mut impl BufRead) -> Result<(u16, Vec<(String, String)>)> {
         }
     }
     let status_line = &lines[0];
-    let status = status_line
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.split_whitespace().nth(1))
-        .and_then(|c| c.parse::<u16>().ok())
-        .with_context(|| format!("not an HTTP answer: {status_line:?}"))?;
+    let (status, _) =
+        synthesis::parse_status_line(status_line).with_context(|| format!("not an HTTP answer: {status_line:?}"))?;
     let headers = lines[1..]
         .iter()
         .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())))

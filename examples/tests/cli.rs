@@ -264,44 +264,24 @@ fn full_flow_through_the_cli() {
     assert!(hidden.is_empty(), "work files left behind: {hidden:?}");
     let reg2 = work.path().join("registry2");
     let vm3 = work.path().join("vm3");
-    let out = cloudlet()
-        .arg("--registry")
-        .arg(&reg2)
-        .args(["synthesis", "--overlay"])
-        .arg(&ovl)
-        .arg("--out")
-        .arg(&vm3)
-        .output()
-        .unwrap();
+    let synthesis_from_reg2 = || {
+        let mut c = cloudlet();
+        c.arg("--registry").arg(&reg2).args(["synthesis", "--overlay"]).arg(&ovl).arg("--out").arg(&vm3);
+        c
+    };
+    let out = synthesis_from_reg2().output().unwrap();
     // A registry that does not exist is named, not created.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.code() == Some(1) && stderr.contains("no base registry at"), "{stderr}");
     assert!(!reg2.exists(), "synthesis created the registry {}", reg2.display());
     // An existing registry without the base: the error names the missing base.
     base_registry::Registry::open(&reg2).unwrap();
-    let out = cloudlet()
-        .arg("--registry")
-        .arg(&reg2)
-        .args(["synthesis", "--overlay"])
-        .arg(&ovl)
-        .arg("--out")
-        .arg(&vm3)
-        .output()
-        .unwrap();
+    let out = synthesis_from_reg2().output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("which is not in the registry"), "{stderr}");
     assert!(!vm3.exists());
     assert!(cloudlet().arg("--registry").arg(&reg2).arg("import-base").arg(&exp).status().unwrap().success());
-    let out = cloudlet()
-        .arg("--registry")
-        .arg(&reg2)
-        .args(["synthesis", "--overlay"])
-        .arg(&ovl)
-        .arg("--out")
-        .arg(&vm3)
-        .args(["--probe", "8080"])
-        .output()
-        .unwrap();
+    let out = synthesis_from_reg2().args(["--probe", "8080"]).output().unwrap();
     assert!(out.status.success(), "synthesis on the imported base: {}", String::from_utf8_lossy(&out.stderr));
     assert!(cl().args(["rm-base", "deb"]).status().unwrap().success());
     // No QEMU left running for this work dir.

@@ -475,14 +475,14 @@ fn entries(dir: &Path) -> Vec<String> {
 }
 
 /// Waits until `dir` holds nothing but the server's pid file.
-fn wait_empty(dir: &Path, what: &str) {
+fn wait_empty(dir: &Path, what: &str, limit: Duration) {
     let t0 = Instant::now();
     loop {
         let left: Vec<_> = entries(dir).into_iter().filter(|n| n != "server.pid").collect();
         if left.is_empty() {
             return;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "after {what}, {} still holds {left:?}", dir.display());
+        assert!(t0.elapsed() < limit, "after {what}, {} still holds {left:?}", dir.display());
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -573,7 +573,7 @@ fn clients_hear_a_busy_or_refusing_server() {
     let st = retrying.wait().unwrap();
     assert_eq!(st.code(), Some(4), "{line}{rest}");
     assert!(rest.contains("400 (bad_overlay)"), "{line}{rest}");
-    wait_empty(&vms, "busy, refused and disconnected uploads");
+    wait_empty(&vms, "busy, refused and disconnected uploads", Duration::from_secs(30));
     server.interrupt();
 }
 
@@ -853,7 +853,7 @@ fn server_flow_soak_with_hostile_uploads() {
     );
 
     // Afterwards nothing of it remains: no QEMU, no VM directory, no runtime or temp file.
-    wait_empty_but_pid(&vms);
+    wait_empty(&vms, "the soak's shutdown", Duration::from_secs(60));
     let vms_s = vms.display().to_string();
     server.interrupt();
     assert_eq!(processes_mentioning(&vms_s), Vec::<String>::new());
@@ -863,17 +863,4 @@ fn server_flow_soak_with_hostile_uploads() {
         !entries(Path::new("/dev/shm")).iter().chain(&entries(&std::env::temp_dir())).any(|n| n.starts_with(&runtime)),
         "a runtime directory {runtime}* is left"
     );
-}
-
-/// Waits until `dir` holds nothing but the server's pid file.
-fn wait_empty_but_pid(dir: &Path) {
-    let t0 = Instant::now();
-    loop {
-        let left: Vec<_> = entries(dir).into_iter().filter(|n| n != "server.pid").collect();
-        if left.is_empty() {
-            return;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "{} still holds {left:?}", dir.display());
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
