@@ -453,7 +453,7 @@ pub fn synth(
     json: bool,
     keep_running: bool,
     keep: bool,
-) -> Result<synthesis::Synthesized> {
+) -> Result<synthesis::Synthesized<vm_driver::QemuVm>> {
     let f = std::fs::File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
     let mut opts = SynthesisOptions::new(out);
     if let Some(c) = probe {

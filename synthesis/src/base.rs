@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use base_registry::{BaseEntry, Mode, NewBase, Registry};
 use delta_engine::{Base, BaseImage, BaseIndex};
 use overlay_format::{BaseId, DiskSpec, ImageKind, VmSpec};
-use vm_driver::{Disk, DiskFormat, KernelBoot, Snapshot};
+use vm_driver::{DeviceLayout, Disk, DiskFormat, KernelBoot, Snapshot};
 
 use crate::FlowError;
 
@@ -32,40 +32,24 @@ impl RegisteredBase {
     /// Wraps a registry entry.
     pub fn from_entry(entry: BaseEntry) -> Result<Self, FlowError> {
         let spec = &entry.manifest.spec;
-        let labels = &entry.manifest.labels;
-        let Some(state_hash) = labels.get("state_hash").cloned() else {
-            return Err(FlowError::BadBase {
-                dir: entry.dir.clone(),
-                reason: "no state_hash label: not registered by the base flow".into(),
-            });
-        };
-        let kernel = entry.path("kernel").map(|_| KernelBoot {
+        let facts = SnapshotLabels::read(&entry)?;
+        let mut snapshot = Snapshot::new(&entry.dir, &spec.machine_type, &spec.cpu_model, spec.vcpus, spec.ram_bytes);
+        snapshot.qemu_version = spec.qemu_version.clone();
+        snapshot.accelerator = spec.accelerator.clone();
+        snapshot.kernel = entry.path("kernel").map(|_| KernelBoot {
             kernel: "kernel".into(),
             initrd: entry.path("initrd").map(|_| "initrd".into()),
             cmdline: spec.kernel_cmdline.clone().unwrap_or_default(),
         });
-        let snapshot = Snapshot {
-            dir: entry.dir.clone(),
-            format: 1,
-            machine_type: spec.machine_type.clone(),
-            cpu_model: spec.cpu_model.clone(),
-            vcpus: spec.vcpus,
-            ram_bytes: spec.ram_bytes,
-            qemu_version: spec.qemu_version.clone(),
-            accelerator: spec.accelerator.clone(),
-            kernel,
-            disks: spec
-                .disks
-                .iter()
-                .map(|d| Disk { name: d.name.clone(), path: d.name.clone().into(), format: DiskFormat::Raw })
-                .collect(),
-            guest_ports: Vec::new(),
-            memory_file: "memory".into(),
-            device_state_file: "device-state".into(),
-            state_hash,
-            free_page_reporting: labels.get("free_page_reporting").map(String::as_str) != Some("false"),
-            display: labels.get("display").map(String::as_str) == Some("true"),
-        };
+        snapshot.disks = spec
+            .disks
+            .iter()
+            .map(|d| Disk { name: d.name.clone(), path: d.name.clone().into(), format: DiskFormat::Raw })
+            .collect();
+        snapshot.memory_file = "memory".into();
+        snapshot.device_state_file = "device-state".into();
+        snapshot.state_hash = facts.state_hash;
+        snapshot.set_layout(facts.layout);
         Ok(RegisteredBase { entry, snapshot })
     }
 
@@ -154,11 +138,53 @@ pub(crate) fn register_snapshot(
     let index_path = snap.dir.join("index");
     index.save(&index_path)?;
     files.push(("index".into(), index_path));
-    let mut labels = BTreeMap::new();
-    labels.insert("state_hash".to_string(), snap.state_hash.clone());
-    labels.insert("free_page_reporting".to_string(), snap.free_page_reporting.to_string());
-    labels.insert("display".to_string(), snap.display.to_string());
+    let labels = SnapshotLabels { state_hash: snap.state_hash.clone(), layout: snap.layout() }.write();
     let entry =
         registry.register(NewBase { name: name.into(), source_image, spec, files, mode: Mode::Move, labels })?;
     RegisteredBase::from_entry(entry)
+}
+
+/// What a base's registry entry records of its driver snapshot beyond the VM spec: the state
+/// hash and the device layout. The registry keeps them as labels; this is the one place that
+/// writes and reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SnapshotLabels {
+    state_hash: String,
+    layout: DeviceLayout,
+}
+
+impl SnapshotLabels {
+    const STATE_HASH: &'static str = "state_hash";
+    const FREE_PAGE_REPORTING: &'static str = "free_page_reporting";
+    const DISPLAY: &'static str = "display";
+
+    fn write(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (Self::STATE_HASH.to_string(), self.state_hash.clone()),
+            (Self::FREE_PAGE_REPORTING.to_string(), self.layout.free_page_reporting.to_string()),
+            (Self::DISPLAY.to_string(), self.layout.display.to_string()),
+        ])
+    }
+
+    /// Reads the labels of `entry`. A missing layout label is what bases registered before
+    /// it was recorded have: free page reporting, no display.
+    fn read(entry: &BaseEntry) -> Result<Self, FlowError> {
+        let labels = &entry.manifest.labels;
+        let bad = |reason: String| FlowError::BadBase { dir: entry.dir.clone(), reason };
+        let Some(state_hash) = labels.get(Self::STATE_HASH).cloned() else {
+            return Err(bad("no state_hash label: not registered by the base flow".into()));
+        };
+        let flag = |key: &str, default: bool| match labels.get(key).map(String::as_str) {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(v) => Err(bad(format!("label {key} is {v:?}, not true or false"))),
+        };
+        let defaults = DeviceLayout::default();
+        let layout = DeviceLayout {
+            free_page_reporting: flag(Self::FREE_PAGE_REPORTING, defaults.free_page_reporting)?,
+            display: flag(Self::DISPLAY, defaults.display)?,
+        };
+        Ok(SnapshotLabels { state_hash, layout })
+    }
 }

@@ -12,7 +12,7 @@ use delta_engine::{
     OverlayInfo,
 };
 use overlay_format::{OverlayReader, PortForward};
-use vm_driver::{DiskFormat, Forward, Hypervisor, LaunchSpec, Qemu, QemuVm, RamMode, RestoreOptions, Snapshot, Vm};
+use vm_driver::{DiskFormat, Forward, Hypervisor, LaunchSpec, RamMode, RestoreOptions, SerialConsole, Snapshot, Vm};
 
 use crate::base::{register_snapshot, RegisteredBase};
 use crate::http::{http_wait, HttpCheck};
@@ -166,8 +166,8 @@ pub(crate) fn publish(from: &Path, to: &Path) -> Result<(), FlowError> {
 
 /// The preparation steps of the base and overlay flows: commands over the serial console, a
 /// person at the console, then waiting for the app's HTTP answer.
-fn prepare(
-    vm: &mut QemuVm,
+fn prepare<V: Vm>(
+    vm: &mut V,
     commands: &[String],
     interactive: bool,
     wait_http: Option<&HttpCheck>,
@@ -175,14 +175,14 @@ fn prepare(
 ) -> Result<(), FlowError> {
     run_all(vm, commands, events)?;
     if interactive {
+        let serial_socket = vm
+            .serial_socket()
+            .ok_or_else(|| FlowError::Unsupported { what: "a person at the console of this hypervisor's VMs".into() })?
+            .to_owned();
         vm.release_console();
         let vnc = vm.vnc_address()?;
         let viewer_closed = Arc::new(AtomicBool::new(false));
-        let event = Event::Interactive {
-            serial_socket: vm.serial_socket().to_owned(),
-            vnc,
-            viewer_closed: viewer_closed.clone(),
-        };
+        let event = Event::Interactive { serial_socket, vnc, viewer_closed: viewer_closed.clone() };
         if vnc.is_none() {
             events(event);
         } else {
@@ -215,7 +215,7 @@ fn prepare(
 
 /// Polls the VNC display until `done`; sets `closed` once a viewer has connected and every
 /// viewer has disconnected (or when the VM cannot be asked any more).
-fn watch_viewers(vm: &mut QemuVm, done: &AtomicBool, closed: &AtomicBool) -> Result<(), FlowError> {
+fn watch_viewers<V: Vm>(vm: &mut V, done: &AtomicBool, closed: &AtomicBool) -> Result<(), FlowError> {
     let mut seen = false;
     while !done.load(Ordering::SeqCst) {
         let clients = match vm.vnc_clients() {
@@ -235,7 +235,7 @@ fn watch_viewers(vm: &mut QemuVm, done: &AtomicBool, closed: &AtomicBool) -> Res
     Ok(())
 }
 
-fn run_all(vm: &mut QemuVm, commands: &[String], events: &(dyn Fn(Event) + Sync)) -> Result<(), FlowError> {
+fn run_all<V: Vm>(vm: &mut V, commands: &[String], events: &(dyn Fn(Event) + Sync)) -> Result<(), FlowError> {
     for c in commands {
         events(Event::Step(format!("guest$ {c}")));
         let (out, status) = vm.console()?.run(c, COMMAND_TIMEOUT)?;
@@ -289,8 +289,8 @@ pub struct BaseTimings {
 }
 
 /// Boots a raw disk image, prepares it, snapshots it, indexes it and registers it.
-pub fn create_base(
-    qemu: &Qemu,
+pub fn create_base<H: Hypervisor>(
+    hypervisor: &H,
     registry: &Registry,
     req: &BaseRequest,
     events: &(dyn Fn(Event) + Sync),
@@ -316,10 +316,12 @@ pub fn create_base(
         spec = spec.forward(0, c.port);
     }
     spec.vnc_display = req.vnc.then_some(0);
-    let (accel, why) = qemu.accelerator(spec.kernel.as_ref());
-    events(Event::Step(format!("booting the base VM (accelerator {}: {why})", accel.as_str())));
+    events(Event::Step(match hypervisor.launch_note(&spec) {
+        Some(note) => format!("booting the base VM ({note})"),
+        None => "booting the base VM".into(),
+    }));
     let t0 = Instant::now();
-    let mut vm = qemu.launch(&spec)?;
+    let mut vm = hypervisor.launch(&spec)?;
     vm.console()?.wait_for_text(&req.ready_text, BOOT_TIMEOUT)?;
     t.boot = t0.elapsed();
     prepare(&mut vm, &req.prepare, req.interactive, req.wait_http.as_ref(), events)?;
@@ -374,8 +376,8 @@ pub struct OverlayOutcome {
 }
 
 /// Resumes the base, customizes it, snapshots it and writes the overlay.
-pub fn create_overlay_file(
-    qemu: &Qemu,
+pub fn create_overlay_file<H: Hypervisor>(
+    hypervisor: &H,
     base: &RegisteredBase,
     req: &OverlayRequest,
     events: &(dyn Fn(Event) + Sync),
@@ -408,7 +410,7 @@ pub fn create_overlay_file(
     if let Some(p) = req.wait_http.as_ref().map(|c| c.port).filter(|p| !forwards.iter().any(|f| f.guest_port == *p)) {
         forwards.push(Forward { host_port: 0, guest_port: p });
     }
-    let mut vm = qemu.restore(
+    let mut vm = hypervisor.restore(
         &base.snapshot,
         &RestoreOptions {
             ram: RamMode::PrivateCopy,
@@ -500,9 +502,9 @@ pub struct Timeline {
 }
 
 /// Result of synthesis: the running VM and how it went.
-pub struct Synthesized {
+pub struct Synthesized<V> {
     /// The running custom VM.
-    pub vm: QemuVm,
+    pub vm: V,
     /// The base it was rebuilt from.
     pub base: RegisteredBase,
     /// The overlay's metadata.
@@ -521,16 +523,16 @@ pub struct Synthesized {
 /// names, into `out_dir` (must not exist), then resumes it with the overlay's port forwards
 /// (the recorded host ports, or free ones when those are taken). With `probe_port`, waits for
 /// the guest to answer an HTTP GET on that guest port.
-pub fn synthesize<R: Read + Send>(
-    qemu: &Qemu,
+pub fn synthesize<H: Hypervisor, R: Read + Send>(
+    hypervisor: &H,
     registry: &Registry,
     overlay: R,
     out_dir: &Path,
     probe_port: Option<u16>,
     events: &(dyn Fn(Event) + Sync),
-) -> Result<Synthesized, FlowError> {
+) -> Result<Synthesized<H::Vm>, FlowError> {
     let opts = SynthesisOptions { probe_port, ..SynthesisOptions::new(out_dir) };
-    synthesize_with(qemu, registry, overlay, &opts, events)
+    synthesize_with(hypervisor, registry, overlay, &opts, events)
 }
 
 /// How [`synthesize_with`] rebuilds and resumes.
@@ -565,13 +567,13 @@ impl SynthesisOptions {
 }
 
 /// [`synthesize`] with every option.
-pub fn synthesize_with<R: Read + Send>(
-    qemu: &Qemu,
+pub fn synthesize_with<H: Hypervisor, R: Read + Send>(
+    hypervisor: &H,
     registry: &Registry,
     overlay: R,
     opts: &SynthesisOptions,
     events: &(dyn Fn(Event) + Sync),
-) -> Result<Synthesized, FlowError> {
+) -> Result<Synthesized<H::Vm>, FlowError> {
     let out_dir = opts.out_dir.as_path();
     let probe_port = opts.probe_port;
     let t0 = Instant::now();
@@ -622,42 +624,35 @@ pub fn synthesize_with<R: Read + Send>(
     let ds = out_dir.join("device-state");
     std::fs::write(&ds, &report.device_state).map_err(|source| FlowError::Io { path: ds.clone(), source })?;
     // A driver snapshot over the rebuilt images; kernel and initrd stay in the base.
-    let mut h = blake3::Hasher::new();
-    h.update_mmap_rayon(&outputs[0].1).map_err(|source| FlowError::Io { path: outputs[0].1.clone(), source })?;
-    h.update(&report.device_state);
-    let kernel = snap.kernel.as_ref().map(|k| vm_driver::KernelBoot {
+    let mut custom = Snapshot::new(out_dir, &snap.machine_type, &snap.cpu_model, snap.vcpus, snap.ram_bytes);
+    custom.qemu_version = snap.qemu_version.clone();
+    custom.accelerator = snap.accelerator.clone();
+    custom.set_layout(snap.layout());
+    custom.kernel = snap.kernel.as_ref().map(|k| vm_driver::KernelBoot {
         kernel: base.entry.dir.join(&k.kernel),
         initrd: k.initrd.as_ref().map(|i| base.entry.dir.join(i)),
         cmdline: k.cmdline.clone(),
     });
-    let custom = Snapshot {
-        dir: out_dir.to_owned(),
-        format: 1,
-        kernel,
-        disks: snap
-            .disks
-            .iter()
-            .map(|d| vm_driver::Disk {
-                name: d.name.clone(),
-                path: format!("{}.qcow2", d.name).into(),
-                format: DiskFormat::Qcow2,
-            })
-            .collect(),
-        guest_ports: report.meta.forwards.iter().map(|f| f.guest_port).collect(),
-        memory_file: "memory".into(),
-        device_state_file: "device-state".into(),
-        state_hash: h.finalize().to_hex().to_string(),
-        ..snap.clone()
-    };
-    let manifest = out_dir.join("snapshot.json");
-    std::fs::write(&manifest, serde_json::to_vec_pretty(&custom).expect("serialisable"))
-        .map_err(|source| FlowError::Io { path: manifest.clone(), source })?;
+    custom.disks = snap
+        .disks
+        .iter()
+        .map(|d| vm_driver::Disk {
+            name: d.name.clone(),
+            path: format!("{}.qcow2", d.name).into(),
+            format: DiskFormat::Qcow2,
+        })
+        .collect();
+    custom.guest_ports = report.meta.forwards.iter().map(|f| f.guest_port).collect();
+    custom.memory_file = "memory".into();
+    custom.device_state_file = "device-state".into();
+    custom.state_hash = vm_driver::state_hash(&custom.memory_path(), &custom.device_state_path())?;
+    custom.save()?;
     events(Event::Step("resuming the custom VM".into()));
     let t1 = Instant::now();
     let forwards: Vec<Forward> =
         report.meta.forwards.iter().map(|f| Forward { host_port: f.host_port, guest_port: f.guest_port }).collect();
     let restore = |forwards: Vec<Forward>| {
-        qemu.restore(
+        hypervisor.restore(
             &custom,
             &RestoreOptions {
                 forwards: Some(forwards),

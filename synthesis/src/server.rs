@@ -32,7 +32,7 @@ use axum::{Json, Router};
 use base_registry::Registry;
 use serde::Deserialize;
 use tokio::sync::{mpsc, Semaphore};
-use vm_driver::{Qemu, QemuVm};
+use vm_driver::{Hypervisor, Qemu, Vm};
 
 use crate::{synthesize_with, Event, FlowError, SynthesisOptions};
 
@@ -143,22 +143,33 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-struct Running {
+/// What the server needs of a hypervisor: it is shared between tasks, and its VMs live in the
+/// server's table. Every [`Hypervisor`] that is `Send + Sync + 'static` with `'static` VMs is one.
+pub trait ServedHypervisor: Hypervisor<Vm: 'static> + Send + Sync + 'static {}
+
+impl<H> ServedHypervisor for H
+where
+    H: Hypervisor + Send + Sync + 'static,
+    H::Vm: 'static,
+{
+}
+
+struct Running<V> {
     info: VmInfo,
-    vm: QemuVm,
+    vm: V,
     dir: PathBuf,
 }
 
-struct AppState {
-    qemu: Qemu,
+struct AppState<H: Hypervisor> {
+    hypervisor: H,
     registry: Registry,
     cfg: ServerConfig,
-    vms: Mutex<BTreeMap<String, Running>>,
+    vms: Mutex<BTreeMap<String, Running<H::Vm>>>,
     syntheses: Arc<Semaphore>,
     next: AtomicU64,
 }
 
-impl AppState {
+impl<H: Hypervisor> AppState<H> {
     fn new_id(&self) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut h = blake3::Hasher::new();
@@ -178,21 +189,32 @@ impl AppState {
 }
 
 /// The server, bound and ready; [`Server::run`] serves until the shutdown future resolves.
-pub struct Server {
+/// Its VMs run on `H`, QEMU unless built with [`Server::bind_with`].
+pub struct Server<H: ServedHypervisor = Qemu> {
     listener: tokio::net::TcpListener,
-    state: Arc<AppState>,
+    state: Arc<AppState<H>>,
     _advert: Option<crate::discovery::Advertisement>,
 }
 
-impl Server {
-    /// Opens the registry, checks QEMU, binds the address and (optionally) advertises it.
-    /// Must be called inside a tokio runtime.
-    pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+impl Server<Qemu> {
+    /// Checks QEMU, then [`Server::bind_with`] it. Must be called inside a tokio runtime.
+    pub async fn bind(cfg: ServerConfig) -> Result<Server<Qemu>, ServerError> {
+        if !cfg.listen.ip().is_loopback() && cfg.token.is_none() && !cfg.insecure {
+            return Err(ServerError::Insecure { listen: cfg.listen });
+        }
+        let qemu = Qemu::new()?;
+        Server::bind_with(cfg, qemu).await
+    }
+}
+
+impl<H: ServedHypervisor> Server<H> {
+    /// Opens the registry, binds the address and (optionally) advertises it; VMs run on
+    /// `hypervisor`. Must be called inside a tokio runtime.
+    pub async fn bind_with(cfg: ServerConfig, hypervisor: H) -> Result<Server<H>, ServerError> {
         if !cfg.listen.ip().is_loopback() && cfg.token.is_none() && !cfg.insecure {
             return Err(ServerError::Insecure { listen: cfg.listen });
         }
         let registry = Registry::open(&cfg.registry)?;
-        let qemu = Qemu::new()?;
         std::fs::create_dir_all(&cfg.work_dir)
             .map_err(|source| ServerError::Io { what: format!("creating {}", cfg.work_dir.display()), source })?;
         let work_dir = std::fs::canonicalize(&cfg.work_dir)
@@ -219,7 +241,7 @@ impl Server {
         };
         let syntheses = Arc::new(Semaphore::new(cfg.max_syntheses));
         let state = Arc::new(AppState {
-            qemu,
+            hypervisor,
             registry,
             cfg,
             vms: Mutex::new(BTreeMap::new()),
@@ -249,17 +271,17 @@ impl Server {
     }
 }
 
-fn router(state: Arc<AppState>) -> Router {
+fn router<H: ServedHypervisor>(state: Arc<AppState<H>>) -> Router {
     let v1 = Router::new()
-        .route("/v1/bases", get(bases))
-        .route("/v1/synthesis", post(synthesis))
-        .route("/v1/vms", get(list_vms))
-        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
-    Router::new().route("/healthz", get(healthz)).merge(v1).with_state(state)
+        .route("/v1/bases", get(bases::<H>))
+        .route("/v1/synthesis", post(synthesis::<H>))
+        .route("/v1/vms", get(list_vms::<H>))
+        .route("/v1/vms/{id}", get(get_vm::<H>).delete(delete_vm::<H>))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::<H>));
+    Router::new().route("/healthz", get(healthz::<H>)).merge(v1).with_state(state)
 }
 
-async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn auth<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, req: Request, next: Next) -> Response {
     if let Some(token) = &st.cfg.token {
         let ok = req
             .headers()
@@ -280,7 +302,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+async fn healthz<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>) -> Response {
     let running = st.vms.lock().map(|v| v.len()).unwrap_or(0);
     Json(serde_json::json!({
         "status": "ok",
@@ -294,7 +316,7 @@ async fn healthz(State(st): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-async fn bases(State(st): State<Arc<AppState>>) -> Response {
+async fn bases<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>) -> Response {
     let s = st.clone();
     match tokio::task::spawn_blocking(move || s.registry.list()).await {
         Ok(Ok(all)) => {
@@ -312,19 +334,19 @@ async fn bases(State(st): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn list_vms(State(st): State<Arc<AppState>>) -> Response {
+async fn list_vms<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>) -> Response {
     let v: Vec<VmInfo> = st.vms.lock().unwrap_or_else(|e| e.into_inner()).values().map(|r| r.info.clone()).collect();
     Json(v).into_response()
 }
 
-async fn get_vm(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+async fn get_vm<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path(id): Path<String>) -> Response {
     match st.vms.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
         Some(r) => Json(r.info.clone()).into_response(),
         None => api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}")),
     }
 }
 
-async fn delete_vm(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+async fn delete_vm<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path(id): Path<String>) -> Response {
     let r = st.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     match r {
         Some(r) => {
@@ -370,8 +392,8 @@ impl Read for ChannelReader {
     }
 }
 
-async fn synthesis(
-    State(st): State<Arc<AppState>>,
+async fn synthesis<H: ServedHypervisor>(
+    State(st): State<Arc<AppState<H>>>,
     headers: HeaderMap,
     Query(q): Query<SynthesisQuery>,
     body: Body,
@@ -464,7 +486,7 @@ async fn synthesis(
                 eprintln!("[{id2}] {s}");
             }
         };
-        synthesize_with(&st2.qemu, &st2.registry, reader, &opts, &events)
+        synthesize_with(&st2.hypervisor, &st2.registry, reader, &opts, &events)
     });
     // The outcome is handled in a task of its own: if the client goes away while its VM is
     // resuming, the handler future is dropped, and the VM must not be left running unlisted.
@@ -496,11 +518,11 @@ async fn synthesis(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn outcome(
-    st: &AppState,
+fn outcome<H: Hypervisor>(
+    st: &AppState<H>,
     id: &str,
     dir: &std::path::Path,
-    result: Result<Result<crate::Synthesized, FlowError>, tokio::task::JoinError>,
+    result: Result<Result<crate::Synthesized<H::Vm>, FlowError>, tokio::task::JoinError>,
     bytes: u64,
     too_large: bool,
     max: u64,
@@ -803,10 +825,10 @@ mod tests {
         assert_eq!(ChannelReader { rx, cur: Bytes::new() }.read(&mut buf).unwrap(), 0);
     }
 
-    fn state(dir: &std::path::Path) -> AppState {
+    fn state(dir: &std::path::Path) -> AppState<Qemu> {
         let cfg = ServerConfig::new(dir.join("registry"), dir.join("vms"));
         AppState {
-            qemu: Qemu::new().unwrap(),
+            hypervisor: Qemu::new().unwrap(),
             registry: Registry::open(&cfg.registry).unwrap(),
             syntheses: Arc::new(Semaphore::new(cfg.max_syntheses)),
             cfg,
@@ -824,7 +846,10 @@ mod tests {
         std::fs::write(dir.join("memory"), b"half written").unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let result = rt.block_on(async {
-            tokio::task::spawn_blocking(|| -> Result<crate::Synthesized, FlowError> { panic!("decoder bug") }).await
+            tokio::task::spawn_blocking(|| -> Result<crate::Synthesized<<Qemu as Hypervisor>::Vm>, FlowError> {
+                panic!("decoder bug")
+            })
+            .await
         });
         let r = outcome(&st, "vm-000000000000", &dir, result, 10, false, 100, Instant::now());
         assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);

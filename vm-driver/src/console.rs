@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::DriverError;
+use crate::{DriverError, SerialConsole};
 
 /// A connection to the guest's serial console (a shell on ttyS0 that does not echo).
 pub struct Console {
@@ -103,5 +103,15 @@ impl Console {
                 Err(source) => return Err(DriverError::Io { what: "read the serial console".into(), source }),
             }
         }
+    }
+}
+
+impl SerialConsole for Console {
+    fn run(&mut self, command: &str, timeout: Duration) -> Result<(String, i32), DriverError> {
+        Console::run(self, command, timeout)
+    }
+
+    fn wait_for_text(&self, text: &str, timeout: Duration) -> Result<(), DriverError> {
+        Console::wait_for_text(self, text, timeout)
     }
 }

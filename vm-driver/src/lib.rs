@@ -44,6 +44,10 @@ pub use qemu::{kill_all, qcow2_layer, Qemu, QemuVm};
 use serde::{Deserialize, Serialize};
 
 /// The hypervisor operations the synthesis flows use.
+///
+/// This is the consumer-side interface: the flows are written against it, and [`Qemu`] is one
+/// implementation. Another crate can implement it (the synthesis tests drive the flows over an
+/// in-memory one).
 pub trait Hypervisor {
     /// A running VM.
     type Vm: Vm;
@@ -51,10 +55,22 @@ pub trait Hypervisor {
     fn launch(&self, spec: &LaunchSpec) -> Result<Self::Vm, DriverError>;
     /// Starts a VM from a snapshot, running.
     fn restore(&self, snapshot: &Snapshot, opts: &RestoreOptions) -> Result<Self::Vm, DriverError>;
+    /// A note for the user on how `spec` will run (e.g. "accelerator tcg: no /dev/kvm"), if
+    /// there is anything to say.
+    fn launch_note(&self, _spec: &LaunchSpec) -> Option<String> {
+        None
+    }
 }
 
 /// A VM the flows drive.
-pub trait Vm {
+///
+/// Besides the life cycle, a VM offers its serial console ([`Vm::console`]) and, for a person
+/// at the guest, interactive access: the console's socket and a display. Those have defaults
+/// for a VM that offers no such access. VMs move between threads (a display watcher, a
+/// service's table of running VMs), hence `Send`.
+pub trait Vm: Send {
+    /// Its serial console.
+    type Console: SerialConsole;
     /// Pauses the vCPUs.
     fn pause(&mut self) -> Result<(), DriverError>;
     /// Resumes the vCPUs.
@@ -62,12 +78,57 @@ pub trait Vm {
     /// Pauses the VM and writes a snapshot (RAM image, device state, disks, manifest) into
     /// `dir`, which must not exist or be empty. The VM stays paused.
     fn snapshot(&mut self, dir: &std::path::Path) -> Result<Snapshot, DriverError>;
+    /// All port forwards, with the host ports chosen.
+    fn forwards(&self) -> &[Forward];
     /// The host port forwarded to `guest_port`, if any.
-    fn host_port(&self, guest_port: u16) -> Option<u16>;
-    /// The serial console.
-    fn console(&mut self) -> Result<&mut Console, DriverError>;
+    fn host_port(&self, guest_port: u16) -> Option<u16> {
+        self.forwards().iter().find(|f| f.guest_port == guest_port).map(|f| f.host_port)
+    }
+    /// The serial console (connected on first use).
+    fn console(&mut self) -> Result<&mut Self::Console, DriverError>;
+    /// Closes this handle's console connection (the next [`Vm::console`] reconnects), so that
+    /// someone else can use [`Vm::serial_socket`].
+    fn release_console(&mut self) {}
+    /// The guest's serial console as a unix socket a person can connect to (one client at a
+    /// time, after [`Vm::release_console`]), if the VM offers one.
+    fn serial_socket(&self) -> Option<&std::path::Path> {
+        None
+    }
+    /// Where the VM's VNC display listens, or `None` without a display.
+    fn vnc_address(&mut self) -> Result<Option<std::net::SocketAddr>, DriverError> {
+        Ok(None)
+    }
+    /// How many viewers are connected to the display (0 without a display).
+    fn vnc_clients(&mut self) -> Result<usize, DriverError> {
+        Ok(0)
+    }
+    /// The id of the host process that runs the VM, if there is one (recorded so that a
+    /// restarted service can stop what a killed one left running).
+    fn pid(&self) -> Option<u32> {
+        None
+    }
     /// Stops the VM and releases everything it held.
     fn shutdown(self) -> Result<(), DriverError>;
+}
+
+/// A guest's serial console: a shell the flows run commands in.
+pub trait SerialConsole {
+    /// Runs `command` in the guest shell; returns its output (stdout and stderr) and exit
+    /// status.
+    fn run(&mut self, command: &str, timeout: Duration) -> Result<(String, i32), DriverError>;
+    /// Waits until the guest has printed `text` on the console.
+    fn wait_for_text(&self, text: &str, timeout: Duration) -> Result<(), DriverError>;
+}
+
+/// Hashes a snapshot's RAM image then its device state (blake3, hex): the
+/// [`Snapshot::state_hash`] a restore checks the files against.
+pub fn state_hash(memory: &std::path::Path, device_state: &std::path::Path) -> Result<String, DriverError> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(memory)
+        .map_err(|source| DriverError::Io { what: format!("hash {}", memory.display()), source })?;
+    h.update_mmap(device_state)
+        .map_err(|source| DriverError::Io { what: format!("hash {}", device_state.display()), source })?;
+    Ok(h.finalize().to_hex().to_string())
 }
 
 /// Disk image format.
@@ -204,8 +265,16 @@ pub struct RestoreOptions {
     pub forward_address: Option<String>,
 }
 
+/// The version of the `snapshot.json` manifest this crate writes and reads.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
 /// A snapshot on disk: `snapshot.json` in `dir` plus the files it names.
+///
+/// Made by [`Vm::snapshot`], read by [`Snapshot::load`], or described with [`Snapshot::new`]
+/// (for files put together by other means, e.g. rebuilt from a base and an overlay) and
+/// written with [`Snapshot::save`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Snapshot {
     /// The directory (not serialised).
     #[serde(skip)]
@@ -245,11 +314,72 @@ pub struct Snapshot {
     pub display: bool,
 }
 
+/// The parts of a VM's device layout that the machine type does not pin and its device state
+/// depends on: a snapshot restores only into a VM with the same layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLayout {
+    /// The balloon device has free page reporting.
+    pub free_page_reporting: bool,
+    /// The VM has a display device (it was launched with a VNC display).
+    pub display: bool,
+}
+
+impl Default for DeviceLayout {
+    /// What [`LaunchSpec::new`] launches: free page reporting, no display.
+    fn default() -> Self {
+        DeviceLayout { free_page_reporting: true, display: false }
+    }
+}
+
 fn yes() -> bool {
     true
 }
 
 impl Snapshot {
+    /// A manifest of the current format for a snapshot in `dir` of a VM with this machine
+    /// type, CPU model, vCPU count and RAM size. The rest starts out empty (no kernel, disks
+    /// or forwarded ports, no QEMU version or accelerator, an empty state hash) or at the
+    /// defaults (`memory` and `device-state` files, free page reporting, no display): set the
+    /// fields that apply, and the hash with [`state_hash`] once the files are written.
+    pub fn new(dir: impl Into<PathBuf>, machine_type: &str, cpu_model: &str, vcpus: u32, ram_bytes: u64) -> Self {
+        Snapshot {
+            dir: dir.into(),
+            format: SNAPSHOT_FORMAT,
+            machine_type: machine_type.into(),
+            cpu_model: cpu_model.into(),
+            vcpus,
+            ram_bytes,
+            qemu_version: String::new(),
+            accelerator: String::new(),
+            kernel: None,
+            disks: Vec::new(),
+            guest_ports: Vec::new(),
+            memory_file: "memory".into(),
+            device_state_file: "device-state".into(),
+            state_hash: String::new(),
+            free_page_reporting: true,
+            display: false,
+        }
+    }
+
+    /// The device layout recorded in the snapshot.
+    pub fn layout(&self) -> DeviceLayout {
+        DeviceLayout { free_page_reporting: self.free_page_reporting, display: self.display }
+    }
+
+    /// Sets the device layout.
+    pub fn set_layout(&mut self, layout: DeviceLayout) {
+        self.free_page_reporting = layout.free_page_reporting;
+        self.display = layout.display;
+    }
+
+    /// Writes the manifest, `dir/snapshot.json`.
+    pub fn save(&self) -> Result<(), DriverError> {
+        let p = self.dir.join("snapshot.json");
+        let json = serde_json::to_vec_pretty(self).expect("serialising a snapshot cannot fail");
+        std::fs::write(&p, json).map_err(|source| DriverError::Io { what: format!("write {}", p.display()), source })
+    }
+
     /// Reads `dir/snapshot.json`.
     pub fn load(dir: &std::path::Path) -> Result<Self, DriverError> {
         let p = dir.join("snapshot.json");
@@ -260,7 +390,7 @@ impl Snapshot {
         }
         let mut s: Snapshot = serde_json::from_slice(&bytes)
             .map_err(|e| DriverError::BadSnapshot { dir: dir.to_owned(), reason: e.to_string() })?;
-        if s.format != 1 {
+        if s.format != SNAPSHOT_FORMAT {
             return Err(DriverError::BadSnapshot {
                 dir: dir.to_owned(),
                 reason: format!("manifest format {}", s.format),
@@ -362,4 +492,38 @@ pub enum DriverError {
         #[source]
         source: std::io::Error,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_snapshot_saves_and_loads_with_its_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("memory"), vec![7u8; 1 << 20]).unwrap();
+        std::fs::write(dir.path().join("device-state"), b"devices").unwrap();
+        let mut s = Snapshot::new(dir.path(), "pc-q35-10.0", "qemu64", 2, 1 << 20);
+        s.guest_ports = vec![8080];
+        s.set_layout(DeviceLayout { free_page_reporting: false, display: true });
+        s.state_hash = state_hash(&s.memory_path(), &s.device_state_path()).unwrap();
+        s.save().unwrap();
+        let loaded = Snapshot::load(dir.path()).unwrap();
+        assert_eq!(loaded, s);
+        assert_eq!(loaded.format, SNAPSHOT_FORMAT);
+        assert_eq!(loaded.layout(), DeviceLayout { free_page_reporting: false, display: true });
+        let mut both = vec![7u8; 1 << 20];
+        both.extend_from_slice(b"devices");
+        assert_eq!(loaded.state_hash, blake3::hash(&both).to_hex().to_string());
+    }
+
+    #[test]
+    fn a_manifest_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Snapshot::new(dir.path(), "pc-q35-10.0", "qemu64", 1, 1 << 20);
+        s.format = SNAPSHOT_FORMAT + 1;
+        s.save().unwrap();
+        let e = Snapshot::load(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("manifest format 2"), "{e}");
+    }
 }

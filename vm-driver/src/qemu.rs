@@ -15,7 +15,8 @@ use crate::accel::{self, Accel, Choice};
 use crate::console::Console;
 use crate::qmp::Qmp;
 use crate::{
-    Disk, DiskFormat, DriverError, Forward, Hypervisor, KernelBoot, LaunchSpec, RamMode, RestoreOptions, Snapshot, Vm,
+    state_hash, Disk, DiskFormat, DriverError, Forward, Hypervisor, KernelBoot, LaunchSpec, RamMode, RestoreOptions,
+    Snapshot, Vm,
 };
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -337,15 +338,6 @@ pub fn qcow2_layer(backing: &Path, backing_format: DiskFormat, layer: &Path) -> 
     Ok(())
 }
 
-fn state_hash(memory: &Path, device_state: &Path) -> Result<String, DriverError> {
-    let mut h = blake3::Hasher::new();
-    h.update_mmap_rayon(memory)
-        .map_err(|source| DriverError::Io { what: format!("hash {}", memory.display()), source })?;
-    h.update_mmap(device_state)
-        .map_err(|source| DriverError::Io { what: format!("hash {}", device_state.display()), source })?;
-    Ok(h.finalize().to_hex().to_string())
-}
-
 struct Start<'a> {
     machine: &'a str,
     cpu: &'a str,
@@ -368,6 +360,11 @@ struct Start<'a> {
 
 impl Hypervisor for Qemu {
     type Vm = QemuVm;
+
+    fn launch_note(&self, spec: &LaunchSpec) -> Option<String> {
+        let (accel, why) = self.accelerator(spec.kernel.as_ref());
+        Some(format!("accelerator {}: {why}", accel.as_str()))
+    }
 
     fn launch(&self, spec: &LaunchSpec) -> Result<QemuVm, DriverError> {
         if spec.ram_bytes == 0 || !spec.ram_bytes.is_multiple_of(1 << 20) {
@@ -558,28 +555,6 @@ impl QemuVm {
         self.accel
     }
 
-    /// The guest's serial console: a unix socket that accepts one client at a time. Call
-    /// [`QemuVm::release_console`] before a person connects to it.
-    pub fn serial_socket(&self) -> &Path {
-        &self.serial_socket
-    }
-
-    /// Closes this handle's console connection (the next [`Vm::console`] reconnects), so that
-    /// someone else can use the serial socket.
-    pub fn release_console(&mut self) {
-        self.console = None;
-    }
-
-    /// All port forwards, with the host ports chosen.
-    pub fn forwards(&self) -> &[Forward] {
-        &self.forwards
-    }
-
-    /// QEMU's process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
     /// The guest's serial output so far.
     pub fn serial_log(&self) -> String {
         fs::read(&self.serial_log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
@@ -592,29 +567,6 @@ impl QemuVm {
             Ok(v) => Ok(v),
             Err(e) => Err(self.died_or(e.into())),
         }
-    }
-
-    /// Where the VM's VNC display listens (display n is port 5900 + n; a busy display falls
-    /// through to the next free one), or `None` without a display.
-    pub fn vnc_address(&mut self) -> Result<Option<std::net::SocketAddr>, DriverError> {
-        let v = self.qmp("query-vnc", None)?;
-        if !v.get("enabled").and_then(|e| e.as_bool()).unwrap_or(false) {
-            return Ok(None);
-        }
-        let host = v.get("host").and_then(|h| h.as_str()).and_then(|h| h.parse::<std::net::IpAddr>().ok());
-        let port = v.get("service").and_then(|p| p.as_str()).and_then(|p| p.parse::<u16>().ok());
-        match (host, port) {
-            (Some(h), Some(p)) => Ok(Some((h, p).into())),
-            _ => Err(DriverError::Qmp(crate::qmp::QmpError::Protocol {
-                reason: format!("query-vnc: no address in {v}"),
-            })),
-        }
-    }
-
-    /// How many viewers are connected to the VNC display (0 without a display).
-    pub fn vnc_clients(&mut self) -> Result<usize, DriverError> {
-        let v = self.qmp("query-vnc", None)?;
-        Ok(v.get("clients").and_then(|c| c.as_array()).map_or(0, |c| c.len()))
     }
 
     /// The run state (`running`, `paused`, ...).
@@ -712,6 +664,8 @@ impl QemuVm {
 }
 
 impl Vm for QemuVm {
+    type Console = Console;
+
     fn pause(&mut self) -> Result<(), DriverError> {
         self.qmp("stop", None).map(|_| ())
     }
@@ -770,31 +724,21 @@ impl Vm for QemuVm {
             }
             None => None,
         };
-        let snap = Snapshot {
-            dir: dir.to_owned(),
-            format: 1,
-            machine_type: self.machine.clone(),
-            cpu_model: self.cpu.clone(),
-            vcpus: self.vcpus,
-            ram_bytes: self.ram_bytes,
-            qemu_version: self.qemu_version.clone(),
-            accelerator: self.accel.as_str().into(),
-            kernel,
-            disks,
-            guest_ports: self.forwards.iter().map(|f| f.guest_port).collect(),
-            memory_file: "memory".into(),
-            device_state_file: "device-state".into(),
-            state_hash: state_hash(&memory, &ds)?,
-            free_page_reporting: self.free_page_reporting,
-            display: self.display,
-        };
-        let json = serde_json::to_vec_pretty(&snap).expect("serialising a snapshot cannot fail");
-        fs::write(dir.join("snapshot.json"), json).map_err(io(format!("write {}/snapshot.json", dir.display())))?;
+        let mut snap = Snapshot::new(dir, &self.machine, &self.cpu, self.vcpus, self.ram_bytes);
+        snap.qemu_version = self.qemu_version.clone();
+        snap.accelerator = self.accel.as_str().into();
+        snap.kernel = kernel;
+        snap.disks = disks;
+        snap.guest_ports = self.forwards.iter().map(|f| f.guest_port).collect();
+        snap.state_hash = state_hash(&memory, &ds)?;
+        snap.free_page_reporting = self.free_page_reporting;
+        snap.display = self.display;
+        snap.save()?;
         Ok(snap)
     }
 
-    fn host_port(&self, guest_port: u16) -> Option<u16> {
-        self.forwards.iter().find(|f| f.guest_port == guest_port).map(|f| f.host_port)
+    fn forwards(&self) -> &[Forward] {
+        &self.forwards
     }
 
     fn console(&mut self) -> Result<&mut Console, DriverError> {
@@ -802,6 +746,41 @@ impl Vm for QemuVm {
             self.console = Some(Console::connect(&self.serial_socket, &self.serial_log)?);
         }
         Ok(self.console.as_mut().expect("just set"))
+    }
+
+    fn release_console(&mut self) {
+        self.console = None;
+    }
+
+    /// The serial socket accepts one client at a time: call [`Vm::release_console`] before a
+    /// person connects to it.
+    fn serial_socket(&self) -> Option<&Path> {
+        Some(&self.serial_socket)
+    }
+
+    /// Display n is port 5900 + n; a busy display falls through to the next free one.
+    fn vnc_address(&mut self) -> Result<Option<std::net::SocketAddr>, DriverError> {
+        let v = self.qmp("query-vnc", None)?;
+        if !v.get("enabled").and_then(|e| e.as_bool()).unwrap_or(false) {
+            return Ok(None);
+        }
+        let host = v.get("host").and_then(|h| h.as_str()).and_then(|h| h.parse::<std::net::IpAddr>().ok());
+        let port = v.get("service").and_then(|p| p.as_str()).and_then(|p| p.parse::<u16>().ok());
+        match (host, port) {
+            (Some(h), Some(p)) => Ok(Some((h, p).into())),
+            _ => Err(DriverError::Qmp(crate::qmp::QmpError::Protocol {
+                reason: format!("query-vnc: no address in {v}"),
+            })),
+        }
+    }
+
+    fn vnc_clients(&mut self) -> Result<usize, DriverError> {
+        let v = self.qmp("query-vnc", None)?;
+        Ok(v.get("clients").and_then(|c| c.as_array()).map_or(0, |c| c.len()))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     fn shutdown(mut self) -> Result<(), DriverError> {
