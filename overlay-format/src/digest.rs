@@ -43,64 +43,40 @@ impl ChunkHash {
     }
 }
 
-/// Chunks hashed together by [`hash_full_chunks`]: AVX-512's 16 lanes.
-const HASH_BATCH: usize = 16;
-
-/// `out[i] = ChunkHash::of(chunks[i])` for full chunks, hashed up to 16 at once.
+/// `out[i] = ChunkHash::of(chunks[i])` for full chunks.
 ///
 /// `blake3::hash` of one 4 KiB input compresses its four 1 KiB blake3 chunks side by side, so
-/// it uses 4 of the 16 lanes of AVX-512 (8 of AVX2). Here the blake3 chunks of up to 16 of our
-/// chunks go through blake3's SIMD `hash_many` together, then the two levels of parents: about
-/// 3x the throughput on this project's machines. The tree is fixed (four blake3 chunks, two
-/// parents, a root), and the results are tested against `blake3::hash`. `hash_many` is
-/// blake3's internal API (`blake3::platform`, hidden from its docs), which is why the workspace
-/// pins blake3's exact version.
+/// it uses 4 of the 16 lanes of AVX-512 (8 of AVX2). With the crate feature `simd-batch`, the
+/// blake3 chunks of up to 16 of our chunks go through blake3's SIMD `hash_many` together
+/// (`overlay_format_simd::hash_4k`): about 3x the throughput on this project's machines, for a
+/// dependency on one exact blake3 version. Without it, each chunk is one `blake3::hash`, with
+/// any blake3 1.x. The hashes are the same either way (tested).
 pub fn hash_full_chunks(chunks: &[&[u8; CHUNK_SIZE]], out: &mut [ChunkHash]) {
-    use blake3::platform::Platform;
-    use blake3::IncrementCounter;
-    // Domain flags and IV, from the BLAKE3 specification.
-    const CHUNK_START: u8 = 1;
-    const CHUNK_END: u8 = 2;
-    const PARENT: u8 = 4;
-    const ROOT: u8 = 8;
-    const IV: [u32; 8] =
-        [0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19];
-    const B: usize = HASH_BATCH;
-    const LEAF: usize = blake3::CHUNK_LEN;
-    const LEAVES: usize = CHUNK_SIZE / LEAF;
-    const _: () = assert!(LEAVES == 4, "the tree below is that of four blake3 chunks");
     assert_eq!(chunks.len(), out.len(), "a hash per chunk");
-    let platform = Platform::detect();
-    for (cs, os) in chunks.chunks(B).zip(out.chunks_mut(B)) {
-        let n = cs.len();
-        // The chaining values of the leaves, per chunk in order: two parents' inputs.
-        let mut leaves = [0u8; B * LEAVES * 32];
-        let mut cv = [0u8; B * 32];
-        for k in 0..LEAVES {
-            let mut inputs: [&[u8; LEAF]; B] = [&[0; LEAF]; B];
-            for (input, c) in inputs.iter_mut().zip(cs) {
-                *input = c[k * LEAF..(k + 1) * LEAF].try_into().expect("one blake3 chunk");
-            }
-            // Leaf k of every chunk has chunk counter k.
-            let flags = (0, CHUNK_START, CHUNK_END);
-            platform.hash_many(&inputs[..n], &IV, k as u64, IncrementCounter::No, flags.0, flags.1, flags.2, &mut cv);
-            for i in 0..n {
-                leaves[(i * LEAVES + k) * 32..][..32].copy_from_slice(&cv[i * 32..][..32]);
-            }
-        }
-        let mut inputs: [&[u8; 64]; 2 * B] = [&[0; 64]; 2 * B];
-        for (input, pair) in inputs.iter_mut().zip(leaves[..n * LEAVES * 32].chunks_exact(64)) {
-            *input = pair.try_into().expect("two chaining values");
-        }
-        let mut parents = [0u8; 2 * B * 32];
-        platform.hash_many(&inputs[..2 * n], &IV, 0, IncrementCounter::No, PARENT, 0, 0, &mut parents[..2 * n * 32]);
-        let mut inputs: [&[u8; 64]; B] = [&[0; 64]; B];
-        for (input, pair) in inputs.iter_mut().zip(parents[..n * 64].chunks_exact(64)) {
-            *input = pair.try_into().expect("two chaining values");
-        }
-        platform.hash_many(&inputs[..n], &IV, 0, IncrementCounter::No, PARENT | ROOT, 0, 0, &mut cv[..n * 32]);
-        for (i, h) in os.iter_mut().enumerate() {
-            h.0.copy_from_slice(&cv[i * 32..][..16]);
+    #[cfg(feature = "simd-batch")]
+    hash_full_chunks_batched(chunks, out);
+    #[cfg(not(feature = "simd-batch"))]
+    hash_full_chunks_portable(chunks, out);
+}
+
+/// [`hash_full_chunks`] one `blake3::hash` at a time.
+#[cfg_attr(all(feature = "simd-batch", not(test)), allow(dead_code))]
+fn hash_full_chunks_portable(chunks: &[&[u8; CHUNK_SIZE]], out: &mut [ChunkHash]) {
+    for (c, h) in chunks.iter().zip(out) {
+        *h = ChunkHash::compute(&c[..]);
+    }
+}
+
+/// [`hash_full_chunks`] 16 at a time through blake3's SIMD `hash_many`.
+#[cfg(feature = "simd-batch")]
+fn hash_full_chunks_batched(chunks: &[&[u8; CHUNK_SIZE]], out: &mut [ChunkHash]) {
+    use overlay_format_simd::{hash_4k, BATCH};
+    const _: () = assert!(overlay_format_simd::INPUT_LEN == CHUNK_SIZE);
+    let mut full = [[0u8; 32]; BATCH];
+    for (cs, os) in chunks.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
+        hash_4k(cs, &mut full[..cs.len()]);
+        for (h, f) in os.iter_mut().zip(&full) {
+            h.0.copy_from_slice(&f[..16]);
         }
     }
 }
@@ -314,6 +290,11 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// The first 16 bytes of BLAKE3's own test vector for 4096 input bytes (`test_vectors.json`
+    /// in the BLAKE3 repository: input byte j is `j % 251`).
+    const KAT: [u8; 16] =
+        [0x01, 0x50, 0x94, 0x01, 0x3f, 0x57, 0xa5, 0x27, 0x7b, 0x59, 0xd8, 0x47, 0x5c, 0x05, 0x01, 0x04];
+
     #[test]
     fn zero_chunk_hash_constant_matches_blake3() {
         assert_eq!(ChunkHash::compute(&[0u8; CHUNK_SIZE]), ZERO_CHUNK_HASH);
@@ -344,10 +325,34 @@ mod tests {
             let mut got = vec![ChunkHash([9; 16]); n];
             hash_full_chunks(&full, &mut got);
             assert_eq!(got, expect[..n], "{n} full chunks");
+            // Both implementations, whichever one `hash_full_chunks` is in this build.
+            let mut got = vec![ChunkHash([9; 16]); n];
+            hash_full_chunks_portable(&full, &mut got);
+            assert_eq!(got, expect[..n], "{n} full chunks, portable");
+            #[cfg(feature = "simd-batch")]
+            {
+                let mut got = vec![ChunkHash([9; 16]); n];
+                hash_full_chunks_batched(&full, &mut got);
+                assert_eq!(got, expect[..n], "{n} full chunks, batched");
+            }
         }
         let image = vec![7u8; 70 * CHUNK_SIZE + 1];
         let expect = ImageDigest::from_chunk_hashes(image.chunks(CHUNK_SIZE).map(ChunkHash::compute));
         assert_eq!(ImageDigest::of_bytes(&image), expect);
+    }
+
+    /// A known answer, so that neither implementation can drift along with the other.
+    #[test]
+    fn chunk_hash_known_answer() {
+        let chunk: [u8; CHUNK_SIZE] = std::array::from_fn(|j| (j % 251) as u8);
+        let expect = ChunkHash(KAT);
+        assert_eq!(ChunkHash::of(&chunk), expect);
+        let mut got = [ChunkHash([9; 16]); 17];
+        hash_full_chunks(&[&chunk; 17], &mut got);
+        assert_eq!(got, [expect; 17]);
+        let mut got = [ChunkHash([9; 16]); 17];
+        hash_full_chunks_portable(&[&chunk; 17], &mut got);
+        assert_eq!(got, [expect; 17]);
     }
 
     #[test]

@@ -55,6 +55,13 @@
 //! assert_eq!(r.trailer().unwrap().image_digests[0], ImageDigest::of_bytes(&rebuilt));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # Features
+//!
+//! - `simd-batch` (off by default): [`digest::hash_full_chunks`] hashes 16 chunks at once
+//!   through blake3's SIMD `hash_many`, about 3x the throughput, at the price of pinning
+//!   blake3 to one exact version for the whole program. Without it any blake3 1.x does. The
+//!   hashes are the same either way.
 #![deny(missing_docs)]
 
 #[cfg(doctest)]
