@@ -42,6 +42,10 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 mod export;
 mod files;
 mod validate;

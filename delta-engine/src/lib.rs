@@ -55,6 +55,10 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 mod apply;
 mod base;
 mod create;

@@ -23,6 +23,10 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod api;
 mod base;
 #[cfg(feature = "server")]
