@@ -7,9 +7,10 @@ use anyhow::{bail, Context, Result};
 use base_registry::Registry;
 use delta_engine::CreateOptions;
 use overlay_format::PortForward;
+use synthesis::report::{BaseListing, BaseReport, OverlayReport, SynthesisReport};
 use synthesis::{
-    create_base, create_overlay_file, parse_forward, synthesize_with, BaseRequest, Event, HttpCheck, HttpTarget,
-    OverlayRequest, RegisteredBase, SynthesisOptions,
+    create_base, create_overlay_file, demo as guest_demo, parse_forward, synthesize_with, BaseRequest, Event,
+    HttpCheck, HttpTarget, OverlayRequest, RegisteredBase, SynthesisOptions,
 };
 use vm_driver::Qemu;
 
@@ -173,21 +174,8 @@ pub struct WaitArgs {
 
 impl WaitArgs {
     fn check(&self) -> Option<HttpCheck> {
-        wait_check(&self.wait_http, self.wait_timeout, self.expect_status)
+        self.wait_http.as_ref().map(|t| t.check(Duration::from_secs(self.wait_timeout), self.expect_status))
     }
-}
-
-fn wait_check(target: &Option<HttpTarget>, timeout: u64, expect_status: Option<u16>) -> Option<HttpCheck> {
-    target.as_ref().map(|t| HttpCheck {
-        port: t.port,
-        path: t.path.clone(),
-        expect_status,
-        timeout: Duration::from_secs(timeout),
-    })
-}
-
-fn msf(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// `cloudlet base`.
@@ -207,19 +195,16 @@ pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<Re
         work_dir: reg.root().join(format!(".work-{}", std::process::id())),
     };
     let (b, t) = create_base(qemu, reg, &req, &printer(quiet)).context("creating the base VM")?;
-    let (alloc, apparent) = b.sizes();
+    let r = BaseReport::new(&b, &t, reg);
     if a.json {
-        let v = serde_json::json!({"id": b.entry.manifest.id.to_hex(), "name": b.entry.manifest.name,
-            "registry": reg.root(), "bytes_on_disk": alloc, "bytes_apparent": apparent,
-            "ms": {"boot": msf(t.boot), "snapshot": msf(t.snapshot), "index": msf(t.index)}});
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(b);
     }
-    println!("base {} ({}) registered in {}", b.entry.manifest.id, b.entry.manifest.name, reg.root().display());
+    println!("base {} ({}) registered in {}", r.id, r.name, r.registry.display());
     println!(
         "  size {} on disk ({} apparent); boot {}, snapshot {}, index {}",
-        size(alloc),
-        size(apparent),
+        size(r.bytes_on_disk),
+        size(r.bytes_apparent),
         ms(t.boot),
         ms(t.snapshot),
         ms(t.index)
@@ -284,13 +269,6 @@ impl OverlayArgs {
     }
 }
 
-fn kinds_json(k: &delta_engine::KindCounts) -> serde_json::Value {
-    let one =
-        |c: &delta_engine::KindCount| serde_json::json!({"records": c.records, "chunks": c.chunks, "bytes": c.bytes});
-    serde_json::json!({"zero": one(&k.zero), "copy_base": one(&k.copy_base), "copy_self": one(&k.copy_self),
-        "patch": one(&k.patch), "raw": one(&k.raw)})
-}
-
 /// `cloudlet overlay`.
 pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Result<synthesis::OverlayOutcome> {
     let forwards: Vec<PortForward> = a.forwards.iter().chain(&a.redir).copied().collect();
@@ -311,38 +289,25 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
     };
     let o = create_overlay_file(qemu, &base, &req, &printer(quiet)).context("creating the overlay")?;
     let s = &o.stats;
-    let (base_alloc, _) = base.sizes();
+    let r = OverlayReport::new(&o, &base, &req.options);
     if a.json {
-        let v = serde_json::json!({"path": o.path, "base_id": base.entry.manifest.id.to_hex(), "base_name": base.entry.manifest.name,
-            "overlay_bytes": s.overlay_bytes, "base_bytes_on_disk": base_alloc, "changed_chunks": s.changed_chunks,
-            "compression": format!("{:?}", req.options.compression).to_lowercase(), "kinds": kinds_json(&s.kinds),
-            "ms": {"resume": msf(o.resume), "customize": msf(o.customize), "snapshot": msf(o.snapshot),
-                   "diff": msf(s.total), "scan": msf(s.scan), "compress": msf(s.compress), "write": msf(s.write)}});
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(o);
     }
-    println!(
-        "overlay {} for base {} ({})",
-        o.path.display(),
-        &base.entry.manifest.id.to_hex()[..16],
-        base.entry.manifest.name
-    );
+    println!("overlay {} for base {} ({})", r.path.display(), &r.base_id[..16], r.base_name);
     println!(
         "  size {} ({:.4} of the base's {}), {} changed chunks ({}), compression {:?}",
-        size(s.overlay_bytes),
-        s.overlay_bytes as f64 / base_alloc.max(1) as f64,
-        size(base_alloc),
-        s.changed_chunks,
-        size(s.changed_chunks * 4096),
+        size(r.overlay_bytes),
+        r.ratio(),
+        size(r.base_bytes_on_disk),
+        r.changed_chunks,
+        size(r.changed_chunks * 4096),
         req.options.compression
     );
+    let k = &r.kinds;
     println!(
         "  chunks: zero {}, copy-base {}, copy-self {}, patch {}, raw {}",
-        s.kinds.zero.chunks,
-        s.kinds.copy_base.chunks,
-        s.kinds.copy_self.chunks,
-        s.kinds.patch.chunks,
-        s.kinds.raw.chunks
+        k.zero.chunks, k.copy_base.chunks, k.copy_self.chunks, k.patch.chunks, k.raw.chunks
     );
     println!(
         "  resume {}, customize {}, snapshot {}, diff {} (scan {}, compress {}, write {})",
@@ -374,7 +339,7 @@ pub struct ProbeArgs {
 
 impl ProbeArgs {
     fn check(&self) -> Option<HttpCheck> {
-        wait_check(&self.probe, self.probe_timeout, self.expect_status)
+        self.probe.as_ref().map(|t| t.check(Duration::from_secs(self.probe_timeout), self.expect_status))
     }
 }
 
@@ -400,12 +365,6 @@ pub struct SynthesisArgs {
     /// Print the result as JSON on stdout (steps still go to stderr).
     #[arg(long)]
     pub json: bool,
-}
-
-/// The first line of an answer's body.
-fn first_body_line(raw: &str) -> String {
-    let body = raw.split_once("\r\n\r\n").or_else(|| raw.split_once("\n\n")).map(|(_, b)| b).unwrap_or("");
-    body.lines().next().unwrap_or("").to_string()
 }
 
 /// Waits until a line arrives on stdin; at the end of stdin (nothing to read), until Ctrl-C.
@@ -457,31 +416,17 @@ pub fn synth(
     let f = std::fs::File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
     let mut opts = SynthesisOptions::new(out);
     if let Some(c) = probe {
-        opts.probe_port = Some(c.port);
-        opts.probe_path = c.path;
-        opts.probe_status = c.expect_status;
-        opts.probe_timeout = c.timeout;
+        opts = opts.probe(c);
     }
     let s = synthesize_with(qemu, reg, std::io::BufReader::with_capacity(1 << 20, f), &opts, &printer(quiet))
         .context("synthesis")?;
-    let base = &s.base;
-    let t = &s.timeline;
-    let answer = s.answer.as_deref().map(first_body_line);
+    let r = SynthesisReport::new(&s, out, keep_running, keep);
     if json {
-        let v = serde_json::json!({"name": s.meta.name, "base_id": base.entry.manifest.id.to_hex(), "base_name": base.entry.manifest.name,
-            "dir": out, "ports": s.ports.iter().map(|&(g, h)| synthesis::api::Forward::listening(g, h, "127.0.0.1")).collect::<Vec<_>>(),
-            "app_answer": answer, "vm_kept_running": keep_running, "dir_kept": keep,
-            "timeline": synthesis::api::Timeline::from(t)});
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(s);
     }
-    println!(
-        "synthesized '{}' from base {} ({}) into {}",
-        s.meta.name,
-        &base.entry.manifest.id.to_hex()[..16],
-        base.entry.manifest.name,
-        out.display()
-    );
+    let t = &s.timeline;
+    println!("synthesized '{}' from base {} ({}) into {}", r.name, &r.base_id[..16], r.base_name, out.display());
     println!(
         "  timeline: read+decompress+apply+verify {} (receive {}, decode {} on the pool, apply {}, verify {}), resume {}, first answer {}, total {}",
         ms(t.rebuild),
@@ -493,12 +438,12 @@ pub fn synth(
         t.first_answer.map(ms).unwrap_or_else(|| "-".into()),
         ms(t.total)
     );
-    if let Some(first) = answer {
+    if let Some(first) = &r.app_answer {
         println!("  the app answered: {first}");
     }
     if keep_running {
-        for (g, h) in &s.ports {
-            println!("  forward: 127.0.0.1:{h} -> guest :{g}");
+        for f in &r.ports {
+            println!("  forward: 127.0.0.1:{} -> guest :{}", f.host, f.guest);
         }
     } else {
         println!("  VM stopped (--keep-running keeps it running)");
@@ -555,7 +500,7 @@ pub fn run_cmd(qemu: &Qemu, a: &RunArgs) -> Result<()> {
         print(Event::Step(c.describe()));
         let host = vm.host_port(c.port).expect("checked against the snapshot's ports");
         let answer = synthesis::http_wait("127.0.0.1", host, c)?;
-        println!("  the app answered: {}", first_body_line(&answer.raw));
+        println!("  the app answered: {}", synthesis::report::first_body_line(&answer.raw));
     }
     if check.is_none() || a.keep_running {
         eprintln!("VM running; press Enter (or Ctrl-C) to stop it.");
@@ -566,29 +511,20 @@ pub fn run_cmd(qemu: &Qemu, a: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The file that marks a demo work directory.
-const DEMO_MARKER: &str = ".cloudlet-demo";
-
 /// `cloudlet demo`: the whole flow on the test guest.
 pub fn demo(work: &Path, guest: &Path) -> Result<()> {
-    for f in ["vmlinuz", "initrd.img", "disk.raw"] {
-        if !guest.join(f).exists() {
-            bail!("{} is missing: run scripts/build-guest.sh first", guest.join(f).display());
+    let g = match guest_demo::TestGuest::open(guest) {
+        Err(synthesis::FlowError::Io { path, .. }) => {
+            bail!("{} is missing: run scripts/build-guest.sh first", path.display())
         }
+        r => r?,
+    };
+    match guest_demo::claim_work_dir(work) {
+        Err(guest_demo::WorkDirError::NotOurs(w)) => {
+            bail!("{} exists and was not made by `cloudlet demo`: choose another --work", w.display())
+        }
+        r => r.context("preparing the demo's work directory")?,
     }
-    // Only a directory an earlier demo made (it holds the marker) is emptied: never a user's.
-    let marker = work.join(DEMO_MARKER);
-    if work.exists() {
-        let empty = std::fs::read_dir(work).with_context(|| format!("reading {}", work.display()))?.next().is_none();
-        if !empty && !marker.exists() {
-            bail!("{} exists and was not made by `cloudlet demo`: choose another --work", work.display());
-        }
-        if !empty {
-            std::fs::remove_dir_all(work).with_context(|| format!("cleaning {}", work.display()))?;
-        }
-    }
-    std::fs::create_dir_all(work)?;
-    std::fs::write(&marker, "made by `cloudlet demo`; emptied by the next one\n")?;
     let qemu = Qemu::new()?;
     let reg = Registry::open(&work.join("registry"))?;
     let t0 = std::time::Instant::now();
@@ -598,12 +534,12 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
         &reg,
         &BaseArgs {
             name: "debian-busybox".into(),
-            kernel: guest.join("vmlinuz"),
-            initrd: guest.join("initrd.img"),
-            append: "console=ttyS0 quiet panic=-1".into(),
-            disk: guest.join("disk.raw"),
-            ram_mib: 256,
-            ready: "cloudlet-guest: ready".into(),
+            kernel: g.kernel,
+            initrd: g.initrd,
+            append: guest_demo::TestGuest::CMDLINE.into(),
+            disk: g.disk,
+            ram_mib: guest_demo::TestGuest::RAM_BYTES >> 20,
+            ready: guest_demo::TestGuest::READY.into(),
             prepare: vec![],
             interactive: false,
             vnc: false,
@@ -613,23 +549,14 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
         false,
     )?;
     println!("== 2/3 overlay: resume the base, install a web app on port 8080, capture the overlay");
-    let app = [
-        "mkdir -p /mnt/disk/app/cgi-bin",
-        "echo '<h1>hello from the synthesized app</h1>' > /mnt/disk/app/index.html",
-        "printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho app uptime; cat /proc/uptime\\n' > /mnt/disk/app/cgi-bin/uptime",
-        "chmod +x /mnt/disk/app/cgi-bin/uptime",
-        "dd if=/dev/urandom of=/mnt/disk/app/data.bin bs=1M count=4 2>/dev/null",
-        "cat /lib/modules/*.ko > /tmp/modules-copy",
-        "httpd -p 8080 -h /mnt/disk/app",
-    ];
     let o = overlay(
         &qemu,
         &reg,
         &OverlayArgs {
             base: b.entry.manifest.name.clone(),
             name: "webapp".into(),
-            customize: app.iter().map(|s| s.to_string()).collect(),
-            forwards: vec![PortForward { protocol: overlay_format::Protocol::Tcp, host_port: 0, guest_port: 8080 }],
+            customize: guest_demo::app_commands(),
+            forwards: vec![guest_demo::app_forward()],
             redir: vec![],
             out: work.join("webapp.overlay"),
             xz: false,
@@ -637,7 +564,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             interactive: false,
             vnc: false,
             wait: WaitArgs {
-                wait_http: Some(HttpTarget { port: 8080, path: "/".into() }),
+                wait_http: Some(HttpTarget { port: guest_demo::APP_PORT, path: "/".into() }),
                 wait_timeout: 300,
                 expect_status: None,
             },
@@ -646,7 +573,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
         false,
     )?;
     println!("== 3/3 synthesis: rebuild the custom VM from base + overlay, resume it, ask the app");
-    let probe = HttpCheck::new(8080, Duration::from_secs(60));
+    let probe = guest_demo::app_check(Duration::from_secs(60));
     let s = synth(&qemu, &reg, &o.path, &work.join("vm"), Some(probe), false, false, false, true)?;
     let (base_alloc, base_apparent) = b.sizes();
     println!("== summary");
@@ -662,33 +589,11 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Allocated (on disk) and apparent bytes of the files in `dir`.
-fn dir_sizes(dir: &Path) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    let (mut alloc, mut apparent) = (0, 0);
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for m in rd.flatten().filter_map(|e| e.metadata().ok()) {
-            alloc += m.blocks() * 512;
-            apparent += m.len();
-        }
-    }
-    (alloc, apparent)
-}
-
 /// `cloudlet list-base`: a table with a header, sizes on disk and apparent.
 pub fn list_base(reg: &Registry, json: bool) -> Result<()> {
-    let all = reg.list()?;
+    let all = BaseListing::all(reg)?;
     if json {
-        let v: Vec<_> = all
-            .iter()
-            .map(|b| {
-                let (alloc, apparent) = dir_sizes(&b.dir);
-                serde_json::json!({"id": b.manifest.id.to_hex(), "name": b.manifest.name, "bytes": b.size(),
-                "bytes_on_disk": alloc, "bytes_apparent": apparent,
-                "created_unix": b.manifest.created_unix, "source_image": b.manifest.source_image, "spec": b.manifest.spec})
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
     if all.is_empty() {
@@ -697,14 +602,13 @@ pub fn list_base(reg: &Registry, json: bool) -> Result<()> {
     }
     println!("{:<16}  {:<20} {:>11} {:>11}  VM", "ID", "NAME", "ON DISK", "APPARENT");
     for b in all {
-        let s = &b.manifest.spec;
-        let (alloc, apparent) = dir_sizes(&b.dir);
+        let s = &b.spec;
         println!(
             "{}  {:<20} {:>11} {:>11}  {} MiB RAM, {} disk(s), {} {}",
-            &b.manifest.id.to_hex()[..16],
-            b.manifest.name,
-            size(alloc),
-            size(apparent),
+            &b.id[..16],
+            b.name,
+            size(b.bytes_on_disk),
+            size(b.bytes_apparent),
             s.ram_bytes >> 20,
             s.disks.len(),
             s.machine_type,

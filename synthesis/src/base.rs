@@ -75,18 +75,7 @@ impl RegisteredBase {
 
     /// Allocated and apparent bytes of the base's files.
     pub fn sizes(&self) -> (u64, u64) {
-        use std::os::unix::fs::MetadataExt;
-        let mut alloc = 0;
-        let mut apparent = 0;
-        if let Ok(rd) = std::fs::read_dir(&self.entry.dir) {
-            for e in rd.flatten() {
-                if let Ok(m) = e.metadata() {
-                    alloc += m.blocks() * 512;
-                    apparent += m.len();
-                }
-            }
-        }
-        (alloc, apparent)
+        crate::report::dir_sizes(&self.entry.dir)
     }
 }
 

@@ -566,6 +566,18 @@ impl SynthesisOptions {
     }
 }
 
+impl SynthesisOptions {
+    /// Waits for the app's answer as `check` says (its guest port, path, status and timeout)
+    /// before synthesis returns.
+    pub fn probe(mut self, check: HttpCheck) -> Self {
+        self.probe_port = Some(check.port);
+        self.probe_path = check.path;
+        self.probe_status = check.expect_status;
+        self.probe_timeout = check.timeout;
+        self
+    }
+}
+
 /// [`synthesize`] with every option.
 pub fn synthesize_with<H: Hypervisor, R: Read + Send>(
     hypervisor: &H,

@@ -87,6 +87,14 @@ pub struct HttpTarget {
     pub path: String,
 }
 
+impl HttpTarget {
+    /// The wait for an answer here: up to `timeout`, for `expect_status` or (`None`) any HTTP
+    /// answer.
+    pub fn check(&self, timeout: std::time::Duration, expect_status: Option<u16>) -> crate::HttpCheck {
+        crate::HttpCheck { port: self.port, path: self.path.clone(), expect_status, timeout }
+    }
+}
+
 /// Error parsing an [`HttpTarget`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("bad HTTP target '{spec}': {problem} (expected PORT or PORT/PATH, e.g. 8080 or 8080/healthz, port 1..=65535)")]

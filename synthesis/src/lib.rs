@@ -29,11 +29,13 @@ struct ReadmeDoctests;
 
 pub mod api;
 mod base;
+pub mod demo;
 #[cfg(feature = "server")]
 pub mod discovery;
 mod flows;
 mod forward;
 mod http;
+pub mod report;
 #[cfg(feature = "server")]
 pub mod server;
 
