@@ -14,11 +14,12 @@
 //! # Example
 //!
 //! ```
-//! let a = [1u8; 4096];
-//! let b = [2u8; 4096];
-//! let mut out = [[0u8; 32]; 2];
-//! overlay_format_simd::hash_4k(&[&a, &b], &mut out);
-//! assert_eq!(out[1], *blake3_exact::hash(&b).as_bytes());
+//! // Byte j is j % 251: the input of BLAKE3's own test vectors, here 4096 bytes of it.
+//! let vector: [u8; 4096] = std::array::from_fn(|j| (j % 251) as u8);
+//! let zeros = [0u8; 4096];
+//! let mut out = [[0u8; 32]; 2]; // out[i] is blake3::hash(inputs[i])
+//! overlay_format_simd::hash_4k(&[&vector, &zeros], &mut out);
+//! assert_eq!(out[0][..8], [0x01, 0x50, 0x94, 0x01, 0x3f, 0x57, 0xa5, 0x27]);
 //! ```
 #![deny(missing_docs)]
 
@@ -122,6 +123,20 @@ mod tests {
             let mut got = vec![[9u8; 32]; n];
             hash_4k(&inputs, &mut got);
             assert_eq!(got, expect, "{n} inputs");
+        }
+    }
+
+    /// BLAKE3's own test vector for 4096 bytes (`test_vectors.json` in the BLAKE3
+    /// repository), in every lane of a full batch and of a partial one.
+    #[test]
+    fn known_answer_in_every_lane() {
+        const HASH: &str = "015094013f57a5277b59d8475c0501042c0b642e531b0a1c8f58d2163229e969";
+        let vector: [u8; INPUT_LEN] = std::array::from_fn(|j| (j % 251) as u8);
+        let mut out = [[0u8; 32]; BATCH + 3];
+        hash_4k(&[&vector; BATCH + 3], &mut out);
+        for h in out {
+            let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hex, HASH);
         }
     }
 
