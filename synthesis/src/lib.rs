@@ -1,4 +1,5 @@
-//! VM synthesis flows composed from the overlay format, the delta engine and the QEMU driver:
+//! VM synthesis flows composed from the overlay format, the delta engine and a hypervisor
+//! (any [`vm_driver::Hypervisor`]; QEMU in the tool):
 //!
 //! - **base**: boot a raw disk image, prepare it, snapshot disk + memory + device state, index
 //!   it ([`create_base`]);

@@ -182,7 +182,7 @@ impl<H: Hypervisor> AppState<H> {
     fn stop_all(&self) {
         let all = std::mem::take(&mut *self.vms.lock().unwrap_or_else(|e| e.into_inner()));
         for (_, r) in all {
-            drop(r.vm);
+            let _ = r.vm.shutdown();
             let _ = std::fs::remove_dir_all(&r.dir);
         }
     }
@@ -352,7 +352,7 @@ async fn delete_vm<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path
         Some(r) => {
             let info = r.info.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                drop(r.vm);
+                let _ = r.vm.shutdown();
                 let _ = std::fs::remove_dir_all(&r.dir);
             })
             .await;
@@ -504,7 +504,7 @@ async fn synthesis<H: ServedHypervisor>(
                 let r = st.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                 if let Some(r) = r {
                     let _ = tokio::task::spawn_blocking(move || {
-                        drop(r.vm);
+                        let _ = r.vm.shutdown();
                         let _ = std::fs::remove_dir_all(&r.dir);
                     })
                     .await;

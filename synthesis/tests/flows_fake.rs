@@ -7,16 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base_registry::Registry;
-use delta_engine::CreateOptions;
-use fake::{guest_files, tree, Events, FakeHypervisor};
-use overlay_format::{PortForward, Protocol};
+use fake::{tree, Events, FakeHypervisor};
 use synthesis::{
     create_base, create_overlay_file, synthesize_with, BaseRequest, Event, FlowError, OverlayRequest, RegisteredBase,
     SynthesisOptions,
 };
 use vm_driver::{DriverError, Vm};
-
-const RAM: u64 = 1 << 20;
 
 struct Setup {
     tmp: tempfile::TempDir,
@@ -36,21 +32,7 @@ impl Setup {
     }
 
     fn base_request(&self) -> BaseRequest {
-        let (kernel, initrd, disk) = guest_files(&self.path("guest"));
-        BaseRequest {
-            name: "fakebase".into(),
-            kernel,
-            initrd,
-            cmdline: "console=ttyS0".into(),
-            disk,
-            ram_bytes: RAM,
-            ready_text: "fake guest: ready".into(),
-            prepare: vec!["echo prepared".into()],
-            interactive: false,
-            vnc: false,
-            wait_http: None,
-            work_dir: self.path("work"),
-        }
+        fake::base_request(self.tmp.path())
     }
 
     fn base(&self) -> RegisteredBase {
@@ -58,16 +40,7 @@ impl Setup {
     }
 
     fn overlay_request(&self, out: &Path) -> OverlayRequest {
-        OverlayRequest {
-            name: "app".into(),
-            customize: vec!["install the app".into()],
-            interactive: false,
-            vnc: false,
-            wait_http: None,
-            forwards: vec![PortForward { protocol: Protocol::Tcp, host_port: 0, guest_port: 8080 }],
-            out: out.to_owned(),
-            options: CreateOptions::default(),
-        }
+        fake::overlay_request(out)
     }
 
     /// A base and an overlay of it at `out/app.overlay`.

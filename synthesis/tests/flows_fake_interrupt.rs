@@ -4,12 +4,10 @@
 mod fake;
 
 use base_registry::Registry;
-use delta_engine::CreateOptions;
-use fake::{guest_files, tree, FakeHypervisor};
-use overlay_format::{PortForward, Protocol};
+use fake::{tree, FakeHypervisor};
 use synthesis::{
-    create_base, create_overlay_file, interrupt_cleanup, interrupted, remove_on_interrupt, synthesize_with,
-    BaseRequest, Event, FlowError, OverlayRequest, SynthesisOptions,
+    create_base, create_overlay_file, interrupt_cleanup, interrupted, remove_on_interrupt, synthesize_with, Event,
+    FlowError, SynthesisOptions,
 };
 use vm_driver::DriverError;
 
@@ -18,33 +16,10 @@ fn an_interrupted_synthesis_leaves_no_vm_directory_and_fails() {
     let tmp = tempfile::tempdir().unwrap();
     let hv = FakeHypervisor::new();
     let registry = Registry::open(&tmp.path().join("registry")).unwrap();
-    let (kernel, initrd, disk) = guest_files(&tmp.path().join("guest"));
-    let req = BaseRequest {
-        name: "fakebase".into(),
-        kernel,
-        initrd,
-        cmdline: "console=ttyS0".into(),
-        disk,
-        ram_bytes: 1 << 20,
-        ready_text: "fake guest: ready".into(),
-        prepare: Vec::new(),
-        interactive: false,
-        vnc: false,
-        wait_http: None,
-        work_dir: tmp.path().join("work"),
-    };
+    let req = fake::base_request(tmp.path());
     let (base, _) = create_base(&hv, &registry, &req, &|_| {}).unwrap();
     let out = tmp.path().join("app.overlay");
-    let oreq = OverlayRequest {
-        name: "app".into(),
-        customize: vec!["install the app".into()],
-        interactive: false,
-        vnc: false,
-        wait_http: None,
-        forwards: vec![PortForward { protocol: Protocol::Tcp, host_port: 0, guest_port: 8080 }],
-        out: out.clone(),
-        options: CreateOptions::default(),
-    };
+    let oreq = fake::overlay_request(&out);
     create_overlay_file(&hv, &base, &oreq, &|_| {}).unwrap();
 
     // A directory a caller asked to have removed on interruption.

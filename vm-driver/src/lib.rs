@@ -2,6 +2,10 @@
 //! resume, snapshot, restore, shut down, console, forwarded ports — and its QEMU
 //! implementation over QMP.
 //!
+//! The traits ([`Hypervisor`], [`Vm`], [`SerialConsole`]) are what the synthesis flows call;
+//! [`Qemu`] is one implementation, and any crate can write another: everything a flow needs of
+//! a VM, the person-at-the-console access included, is a trait method.
+//!
 //! Snapshots follow one recipe: guest RAM lives in a `memory-backend-file` with `share=on`, so
 //! after `stop` the RAM file *is* the guest's memory, byte for byte; only the device state is
 //! migrated (capability `x-ignore-shared`) into a `file:` blob, which takes milliseconds. A

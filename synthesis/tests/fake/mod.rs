@@ -352,7 +352,45 @@ impl SerialConsole for FakeConsole {
     }
 }
 
-/// Files to boot: a kernel, an initrd and a raw disk of `disk_mib` MiB under `dir`.
+/// A base request over [`guest_files`] in `dir/guest`, 1 MiB of RAM, one preparation command,
+/// working in `dir/work`.
+pub fn base_request(dir: &Path) -> synthesis::BaseRequest {
+    let (kernel, initrd, disk) = guest_files(&dir.join("guest"));
+    synthesis::BaseRequest {
+        name: "fakebase".into(),
+        kernel,
+        initrd,
+        cmdline: "console=ttyS0".into(),
+        disk,
+        ram_bytes: 1 << 20,
+        ready_text: "fake guest: ready".into(),
+        prepare: vec!["echo prepared".into()],
+        interactive: false,
+        vnc: false,
+        wait_http: None,
+        work_dir: dir.join("work"),
+    }
+}
+
+/// An overlay request that runs one command and forwards guest port 8080, written to `out`.
+pub fn overlay_request(out: &Path) -> synthesis::OverlayRequest {
+    synthesis::OverlayRequest {
+        name: "app".into(),
+        customize: vec!["install the app".into()],
+        interactive: false,
+        vnc: false,
+        wait_http: None,
+        forwards: vec![overlay_format::PortForward {
+            protocol: overlay_format::Protocol::Tcp,
+            host_port: 0,
+            guest_port: 8080,
+        }],
+        out: out.to_owned(),
+        options: delta_engine::CreateOptions::default(),
+    }
+}
+
+/// Files to boot under `dir`: a kernel, an initrd and a 1 MiB raw disk.
 pub fn guest_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
     let (k, i, d) = (dir.join("vmlinuz"), dir.join("initrd.img"), dir.join("disk.raw"));
