@@ -4,21 +4,21 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use overlay_format::digest::hash_tagged;
 use overlay_format::{
     apply_patch, BaseId, ChunkHash, DecodeError, DecodedBlob, ImageDigest, ImageKind, OverlayMeta, OverlayReader,
-    RecordRef, Trailer, CHUNK_SIZE,
+    RecordRef, SealedBlob, Trailer, CHUNK_SIZE,
 };
 use rayon::prelude::*;
 
 use crate::base::{read_padded_at, Base};
 use crate::file::{lazy_copy, zero_range, LazyCopy, WriteBuf};
 use crate::qcow2::{Qcow2Writer, Written};
-use crate::{KindCounts, Progress};
+use crate::{Fault, KindCounts, Progress};
 
 /// Error applying an overlay. Nothing that looks like a finished image is left behind.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +93,13 @@ pub enum ApplyError {
         /// The rule broken.
         reason: String,
     },
+    /// A failure of the applier itself (a bug: a thread of ours stopped without a word, or
+    /// panicked outside a decoder), not of the overlay or of the machine.
+    #[error("internal error: {reason}")]
+    Internal {
+        /// What went wrong.
+        reason: String,
+    },
     /// A rebuilt image does not have the digest the overlay promises.
     #[error("rebuilt image '{image}' has digest {got}, the overlay expects {expected}")]
     DigestMismatch {
@@ -106,19 +113,35 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
-    /// True when the overlay itself is at fault (damaged, hostile, or made for another base):
-    /// the caller's input, not our I/O. A server answers these with a client error.
-    pub fn is_bad_input(&self) -> bool {
+    /// Whose fault the error is:
+    ///
+    /// - [`Fault::Input`]: the overlay's, as the caller gave it: damaged, cut off or
+    ///   unreadable as a stream, hostile (records that break the rules, a decoder that panics
+    ///   on its bytes), or made for another base.
+    /// - [`Fault::Io`]: the machine's: an output or base file that cannot be created, read or
+    ///   written (disk full, permissions), or an output that exists already.
+    /// - [`Fault::Internal`]: the applier's own (a bug).
+    pub fn fault(&self) -> Fault {
         match self {
             ApplyError::WrongBase { .. }
             | ApplyError::Mismatch { .. }
             | ApplyError::ImageMismatch { .. }
             | ApplyError::DecoderPanic { .. }
             | ApplyError::Record { .. }
-            | ApplyError::DigestMismatch { .. } => true,
-            ApplyError::Decode(e) => !matches!(e, DecodeError::Io { .. }),
-            ApplyError::Io { .. } | ApplyError::OutputExists { .. } => false,
+            | ApplyError::DigestMismatch { .. } => Fault::Input,
+            ApplyError::Decode(DecodeError::Misuse { .. }) => Fault::Internal,
+            // A stream that fails to deliver (an upload cut off, a read error of the input)
+            // is the input's failure, like a stream cut short.
+            ApplyError::Decode(_) => Fault::Input,
+            ApplyError::Io { .. } | ApplyError::OutputExists { .. } => Fault::Io,
+            ApplyError::Internal { .. } => Fault::Internal,
         }
+    }
+
+    /// True when the overlay itself is at fault: `self.fault() == Fault::Input`. A server
+    /// answers these with a client error.
+    pub fn is_bad_input(&self) -> bool {
+        self.fault() == Fault::Input
     }
 }
 
@@ -382,6 +405,10 @@ pub fn apply_overlay<R: Read + Send>(
 
 /// [`apply_overlay`] on a reader whose metadata the caller has already looked at (e.g. to find
 /// the base named by `reader.meta().base_id`).
+///
+/// The stages: [`check_overlay`] (before anything is created), the device state,
+/// [`prepare_outputs`], [`stream_blobs`] (read, decode and apply, at the same time),
+/// [`finish_copies`], [`verify`], [`seal_outputs`] and [`publish`].
 pub fn apply_overlay_reader<R: Read + Send>(
     base: &Base,
     mut reader: OverlayReader<R>,
@@ -390,6 +417,37 @@ pub fn apply_overlay_reader<R: Read + Send>(
 ) -> Result<ApplyReport, ApplyError> {
     let t0 = Instant::now();
     let meta = reader.meta().clone();
+    check_overlay(&meta, base, opts)?;
+    // The device state comes before the blobs: a stream cut off before it creates nothing.
+    let device_state = reader.take_device_state()?;
+    let (mut outs, cleanup) = prepare_outputs(&meta, base, opts)?;
+    let streamed = stream_blobs(base, reader, &meta, &mut outs, progress, t0)?;
+    let tf = Instant::now();
+    finish_copies(&mut outs)?;
+    let apply = streamed.apply + tf.elapsed();
+    let tv = Instant::now();
+    verify(base, &mut outs, &streamed.trailer)?;
+    seal_outputs(&mut outs, opts.fsync)?;
+    let verify = tv.elapsed();
+    let outputs = publish(&outs, cleanup)?;
+    Ok(ApplyReport {
+        meta,
+        device_state,
+        trailer: streamed.trailer,
+        outputs,
+        kinds: streamed.kinds,
+        overlay_bytes: streamed.overlay_bytes,
+        receive: streamed.receive,
+        decode: streamed.decode,
+        apply,
+        verify,
+        total: t0.elapsed(),
+    })
+}
+
+/// Checks the overlay's metadata against the base and the options, before anything is created:
+/// the base it names, its images (see [`check_sizes`]).
+fn check_overlay(meta: &OverlayMeta, base: &Base, opts: &ApplyOptions) -> Result<(), ApplyError> {
     if meta.base_id != opts.base_id {
         return Err(ApplyError::WrongBase { overlay: meta.base_id, base: opts.base_id });
     }
@@ -399,10 +457,14 @@ pub fn apply_overlay_reader<R: Read + Send>(
             reason: format!("{} images in the overlay, {} in the base", meta.images.len(), idx.images().len()),
         });
     }
-    check_sizes(&meta, base, opts)?;
-    // The device state comes before the blobs: a stream cut off before it creates nothing.
-    let device_state = reader.take_device_state()?;
-    // Prepare outputs: sparse copies of the base images under temporary names.
+    check_sizes(meta, base, opts)
+}
+
+/// Creates the outputs under temporary names: sparse copies of the base images (or qcow2
+/// layers over them), each with the chunk hashes of the image as it starts. The [`Cleanup`]
+/// removes them unless they are published.
+fn prepare_outputs(meta: &OverlayMeta, base: &Base, opts: &ApplyOptions) -> Result<(Vec<Out>, Cleanup), ApplyError> {
+    let idx = base.index();
     let mut cleanup = Cleanup(Vec::new());
     let mut outs = Vec::with_capacity(meta.images.len());
     for (i, m) in meta.images.iter().enumerate() {
@@ -468,115 +530,207 @@ pub fn apply_overlay_reader<R: Read + Send>(
             written: Vec::new(),
         });
     }
+    Ok((outs, cleanup))
+}
 
+/// What [`stream_blobs`] did.
+struct Streamed {
+    trailer: Trailer,
+    /// Overlay bytes read.
+    overlay_bytes: u64,
+    /// From the start until the last byte of the overlay was read.
+    receive: Duration,
+    /// Decoding on the pool, summed over threads.
+    decode: Duration,
+    /// Applying records.
+    apply: Duration,
+    kinds: KindCounts,
+}
+
+/// A blob being decoded: its decoded size, and where its decoding will arrive.
+type Pending = (u64, Receiver<Result<(DecodedBlob, Prepared), ApplyError>>);
+
+/// Reads, decodes and applies the overlay's blobs, all at once: [`read_blobs`] on a thread of
+/// its own hands each blob to [`decode_blob`] on the pool, and this thread runs
+/// [`apply_blobs`] over the results in stream order.
+fn stream_blobs<R: Read + Send>(
+    base: &Base,
+    reader: OverlayReader<R>,
+    meta: &OverlayMeta,
+    outs: &mut [Out],
+    progress: &(dyn Fn(Progress) + Sync),
+    t0: Instant,
+) -> Result<Streamed, ApplyError> {
     let meta_arc = Arc::new(meta.clone());
     let decode_nanos = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut kinds = KindCounts::default();
     let mut apply_time = Duration::ZERO;
     let ahead = &Ahead::default();
-    let result: Result<(Trailer, u64, Duration), ApplyError> = std::thread::scope(|s| {
-        // A blob being decoded: its decoded size, and where its decoding will arrive.
-        type Pending = (u64, Receiver<Result<(DecodedBlob, Prepared), ApplyError>>);
+    let (trailer, overlay_bytes, receive) = std::thread::scope(|s| {
         let (tx, rx) = sync_channel::<Result<Pending, ApplyError>>(AHEAD_BLOBS);
-        let meta_r = meta_arc.clone();
-        let dn = decode_nanos.clone();
-        let files = base.files().clone();
+        let decoding =
+            Decoding { meta: meta_arc.clone(), decode_nanos: decode_nanos.clone(), files: base.files().clone() };
         // Applied blobs' buffers go back to the reader, for the chained blobs it decompresses.
         let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let reader_thread = s.spawn(move || -> Option<(Trailer, u64, Duration)> {
-            loop {
-                while let Ok(buf) = back_rx.try_recv() {
-                    reader.recycle(buf);
-                }
-                // Chained blobs are decompressed here: a panic in a decoder becomes an error
-                // (it would otherwise end the scope, and the caller, in a panic).
-                let (frame, offset) = (2 + reader.blob_count(), reader.bytes_read());
-                let next = guard(frame, offset, || reader.next_blob().map_err(ApplyError::Decode));
-                match next {
-                    Ok(Some(blob)) => {
-                        let size = blob.uncompressed_len() as u64;
-                        if !ahead.take(size, AHEAD_BYTES) {
-                            return None; // the applier stopped
-                        }
-                        let (btx, brx) = sync_channel(1);
-                        let meta = meta_r.clone();
-                        let dn = dn.clone();
-                        let files = files.clone();
-                        rayon::spawn(move || {
-                            let t = Instant::now();
-                            let (frame, offset) = (blob.frame_index(), blob.stream_offset());
-                            // A panic here would abort the process (rayon::spawn): a decoder
-                            // that panics on hostile bytes becomes an error instead.
-                            let r = guard(frame, offset, || {
-                                let d = blob.into_decoded_for(&meta)?;
-                                let p = Prepared::of(&d, &meta, &files);
-                                Ok((d, p))
-                            });
-                            dn.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-                            let _ = btx.send(r);
-                        });
-                        if tx.send(Ok((size, brx))).is_err() {
-                            return None;
-                        }
-                    }
-                    Ok(None) => {
-                        let t = reader.trailer().cloned().expect("trailer read");
-                        return Some((t, reader.bytes_read(), t0.elapsed()));
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return None;
-                    }
-                }
-            }
-        });
-        let mut applied_bytes = 0u64;
-        let chunk_budget: u64 = meta_arc.images.iter().map(|m| m.size.div_ceil(CHUNK_SIZE as u64)).sum();
-        let mut covered = 0u64;
-        let mut scratch = Vec::new();
-        // However the applier stops, the reader must not wait for room any more.
-        let _close = ahead.closer();
-        for pending in rx {
-            let (decoded, pending) = pending?;
-            let (blob, prepared) =
-                pending.recv().map_err(|_| ApplyError::Mismatch { reason: "decoder vanished".into() })??;
-            let mut prepared = prepared.hand_out();
-            let ta = Instant::now();
-            for r in blob.records() {
-                // A record may cover a large run in a few bytes: the work is bounded by the
-                // images' chunks, each rebuilt once.
-                covered = covered.saturating_add(r.chunk_count());
-                if covered > chunk_budget {
-                    return Err(ApplyError::Record {
-                        image: outs[r.image() as usize].name.clone(),
-                        chunk: r.chunk(),
-                        reason: format!(
-                            "the records cover more than the images' {chunk_budget} chunks (each chunk is rebuilt once)"
-                        ),
-                    });
-                }
-                applied_bytes += apply_record(base, &mut outs, &r, &mut prepared, &mut scratch, &mut kinds)?;
-            }
-            apply_time += ta.elapsed();
-            let _ = back_tx.send(blob.into_buffer());
-            ahead.give(decoded);
-            // The stream's length is unknown while it arrives: report bytes rebuilt, total 0.
-            progress(Progress { phase: "apply", done: applied_bytes, total: 0 });
+        let reader_thread = s.spawn(move || read_blobs(reader, decoding, tx, back_rx, ahead, t0));
+        apply_blobs(base, outs, rx, back_tx, ahead, progress, &mut kinds, &mut apply_time)?;
+        match reader_thread.join() {
+            Ok(Some(t)) => Ok(t),
+            // The reader stops early only on an error it sent, or when the applier stopped:
+            // neither ends the applier's loop without an error.
+            Ok(None) => Err(ApplyError::Internal {
+                reason: "the overlay's reader stopped without a trailer or an error".into(),
+            }),
+            Err(panic) => Err(ApplyError::Internal {
+                reason: format!("the overlay's reader panicked: {}", panic_message(&*panic)),
+            }),
         }
-        match reader_thread.join().expect("reader thread panicked") {
-            Some(t) => Ok(t),
-            None => Err(ApplyError::Mismatch { reason: "overlay ended without a trailer".into() }),
-        }
-    });
-    let (trailer, overlay_bytes, receive) = result?;
+    })?;
+    Ok(Streamed {
+        trailer,
+        overlay_bytes,
+        receive,
+        decode: Duration::from_nanos(decode_nanos.load(std::sync::atomic::Ordering::Relaxed)),
+        apply: apply_time,
+        kinds,
+    })
+}
 
-    let tf = Instant::now();
+/// What decoding a blob on the pool needs.
+#[derive(Clone)]
+struct Decoding {
+    meta: Arc<OverlayMeta>,
+    /// Time spent decoding, summed over threads.
+    decode_nanos: Arc<std::sync::atomic::AtomicU64>,
+    /// The base images, to patch their chunks.
+    files: Arc<[File]>,
+}
+
+/// The reader's thread: reads the blobs (decompressing chained ones, which continue one another),
+/// sends each to [`decode_blob`] on the pool and its future result to the applier, at most
+/// [`AHEAD_BLOBS`] and [`AHEAD_BYTES`] ahead. Returns the trailer, the bytes read and the time
+/// it took, or `None` once it sent an error or the applier stopped.
+fn read_blobs<R: Read + Send>(
+    mut reader: OverlayReader<R>,
+    decoding: Decoding,
+    tx: SyncSender<Result<Pending, ApplyError>>,
+    back_rx: Receiver<Vec<u8>>,
+    ahead: &Ahead,
+    t0: Instant,
+) -> Option<(Trailer, u64, Duration)> {
+    loop {
+        while let Ok(buf) = back_rx.try_recv() {
+            reader.recycle(buf);
+        }
+        // Chained blobs are decompressed here: a panic in a decoder becomes an error
+        // (it would otherwise end the scope, and the caller, in a panic).
+        let (frame, offset) = (2 + reader.blob_count(), reader.bytes_read());
+        let next = guard(frame, offset, || reader.next_blob().map_err(ApplyError::Decode));
+        match next {
+            Ok(Some(blob)) => {
+                let size = blob.uncompressed_len() as u64;
+                if !ahead.take(size, AHEAD_BYTES) {
+                    return None; // the applier stopped
+                }
+                let (btx, brx) = sync_channel(1);
+                let decoding = decoding.clone();
+                rayon::spawn(move || {
+                    let _ = btx.send(decode_blob(blob, &decoding));
+                });
+                if tx.send(Ok((size, brx))).is_err() {
+                    return None;
+                }
+            }
+            Ok(None) => {
+                let t = reader.trailer().cloned().expect("trailer read");
+                return Some((t, reader.bytes_read(), t0.elapsed()));
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return None;
+            }
+        }
+    }
+}
+
+/// Decodes a blob on the pool: decompresses it (unless chained), checks its records and
+/// prepares them ([`Prepared`]).
+fn decode_blob(blob: SealedBlob, decoding: &Decoding) -> Result<(DecodedBlob, Prepared), ApplyError> {
+    let t = Instant::now();
+    let (frame, offset) = (blob.frame_index(), blob.stream_offset());
+    // A panic here would abort the process (rayon::spawn): a decoder that panics on hostile
+    // bytes becomes an error instead.
+    let r = guard(frame, offset, || {
+        let d = blob.into_decoded_for(&decoding.meta)?;
+        let p = Prepared::of(&d, &decoding.meta, &decoding.files);
+        Ok((d, p))
+    });
+    decoding.decode_nanos.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    r
+}
+
+/// The applier: applies the decoded blobs' records in stream order, bounding the work by the
+/// images' chunks; gives each blob's buffer back to the reader and its bytes back to `ahead`.
+#[allow(clippy::too_many_arguments)]
+fn apply_blobs(
+    base: &Base,
+    outs: &mut [Out],
+    rx: Receiver<Result<Pending, ApplyError>>,
+    back_tx: std::sync::mpsc::Sender<Vec<u8>>,
+    ahead: &Ahead,
+    progress: &(dyn Fn(Progress) + Sync),
+    kinds: &mut KindCounts,
+    apply_time: &mut Duration,
+) -> Result<(), ApplyError> {
+    let mut applied_bytes = 0u64;
+    let chunk_budget: u64 = outs.iter().map(|o| o.size.div_ceil(CHUNK_SIZE as u64)).sum();
+    let mut covered = 0u64;
+    let mut scratch = Vec::new();
+    // However the applier stops, the reader must not wait for room any more.
+    let _close = ahead.closer();
+    for pending in rx {
+        let (decoded, pending) = pending?;
+        let (blob, prepared) = pending
+            .recv()
+            .map_err(|_| ApplyError::Internal { reason: "a blob's decoder stopped without a result".into() })??;
+        let mut prepared = prepared.hand_out();
+        let ta = Instant::now();
+        for r in blob.records() {
+            // A record may cover a large run in a few bytes: the work is bounded by the
+            // images' chunks, each rebuilt once.
+            covered = covered.saturating_add(r.chunk_count());
+            if covered > chunk_budget {
+                return Err(ApplyError::Record {
+                    image: outs[r.image() as usize].name.clone(),
+                    chunk: r.chunk(),
+                    reason: format!(
+                        "the records cover more than the images' {chunk_budget} chunks (each chunk is rebuilt once)"
+                    ),
+                });
+            }
+            applied_bytes += apply_record(base, outs, &r, &mut prepared, &mut scratch, kinds)?;
+        }
+        *apply_time += ta.elapsed();
+        let _ = back_tx.send(blob.into_buffer());
+        ahead.give(decoded);
+        // The stream's length is unknown while it arrives: report bytes rebuilt, total 0.
+        progress(Progress { phase: "apply", done: applied_bytes, total: 0 });
+    }
+    Ok(())
+}
+
+/// Copies the rest of the base into the raw outputs (lazy copies): after this every image is
+/// complete.
+fn finish_copies(outs: &mut [Out]) -> Result<(), ApplyError> {
     for o in outs.iter_mut() {
         o.finish_copy()?;
     }
-    apply_time += tf.elapsed();
-    // Verify.
-    let tv = Instant::now();
+    Ok(())
+}
+
+/// Checks every rebuilt image's digest against the trailer's, hashing the chunks whose hash is
+/// not known yet (untouched chunks straddling a size edge).
+fn verify(base: &Base, outs: &mut [Out], trailer: &Trailer) -> Result<(), ApplyError> {
     for (i, o) in outs.iter_mut().enumerate() {
         let mut buf = vec![0u8; CHUNK_SIZE];
         for k in 0..o.recheck.len() {
@@ -594,12 +748,17 @@ pub fn apply_overlay_reader<R: Read + Send>(
             return Err(ApplyError::DigestMismatch { image: o.name.clone(), expected: trailer.image_digests[i], got });
         }
     }
+    Ok(())
+}
+
+/// Completes the qcow2 layers' metadata and, with `fsync`, syncs every output.
+fn seal_outputs(outs: &mut [Out], fsync: bool) -> Result<(), ApplyError> {
     for o in outs.iter_mut() {
         if let Store::Qcow2(w) = &mut o.store {
             w.finish().map_err(|source| ApplyError::Io { path: o.tmp.clone(), source })?;
         }
     }
-    if opts.fsync {
+    if fsync {
         outs.par_iter().try_for_each(|o| {
             let f = match &o.store {
                 Store::Raw(f, _, _) => f,
@@ -608,26 +767,18 @@ pub fn apply_overlay_reader<R: Read + Send>(
             f.sync_all().map_err(|source| ApplyError::Io { path: o.tmp.clone(), source })
         })?;
     }
-    let verify = tv.elapsed();
+    Ok(())
+}
+
+/// Renames the outputs into place; only then are they kept. Returns (name, path) of each.
+fn publish(outs: &[Out], mut cleanup: Cleanup) -> Result<Vec<(String, PathBuf)>, ApplyError> {
     let mut outputs = Vec::new();
-    for o in &outs {
+    for o in outs {
         std::fs::rename(&o.tmp, &o.path).map_err(|source| ApplyError::Io { path: o.path.clone(), source })?;
         outputs.push((o.name.clone(), o.path.clone()));
     }
     cleanup.0.clear();
-    Ok(ApplyReport {
-        meta,
-        device_state,
-        trailer,
-        outputs,
-        kinds,
-        overlay_bytes,
-        receive,
-        decode: Duration::from_nanos(decode_nanos.load(std::sync::atomic::Ordering::Relaxed)),
-        apply: apply_time,
-        verify,
-        total: t0.elapsed(),
-    })
+    Ok(outputs)
 }
 
 /// Checks every size the overlay declares against the base it is applied to, before anything

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use crate::base::{read_padded_at, Base};
 use crate::file::data_extents;
 use crate::qcow2::{Located, Qcow2Layer};
-use crate::{KindCounts, Progress};
+use crate::{Fault, KindCounts, Progress};
 
 /// One image of the custom VM.
 #[derive(Debug, Clone)]
@@ -309,6 +309,22 @@ pub enum CreateError {
     /// Writing the overlay failed.
     #[error("cannot write the overlay")]
     Encode(#[from] EncodeError),
+}
+
+impl CreateError {
+    /// Whose fault the error is: [`Fault::Input`] for custom images that do not fit the base
+    /// and for what the format refuses (a field of the overlay's info, a device state or blob
+    /// over its limits), [`Fault::Io`] for files that cannot be read or written,
+    /// [`Fault::Internal`] for a failure of the engine itself (blobs out of order, a
+    /// compressor that fails or stops).
+    pub fn fault(&self) -> Fault {
+        match self {
+            CreateError::Mismatch { .. }
+            | CreateError::Encode(EncodeError::Invalid { .. } | EncodeError::TooLarge { .. }) => Fault::Input,
+            CreateError::Io { .. } | CreateError::BaseIo { .. } | CreateError::Encode(EncodeError::Io(_)) => Fault::Io,
+            CreateError::Encode(_) => Fault::Internal,
+        }
+    }
 }
 
 /// What creation did and how long it took.

@@ -75,6 +75,20 @@ pub use create::{
 };
 pub use index::{BaseImage, BaseIndex, IndexError, IndexedImage};
 
+/// Whose fault an error is (see [`ApplyError::fault`] and [`CreateError::fault`]): what a
+/// caller needs to tell its own caller, e.g. a server's client error from its server error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The input's: a damaged, hostile or mismatching overlay (or custom image). A server
+    /// answers with a client error.
+    Input,
+    /// The machine's: a file that cannot be read or written (disk full, permissions, an
+    /// output in the way).
+    Io,
+    /// The engine's own: a bug.
+    Internal,
+}
+
 /// Progress of a long operation.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {

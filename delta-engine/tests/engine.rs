@@ -246,6 +246,45 @@ fn an_unreadable_custom_image_is_an_error_naming_it() {
     }
 }
 
+/// Errors say whose fault they are: outputs that cannot be created (a directory that is a
+/// file, a directory that does not exist) or that exist already are the machine's (`Io`), a
+/// damaged overlay is the input's, applied to the same base and outputs.
+#[test]
+fn unwritable_outputs_are_io_faults_and_damaged_overlays_input_faults() {
+    let mem: Vec<u8> = (0..8).flat_map(page).collect();
+    let mut cm = mem.clone();
+    cm[3 * PAGE..4 * PAGE].copy_from_slice(&page(77));
+    let pair = Pair::new(vec![("memory", ImageKind::Memory, mem)], vec![cm]);
+    let (base, ovl, _) = pair.create(&CreateOptions::default());
+    let not_a_dir = pair.dir.path().join("a-file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let existing = pair.dir.path().join("existing");
+    std::fs::write(&existing, b"keep").unwrap();
+    let apply = |out: PathBuf, overlay: &[u8]| {
+        let a = ApplyOptions {
+            base_id: BaseId([9; 32]),
+            outputs: vec![("memory".into(), out)],
+            fsync: false,
+            qcow2_disks: false,
+            max_disk_growth: DEFAULT_MAX_DISK_GROWTH,
+        };
+        apply_overlay(&base, overlay, &a, &|_| {}).unwrap_err()
+    };
+    for out in [not_a_dir.join("memory"), pair.dir.path().join("missing").join("memory")] {
+        let e = apply(out.clone(), &ovl);
+        assert!(matches!(e, ApplyError::Io { .. }), "{out:?}: {e:?}");
+        assert_eq!(e.fault(), Fault::Io, "{e}");
+        assert!(!e.is_bad_input(), "{e}");
+    }
+    let e = apply(existing.clone(), &ovl);
+    assert!(matches!(e, ApplyError::OutputExists { .. }) && e.fault() == Fault::Io, "{e:?}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep");
+    let e = apply(pair.dir.path().join("out-cut"), &ovl[..ovl.len() - 10]);
+    assert_eq!(e.fault(), Fault::Input, "{e}");
+    assert!(e.is_bad_input(), "{e}");
+    assert_eq!(leftovers(pair.dir.path()), Vec::<String>::new());
+}
+
 fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .unwrap()

@@ -596,8 +596,10 @@ fn outcome<H: Hypervisor>(
     }
 }
 
+/// The answer to a failed synthesis. Applying fails with the overlay's fault (a client error,
+/// `bad_overlay`) or ours (`internal`: our disk, our files, a bug): [`delta_engine::Fault`].
 fn flow_error(e: FlowError) -> Response {
-    use delta_engine::ApplyError as A;
+    use delta_engine::Fault;
     let msg = chain(&e);
     match e {
         FlowError::UnknownBase { id } => (
@@ -605,7 +607,7 @@ fn flow_error(e: FlowError) -> Response {
             Json(ApiError { code: "unknown_base".into(), error: msg, base_id: Some(id.to_string()) }),
         )
             .into_response(),
-        FlowError::Apply(A::Io { .. } | A::OutputExists { .. }) => {
+        FlowError::Apply(a) if a.fault() != Fault::Input => {
             api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg)
         }
         FlowError::Apply(_) | FlowError::BadOverlay { .. } => api_error(StatusCode::BAD_REQUEST, "bad_overlay", msg),
@@ -859,6 +861,38 @@ mod tests {
         assert!(e.error.contains("decoder bug"), "{}", e.error);
         assert!(!dir.exists(), "{} is left behind", dir.display());
         assert!(st.vms.lock().unwrap().is_empty());
+    }
+
+    /// The overlay's faults are 400 `bad_overlay`; ours (I/O, a bug) are 500 `internal`.
+    #[test]
+    fn apply_errors_are_answered_by_whose_fault_they_are() {
+        use delta_engine::{ApplyError as A, Fault};
+        let io = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let cases = [
+            (A::Mismatch { reason: "no".into() }, Fault::Input),
+            (A::Record { image: "memory".into(), chunk: 1, reason: "no".into() }, Fault::Input),
+            (A::DecoderPanic { frame: 2, offset: 3, reason: "boom".into() }, Fault::Input),
+            (A::Decode(overlay_format::DecodeError::Truncated { offset: 0, what: "frame" }), Fault::Input),
+            (A::Decode(overlay_format::DecodeError::Io { offset: 9, source: io() }), Fault::Input),
+            (A::Io { path: "/vms/x/memory".into(), source: io() }, Fault::Io),
+            (A::OutputExists { path: "/vms/x/memory".into() }, Fault::Io),
+            (A::Internal { reason: "a thread stopped".into() }, Fault::Internal),
+        ];
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for (e, fault) in cases {
+            assert_eq!(e.fault(), fault, "{e:?}");
+            let what = format!("{e:?}");
+            let r = flow_error(FlowError::Apply(e));
+            let (status, code) = match fault {
+                Fault::Input => (StatusCode::BAD_REQUEST, "bad_overlay"),
+                Fault::Io | Fault::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            };
+            assert_eq!(r.status(), status, "{what}");
+            let body = rt.block_on(axum::body::to_bytes(r.into_body(), 1 << 20)).unwrap();
+            let answer: ApiError = serde_json::from_slice(&body).unwrap();
+            assert_eq!(answer.code, code, "{what}");
+            assert!(answer.error.contains("applying the overlay"), "{}", answer.error);
+        }
     }
 
     #[test]
