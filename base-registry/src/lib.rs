@@ -34,6 +34,7 @@
 //!     files: ["memory", "disk0", "device-state"].iter().map(|n| (n.to_string(), src.join(n))).collect(),
 //!     mode: Mode::Copy,
 //!     labels: Default::default(),
+//!     snapshot: None,
 //! })?;
 //! assert_eq!(reg.find("tiny")?.id(), base.id());
 //! assert_eq!(reg.find(&base.id().to_hex()[..8])?.id(), base.id());
@@ -188,9 +189,15 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     /// The delta engine's index, if attached.
     pub index: Option<FileEntry>,
-    /// Free-form labels (not part of the id), e.g. the driver's snapshot hash.
+    /// Free-form labels (not part of the id).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// What the hypervisor recorded of the snapshot the files come from (not part of the id).
+    /// Absent from manifests written before it existed (and then not written at all, so their
+    /// checksums still hold); those bases kept it in the labels `state_hash`,
+    /// `free_page_reporting` and `display`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRecord>,
     /// blake3 of this manifest's JSON with `checksum` empty, hex.
     pub checksum: String,
 }
@@ -302,6 +309,21 @@ pub struct NewBase {
     pub mode: Mode,
     /// Free-form labels stored in the manifest (not part of the id).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// What the hypervisor recorded of the snapshot the files come from.
+    pub snapshot: Option<SnapshotRecord>,
+}
+
+/// What a hypervisor records of a snapshot beyond the [`VmSpec`] and the files, to resume it:
+/// a base's [`Manifest::snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// blake3 over the RAM image then the device state, 64 hex digits: what a restore checks
+    /// the files against.
+    pub state_hash: String,
+    /// The VM's balloon device had free page reporting (part of the device layout).
+    pub free_page_reporting: bool,
+    /// The VM had a display device (part of the device layout).
+    pub display: bool,
 }
 
 /// What [`Registry::verify`] found, per file.
@@ -515,6 +537,9 @@ impl Registry {
             sized.push((n.as_str(), meta.len()));
         }
         validate::check_files(&new.spec, &sized, true).map_err(bad)?;
+        if let Some(r) = &new.snapshot {
+            validate::check_state_hash(&r.state_hash).map_err(bad)?;
+        }
         if new.labels.len() > 256 || new.labels.iter().any(|(k, v)| k.len() > 256 || v.len() > 4096) {
             return Err(bad("at most 256 labels, keys up to 256 bytes, values up to 4096".into()));
         }
@@ -542,6 +567,7 @@ impl Registry {
             files: entries.into_iter().map(|(e, _)| e).collect(),
             index,
             labels: new.labels.clone(),
+            snapshot: new.snapshot.clone(),
             checksum: String::new(),
         }
         .seal();

@@ -170,7 +170,19 @@ pub(crate) fn check_manifest(m: &Manifest) -> Result<(), String> {
     for f in &m.files {
         check_digest(f)?;
     }
+    if let Some(r) = &m.snapshot {
+        check_state_hash(&r.state_hash)?;
+    }
     Ok(())
+}
+
+/// A snapshot record's state hash: 64 lowercase hex digits.
+pub(crate) fn check_state_hash(h: &str) -> Result<(), String> {
+    if h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(())
+    } else {
+        Err(format!("snapshot.state_hash {:?} is not 64 lowercase hex digits", h.chars().take(80).collect::<String>()))
+    }
 }
 
 /// Checks that each file of `m` present in `dir` is a regular file, not a symlink or anything

@@ -46,6 +46,7 @@ fn new_base(dir: &Path, name: &str, seed: u8, mode: Mode) -> NewBase {
         files: files(dir, seed),
         mode,
         labels: Default::default(),
+        snapshot: None,
     }
 }
 
@@ -270,6 +271,7 @@ fn a_crash_at_any_step_leaves_no_partial_entry() {
                 files: files(&src, 100 + i as u8),
                 mode: Mode::Copy,
                 labels: Default::default(),
+                snapshot: None,
             };
             reg.register(nb).unwrap();
         }
@@ -306,6 +308,7 @@ fn crafted_export(spec: VmSpec, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
         files: entries,
         index: None,
         labels: Default::default(),
+        snapshot: None,
         checksum: String::new(),
     });
     let mj = serde_json::to_vec(&m).unwrap();
@@ -460,4 +463,33 @@ fn open_existing_never_creates() {
     assert_eq!(again.list().unwrap().len(), 1);
     std::fs::write(root.join("registry.json"), "{\"format\": 99}").unwrap();
     assert!(matches!(Registry::open_existing(&root), Err(RegistryError::NewerFormat { found: 99, .. })));
+}
+
+/// The snapshot record is stored typed, carried by export and import, checked on registration,
+/// and absent (not even a key) from a manifest registered without one, as manifests written
+/// before it existed are.
+#[test]
+fn the_snapshot_record_round_trips_and_is_checked() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::open(&t.path().join("reg")).unwrap();
+    let record = SnapshotRecord { state_hash: "ab".repeat(32), free_page_reporting: false, display: true };
+    let mut nb = new_base(&t.path().join("a"), "alpha", 1, Mode::Copy);
+    nb.snapshot = Some(record.clone());
+    let a = reg.register(nb).unwrap();
+    assert_eq!(reg.find("alpha").unwrap().manifest.snapshot.as_ref(), Some(&record));
+    let mut export = Vec::new();
+    reg.export(&a.id(), &mut export).unwrap();
+    let reg2 = Registry::open(&t.path().join("reg2")).unwrap();
+    assert_eq!(reg2.import(&export[..]).unwrap().manifest.snapshot, Some(record));
+
+    let b = reg.register(new_base(&t.path().join("b"), "beta", 2, Mode::Copy)).unwrap();
+    let json = std::fs::read_to_string(b.dir.join("manifest.json")).unwrap();
+    assert!(!json.contains("\"snapshot\""), "{json}");
+    assert_eq!(reg.find("beta").unwrap().manifest.snapshot, None);
+
+    let mut bad = new_base(&t.path().join("c"), "gamma", 3, Mode::Copy);
+    bad.snapshot = Some(SnapshotRecord { state_hash: "not hex".into(), free_page_reporting: true, display: false });
+    let e = reg.register(bad).unwrap_err();
+    assert!(e.to_string().contains("state_hash \"not hex\""), "{e}");
+    assert!(reg.find("gamma").is_err());
 }

@@ -399,6 +399,7 @@ impl FakeBase {
                 files: ["memory", "disk0", "device-state"].iter().map(|n| (n.to_string(), files.join(n))).collect(),
                 mode: base_registry::Mode::Move,
                 labels: [("state_hash".to_string(), "0".repeat(64))].into(),
+                snapshot: None,
             })
             .unwrap();
         let base = synthesis::RegisteredBase::from_entry(entry).unwrap();

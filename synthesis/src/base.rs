@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use base_registry::{BaseEntry, Mode, NewBase, Registry};
+use base_registry::{BaseEntry, Mode, NewBase, Registry, SnapshotRecord};
 use delta_engine::{Base, BaseImage, BaseIndex};
 use overlay_format::{BaseId, DiskSpec, ImageKind, VmSpec};
 use vm_driver::{DeviceLayout, Disk, DiskFormat, KernelBoot, Snapshot};
@@ -32,7 +32,7 @@ impl RegisteredBase {
     /// Wraps a registry entry.
     pub fn from_entry(entry: BaseEntry) -> Result<Self, FlowError> {
         let spec = &entry.manifest.spec;
-        let facts = SnapshotLabels::read(&entry)?;
+        let facts = SnapshotFacts::read(&entry)?;
         let mut snapshot = Snapshot::new(&entry.dir, &spec.machine_type, &spec.cpu_model, spec.vcpus, spec.ram_bytes);
         snapshot.qemu_version = spec.qemu_version.clone();
         snapshot.accelerator = spec.accelerator.clone();
@@ -127,41 +127,53 @@ pub(crate) fn register_snapshot(
     let index_path = snap.dir.join("index");
     index.save(&index_path)?;
     files.push(("index".into(), index_path));
-    let labels = SnapshotLabels { state_hash: snap.state_hash.clone(), layout: snap.layout() }.write();
-    let entry =
-        registry.register(NewBase { name: name.into(), source_image, spec, files, mode: Mode::Move, labels })?;
+    let record = SnapshotFacts { state_hash: snap.state_hash.clone(), layout: snap.layout() }.record();
+    let entry = registry.register(NewBase {
+        name: name.into(),
+        source_image,
+        spec,
+        files,
+        mode: Mode::Move,
+        labels: BTreeMap::new(),
+        snapshot: Some(record),
+    })?;
     RegisteredBase::from_entry(entry)
 }
 
 /// What a base's registry entry records of its driver snapshot beyond the VM spec: the state
-/// hash and the device layout. The registry keeps them as labels; this is the one place that
-/// writes and reads them.
+/// hash and the device layout. The one place that writes and reads them: typed in the
+/// manifest ([`base_registry::SnapshotRecord`]), or, for bases registered before the manifest
+/// had that record, in the labels `state_hash`, `free_page_reporting` and `display`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct SnapshotLabels {
+struct SnapshotFacts {
     state_hash: String,
     layout: DeviceLayout,
 }
 
-impl SnapshotLabels {
+impl SnapshotFacts {
     const STATE_HASH: &'static str = "state_hash";
     const FREE_PAGE_REPORTING: &'static str = "free_page_reporting";
     const DISPLAY: &'static str = "display";
 
-    fn write(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
-            (Self::STATE_HASH.to_string(), self.state_hash.clone()),
-            (Self::FREE_PAGE_REPORTING.to_string(), self.layout.free_page_reporting.to_string()),
-            (Self::DISPLAY.to_string(), self.layout.display.to_string()),
-        ])
+    fn record(&self) -> SnapshotRecord {
+        SnapshotRecord {
+            state_hash: self.state_hash.clone(),
+            free_page_reporting: self.layout.free_page_reporting,
+            display: self.layout.display,
+        }
     }
 
-    /// Reads the labels of `entry`. A missing layout label is what bases registered before
-    /// it was recorded have: free page reporting, no display.
+    /// Reads the record of `entry`, else its labels. A missing layout label is what bases
+    /// registered before the layout was recorded have: free page reporting, no display.
     fn read(entry: &BaseEntry) -> Result<Self, FlowError> {
+        if let Some(r) = &entry.manifest.snapshot {
+            let layout = DeviceLayout { free_page_reporting: r.free_page_reporting, display: r.display };
+            return Ok(SnapshotFacts { state_hash: r.state_hash.clone(), layout });
+        }
         let labels = &entry.manifest.labels;
         let bad = |reason: String| FlowError::BadBase { dir: entry.dir.clone(), reason };
         let Some(state_hash) = labels.get(Self::STATE_HASH).cloned() else {
-            return Err(bad("no state_hash label: not registered by the base flow".into()));
+            return Err(bad("no snapshot record or state_hash label: not registered by the base flow".into()));
         };
         let flag = |key: &str, default: bool| match labels.get(key).map(String::as_str) {
             None => Ok(default),
@@ -174,6 +186,6 @@ impl SnapshotLabels {
             free_page_reporting: flag(Self::FREE_PAGE_REPORTING, defaults.free_page_reporting)?,
             display: flag(Self::DISPLAY, defaults.display)?,
         };
-        Ok(SnapshotLabels { state_hash, layout })
+        Ok(SnapshotFacts { state_hash, layout })
     }
 }

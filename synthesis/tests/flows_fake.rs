@@ -265,3 +265,48 @@ fn an_overlay_for_another_base_names_the_missing_base_before_any_work() {
     assert!(!other.path("vm").exists());
     assert!(other.hv.calls().is_empty());
 }
+
+#[test]
+fn a_base_records_its_snapshot_typed_and_labels_of_older_bases_still_read() {
+    let s = Setup::new();
+    let base = s.base();
+    let record = base.entry.manifest.snapshot.clone().expect("a typed snapshot record");
+    assert_eq!(record.state_hash, base.snapshot.state_hash);
+    assert!(base.entry.manifest.labels.is_empty(), "{:?}", base.entry.manifest.labels);
+
+    // The same files registered as earlier versions did: the record in labels.
+    let old_style = |registry: &Registry, display: &str| {
+        let files = ["memory", "device-state", "disk0", "kernel", "initrd"]
+            .iter()
+            .map(|n| (n.to_string(), base.entry.path(n).unwrap()))
+            .collect();
+        let labels = [
+            ("state_hash".to_string(), record.state_hash.clone()),
+            ("free_page_reporting".to_string(), "false".to_string()),
+            ("display".to_string(), display.to_string()),
+        ];
+        let entry = registry
+            .register(base_registry::NewBase {
+                name: "old".into(),
+                source_image: None,
+                spec: base.entry.manifest.spec.clone(),
+                files,
+                mode: base_registry::Mode::Copy,
+                labels: labels.into(),
+                snapshot: None,
+            })
+            .unwrap();
+        RegisteredBase::from_entry(entry)
+    };
+    let other = Setup::new();
+    let old = old_style(&other.registry, "true").unwrap();
+    assert_eq!(old.snapshot.state_hash, record.state_hash);
+    assert_eq!(old.snapshot.layout(), vm_driver::DeviceLayout { free_page_reporting: false, display: true });
+    // It resumes: the hash from the labels matches the files.
+    let out = other.path("app.overlay");
+    create_overlay_file(&other.hv, &old, &other.overlay_request(&out), &|_| {}).unwrap();
+
+    let third = Setup::new();
+    let e = old_style(&third.registry, "yes").unwrap_err();
+    assert!(e.to_string().contains("label display is \"yes\""), "{e}");
+}

@@ -46,6 +46,7 @@ pub fn fake_base(dir: &Path) -> (Registry, RegisteredBase) {
             files: ["memory", "disk0", "device-state"].iter().map(|n| (n.to_string(), files.join(n))).collect(),
             mode: Mode::Copy,
             labels: BTreeMap::from([("state_hash".to_string(), "0".repeat(64))]),
+            snapshot: None,
         })
         .unwrap();
     let base = RegisteredBase::from_entry(entry).unwrap();
