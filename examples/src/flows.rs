@@ -473,40 +473,24 @@ pub struct RunArgs {
 /// `cloudlet run DIR`: resumes a kept synthesized VM, from the state synthesis rebuilt (its
 /// files are not changed: the VM writes to layers of its own, dropped when it stops).
 pub fn run_cmd(qemu: &Qemu, a: &RunArgs) -> Result<()> {
-    use vm_driver::{Hypervisor, Vm};
-    let manifest = a.dir.join("snapshot.json");
-    let bytes = match std::fs::read(&manifest) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("{} is not a VM directory kept by `cloudlet synthesis --keep` (no snapshot.json)", a.dir.display())
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", manifest.display())),
-    };
-    let mut snap: vm_driver::Snapshot =
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is not a VM manifest", manifest.display()))?;
-    snap.dir = std::fs::canonicalize(&a.dir).with_context(|| format!("opening {}", a.dir.display()))?;
-    let check = a.probe.check();
-    if let Some(c) = check.as_ref().filter(|c| !snap.guest_ports.contains(&c.port)) {
-        return Err(synthesis::FlowError::NotForwarded { port: c.port, forwarded: snap.guest_ports.clone() })
-            .context(format!("probing {}", a.dir.display()));
+    use vm_driver::Vm;
+    if !a.dir.join("snapshot.json").exists() {
+        bail!("{} is not a VM directory kept by `cloudlet synthesis --keep` (no snapshot.json)", a.dir.display());
     }
-    let print = printer(false);
-    print(Event::Step(format!("resuming the VM in {}", a.dir.display())));
-    let vm = qemu.restore(&snap, &vm_driver::RestoreOptions::default()).context("resuming the VM")?;
-    for f in vm.forwards() {
+    let check = a.probe.check();
+    let r = synthesis::resume_kept(qemu, &a.dir, check.as_ref(), &printer(false))
+        .with_context(|| format!("resuming the VM in {}", a.dir.display()))?;
+    for f in r.vm.forwards() {
         println!("  forward: 127.0.0.1:{} -> guest :{}", f.host_port, f.guest_port);
     }
-    if let Some(c) = &check {
-        print(Event::Step(c.describe()));
-        let host = vm.host_port(c.port).expect("checked against the snapshot's ports");
-        let answer = synthesis::http_wait("127.0.0.1", host, c)?;
+    if let Some(answer) = &r.answer {
         println!("  the app answered: {}", synthesis::report::first_body_line(&answer.raw));
     }
     if check.is_none() || a.keep_running {
         eprintln!("VM running; press Enter (or Ctrl-C) to stop it.");
         wait_enter_or_interrupt();
     }
-    vm.shutdown().context("stopping the VM")?;
+    r.vm.shutdown().context("stopping the VM")?;
     println!("  VM stopped");
     Ok(())
 }

@@ -79,6 +79,29 @@ impl RegisteredBase {
     }
 }
 
+/// Writes base `id` of `registry` to `out` as one portable file ([`Registry::export`]). `out`
+/// must not exist. The bytes go to a fresh hidden file of this process next to it
+/// (`.NAME.partial-PID`; a `NAME.partial` of someone else's is never touched), removed on
+/// failure and by [`interrupt_cleanup`](crate::interrupt_cleanup), and linked into place only
+/// if nothing appeared at `out` meanwhile.
+pub fn export_base_file(registry: &Registry, id: &BaseId, out: &std::path::Path) -> Result<(), FlowError> {
+    if out.symlink_metadata().is_ok() {
+        return Err(FlowError::Exists { path: out.to_owned() });
+    }
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(|source| FlowError::Io { path: partial.clone(), source })?;
+    let mut guard = crate::flows::Guard::new(&partial);
+    registry.export(id, std::io::BufWriter::new(file))?;
+    crate::flows::publish(&partial, out)?;
+    guard.disarm();
+    Ok(())
+}
+
 /// Indexes a driver snapshot and registers it (files are moved in).
 pub(crate) fn register_snapshot(
     registry: &Registry,

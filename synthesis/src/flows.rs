@@ -65,14 +65,14 @@ fn remove(p: &Path) {
 }
 
 /// Removes a path on drop unless disarmed: nothing half-written is left behind.
-struct Guard(Option<PathBuf>);
+pub(crate) struct Guard(Option<PathBuf>);
 
 impl Guard {
-    fn new(p: &Path) -> Self {
+    pub(crate) fn new(p: &Path) -> Self {
         pending().push(p.to_owned());
         Guard(Some(p.to_owned()))
     }
-    fn disarm(&mut self) {
+    pub(crate) fn disarm(&mut self) {
         if let Some(p) = self.0.take() {
             forget(&p);
         }

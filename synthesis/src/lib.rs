@@ -36,6 +36,7 @@ pub mod discovery;
 mod flows;
 mod forward;
 mod http;
+mod kept;
 pub mod report;
 #[cfg(feature = "server")]
 pub mod server;
@@ -43,13 +44,14 @@ pub mod server;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use base::RegisteredBase;
+pub use base::{export_base_file, RegisteredBase};
 pub use flows::{
     create_base, create_overlay_file, interrupt_cleanup, interrupted, remove_on_interrupt, synthesize, synthesize_with,
     BaseRequest, BaseTimings, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
 };
 pub use forward::{parse_forward, ForwardParseError, HttpTarget, HttpTargetError};
 pub use http::{http_get_from, http_get_until, http_wait, parse_status_line, HttpAnswer, HttpCheck, POLL_INTERVAL};
+pub use kept::{resume_kept, Resumed};
 
 /// Progress reported by the flows.
 #[derive(Debug, Clone)]

@@ -263,25 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ExportBase { base, out } => {
             let reg = existing()?;
             let b = reg.find(&base)?;
-            if out.symlink_metadata().is_ok() {
-                anyhow::bail!("{} already exists", out.display());
-            }
-            // A partial file of our own next to the output (a user's `X.partial` is never
-            // touched), linked into place only if nothing appeared at `out` meanwhile.
-            let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .with_context(|| format!("creating {}", tmp.display()))?;
-            synthesis::remove_on_interrupt(&tmp);
-            let res = reg
-                .export(&b.id(), std::io::BufWriter::new(f))
-                .map_err(anyhow::Error::from)
-                .and_then(|()| std::fs::hard_link(&tmp, &out).with_context(|| format!("creating {}", out.display())));
-            let _ = std::fs::remove_file(&tmp);
-            res?;
+            synthesis::export_base_file(&reg, &b.id(), &out)?;
             println!("exported base {} ({}) to {}", b.manifest.id, b.manifest.name, out.display());
         }
         Command::ImportBase { file } => {
