@@ -484,7 +484,7 @@ pub fn run_cmd(qemu: &Qemu, a: &RunArgs) -> Result<()> {
         println!("  forward: 127.0.0.1:{} -> guest :{}", f.host_port, f.guest_port);
     }
     if let Some(answer) = &r.answer {
-        println!("  the app answered: {}", synthesis::report::first_body_line(&answer.raw));
+        println!("  the app answered: {}", answer.first_body_line());
     }
     if check.is_none() || a.keep_running {
         eprintln!("VM running; press Enter (or Ctrl-C) to stop it.");

@@ -3,5 +3,6 @@
 
 pub mod exit;
 pub mod flows;
+pub mod log;
 pub mod net;
 pub mod overlay_info;

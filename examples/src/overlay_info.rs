@@ -92,19 +92,8 @@ pub fn inspect(path: &Path, verify: bool) -> std::io::Result<(Info, Option<Decod
     let mut info = Info { file: path.display().to_string(), file_bytes: file.metadata()?.len(), ..Info::default() };
     let result = read_into(BufReader::with_capacity(1 << 20, file), verify, &mut info);
     let err = result.err();
-    info.error = err.as_ref().map(|e| error_chain(e));
+    info.error = err.as_ref().map(|e| synthesis::error_chain(e));
     Ok((info, err))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 fn read_into(input: impl std::io::Read, verify: bool, info: &mut Info) -> Result<(), DecodeError> {

@@ -5,7 +5,11 @@
 //!   "address": "127.0.0.1"}` (`address` only once a VM listens; `host` 0 in an overlay means
 //!   "any free port");
 //! - [`Timeline`]: how a synthesis went, in milliseconds;
-//! - [`VmInfo`]: a VM the server runs; [`ApiError`]: an error answer.
+//! - [`VmInfo`]: a VM the server runs; [`ApiError`]: an error answer;
+//! - [`Health`]: `GET /healthz`; [`BaseInfo`]: an entry of `GET /v1/bases`.
+//!
+//! The server (feature `server`) answers with these types and the client (feature `client`)
+//! reads them, so the two cannot drift apart; `synthesis/openapi.yaml` describes them.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -111,6 +115,40 @@ pub struct VmInfo {
     pub timeline: Timeline,
 }
 
+/// `GET /healthz`: liveness and the server's limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+    /// The server's crate version.
+    pub version: String,
+    /// VMs running now.
+    pub running_vms: usize,
+    /// Syntheses in progress.
+    pub syntheses: usize,
+    /// Syntheses at once (429 above).
+    pub max_syntheses: usize,
+    /// Running VMs at once (503 above).
+    pub max_vms: usize,
+    /// Largest overlay accepted, in bytes (413 above).
+    pub max_overlay_bytes: u64,
+}
+
+/// A base VM the server holds (`GET /v1/bases`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BaseInfo {
+    /// Base id, 64 hex digits.
+    pub id: String,
+    /// Base name.
+    pub name: String,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// Unix time of the registration.
+    pub created_unix: u64,
+    /// The VM spec an overlay of this base must have.
+    pub spec: overlay_format::VmSpec,
+}
+
 /// An error answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ApiError {
@@ -122,4 +160,11 @@ pub struct ApiError {
     /// With `unknown_base`: the base the overlay needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_id: Option<String>,
+}
+
+impl std::fmt::Display for ApiError {
+    /// `CODE: ERROR`, e.g. `busy: 2 syntheses are running already; retry later`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.error)
+    }
 }

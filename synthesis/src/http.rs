@@ -67,8 +67,24 @@ pub struct HttpAnswer {
 impl HttpAnswer {
     /// The body: what follows the headers.
     pub fn body(&self) -> &str {
-        self.raw.split_once("\r\n\r\n").or_else(|| self.raw.split_once("\n\n")).map(|(_, b)| b).unwrap_or("")
+        body_of(&self.raw)
     }
+
+    /// The first line of the body, as shown to a person ("the app answered: ...").
+    pub fn first_body_line(&self) -> &str {
+        first_body_line(&self.raw)
+    }
+}
+
+/// The body of a raw HTTP answer: what follows the headers (empty without a header end).
+fn body_of(raw: &str) -> &str {
+    raw.split_once("\r\n\r\n").or_else(|| raw.split_once("\n\n")).map(|(_, b)| b).unwrap_or("")
+}
+
+/// The first line of a raw HTTP answer's body (what [`http_get_from`] returns), without its
+/// line end; empty when there is no body.
+pub fn first_body_line(raw: &str) -> &str {
+    body_of(raw).lines().next().unwrap_or("")
 }
 
 /// Parses an HTTP/1.x status line (`HTTP/1.1 404 Not Found`): the status and the reason.
@@ -170,6 +186,14 @@ mod tests {
     use std::net::TcpListener;
 
     #[test]
+    fn first_body_lines() {
+        assert_eq!(first_body_line("HTTP/1.1 200 OK\r\nA: b\r\n\r\nhello\r\nworld\r\n"), "hello");
+        assert_eq!(first_body_line("HTTP/1.0 200 OK\n\nhi\n"), "hi");
+        assert_eq!(first_body_line("HTTP/1.1 204 No Content\r\n\r\n"), "");
+        assert_eq!(first_body_line("HTTP/1.1 200 OK\r\nno header end"), "");
+    }
+
+    #[test]
     fn status_lines() {
         assert_eq!(parse_status_line("HTTP/1.1 404 Not Found\r"), Some((404, "Not Found".into())));
         assert_eq!(parse_status_line("HTTP/1.0 200 OK"), Some((200, "OK".into())));
@@ -217,6 +241,7 @@ mod tests {
         let check = HttpCheck { path: "/health".into(), ..HttpCheck::new(8081, Duration::from_secs(10)) };
         let a = http_wait("127.0.0.1", port, &check).unwrap();
         assert_eq!((a.status, a.reason.as_str(), a.body()), (404, "Not Found", "nope"));
+        assert_eq!(a.first_body_line(), "nope");
         assert_eq!(seen.lock().unwrap()[0], "GET /health HTTP/1.0");
         let check = HttpCheck { expect_status: Some(200), ..HttpCheck::new(8081, Duration::from_millis(300)) };
         let e = http_wait("127.0.0.1", port, &check).unwrap_err().to_string();

@@ -8,6 +8,21 @@
 //! - **synthesis**: rebuild the custom VM from base + overlay while the overlay streams in, and
 //!   resume it with its port forwards ([`synthesize`]).
 //!
+//! # Features
+//!
+//! None is on by default: the flows alone pull in no async runtime and no HTTP stack.
+//!
+//! - `server`: `server` (the HTTP synthesis service, tokio + axum) and
+//!   `discovery` (mDNS);
+//! - `client`: `client`, a blocking client of that service (ureq).
+//!
+//! [`api`] holds the request and answer types of the HTTP API whatever the features.
+//!
+//! # Diagnostics
+//!
+//! The flows and the server never print: what they have to say are [`tracing`] events (the
+//! server logs each VM's steps with a `vm` field). Install a subscriber to see them.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -30,6 +45,8 @@ struct ReadmeDoctests;
 
 pub mod api;
 mod base;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod demo;
 #[cfg(feature = "server")]
 pub mod discovery;
@@ -50,7 +67,23 @@ pub use flows::{
     BaseRequest, BaseTimings, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
 };
 pub use forward::{parse_forward, ForwardParseError, HttpTarget, HttpTargetError};
-pub use http::{http_get_from, http_get_until, http_wait, parse_status_line, HttpAnswer, HttpCheck, POLL_INTERVAL};
+pub use http::{
+    first_body_line, http_get_from, http_get_until, http_wait, parse_status_line, HttpAnswer, HttpCheck, POLL_INTERVAL,
+};
+
+/// The message of an error followed by those of all its sources, joined by `: `: what the
+/// server puts in an error answer, what its log says and what `overlay-info` reports as the
+/// damage (anyhow's `{:#}` prints the same for an `anyhow::Error`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 pub use kept::{resume_kept, Resumed};
 
 /// Progress reported by the flows.
@@ -219,5 +252,20 @@ fn no_answer(
             let what = expect.map(|s| format!("HTTP {s} answer")).unwrap_or_else(|| "HTTP answer".into());
             format!("no {what} from {port} on {path} within {t}; the last attempt: {last}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chain_joins_every_source() {
+        let io = std::io::Error::other("disk full");
+        let e = super::FlowError::Io { path: "vms/app/memory".into(), source: io };
+        assert_eq!(super::error_chain(&e), "vms/app/memory: disk full");
+        let outer = super::FlowError::Driver(vm_driver::DriverError::Io {
+            what: "x".into(),
+            source: std::io::Error::other("y"),
+        });
+        assert_eq!(super::error_chain(&outer), "hypervisor: cannot x: y");
     }
 }

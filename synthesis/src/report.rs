@@ -230,7 +230,7 @@ impl SynthesisReport {
     /// to the VM and its directory.
     pub fn new<V>(s: &Synthesized<V>, dir: &Path, keep_running: bool, keep: bool) -> Self {
         SynthesisReport {
-            app_answer: s.answer.as_deref().map(first_body_line),
+            app_answer: s.answer.as_deref().map(|a| first_body_line(a).to_string()),
             base_id: s.base.entry.manifest.id.to_hex(),
             base_name: s.base.entry.manifest.name.clone(),
             dir: dir.to_owned(),
@@ -243,12 +243,7 @@ impl SynthesisReport {
     }
 }
 
-/// The first line of the body of a raw HTTP answer (status line and headers included); empty
-/// when there is no body.
-pub fn first_body_line(raw: &str) -> String {
-    let body = raw.split_once("\r\n\r\n").or_else(|| raw.split_once("\n\n")).map(|(_, b)| b).unwrap_or("");
-    body.lines().next().unwrap_or("").to_string()
-}
+pub use crate::http::first_body_line;
 
 /// A registered base as `list-base` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -126,21 +126,11 @@ pub enum ServerError {
 }
 
 pub use crate::api::{ApiError, Forward as PortInfo, Timeline as TimelineMs, VmInfo};
+use crate::api::{BaseInfo, Health};
+use crate::error_chain;
 
 fn api_error(status: StatusCode, code: &str, error: String) -> Response {
     (status, Json(ApiError { code: code.into(), error, base_id: None })).into_response()
-}
-
-/// The message of an error and all its sources.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// What the server needs of a hypervisor: it is shared between tasks, and its VMs live in the
@@ -220,7 +210,7 @@ impl<H: ServedHypervisor> Server<H> {
         let work_dir = std::fs::canonicalize(&cfg.work_dir)
             .map_err(|source| ServerError::Io { what: format!("resolving {}", cfg.work_dir.display()), source })?;
         if let Some(r) = recover(&work_dir)? {
-            eprintln!("{r}");
+            tracing::info!("{r}");
         }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -304,15 +294,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn healthz<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>) -> Response {
     let running = st.vms.lock().map(|v| v.len()).unwrap_or(0);
-    Json(serde_json::json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-        "running_vms": running,
-        "syntheses": st.cfg.max_syntheses - st.syntheses.available_permits(),
-        "max_syntheses": st.cfg.max_syntheses,
-        "max_vms": st.cfg.max_vms,
-        "max_overlay_bytes": st.cfg.max_overlay_bytes,
-    }))
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        running_vms: running,
+        syntheses: st.cfg.max_syntheses - st.syntheses.available_permits(),
+        max_syntheses: st.cfg.max_syntheses,
+        max_vms: st.cfg.max_vms,
+        max_overlay_bytes: st.cfg.max_overlay_bytes,
+    })
     .into_response()
 }
 
@@ -320,16 +310,19 @@ async fn bases<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>) -> Respo
     let s = st.clone();
     match tokio::task::spawn_blocking(move || s.registry.list()).await {
         Ok(Ok(all)) => {
-            let v: Vec<_> = all
+            let v: Vec<BaseInfo> = all
                 .iter()
-                .map(|b| {
-                    serde_json::json!({"id": b.manifest.id.to_hex(), "name": b.manifest.name, "bytes": b.size(),
-                "created_unix": b.manifest.created_unix, "spec": b.manifest.spec})
+                .map(|b| BaseInfo {
+                    id: b.manifest.id.to_hex(),
+                    name: b.manifest.name.clone(),
+                    bytes: b.size(),
+                    created_unix: b.manifest.created_unix,
+                    spec: b.manifest.spec.clone(),
                 })
                 .collect();
             Json(v).into_response()
         }
-        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", chain(&e)),
+        Ok(Err(e)) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", error_chain(&e)),
         Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }
@@ -356,7 +349,7 @@ async fn delete_vm<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path
                 let _ = std::fs::remove_dir_all(&r.dir);
             })
             .await;
-            eprintln!("[{id}] stopped");
+            tracing::info!(vm = %id, "stopped");
             Json(info).into_response()
         }
         None => api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}")),
@@ -483,7 +476,7 @@ async fn synthesis<H: ServedHypervisor>(
         };
         let events = |e: Event| {
             if let Event::Step(s) = e {
-                eprintln!("[{id2}] {s}");
+                tracing::info!(vm = %id2, "{s}");
             }
         };
         synthesize_with(&st2.hypervisor, &st2.registry, reader, &opts, &events)
@@ -500,7 +493,7 @@ async fn synthesis<H: ServedHypervisor>(
         if let Err(response) = answer_tx.send(response) {
             // Nobody is waiting: undo a VM that was just started for them.
             if response.status() == StatusCode::CREATED {
-                eprintln!("[{id}] the client left before the answer: stopping the VM");
+                tracing::info!(vm = %id, "the client left before the answer: stopping the VM");
                 let r = st.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                 if let Some(r) = r {
                     let _ = tokio::task::spawn_blocking(move || {
@@ -548,8 +541,9 @@ fn outcome<H: Hypervisor>(
                     .unwrap_or(0),
                 timeline: TimelineMs::from(&s.timeline),
             };
-            eprintln!(
-                "[{id}] running '{}' ({bytes} overlay bytes, {:.0} ms)",
+            tracing::info!(
+                vm = %id,
+                "running '{}' ({bytes} overlay bytes, {:.0} ms)",
                 info.name,
                 t0.elapsed().as_secs_f64() * 1e3
             );
@@ -564,7 +558,7 @@ fn outcome<H: Hypervisor>(
             (StatusCode::CREATED, [(header::LOCATION, format!("/v1/vms/{id}"))], Json(info)).into_response()
         }
         Ok(Err(e)) => {
-            eprintln!("[{id}] failed: {}", chain(&e));
+            tracing::warn!(vm = %id, "failed: {}", error_chain(&e));
             if too_large {
                 return api_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -586,7 +580,7 @@ fn outcome<H: Hypervisor>(
                 Err(e) => e.to_string(),
             };
             let _ = std::fs::remove_dir_all(dir);
-            eprintln!("[{id}] failed: the synthesis task panicked: {what}");
+            tracing::error!(vm = %id, "failed: the synthesis task panicked: {what}");
             api_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -600,7 +594,7 @@ fn outcome<H: Hypervisor>(
 /// `bad_overlay`) or ours (`internal`: our disk, our files, a bug): [`delta_engine::Fault`].
 fn flow_error(e: FlowError) -> Response {
     use delta_engine::Fault;
-    let msg = chain(&e);
+    let msg = error_chain(&e);
     match e {
         FlowError::UnknownBase { id } => (
             StatusCode::NOT_FOUND,
@@ -780,7 +774,7 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
-    eprintln!("shutting down: stopping VMs");
+    tracing::info!("shutting down: stopping VMs");
 }
 
 #[cfg(test)]

@@ -95,7 +95,11 @@ pub(crate) fn choose(qemu: &Path, qemu_version: &str, probe_kernel: Option<&Kern
             return Choice { accel: a, reason: format!("KVM probe (cached in {})", cache.display()) };
         }
     }
-    eprintln!("probing KVM (once per host, up to {} s; cached in {})...", PROBE_TIMEOUT.as_secs(), cache.display());
+    tracing::info!(
+        "probing KVM (once per host, up to {} s; cached in {})...",
+        PROBE_TIMEOUT.as_secs(),
+        cache.display()
+    );
     let Some(ok) = probe(qemu, k) else {
         // Interrupted: nothing learnt, nothing cached.
         return Choice { accel: Accel::Tcg, reason: "KVM probe interrupted".into() };

@@ -186,6 +186,7 @@ fn seconds(s: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
+    cloudlet_examples::log::init();
     let cli = Cli::parse();
     if let Command::Overlay(a) = &cli.command {
         if let Err(msg) = a.check_level() {
@@ -213,7 +214,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cloudlet: {e:#}");
+            eprintln!("cloudlet: {}", synthesis::error_chain(e.as_ref()));
             ExitCode::from(exit::code_of(&e))
         }
     }

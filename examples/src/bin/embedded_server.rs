@@ -1,5 +1,5 @@
 //! Serves synthesis inside one's own program: starts the synthesis server on a free loopback
-//! port in a tokio runtime, sends it an overlay over HTTP as any client would, prints the
+//! port in a tokio runtime, sends it an overlay with the blocking `synthesis::client`, prints the
 //! server's answer (the VM id, its forwarded ports, the timeline), asks the app through its
 //! forward, and shuts the server down, which stops the VM and removes its files.
 //!
@@ -7,10 +7,9 @@
 //! embedded_server REGISTRY OVERLAY GUEST_PORT
 //! embedded_server /tmp/reg /tmp/app.overlay 8080
 //! ```
-use std::io::BufReader;
 use std::time::Duration;
 
-use synthesis::api::VmInfo;
+use synthesis::client::{Client, UploadOptions};
 use synthesis::server::{Server, ServerConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -38,19 +37,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A client: POST the overlay; the server applies it while it arrives, resumes the VM and
     // (with `probe`) answers once the app answers on that guest port.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(300)))
-        .build()
-        .into();
-    let body = BufReader::with_capacity(1 << 20, std::fs::File::open(overlay)?);
-    let mut answer =
-        agent.post(format!("{url}/v1/synthesis?probe={port}")).send(ureq::SendBody::from_owned_reader(body))?;
-    let text = answer.body_mut().read_to_string()?;
-    if answer.status() != 201 && answer.status() != 200 {
-        return Err(format!("the server answered {}: {text}", answer.status()).into());
-    }
-    let vm: VmInfo = serde_json::from_str(&text)?;
+    let client = Client::new(&url)?;
+    let opts = UploadOptions { probe: Some(port), ..UploadOptions::default() };
+    let vm = client.synthesize(overlay.as_ref(), &opts)?;
     println!("vm {} ({} from base {})", vm.id, vm.name, vm.base_name);
     for f in &vm.ports {
         println!("forward {}:{} -> guest :{}", f.address.as_deref().unwrap_or("?"), f.host, f.guest);
@@ -60,8 +49,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The app, through the forward the server made.
     let forward = vm.ports.iter().find(|f| f.guest == port).ok_or("the VM does not forward that port")?;
     let address = forward.address.as_deref().unwrap_or("127.0.0.1");
-    let mut page = agent.get(format!("http://{address}:{}/", forward.host)).call()?;
-    println!("answer {}", page.body_mut().read_to_string()?.lines().next().unwrap_or(""));
+    let page = synthesis::http_get_from(address, forward.host, Duration::from_secs(60))?;
+    println!("answer {}", synthesis::first_body_line(&page));
 
     // Shutting down stops every VM the server started and removes their files.
     let _ = stop.send(());
