@@ -70,6 +70,7 @@ pub use forward::{parse_forward, ForwardParseError, HttpTarget, HttpTargetError}
 pub use http::{
     first_body_line, http_get_from, http_get_until, http_wait, parse_status_line, HttpAnswer, HttpCheck, POLL_INTERVAL,
 };
+pub use kept::{resume_kept, Resumed};
 
 /// The message of an error followed by those of all its sources, joined by `: `: what the
 /// server puts in an error answer, what its log says and what `overlay-info` reports as the
@@ -84,7 +85,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-pub use kept::{resume_kept, Resumed};
 
 /// Progress reported by the flows.
 #[derive(Debug, Clone)]
