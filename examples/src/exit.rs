@@ -36,9 +36,10 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
             return INVALID;
         }
         if let Some(a) = cause.downcast_ref::<A>() {
-            return match a {
-                A::Io { .. } | A::OutputExists { .. } => FAILURE,
-                _ => INVALID,
+            // Whose fault: the overlay's is damaged input; our I/O or our own failure is not.
+            return match a.fault() {
+                delta_engine::Fault::Input => INVALID,
+                _ => FAILURE,
             };
         }
         if let Some(base_registry::RegistryError::BadExport { .. }) = cause.downcast_ref() {
@@ -46,4 +47,20 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
         }
     }
     FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use delta_engine::ApplyError;
+
+    #[test]
+    fn apply_errors_exit_by_whose_fault_they_are() {
+        let ours = anyhow::Error::new(ApplyError::Internal { reason: "a decoder stopped".into() });
+        assert_eq!(code_of(&ours), FAILURE);
+        let exists = anyhow::Error::new(ApplyError::OutputExists { path: "vm/memory".into() });
+        assert_eq!(code_of(&exists.context("synthesis")), FAILURE);
+        let damaged = anyhow::Error::new(ApplyError::Mismatch { reason: "base id differs".into() });
+        assert_eq!(code_of(&damaged.context("synthesis")), INVALID);
+    }
 }
