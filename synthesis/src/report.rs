@@ -230,7 +230,7 @@ impl SynthesisReport {
     /// to the VM and its directory.
     pub fn new<V>(s: &Synthesized<V>, dir: &Path, keep_running: bool, keep: bool) -> Self {
         SynthesisReport {
-            app_answer: s.answer.as_deref().map(|a| first_body_line(a).to_string()),
+            app_answer: s.answer.as_deref().map(|a| crate::http::first_body_line(a).to_string()),
             base_id: s.base.entry.manifest.id.to_hex(),
             base_name: s.base.entry.manifest.name.clone(),
             dir: dir.to_owned(),
@@ -242,8 +242,6 @@ impl SynthesisReport {
         }
     }
 }
-
-pub use crate::http::first_body_line;
 
 /// A registered base as `list-base` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,13 +289,6 @@ impl BaseListing {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn first_body_line_skips_the_head() {
-        assert_eq!(first_body_line("HTTP/1.0 200 OK\r\nA: b\r\n\r\n<h1>hi</h1>\nmore"), "<h1>hi</h1>");
-        assert_eq!(first_body_line("HTTP/1.0 200 OK\n\nplain"), "plain");
-        assert_eq!(first_body_line("HTTP/1.0 204 No Content\r\n"), "");
-    }
 
     #[test]
     fn kinds_serialize_as_the_tool_always_printed_them() {

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use base_registry::Registry;
-use synthesis::{report, synthesize_with, HttpCheck, SynthesisOptions};
+use synthesis::{synthesize_with, HttpCheck, SynthesisOptions};
 use vm_driver::{Qemu, Vm};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Talk to the app like any client would (here: until it answers 200, up to 10 s).
     let answer = synthesis::http_get_from("127.0.0.1", host_port, Duration::from_secs(10))?;
-    println!("answer {}", report::first_body_line(&answer));
+    println!("answer {}", synthesis::first_body_line(&answer));
 
     // Stop the VM, then remove its directory (its disks are layers over the base's).
     synthesized.vm.shutdown()?;
