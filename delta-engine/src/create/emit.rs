@@ -39,8 +39,7 @@ impl<'a> Sequential<'a> {
         }
     }
 
-    /// Emits the classes of chunks `c0..` of image `ii` (see [`sequential_pass`]), ending the
-    /// run in progress.
+    /// Emits the classes of chunks `c0..` of image `ii`, ending the run in progress.
     pub(super) fn pass(
         &mut self,
         views: &[View],
@@ -49,9 +48,56 @@ impl<'a> Sequential<'a> {
         classes: Classes,
         stats: &mut CreateStats,
     ) -> Result<(), CreateError> {
-        sequential_pass(&mut self.em, &mut self.self_map, &mut self.digesters[ii], views, ii, c0, classes, stats)?;
-        self.em.flush();
-        match self.em.failed.take() {
+        // The image digest, self-dedup, runs and records into blobs, in chunk order.
+        let Sequential { em, self_map, digesters } = self;
+        let digester = &mut digesters[ii];
+        let view = &views[ii];
+        let (mut chunk, mut earlier) = (Vec::with_capacity(CHUNK_SIZE), Vec::with_capacity(CHUNK_SIZE));
+        let size = view.size();
+        for (k, (class, h, patch)) in classes.into_iter().enumerate() {
+            let c = c0 + k as u64;
+            digester.push(h);
+            let image = ii as u8;
+            match class {
+                Class::Same => {
+                    em.flush();
+                }
+                Class::Zero => {
+                    stats.changed_chunks += 1;
+                    em.zero(image, c);
+                }
+                Class::Base(src) => {
+                    stats.changed_chunks += 1;
+                    em.base(image, c, src);
+                }
+                Class::Fresh { stream } => {
+                    stats.changed_chunks += 1;
+                    let len = chunk_len(size, c);
+                    if len == CHUNK_SIZE {
+                        if let Some(&(src, src_stream)) = self_map.get(&h) {
+                            chunk.clear();
+                            earlier.clear();
+                            view.read(c, 1, &mut chunk)?;
+                            views[src.image as usize].read(src.chunk, 1, &mut earlier)?;
+                            if earlier.len() == CHUNK_SIZE && earlier == chunk {
+                                em.copy_self(image, c, src, src_stream);
+                                continue;
+                            }
+                        }
+                        self_map.insert(h, (ChunkRef { image, chunk: c }, stream));
+                    }
+                    if stream == DENSE {
+                        stats.dense_chunks += 1;
+                    }
+                    match patch {
+                        Some(p) => em.patch(image, c, &p),
+                        None => em.raw(image, c, stream),
+                    }
+                }
+            }
+        }
+        em.flush();
+        match em.failed.take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -187,65 +233,4 @@ impl Emitter<'_> {
         self.kinds.patch.bytes += patch.len() as u64;
         self.maybe_cut(LIGHT);
     }
-}
-
-/// The sequential part of a batch, in chunk order: the image digest, self-dedup, runs and
-/// records into blobs.
-#[allow(clippy::too_many_arguments)]
-fn sequential_pass(
-    em: &mut Emitter<'_>,
-    self_map: &mut HashMap<ChunkHash, (ChunkRef, usize)>,
-    digester: &mut ImageDigester,
-    views: &[View],
-    ii: usize,
-    c0: u64,
-    classes: Classes,
-    stats: &mut CreateStats,
-) -> Result<(), CreateError> {
-    let view = &views[ii];
-    let (mut chunk, mut earlier) = (Vec::with_capacity(CHUNK_SIZE), Vec::with_capacity(CHUNK_SIZE));
-    let size = view.size();
-    for (k, (class, h, patch)) in classes.into_iter().enumerate() {
-        let c = c0 + k as u64;
-        digester.push(h);
-        let image = ii as u8;
-        match class {
-            Class::Same => {
-                em.flush();
-            }
-            Class::Zero => {
-                stats.changed_chunks += 1;
-                em.zero(image, c);
-            }
-            Class::Base(src) => {
-                stats.changed_chunks += 1;
-                em.base(image, c, src);
-            }
-            Class::Fresh { stream } => {
-                stats.changed_chunks += 1;
-                let len = chunk_len(size, c);
-                if len == CHUNK_SIZE {
-                    if let Some(&(src, src_stream)) = self_map.get(&h) {
-                        chunk.clear();
-                        earlier.clear();
-                        view.read(c, 1, &mut chunk)?;
-                        views[src.image as usize].read(src.chunk, 1, &mut earlier)?;
-                        if earlier.len() == CHUNK_SIZE && earlier == chunk {
-                            em.copy_self(image, c, src, src_stream);
-                            continue;
-                        }
-                    }
-                    self_map.insert(h, (ChunkRef { image, chunk: c }, stream));
-                }
-                if stream == DENSE {
-                    stats.dense_chunks += 1;
-                }
-                match patch {
-                    Some(p) => em.patch(image, c, &p),
-                    None => em.raw(image, c, stream),
-                }
-            }
-        }
-    }
-    Ok(())
 }
