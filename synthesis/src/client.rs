@@ -641,8 +641,11 @@ mod tests {
         serde_json::to_string(&info).unwrap()
     }
 
+    /// Answers and, as the stream is dropped after, says so: a client must not keep this
+    /// connection for its next request.
     fn respond(s: &mut TcpStream, status: &str, extra: &str, body: &str) {
-        let _ = write!(s, "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len());
+        let _ =
+            write!(s, "HTTP/1.1 {status}\r\n{extra}Connection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     }
 
     #[test]
