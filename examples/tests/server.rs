@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{cloudlet, make_base, processes_mentioning, root};
@@ -692,19 +693,24 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A request with a timeout; status 0 when there was no complete answer.
+/// A request with a timeout; status 0 when there was no complete answer, with what went wrong
+/// in place of the body.
 fn try_http(addr: SocketAddr, head: &str, body: &[u8], timeout: Duration) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(10)) else {
-        return (0, "no connection".into());
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) => return (0, format!("no connection: {e}")),
     };
     let _ = s.set_read_timeout(Some(timeout));
-    let _ = s.write_all(head.as_bytes());
-    let _ = s.write_all(body);
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
+    // A server may answer (and close) before the whole body is sent: a write error is not the
+    // outcome, the answer is.
+    let written = s.write_all(head.as_bytes()).and_then(|()| s.write_all(body));
+    let mut out = Vec::new();
+    let read = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    match out.split_whitespace().nth(1).and_then(|c| c.parse().ok()) {
+        Some(status) => (status, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()),
+        None => (0, format!("no answer (write: {written:?}, read: {read:?}, {} bytes: {out:?})", out.len())),
+    }
 }
 
 #[test]
@@ -712,8 +718,8 @@ fn server_flow_soak_with_hostile_uploads() {
     let secs: u64 = std::env::var("CLOUDLET_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
     let work = tempfile::tempdir().unwrap();
     let (reg, ovl) = make_overlay(work.path());
-    let overlay = std::sync::Arc::new(std::fs::read(&ovl).unwrap());
-    let hostile = std::sync::Arc::new(declared_8_tib(&overlay));
+    let overlay = Arc::new(std::fs::read(&ovl).unwrap());
+    let hostile = Arc::new(declared_8_tib(&overlay));
     let vms = work.path().join("vms");
     let server = Served::start(
         cloudlet()
@@ -724,28 +730,52 @@ fn server_flow_soak_with_hostile_uploads() {
             .arg(&vms),
     );
     let (addr, pid) = (server.addr, server.child.id());
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
     let post = |len: u64| post_head("/v1/synthesis", len, None);
+    // Every client records what went wrong, when, and stops; the others stop too. Nothing
+    // panics while the server runs, so the first failure is the one reported, not what a
+    // server stopped by the unwinding did to the other clients.
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let fail = {
+        let failures = failures.clone();
+        move |who: &str, what: String| {
+            failures.lock().unwrap().push(format!("{who} at {:.1} s: {what}", start.elapsed().as_secs_f64()))
+        }
+    };
+    let go = {
+        let failures = failures.clone();
+        move || Instant::now() < deadline && failures.lock().unwrap().is_empty()
+    };
+    let stop_vm = move |id: &str| {
+        let head = format!("DELETE /v1/vms/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        match try_http(addr, &head, b"", Duration::from_secs(60)) {
+            (200, _) => Ok(()),
+            (st, body) => Err(format!("stopping {id} got {st}: {body}")),
+        }
+    };
+    let created_id = |body: &str| -> Result<String, String> {
+        let v: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("201 with {body:?}: {e}"))?;
+        v["id"].as_str().map(str::to_string).ok_or(format!("201 without an id: {body}"))
+    };
 
     // Four valid uploads at a time, each VM stopped again once it runs.
     let valid: Vec<_> = (0..4)
-        .map(|_| {
-            let overlay = overlay.clone();
+        .map(|i| {
+            let (overlay, fail, go) = (overlay.clone(), fail.clone(), go.clone());
             std::thread::spawn(move || {
                 let mut ok = 0;
-                while Instant::now() < deadline {
-                    let (st, body) = try_http(addr, &post(overlay.len() as u64), &overlay, Duration::from_secs(300));
-                    match st {
-                        201 => {
-                            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                            let id = v["id"].as_str().unwrap();
-                            let head = format!("DELETE /v1/vms/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                            let (st, body) = try_http(addr, &head, b"", Duration::from_secs(60));
-                            assert_eq!(st, 200, "stopping {id}: {body}");
-                            ok += 1;
+                while go() {
+                    let r = match try_http(addr, &post(overlay.len() as u64), &overlay, Duration::from_secs(300)) {
+                        (201, body) => created_id(&body).and_then(|id| stop_vm(&id)).map(|()| ok += 1),
+                        (429, _) => {
+                            std::thread::sleep(Duration::from_millis(200));
+                            Ok(())
                         }
-                        429 => std::thread::sleep(Duration::from_millis(200)),
-                        _ => panic!("a valid upload got {st}: {body}"),
+                        (st, body) => Err(format!("a valid upload got {st}: {body}")),
+                    };
+                    if let Err(e) = r {
+                        fail(&format!("valid client {i}"), e);
                     }
                 }
                 ok
@@ -755,12 +785,12 @@ fn server_flow_soak_with_hostile_uploads() {
 
     // Hostile uploads, one kind after another, each with the answer it must get (or 429).
     let hostile_thread = {
-        let (overlay, hostile) = (overlay.clone(), hostile.clone());
+        let (overlay, hostile, fail, go) = (overlay.clone(), hostile.clone(), fail.clone(), go.clone());
         std::thread::spawn(move || {
             let mut counts = std::collections::BTreeMap::<&str, usize>::new();
             let garbage: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
             let mut kind = 0;
-            while Instant::now() < deadline {
+            while go() {
                 let t = Duration::from_secs(120);
                 let (name, st, want, body): (&str, u16, u16, String) = match kind % 6 {
                     0 => {
@@ -789,15 +819,15 @@ fn server_flow_soak_with_hostile_uploads() {
                         s.write_all(&overlay[..cut]).unwrap();
                         std::thread::sleep(Duration::from_secs(3));
                         let _ = s.write_all(&overlay[cut..]);
-                        let mut out = String::new();
-                        let _ = s.read_to_string(&mut out);
+                        let mut out = Vec::new();
+                        let _ = s.read_to_end(&mut out);
+                        let out = String::from_utf8_lossy(&out);
                         let st = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
                         let b = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
                         if st == 201 {
-                            let v: serde_json::Value = serde_json::from_str(&b).unwrap();
-                            let id = v["id"].as_str().unwrap();
-                            let head = format!("DELETE /v1/vms/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                            assert_eq!(try_http(addr, &head, b"", Duration::from_secs(60)).0, 200);
+                            if let Err(e) = created_id(&b).and_then(|id| stop_vm(&id)) {
+                                fail("hostile client (slow)", e);
+                            }
                         }
                         ("slow", st, 201, b)
                     }
@@ -811,7 +841,9 @@ fn server_flow_soak_with_hostile_uploads() {
                         ("disconnected", 0, 0, String::new())
                     }
                 };
-                assert!(st == want || st == 429, "{name} upload got {st}, not {want}: {body}");
+                if st != want && st != 429 {
+                    fail("hostile client", format!("{name} upload got {st}, not {want}: {body}"));
+                }
                 *counts.entry(name).or_default() += 1;
                 kind += 1;
             }
@@ -823,15 +855,20 @@ fn server_flow_soak_with_hostile_uploads() {
     // VmRSS counts the base images the engine maps (file pages, once per mapping); RssAnon is
     // the server's own memory, which must not grow with the number of requests.
     let (mut max_rss, mut max_anon, mut anon_first_half) = (0, 0, 0);
-    let half = Instant::now() + Duration::from_secs(secs / 2);
-    while Instant::now() < deadline {
+    let mut slowest_health = Duration::ZERO;
+    let half = start + Duration::from_secs(secs / 2);
+    while go() {
+        let t0 = Instant::now();
         let (st, body) = try_http(
             addr,
             "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
             b"",
             Duration::from_secs(10),
         );
-        assert_eq!(st, 200, "/healthz during the soak: {body}");
+        slowest_health = slowest_health.max(t0.elapsed());
+        if st != 200 {
+            fail("health check", format!("/healthz got {st}: {body}"));
+        }
         max_rss = max_rss.max(status_kib(pid, "VmRSS"));
         max_anon = max_anon.max(status_kib(pid, "RssAnon"));
         if Instant::now() < half {
@@ -841,9 +878,11 @@ fn server_flow_soak_with_hostile_uploads() {
     }
     let synthesized: usize = valid.into_iter().map(|t| t.join().unwrap()).sum();
     let counts = hostile_thread.join().unwrap();
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
+    assert!(failures.is_empty(), "the soak failed:\n{}", failures.join("\n"));
     eprintln!(
-        "soak {secs} s: {synthesized} valid syntheses, hostile {counts:?}, server peak VmRSS {max_rss} KiB, \
-         RssAnon {max_anon} KiB ({anon_first_half} KiB in the first half)"
+        "soak {secs} s: {synthesized} valid syntheses, hostile {counts:?}, slowest /healthz {slowest_health:?}, \
+         server peak VmRSS {max_rss} KiB, RssAnon {max_anon} KiB ({anon_first_half} KiB in the first half)"
     );
     assert!(synthesized > 0, "no valid upload went through");
     assert!(counts.len() == 6, "not every hostile kind ran: {counts:?}");
