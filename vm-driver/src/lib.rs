@@ -47,7 +47,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use accel::{probe_cache_path, Accel, PROBE_TIMEOUT};
-pub use console::Console;
+pub use console::{Console, CONSOLE_KEEP};
 pub use qemu::{kill_all, qcow2_layer, Qemu, QemuVm};
 use serde::{Deserialize, Serialize};
 
@@ -92,10 +92,10 @@ pub trait Vm: Send {
     fn host_port(&self, guest_port: u16) -> Option<u16> {
         self.forwards().iter().find(|f| f.guest_port == guest_port).map(|f| f.host_port)
     }
-    /// The serial console (connected on first use).
+    /// The serial console (reconnected after [`Vm::release_console`]).
     fn console(&mut self) -> Result<&mut Self::Console, DriverError>;
-    /// Closes this handle's console connection (the next [`Vm::console`] reconnects), so that
-    /// someone else can use [`Vm::serial_socket`].
+    /// Closes this handle's console connection and stops reading it (the next [`Vm::console`]
+    /// reconnects), so that someone else can use [`Vm::serial_socket`].
     fn release_console(&mut self) {}
     /// The guest's serial console as a unix socket a person can connect to (one client at a
     /// time, after [`Vm::release_console`]), if the VM offers one.

@@ -169,6 +169,11 @@ impl Qemu {
             Ok(q) => vm.qmp = Some(q),
             Err(e) => return Err(vm.died_or(e.into())),
         }
+        // From the start, so that the guest never waits for someone to read its console.
+        match Console::connect(&vm.serial_socket, &vm.serial_log) {
+            Ok(c) => vm.console = Some(c),
+            Err(e) => return Err(vm.died_or(e)),
+        }
         Ok(vm)
     }
 }

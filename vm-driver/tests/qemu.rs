@@ -227,3 +227,50 @@ fn paths_with_commas_and_spaces() {
         assert!(http_get(r.host_port(80).unwrap()).contains("200"), "{mode:?}");
     }
 }
+
+/// The HTTP status line of `GET /path` on the host port, or the error.
+fn http_status(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.lines().next().unwrap_or_default().to_string())
+}
+
+/// A guest that prints megabytes on its serial console while the host reads nothing of it
+/// (no `run`, no `wait_for_text`) is not stalled: the driver drains the console. The guest
+/// reports the end of its printing over HTTP, the console is left alone until then, and the
+/// console answers at once afterwards. (Without the draining, QEMU stops taking bytes from the
+/// guest once the socket's buffer is full, and the file never appears.)
+#[test]
+fn a_chatty_guest_is_never_stalled_by_its_console() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qemu = Qemu::new().unwrap();
+    let mut vm = boot(&qemu, tmp.path());
+    let port = vm.host_port(80).unwrap();
+    let printing = "(yes 0123456789abcdef0123456789abcdef | head -c 2000000 > /dev/ttyS0; \
+                    echo printed > /mnt/disk/www/printed.txt) > /dev/null 2>&1 &";
+    let (_, st) = vm.console().unwrap().run(printing, CMD).unwrap();
+    assert_eq!(st, 0);
+    let start = Instant::now();
+    let limit = Duration::from_secs(120);
+    loop {
+        match http_status(port, "/printed.txt") {
+            Ok(line) if line.contains("200") => break,
+            last if start.elapsed() > limit => panic!(
+                "the guest did not finish printing 2 MB on its console within {limit:?} \
+                 (stalled on the console?); last answer for /printed.txt: {last:?}"
+            ),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    let printed_in = start.elapsed();
+    let asked = Instant::now();
+    let (out, st) = vm.console().unwrap().run("echo ok", Duration::from_secs(10)).unwrap();
+    assert_eq!((out.trim(), st), ("ok", 0));
+    eprintln!("2 MB printed in {printed_in:?}; then a command answered in {:?}", asked.elapsed());
+    // The output went through the console: the newest of it is in its buffer and the log.
+    assert!(vm.console().unwrap().recent().contains("0123456789abcdef0123456789abcdef"));
+    vm.console().unwrap().wait_for_text("0123456789abcdef0123456789abcdef", CMD).unwrap();
+}
