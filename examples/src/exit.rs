@@ -8,7 +8,7 @@ pub const FAILURE: u8 = 1;
 /// The command line is wrong (clap's own code: an unknown option, a value out of range).
 pub const USAGE: u8 = 2;
 /// An input is damaged or not what it should be: not an overlay, a damaged overlay, base or
-/// export file.
+/// export file, a disk image that cannot be used.
 pub const INVALID: u8 = 3;
 /// The server refused the request (4xx other than 429: bad overlay, unknown base, token).
 pub const REFUSED: u8 = 4;
@@ -22,7 +22,7 @@ pub const TABLE: &str = "Exit codes (every command):\n  \
     0    done\n  \
     1    failed\n  \
     2    usage error (the command line is wrong)\n  \
-    3    damaged or invalid input (not an overlay, a damaged overlay, base or export)\n  \
+    3    damaged or invalid input (not an overlay, a damaged overlay, base or export, an unusable disk image)\n  \
     4    refused by the server (client)\n  \
     5    the server failed or is busy (client)\n  \
     130  interrupted (its VMs were stopped and its half-written files removed)";
@@ -43,6 +43,9 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
             };
         }
         if let Some(base_registry::RegistryError::BadExport { .. }) = cause.downcast_ref() {
+            return INVALID;
+        }
+        if let Some(synthesis::FlowError::BadDisk { .. }) = cause.downcast_ref() {
             return INVALID;
         }
     }

@@ -10,7 +10,7 @@ use overlay_format::PortForward;
 use synthesis::report::{BaseListing, BaseReport, OverlayReport, SynthesisReport};
 use synthesis::{
     create_base, create_overlay_file, demo as guest_demo, parse_forward, synthesize_with, BaseRequest, Event,
-    HttpCheck, HttpTarget, OverlayRequest, RegisteredBase, SynthesisOptions,
+    HttpCheck, HttpTarget, OverlayRequest, ReadyCheck, RegisteredBase, SynthesisOptions,
 };
 use vm_driver::Qemu;
 
@@ -119,42 +119,114 @@ fn ms(d: Duration) -> String {
 /// Options of `cloudlet base`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BaseArgs {
-    /// Raw disk image (copied; never modified).
-    pub disk: PathBuf,
-    /// Kernel to boot.
-    #[arg(long)]
-    pub kernel: PathBuf,
-    /// Initrd.
-    #[arg(long)]
-    pub initrd: PathBuf,
-    /// Kernel command line.
-    #[arg(long, default_value = "console=ttyS0 quiet panic=-1")]
-    pub append: String,
-    /// Guest RAM in MiB (16..=1048576).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
-    pub ram_mib: u64,
-    /// Serial-console text that means the guest is ready.
-    #[arg(long, default_value = "cloudlet-guest: ready")]
-    pub ready: String,
-    /// A shell command to run in the guest before the snapshot (repeatable).
-    #[arg(long)]
-    pub prepare: Vec<String>,
-    /// Then hand the guest's serial console to you; the snapshot is taken when you press
-    /// Enter.
-    #[arg(long)]
-    pub interactive: bool,
-    /// Also show the guest's screen on a VNC display on 127.0.0.1 (implies --interactive);
-    /// closing the viewer also ends the step.
-    #[arg(long)]
-    pub vnc: bool,
-    #[command(flatten)]
-    pub wait: WaitArgs,
-    /// Print the result as JSON on stdout (steps still go to stderr).
-    #[arg(long)]
-    pub json: bool,
+    /// Disk images, raw or qcow2: disk0, disk1, ... in this order; the first is booted. Each is
+    /// copied into the base as a raw sparse file and never modified. A qcow2 image with a
+    /// backing file is refused (flatten it first: qemu-img convert -O qcow2 IN FLAT).
+    #[arg(required = true, value_name = "DISK")]
+    pub disks: Vec<PathBuf>,
     /// Name of the base (unique in the registry).
     #[arg(long)]
     pub name: String,
+    /// Boot this kernel directly instead of the first disk's own bootloader.
+    #[arg(long, help_heading = "Boot")]
+    pub kernel: Option<PathBuf>,
+    /// The initrd of --kernel.
+    #[arg(long, requires = "kernel", help_heading = "Boot")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line of --kernel [default: console=ttyS0 quiet panic=-1].
+    #[arg(long, requires = "kernel", help_heading = "Boot")]
+    pub append: Option<String>,
+    /// Guest RAM in MiB (16..=1048576).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=1 << 20), help_heading = "Boot")]
+    pub ram_mib: u64,
+    /// vCPUs (1..=64).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Boot")]
+    pub vcpus: u32,
+    /// The guest is ready when it prints TEXT on its serial console (ttyS0) [default:
+    /// cloudlet-guest: ready].
+    #[arg(long, value_name = "TEXT", help_heading = "Readiness")]
+    pub ready: Option<String>,
+    /// Instead of --ready: the guest is ready when a service in it accepts TCP connections on
+    /// PORT (e.g. 22 or 80; forwarded for the wait). Needs a guest that refuses connections to
+    /// closed ports (no firewall dropping them).
+    #[arg(long, value_name = "PORT", conflicts_with = "ready", value_parser = clap::value_parser!(u16).range(2..), help_heading = "Readiness")]
+    pub ready_port: Option<u16>,
+    /// How long to wait for the guest to be ready, in seconds (a distribution booting without
+    /// KVM takes a minute or more).
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400), help_heading = "Readiness")]
+    pub ready_timeout: u64,
+    /// A shell command to run in the guest, on its serial console, before the snapshot
+    /// (repeatable; a command that exits non-zero stops the flow).
+    #[arg(long, value_name = "CMD", help_heading = "Preparing the guest")]
+    pub prepare: Vec<String>,
+    /// Then hand the guest's serial console to you; the snapshot is taken when you press
+    /// Enter.
+    #[arg(long, help_heading = "Preparing the guest")]
+    pub interactive: bool,
+    /// Also show the guest's screen on a VNC display on 127.0.0.1 (implies --interactive);
+    /// closing the viewer also ends the step.
+    #[arg(long, help_heading = "Preparing the guest")]
+    pub vnc: bool,
+    #[command(flatten, next_help_heading = "Preparing the guest")]
+    pub wait: WaitArgs,
+    /// Last, before the snapshot: sync, discard the file systems' unused blocks (fstrim -av)
+    /// and drop the page cache, for a smaller base. Needs fstrim (util-linux) in the guest.
+    #[arg(long, help_heading = "Preparing the guest")]
+    pub trim: bool,
+    /// Print the result as JSON on stdout (steps still go to stderr).
+    #[arg(long, help_heading = "Options")]
+    pub json: bool,
+}
+
+impl BaseArgs {
+    /// The default kernel command line of `--kernel`.
+    pub const APPEND: &'static str = "console=ttyS0 quiet panic=-1";
+    /// The default ready text.
+    pub const READY: &'static str = "cloudlet-guest: ready";
+
+    /// The arguments of a base of the disks `disks` with every default.
+    pub fn new(name: &str, disks: Vec<PathBuf>) -> Self {
+        BaseArgs {
+            disks,
+            name: name.into(),
+            kernel: None,
+            initrd: None,
+            append: None,
+            ram_mib: 256,
+            vcpus: 1,
+            ready: None,
+            ready_port: None,
+            ready_timeout: 300,
+            prepare: vec![],
+            interactive: false,
+            vnc: false,
+            wait: WaitArgs { wait_timeout: 300, ..Default::default() },
+            trim: false,
+            json: false,
+        }
+    }
+
+    /// The flow's request, working in `work_dir`.
+    pub fn request(&self, work_dir: PathBuf) -> BaseRequest {
+        let mut req = BaseRequest::new(&self.name, self.disks[0].clone(), work_dir);
+        req.disks = self.disks.clone();
+        if let Some(k) = &self.kernel {
+            req = req.kernel(k, self.initrd.clone(), self.append.as_deref().unwrap_or(Self::APPEND));
+        }
+        req.ram_bytes = self.ram_mib << 20;
+        req.vcpus = self.vcpus;
+        req.ready = match self.ready_port {
+            Some(p) => ReadyCheck::TcpPort(p),
+            None => ReadyCheck::SerialText(self.ready.clone().unwrap_or_else(|| Self::READY.into())),
+        };
+        req.ready_timeout = Duration::from_secs(self.ready_timeout);
+        req.prepare = self.prepare.clone();
+        req.interactive = self.interactive || self.vnc;
+        req.vnc = self.vnc;
+        req.wait_http = self.wait.check();
+        req.trim = self.trim;
+        req
+    }
 }
 
 /// `--wait-http` and its options, shared by `cloudlet base` and `cloudlet overlay`.
@@ -180,20 +252,7 @@ impl WaitArgs {
 
 /// `cloudlet base`.
 pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<RegisteredBase> {
-    let req = BaseRequest {
-        name: a.name.clone(),
-        kernel: a.kernel.clone(),
-        initrd: a.initrd.clone(),
-        cmdline: a.append.clone(),
-        disk: a.disk.clone(),
-        ram_bytes: a.ram_mib << 20,
-        ready_text: a.ready.clone(),
-        prepare: a.prepare.clone(),
-        interactive: a.interactive || a.vnc,
-        vnc: a.vnc,
-        wait_http: a.wait.check(),
-        work_dir: reg.root().join(format!(".work-{}", std::process::id())),
-    };
+    let req = a.request(reg.root().join(format!(".work-{}", std::process::id())));
     let (b, t) = create_base(qemu, reg, &req, &printer(quiet)).context("creating the base VM")?;
     let r = BaseReport::new(&b, &t, reg);
     if a.json {
@@ -231,6 +290,10 @@ pub struct OverlayArgs {
     pub vnc: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
+    /// Last, before the snapshot: sync, discard the file systems' unused blocks (fstrim -av)
+    /// and drop the page cache, for a smaller overlay. Needs fstrim (util-linux) in the guest.
+    #[arg(long)]
+    pub trim: bool,
     /// Print the result as JSON on stdout (steps still go to stderr).
     #[arg(long)]
     pub json: bool,
@@ -284,6 +347,7 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
         vnc: a.vnc,
         wait_http: a.wait.check(),
         forwards,
+        trim: a.trim,
         out: a.out.clone(),
         options,
     };
@@ -513,25 +577,13 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
     let reg = Registry::open(&work.join("registry"))?;
     let t0 = std::time::Instant::now();
     println!("== 1/3 base: boot the test guest, snapshot it, index it");
-    let b = base(
-        &qemu,
-        &reg,
-        &BaseArgs {
-            name: "debian-busybox".into(),
-            kernel: g.kernel,
-            initrd: g.initrd,
-            append: guest_demo::TestGuest::CMDLINE.into(),
-            disk: g.disk,
-            ram_mib: guest_demo::TestGuest::RAM_BYTES >> 20,
-            ready: guest_demo::TestGuest::READY.into(),
-            prepare: vec![],
-            interactive: false,
-            vnc: false,
-            wait: WaitArgs { wait_timeout: 300, ..Default::default() },
-            json: false,
-        },
-        false,
-    )?;
+    let mut args = BaseArgs::new("debian-busybox", vec![g.disk]);
+    args.kernel = Some(g.kernel);
+    args.initrd = Some(g.initrd);
+    args.append = Some(guest_demo::TestGuest::CMDLINE.into());
+    args.ram_mib = guest_demo::TestGuest::RAM_BYTES >> 20;
+    args.ready = Some(guest_demo::TestGuest::READY.into());
+    let b = base(&qemu, &reg, &args, false)?;
     println!("== 2/3 overlay: resume the base, install a web app on port 8080, capture the overlay");
     let o = overlay(
         &qemu,
@@ -552,6 +604,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
                 wait_timeout: 300,
                 expect_status: None,
             },
+            trim: false,
             json: false,
         },
         false,

@@ -51,20 +51,11 @@ impl TestGuest {
 
     /// A request to make a base named `name` of this guest, snapshotting in `work_dir`.
     pub fn base_request(&self, name: &str, work_dir: PathBuf) -> BaseRequest {
-        BaseRequest {
-            name: name.into(),
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            cmdline: Self::CMDLINE.into(),
-            disk: self.disk.clone(),
-            ram_bytes: Self::RAM_BYTES,
-            ready_text: Self::READY.into(),
-            prepare: vec![],
-            interactive: false,
-            vnc: false,
-            wait_http: None,
-            work_dir,
-        }
+        let mut req =
+            BaseRequest::new(name, &self.disk, work_dir).kernel(&self.kernel, Some(self.initrd.clone()), Self::CMDLINE);
+        req.ram_bytes = Self::RAM_BYTES;
+        req.ready = crate::ReadyCheck::SerialText(Self::READY.into());
+        req
     }
 }
 

@@ -12,13 +12,15 @@ use delta_engine::{
     OverlayInfo,
 };
 use overlay_format::{OverlayReader, PortForward};
-use vm_driver::{DiskFormat, Forward, Hypervisor, LaunchSpec, RamMode, RestoreOptions, SerialConsole, Snapshot, Vm};
+use vm_driver::{
+    DiskFormat, Forward, Hypervisor, KernelBoot, LaunchSpec, RamMode, RestoreOptions, SerialConsole, Snapshot, Vm,
+};
 
 use crate::base::{register_snapshot, RegisteredBase};
 use crate::http::{http_wait, HttpCheck};
-use crate::{Event, FlowError};
+use crate::ready::{ReadyCheck, CANARY_PORT};
+use crate::{Event, FlowError, InputFormat};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Paths that flows in progress would remove on error: what [`interrupt_cleanup`] removes.
@@ -247,23 +249,31 @@ fn run_all<V: Vm>(vm: &mut V, commands: &[String], events: &(dyn Fn(Event) + Syn
 }
 
 /// What the base flow boots.
+///
+/// Made with [`BaseRequest::new`] (the defaults: the first disk booted by its firmware, 256 MiB
+/// of RAM, one vCPU, ready when the guest prints `cloudlet-guest: ready` on its serial console,
+/// within 300 s); set the fields that differ.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BaseRequest {
     /// Name of the base.
     pub name: String,
-    /// Kernel, initrd, command line.
-    pub kernel: PathBuf,
-    /// Initrd.
-    pub initrd: PathBuf,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Raw disk image (copied, never modified).
-    pub disk: PathBuf,
-    /// Guest RAM.
+    /// Direct kernel boot: a kernel, an optional initrd, a command line. `None`: the firmware
+    /// boots the first disk (its own bootloader).
+    pub kernel: Option<KernelBoot>,
+    /// Disk images, raw or qcow2 (see [`probe_disk`](crate::probe_disk)): `disk0`, `disk1`, ...
+    /// in this order; the first is the boot disk. Each is copied into the base as a raw sparse
+    /// file; the inputs are never modified.
+    pub disks: Vec<PathBuf>,
+    /// Guest RAM (a multiple of 1 MiB).
     pub ram_bytes: u64,
-    /// Text on the serial console that says the guest is ready.
-    pub ready_text: String,
-    /// Shell commands run in the guest before the snapshot.
+    /// vCPUs.
+    pub vcpus: u32,
+    /// What says the booted guest is ready.
+    pub ready: ReadyCheck,
+    /// How long to wait for it.
+    pub ready_timeout: Duration,
+    /// Shell commands run in the guest (on its serial console) before the snapshot.
     pub prepare: Vec<String>,
     /// After the commands, hand the serial console to a person ([`Event::Interactive`]).
     pub interactive: bool,
@@ -272,9 +282,67 @@ pub struct BaseRequest {
     pub vnc: bool,
     /// Then wait until the guest answers HTTP on this port (forwarded for the wait only).
     pub wait_http: Option<HttpCheck>,
+    /// Last, before the snapshot, discard the guest's freed disk blocks and drop its page cache
+    /// ([`TRIM_COMMANDS`]): a smaller base. Needs `fstrim` (util-linux) in the guest.
+    pub trim: bool,
     /// Scratch directory for the snapshot before it moves into the registry (must not
     /// exist; removed afterwards).
     pub work_dir: PathBuf,
+}
+
+impl BaseRequest {
+    /// A request to make base `name` of the disk image `disk`, working in `work_dir`, with
+    /// the defaults above.
+    pub fn new(name: &str, disk: impl Into<PathBuf>, work_dir: impl Into<PathBuf>) -> Self {
+        BaseRequest {
+            name: name.into(),
+            kernel: None,
+            disks: vec![disk.into()],
+            ram_bytes: 256 << 20,
+            vcpus: 1,
+            ready: ReadyCheck::SerialText("cloudlet-guest: ready".into()),
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+            prepare: Vec::new(),
+            interactive: false,
+            vnc: false,
+            wait_http: None,
+            trim: false,
+            work_dir: work_dir.into(),
+        }
+    }
+
+    /// Boots `kernel` with `initrd` (if any) and `cmdline` instead of the first disk.
+    pub fn kernel(mut self, kernel: impl Into<PathBuf>, initrd: Option<PathBuf>, cmdline: &str) -> Self {
+        self.kernel = Some(KernelBoot { kernel: kernel.into(), initrd, cmdline: cmdline.into() });
+        self
+    }
+}
+
+/// How long the base flow waits for a booted guest by default (a distribution booting under
+/// TCG takes a minute or more).
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What `trim` runs in the guest before a snapshot: write everything out, discard the disk
+/// blocks the file systems no longer use (the disks have `discard=unmap`, so they become holes
+/// in the image) and drop the page cache (the freed pages are reported to the host by the
+/// balloon's free page reporting and become holes in the RAM image).
+pub const TRIM_COMMANDS: [&str; 2] = ["sync && fstrim -av", "echo 3 > /proc/sys/vm/drop_caches"];
+
+/// Runs [`TRIM_COMMANDS`] on the console.
+fn trim<V: Vm>(vm: &mut V, events: &(dyn Fn(Event) + Sync)) -> Result<(), FlowError> {
+    let commands: Vec<String> = TRIM_COMMANDS.iter().map(|c| c.to_string()).collect();
+    run_all(vm, &commands, events).map_err(|e| match e {
+        FlowError::GuestCommand { command, status, output } if command.contains("fstrim") => FlowError::GuestCommand {
+            command,
+            status,
+            output: format!(
+                "{}
+(trimming needs fstrim from util-linux in the guest)",
+                output.trim_end()
+            ),
+        },
+        e => e,
+    })
 }
 
 /// Timings of the base flow.
@@ -288,7 +356,27 @@ pub struct BaseTimings {
     pub index: Duration,
 }
 
-/// Boots a raw disk image, prepares it, snapshots it, indexes it and registers it.
+/// Checks a base request before any work: the kernel files and every disk image.
+fn check_base_request(req: &BaseRequest) -> Result<(), FlowError> {
+    if req.disks.is_empty() {
+        return Err(FlowError::Unsupported { what: "a base without a disk".into() });
+    }
+    if let Some(k) = &req.kernel {
+        for f in std::iter::once(&k.kernel).chain(&k.initrd) {
+            let m = std::fs::metadata(f).map_err(|source| FlowError::Io { path: f.clone(), source })?;
+            if !m.is_file() {
+                return Err(FlowError::Io { path: f.clone(), source: std::io::Error::other("not a regular file") });
+            }
+        }
+    }
+    for d in &req.disks {
+        crate::disk::probe_disk(d)?;
+    }
+    Ok(())
+}
+
+/// Boots disk images (raw or qcow2, by their firmware or a kernel), waits until the guest is
+/// ready, prepares it, snapshots it, indexes it and registers it.
 pub fn create_base<H: Hypervisor>(
     hypervisor: &H,
     registry: &Registry,
@@ -301,19 +389,32 @@ pub fn create_base<H: Hypervisor>(
     if let Ok(b) = registry.find(&req.name) {
         return Err(FlowError::BadBase { dir: b.dir, reason: format!("a base named '{}' exists already", req.name) });
     }
+    check_base_request(req)?;
     let mut t = BaseTimings::default();
     let work = req.work_dir.clone();
     create_dir_new(&work)?;
     let _work_guard = Guard::new(&work);
-    let disk = work.join("disk0.raw");
-    std::fs::copy(&req.disk, &disk).map_err(|source| FlowError::Io { path: req.disk.clone(), source })?;
-    let mut spec = LaunchSpec::new(req.ram_bytes).kernel(&req.kernel, &req.initrd, &req.cmdline).disk(
-        "disk0",
-        &disk,
-        DiskFormat::Raw,
-    );
+    let mut spec = LaunchSpec::new(req.ram_bytes);
+    spec.vcpus = req.vcpus;
+    spec.kernel = req.kernel.clone();
+    for (i, input) in req.disks.iter().enumerate() {
+        let name = format!("disk{i}");
+        let disk = work.join(format!("{name}.raw"));
+        if let InputFormat::Qcow2 = crate::disk::probe_disk(input)? {
+            events(Event::Step(format!("converting {} (qcow2) to a raw {name}", input.display())));
+        }
+        crate::disk::import_disk(input, &disk)?;
+        spec = spec.disk(&name, &disk, DiskFormat::Raw);
+    }
     if let Some(c) = &req.wait_http {
         spec = spec.forward(0, c.port);
+    }
+    if let ReadyCheck::TcpPort(p) = req.ready {
+        for port in [p, CANARY_PORT] {
+            if !spec.forwards.iter().any(|f| f.guest_port == port) {
+                spec = spec.forward(0, port);
+            }
+        }
     }
     spec.vnc_display = req.vnc.then_some(0);
     events(Event::Step(match hypervisor.launch_note(&spec) {
@@ -322,9 +423,26 @@ pub fn create_base<H: Hypervisor>(
     }));
     let t0 = Instant::now();
     let mut vm = hypervisor.launch(&spec)?;
-    vm.console()?.wait_for_text(&req.ready_text, BOOT_TIMEOUT)?;
+    events(Event::Step(req.ready.describe(req.ready_timeout)));
+    match &req.ready {
+        ReadyCheck::SerialText(text) => vm.console()?.wait_for_text(text, req.ready_timeout)?,
+        ReadyCheck::TcpPort(p) => {
+            let host_of = |port: u16| {
+                vm.host_port(port).ok_or_else(|| FlowError::NotForwarded {
+                    port,
+                    forwarded: vm.forwards().iter().map(|f| f.guest_port).collect(),
+                })
+            };
+            let (target, canary) = ((*p, host_of(*p)?), (CANARY_PORT, host_of(CANARY_PORT)?));
+            crate::ready::tcp_wait("127.0.0.1", target, canary, req.ready_timeout)?;
+        }
+    }
     t.boot = t0.elapsed();
+    events(Event::Step(format!("the guest is ready after {:.1} s", t.boot.as_secs_f64())));
     prepare(&mut vm, &req.prepare, req.interactive, req.wait_http.as_ref(), events)?;
+    if req.trim {
+        trim(&mut vm, events)?;
+    }
     events(Event::Step("snapshotting the base VM".into()));
     let t1 = Instant::now();
     let snap = vm.snapshot(&work.join("snapshot"))?;
@@ -332,7 +450,8 @@ pub fn create_base<H: Hypervisor>(
     t.snapshot = t1.elapsed();
     events(Event::Step("indexing and registering the base".into()));
     let t2 = Instant::now();
-    let base = register_snapshot(registry, &snap, &req.name, Some(req.disk.display().to_string()))?;
+    let source: Vec<String> = req.disks.iter().map(|d| d.display().to_string()).collect();
+    let base = register_snapshot(registry, &snap, &req.name, Some(source.join(", ")))?;
     t.index = t2.elapsed();
     Ok((base, t))
 }
@@ -354,6 +473,9 @@ pub struct OverlayRequest {
     pub wait_http: Option<HttpCheck>,
     /// The app's port forwards (recorded in the overlay).
     pub forwards: Vec<PortForward>,
+    /// Last, before the snapshot, discard the guest's freed disk blocks and drop its page
+    /// cache ([`TRIM_COMMANDS`]): a smaller overlay. Needs `fstrim` (util-linux) in the guest.
+    pub trim: bool,
     /// The overlay file to write (must not exist).
     pub out: PathBuf,
     /// Engine options (compression, level).
@@ -422,7 +544,11 @@ pub fn create_overlay_file<H: Hypervisor>(
     let resume = t0.elapsed();
     let t1 = Instant::now();
     prepare(&mut vm, &req.customize, req.interactive, req.wait_http.as_ref(), events)?;
-    run_all(&mut vm, &["sync".to_string()], events)?;
+    if req.trim {
+        trim(&mut vm, events)?;
+    } else {
+        run_all(&mut vm, &["sync".to_string()], events)?;
+    }
     let customize = t1.elapsed();
     events(Event::Step("snapshotting the custom VM".into()));
     let t2 = Instant::now();

@@ -1,8 +1,9 @@
 //! VM synthesis flows composed from the overlay format, the delta engine and a hypervisor
 //! (any [`vm_driver::Hypervisor`]; QEMU in the tool):
 //!
-//! - **base**: boot a raw disk image, prepare it, snapshot disk + memory + device state, index
-//!   it ([`create_base`]);
+//! - **base**: boot raw or qcow2 disk images (by their own bootloader, or a kernel), wait until
+//!   the guest is ready, prepare it, snapshot disks + memory + device state, index it
+//!   ([`create_base`]);
 //! - **overlay**: resume the base, customize it, snapshot it, write the overlay
 //!   ([`create_overlay_file`]);
 //! - **synthesis**: rebuild the custom VM from base + overlay while the overlay streams in, and
@@ -50,10 +51,12 @@ pub mod client;
 pub mod demo;
 #[cfg(feature = "server")]
 pub mod discovery;
+mod disk;
 mod flows;
 mod forward;
 mod http;
 mod kept;
+mod ready;
 pub mod report;
 #[cfg(feature = "server")]
 pub mod server;
@@ -62,15 +65,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use base::{export_base_file, RegisteredBase};
+pub use disk::{probe_disk, InputFormat};
 pub use flows::{
     create_base, create_overlay_file, interrupt_cleanup, interrupted, remove_on_interrupt, synthesize, synthesize_with,
     BaseRequest, BaseTimings, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
+    DEFAULT_READY_TIMEOUT, TRIM_COMMANDS,
 };
 pub use forward::{parse_forward, ForwardParseError, HttpTarget, HttpTargetError};
 pub use http::{
     first_body_line, http_get_from, http_get_until, http_wait, parse_status_line, HttpAnswer, HttpCheck, POLL_INTERVAL,
 };
 pub use kept::{resume_kept, Resumed};
+pub use ready::{ReadyCheck, CANARY_PORT};
 
 /// The message of an error followed by those of all its sources, joined by `: `: what the
 /// server puts in an error answer, what its log says and what `overlay-info` reports as the
@@ -216,6 +222,24 @@ pub enum FlowError {
         port: u16,
         /// The guest ports the overlay forwards.
         forwarded: Vec<u16>,
+    },
+    /// A disk image given for a base cannot be used as it is.
+    #[error("disk image {path}: {reason}")]
+    BadDisk {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A booted guest did not become ready in time.
+    #[error("the guest was not ready within {}: waiting for {waiting_for}; the last attempt: {last}", http::secs(*.timeout))]
+    NotReady {
+        /// What was awaited.
+        waiting_for: String,
+        /// How long.
+        timeout: Duration,
+        /// What the last attempt saw.
+        last: String,
     },
     /// Something the flows do not support.
     #[error("{what} is not supported")]

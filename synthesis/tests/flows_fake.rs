@@ -72,15 +72,13 @@ fn base_overlay_and_synthesis_run_in_order_and_leave_only_their_outputs() {
     let s = Setup::new();
     let (events, on) = recorder();
     let (base, _) = create_base(&s.hv, &s.registry, &s.base_request(), &on).unwrap();
+    let steps = events.steps();
     assert_eq!(
-        events.steps(),
-        [
-            "booting the base VM",
-            "guest$ echo prepared",
-            "snapshotting the base VM",
-            "indexing and registering the base"
-        ]
+        steps[..2],
+        ["booting the base VM", "waiting up to 5 s for \"fake guest: ready\" on the serial console"]
     );
+    assert!(steps[2].starts_with("the guest is ready after "), "{steps:?}");
+    assert_eq!(steps[3..], ["guest$ echo prepared", "snapshotting the base VM", "indexing and registering the base"]);
     assert!(!s.path("work").exists(), "the base flow's work directory is left behind");
     assert_eq!(base.snapshot.layout(), vm_driver::DeviceLayout { free_page_reporting: true, display: false });
 
@@ -153,7 +151,7 @@ fn a_failing_guest_command_is_named_and_the_base_is_not_registered() {
 fn a_base_without_the_ready_text_times_out_naming_it() {
     let s = Setup::new();
     let mut req = s.base_request();
-    req.ready_text = "never printed".into();
+    req.ready = synthesis::ReadyCheck::SerialText("never printed".into());
     let e = create_base(&s.hv, &s.registry, &req, &|_| {}).unwrap_err();
     assert!(
         matches!(&e, FlowError::Driver(DriverError::Timeout { waiting_for, .. }) if waiting_for.contains("never printed")),

@@ -44,7 +44,8 @@ enum Command {
         #[arg(long, env = "CLOUDLET_GUEST_DIR", default_value = ".cache/guest")]
         guest: PathBuf,
     },
-    /// Create a base VM: boot a raw disk image, prepare it, snapshot memory + disk + device
+    /// Create a base VM: boot disk images (raw or qcow2; by their own bootloader, or a
+    /// kernel), wait until the guest is ready, prepare it, snapshot memory + disks + device
     /// state, index it, register it.
     Base(cloudlet_examples::flows::BaseArgs),
     /// List the registered bases.

@@ -8,10 +8,8 @@
 //! ```
 //!
 //! Prints `base ID NAME` and the registry on success.
-use std::path::PathBuf;
-
 use base_registry::Registry;
-use synthesis::{create_base, BaseRequest, Event};
+use synthesis::{create_base, BaseRequest, Event, ReadyCheck};
 use vm_driver::Qemu;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,23 +24,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Finds QEMU and decides between KVM and TCG.
     let qemu = Qemu::new()?;
 
-    let request = BaseRequest {
-        name: name.clone(),
-        kernel: kernel.into(),
-        initrd: initrd.into(),
-        cmdline: "console=ttyS0 quiet panic=-1".into(),
-        // The disk is copied into the base; the original is never modified.
-        disk: disk.into(),
-        ram_bytes: 256 << 20,
-        ready_text,
-        // Shell commands to run in the guest before the snapshot (none here).
-        prepare: vec![],
-        interactive: false,
-        vnc: false,
-        wait_http: None,
-        // Scratch space for the snapshot; it must not exist, and is removed afterwards.
-        work_dir: PathBuf::from(format!("{}.work-{}", registry.root().display(), std::process::id())),
-    };
+    // The disk is copied into the base; the original is never modified. The scratch directory
+    // for the snapshot must not exist, and is removed afterwards.
+    let work_dir = format!("{}.work-{}", registry.root().display(), std::process::id());
+    let mut request =
+        BaseRequest::new(name, disk, work_dir).kernel(kernel, Some(initrd.into()), "console=ttyS0 quiet panic=-1");
+    request.ram_bytes = 256 << 20;
+    // The guest is ready when it prints this on its serial console.
+    request.ready = ReadyCheck::SerialText(ready_text);
+    // Shell commands to run in the guest before the snapshot would go in `request.prepare`.
+
     // The flow reports its steps; a real program might log them.
     let (base, timings) = create_base(&qemu, &registry, &request, &|e| {
         if let Event::Step(step) = e {

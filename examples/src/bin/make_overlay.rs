@@ -39,6 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         wait_http: Some(HttpCheck::new(port, Duration::from_secs(60))),
         // Recorded in the overlay: synthesis forwards this guest port (host port 0: any free one).
         forwards: vec![PortForward { protocol: Protocol::Tcp, host_port: 0, guest_port: port }],
+        // `true` would discard the guest's freed disk blocks and drop its page cache first.
+        trim: false,
         // Must not exist: an overlay is never overwritten.
         out: out.into(),
         // zstd at level 4; `CreateOptions::xz(6)` makes smaller overlays, slowly.

@@ -5,7 +5,9 @@
 //! state, copies of its disks and kernel, and a manifest made with `Snapshot::new`. Console
 //! commands are scripted: each one is logged and leaves its text in the RAM (so overlays have
 //! changes to carry), and answers with the output and status set for it. Each forward is a real
-//! loopback listener that answers HTTP 200, or only accepts and hangs up when told to. Failures
+//! loopback listener that answers HTTP 200, or, as QEMU's user networking would, hangs up at
+//! once where nothing listens in the guest (guest port 1, and ports told so) and holds
+//! connections silently while the guest's network is down. Failures
 //! are injected through [`Faults`]; once the flows' `interrupt_cleanup` has run, every
 //! operation fails as a killed VM would.
 #![allow(dead_code)]
@@ -36,6 +38,12 @@ pub struct Faults {
     pub snapshot: bool,
     /// Forwards accept connections but never answer HTTP.
     pub http_silent: bool,
+    /// Guest ports where nothing listens: their forwards accept a connection and close it at
+    /// once, as QEMU's user networking does when the guest refuses. Guest port 1 is always so.
+    pub refused_ports: std::collections::BTreeSet<u16>,
+    /// The guest's network is not up: every forward accepts a connection and holds it, silent,
+    /// as QEMU's user networking does while the guest does not answer.
+    pub network_down: bool,
     /// Commands that exit with this status and output instead of 0.
     pub failing_commands: BTreeMap<String, (i32, String)>,
 }
@@ -86,10 +94,17 @@ impl FakeHypervisor {
         forwards: &[Forward],
         layout: DeviceLayout,
     ) -> Result<FakeVm, DriverError> {
-        let silent = self.faults().http_silent;
+        let faults = self.faults();
         let mut chosen = Vec::new();
         for f in forwards {
-            chosen.push(Forward { host_port: serve_http(f.host_port, silent)?, guest_port: f.guest_port });
+            let how = if faults.network_down {
+                Listen::Hold
+            } else if f.guest_port == 1 || faults.refused_ports.contains(&f.guest_port) || faults.http_silent {
+                Listen::Close
+            } else {
+                Listen::Http
+            };
+            chosen.push(Forward { host_port: serve(f.host_port, how)?, guest_port: f.guest_port });
         }
         self.live.fetch_add(1, Ordering::SeqCst);
         Ok(FakeVm {
@@ -112,20 +127,36 @@ fn killed() -> DriverError {
     DriverError::QemuDied { status: "killed".into(), stderr_tail: "the process is exiting".into() }
 }
 
-/// A loopback listener that answers every request with HTTP 200 (or, `silent`, hangs up).
-fn serve_http(port: u16, silent: bool) -> Result<u16, DriverError> {
+/// What a forward's listener does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listen {
+    /// Answer a request with HTTP 200.
+    Http,
+    /// Close it at once.
+    Close,
+    /// Hold it open, silent.
+    Hold,
+}
+
+/// A loopback listener on `port` (0: any) that treats connections as `how` says.
+fn serve(port: u16, how: Listen) -> Result<u16, DriverError> {
     let l = TcpListener::bind(("127.0.0.1", port)).map_err(|_| DriverError::PortInUse { port })?;
     let port = l.local_addr().expect("bound").port();
     std::thread::spawn(move || {
+        let mut held = Vec::new();
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
-            if silent {
-                continue;
+            match how {
+                Listen::Close => continue,
+                Listen::Hold => held.push(s),
+                Listen::Http => {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf);
+                    let _ =
+                        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nfake app\r\n");
+                }
             }
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nfake app\r\n");
         }
     });
     Ok(port)
@@ -356,20 +387,13 @@ impl SerialConsole for FakeConsole {
 /// working in `dir/work`.
 pub fn base_request(dir: &Path) -> synthesis::BaseRequest {
     let (kernel, initrd, disk) = guest_files(&dir.join("guest"));
-    synthesis::BaseRequest {
-        name: "fakebase".into(),
-        kernel,
-        initrd,
-        cmdline: "console=ttyS0".into(),
-        disk,
-        ram_bytes: 1 << 20,
-        ready_text: "fake guest: ready".into(),
-        prepare: vec!["echo prepared".into()],
-        interactive: false,
-        vnc: false,
-        wait_http: None,
-        work_dir: dir.join("work"),
-    }
+    let mut req =
+        synthesis::BaseRequest::new("fakebase", disk, dir.join("work")).kernel(kernel, Some(initrd), "console=ttyS0");
+    req.ram_bytes = 1 << 20;
+    req.ready = synthesis::ReadyCheck::SerialText("fake guest: ready".into());
+    req.ready_timeout = Duration::from_secs(5);
+    req.prepare = vec!["echo prepared".into()];
+    req
 }
 
 /// An overlay request that runs one command and forwards guest port 8080, written to `out`.
@@ -385,6 +409,7 @@ pub fn overlay_request(out: &Path) -> synthesis::OverlayRequest {
             host_port: 0,
             guest_port: 8080,
         }],
+        trim: false,
         out: out.to_owned(),
         options: delta_engine::CreateOptions::default(),
     }
