@@ -303,7 +303,7 @@ pub struct NewBase {
     /// The VM spec.
     pub spec: VmSpec,
     /// `(name, path)` of its files: `memory`, each disk of the spec, `device-state`, optional
-    /// `kernel`, `initrd`, `index`.
+    /// `kernel`, `initrd`, `firmware-code` with `firmware-vars` (UEFI), `index`.
     pub files: Vec<(String, PathBuf)>,
     /// Move or copy.
     pub mode: Mode,
@@ -324,6 +324,10 @@ pub struct SnapshotRecord {
     pub free_page_reporting: bool,
     /// The VM had a display device (part of the device layout).
     pub display: bool,
+    /// The VM had the guest agent channel (part of the device layout). Left out of the JSON
+    /// when false, so the manifests (and checksums) of bases without it are as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_agent: bool,
 }
 
 /// What [`Registry::verify`] found, per file.

@@ -11,8 +11,8 @@ use crate::{FileEntry, Manifest};
 
 /// Files every base has.
 pub(crate) const REQUIRED: [&str; 2] = ["memory", "device-state"];
-/// Files a base may have besides its disks.
-pub(crate) const OPTIONAL: [&str; 2] = ["kernel", "initrd"];
+/// Files a base may have besides its disks (the firmware files both or neither).
+pub(crate) const OPTIONAL: [&str; 4] = ["kernel", "initrd", "firmware-code", "firmware-vars"];
 /// Longest base, file or disk name.
 pub(crate) const MAX_NAME_LEN: usize = 64;
 /// Most disks a spec may list.
@@ -113,7 +113,8 @@ pub(crate) fn check_files(spec: &VmSpec, files: &[(&str, u64)], index_allowed: b
             || (index_allowed && n == "index");
         if !known {
             return Err(format!(
-                "unexpected file '{n}' (not memory, device-state, a disk of the spec, kernel, initrd or index)"
+                "unexpected file '{n}' (not memory, device-state, a disk of the spec, kernel, initrd, \
+                 firmware-code, firmware-vars or index)"
             ));
         }
         if files[..i].iter().any(|&(m, _)| m == n) {
@@ -135,6 +136,10 @@ pub(crate) fn check_files(spec: &VmSpec, files: &[(&str, u64)], index_allowed: b
         if !files.iter().any(|&(n, _)| n == w) {
             return Err(format!("missing file '{w}'"));
         }
+    }
+    let has = |w: &str| files.iter().any(|&(n, _)| n == w);
+    if has("firmware-code") != has("firmware-vars") {
+        return Err("the firmware files come in pairs: firmware-code and firmware-vars, or neither".into());
     }
     Ok(())
 }

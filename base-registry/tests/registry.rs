@@ -472,7 +472,8 @@ fn open_existing_never_creates() {
 fn the_snapshot_record_round_trips_and_is_checked() {
     let t = tempfile::tempdir().unwrap();
     let reg = Registry::open(&t.path().join("reg")).unwrap();
-    let record = SnapshotRecord { state_hash: "ab".repeat(32), free_page_reporting: false, display: true };
+    let record =
+        SnapshotRecord { state_hash: "ab".repeat(32), free_page_reporting: false, display: true, guest_agent: true };
     let mut nb = new_base(&t.path().join("a"), "alpha", 1, Mode::Copy);
     nb.snapshot = Some(record.clone());
     let a = reg.register(nb).unwrap();
@@ -480,16 +481,56 @@ fn the_snapshot_record_round_trips_and_is_checked() {
     let mut export = Vec::new();
     reg.export(&a.id(), &mut export).unwrap();
     let reg2 = Registry::open(&t.path().join("reg2")).unwrap();
-    assert_eq!(reg2.import(&export[..]).unwrap().manifest.snapshot, Some(record));
+    assert_eq!(reg2.import(&export[..]).unwrap().manifest.snapshot, Some(record.clone()));
 
     let b = reg.register(new_base(&t.path().join("b"), "beta", 2, Mode::Copy)).unwrap();
     let json = std::fs::read_to_string(b.dir.join("manifest.json")).unwrap();
     assert!(!json.contains("\"snapshot\""), "{json}");
+    // Without a guest agent the record is written as before the field existed.
+    let mut nb = new_base(&t.path().join("d"), "delta", 4, Mode::Copy);
+    nb.snapshot = Some(SnapshotRecord { guest_agent: false, ..record.clone() });
+    let d = reg.register(nb).unwrap();
+    let json = std::fs::read_to_string(d.dir.join("manifest.json")).unwrap();
+    assert!(json.contains("\"snapshot\"") && !json.contains("guest_agent"), "{json}");
     assert_eq!(reg.find("beta").unwrap().manifest.snapshot, None);
 
     let mut bad = new_base(&t.path().join("c"), "gamma", 3, Mode::Copy);
-    bad.snapshot = Some(SnapshotRecord { state_hash: "not hex".into(), free_page_reporting: true, display: false });
+    bad.snapshot = Some(SnapshotRecord {
+        state_hash: "not hex".into(),
+        free_page_reporting: true,
+        display: false,
+        guest_agent: false,
+    });
     let e = reg.register(bad).unwrap_err();
     assert!(e.to_string().contains("state_hash \"not hex\""), "{e}");
     assert!(reg.find("gamma").is_err());
+}
+
+/// A UEFI base keeps its firmware files (code and variables), which the id covers; they come
+/// in pairs, and export and import carry them.
+#[test]
+fn firmware_files_are_registered_in_pairs() {
+    let t = tempfile::tempdir().unwrap();
+    let reg = Registry::open(&t.path().join("reg")).unwrap();
+    let firmware = |dir: &Path, names: &[&str]| {
+        let mut nb = new_base(dir, dir.file_name().unwrap().to_str().unwrap(), 5, Mode::Copy);
+        for n in names {
+            std::fs::write(dir.join(n), format!("{n} bytes")).unwrap();
+            nb.files.push((n.to_string(), dir.join(n)));
+        }
+        nb
+    };
+    let plain = reg.register(new_base(&t.path().join("plain"), "plain", 5, Mode::Copy)).unwrap();
+    let uefi = reg.register(firmware(&t.path().join("uefi"), &["firmware-code", "firmware-vars"])).unwrap();
+    assert_ne!(plain.id(), uefi.id(), "the id covers the firmware");
+    assert!(uefi.path("firmware-code").is_some() && uefi.path("firmware-vars").is_some());
+    assert!(reg.verify(&uefi.id()).unwrap().is_ok());
+    let mut export = Vec::new();
+    reg.export(&uefi.id(), &mut export).unwrap();
+    let reg2 = Registry::open(&t.path().join("reg2")).unwrap();
+    let back = reg2.import(&export[..]).unwrap();
+    assert_eq!(std::fs::read(back.path("firmware-vars").unwrap()).unwrap(), b"firmware-vars bytes");
+
+    let e = reg.register(firmware(&t.path().join("half"), &["firmware-vars"])).unwrap_err();
+    assert!(e.to_string().contains("firmware-code and firmware-vars, or neither"), "{e}");
 }

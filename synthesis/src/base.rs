@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use base_registry::{BaseEntry, Mode, NewBase, Registry, SnapshotRecord};
 use delta_engine::{Base, BaseImage, BaseIndex};
 use overlay_format::{BaseId, DiskSpec, ImageKind, VmSpec};
-use vm_driver::{DeviceLayout, Disk, DiskFormat, KernelBoot, Snapshot};
+use vm_driver::{DeviceLayout, Disk, DiskFormat, FirmwareFiles, KernelBoot, Snapshot};
 
 use crate::FlowError;
 
@@ -46,6 +46,9 @@ impl RegisteredBase {
             .iter()
             .map(|d| Disk { name: d.name.clone(), path: d.name.clone().into(), format: DiskFormat::Raw })
             .collect();
+        snapshot.firmware = entry
+            .path("firmware-code")
+            .map(|_| FirmwareFiles { code: "firmware-code".into(), vars: "firmware-vars".into() });
         snapshot.memory_file = "memory".into();
         snapshot.device_state_file = "device-state".into();
         snapshot.state_hash = facts.state_hash;
@@ -126,6 +129,12 @@ pub(crate) fn register_snapshot(
             files.push(("initrd".into(), snap.dir.join(i)));
         }
     }
+    // UEFI: the firmware as the base VM left it (not indexed: the delta engine covers memory
+    // and disks only).
+    if let Some(f) = &snap.firmware {
+        files.push(("firmware-code".into(), snap.dir.join(&f.code)));
+        files.push(("firmware-vars".into(), snap.dir.join(&f.vars)));
+    }
     let spec = VmSpec {
         machine_type: snap.machine_type.clone(),
         cpu_model: snap.cpu_model.clone(),
@@ -183,6 +192,7 @@ impl SnapshotFacts {
             state_hash: self.state_hash.clone(),
             free_page_reporting: self.layout.free_page_reporting,
             display: self.layout.display,
+            guest_agent: self.layout.guest_agent,
         }
     }
 
@@ -190,7 +200,11 @@ impl SnapshotFacts {
     /// registered before the layout was recorded have: free page reporting, no display.
     fn read(entry: &BaseEntry) -> Result<Self, FlowError> {
         if let Some(r) = &entry.manifest.snapshot {
-            let layout = DeviceLayout { free_page_reporting: r.free_page_reporting, display: r.display };
+            let layout = DeviceLayout {
+                free_page_reporting: r.free_page_reporting,
+                display: r.display,
+                guest_agent: r.guest_agent,
+            };
             return Ok(SnapshotFacts { state_hash: r.state_hash.clone(), layout });
         }
         let labels = &entry.manifest.labels;
@@ -205,9 +219,11 @@ impl SnapshotFacts {
             Some(v) => Err(bad(format!("label {key} is {v:?}, not true or false"))),
         };
         let defaults = DeviceLayout::default();
+        // Labels predate the guest agent: such bases have none.
         let layout = DeviceLayout {
             free_page_reporting: flag(Self::FREE_PAGE_REPORTING, defaults.free_page_reporting)?,
             display: flag(Self::DISPLAY, defaults.display)?,
+            guest_agent: false,
         };
         Ok(SnapshotFacts { state_hash, layout })
     }

@@ -771,6 +771,11 @@ pub fn synthesize_with<H: Hypervisor, R: Read + Send>(
         initrd: k.initrd.as_ref().map(|i| base.entry.dir.join(i)),
         cmdline: k.cmdline.clone(),
     });
+    // The base's firmware: variables the guest changed after the base are not carried.
+    custom.firmware = snap
+        .firmware
+        .as_ref()
+        .map(|f| vm_driver::FirmwareFiles { code: base.entry.dir.join(&f.code), vars: base.entry.dir.join(&f.vars) });
     custom.disks = snap
         .disks
         .iter()

@@ -80,7 +80,7 @@ fn base_overlay_and_synthesis_run_in_order_and_leave_only_their_outputs() {
     assert!(steps[2].starts_with("the guest is ready after "), "{steps:?}");
     assert_eq!(steps[3..], ["guest$ echo prepared", "snapshotting the base VM", "indexing and registering the base"]);
     assert!(!s.path("work").exists(), "the base flow's work directory is left behind");
-    assert_eq!(base.snapshot.layout(), vm_driver::DeviceLayout { free_page_reporting: true, display: false });
+    assert_eq!(base.snapshot.layout(), vm_driver::DeviceLayout::default());
 
     let out = s.path("out/app.overlay");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
@@ -299,7 +299,10 @@ fn a_base_records_its_snapshot_typed_and_labels_of_older_bases_still_read() {
     let other = Setup::new();
     let old = old_style(&other.registry, "true").unwrap();
     assert_eq!(old.snapshot.state_hash, record.state_hash);
-    assert_eq!(old.snapshot.layout(), vm_driver::DeviceLayout { free_page_reporting: false, display: true });
+    assert_eq!(
+        old.snapshot.layout(),
+        vm_driver::DeviceLayout { free_page_reporting: false, display: true, guest_agent: false }
+    );
     // It resumes: the hash from the labels matches the files.
     let out = other.path("app.overlay");
     create_overlay_file(&other.hv, &old, &other.overlay_request(&out), &|_| {}).unwrap();

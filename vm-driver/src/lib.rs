@@ -41,6 +41,7 @@ struct ReadmeDoctests;
 mod accel;
 mod console;
 mod qemu;
+pub mod qga;
 pub mod qmp;
 
 use std::path::PathBuf;
@@ -49,6 +50,7 @@ use std::time::Duration;
 pub use accel::{probe_cache_path, Accel, PROBE_TIMEOUT};
 pub use console::{Console, CONSOLE_KEEP};
 pub use qemu::{kill_all, qcow2_layer, Qemu, QemuVm};
+pub use qga::{ExecOutput, GuestAgent};
 use serde::{Deserialize, Serialize};
 
 /// The hypervisor operations the synthesis flows use.
@@ -115,6 +117,19 @@ pub trait Vm: Send {
     fn pid(&self) -> Option<u32> {
         None
     }
+    /// Asks the guest agent inside the VM whether it is there, waiting up to `timeout` for
+    /// the answer. [`DriverError::Unsupported`] for a VM without a guest agent channel (the
+    /// default), [`DriverError::Timeout`] when no agent answers in the guest.
+    fn guest_ping(&mut self, _timeout: Duration) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported { what: "a guest agent channel in this VM".into() })
+    }
+    /// Runs `/bin/sh -c command` in the guest through its guest agent, waiting up to
+    /// `timeout` for it to exit; returns its output (stdout then stderr) and exit status, as
+    /// [`SerialConsole::run`] does. [`DriverError::Unsupported`] for a VM without a guest
+    /// agent channel (the default).
+    fn guest_exec(&mut self, _command: &str, _timeout: Duration) -> Result<(String, i32), DriverError> {
+        Err(DriverError::Unsupported { what: "a guest agent channel in this VM".into() })
+    }
     /// Stops the VM and releases everything it held.
     fn shutdown(self) -> Result<(), DriverError>;
 }
@@ -179,6 +194,33 @@ pub struct Forward {
     pub guest_port: u16,
 }
 
+/// The firmware a VM boots with.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// QEMU's own BIOS (SeaBIOS).
+    #[default]
+    Bios,
+    /// UEFI from a pair of flash images, e.g. Debian's `ovmf`:
+    /// `/usr/share/OVMF/OVMF_CODE_4M.fd` and `/usr/share/OVMF/OVMF_VARS_4M.fd`. The code is
+    /// mapped read-only; the VM writes its variables to a private copy of `vars` (the file given
+    /// is never modified), which its snapshots keep.
+    Uefi {
+        /// The firmware code (read-only flash).
+        code: PathBuf,
+        /// The variable store (NVRAM) the VM starts from.
+        vars: PathBuf,
+    },
+}
+
+/// A snapshot's UEFI firmware files (names relative to the snapshot directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareFiles {
+    /// The firmware code.
+    pub code: PathBuf,
+    /// The variable store as the VM left it.
+    pub vars: PathBuf,
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
@@ -206,6 +248,11 @@ pub struct LaunchSpec {
     /// Attach virtio-balloon with free page reporting, so pages the guest frees become holes
     /// in the RAM file (default on).
     pub free_page_reporting: bool,
+    /// Attach a virtio-serial channel for the QEMU guest agent (`org.qemu.guest_agent.0`), for
+    /// [`Vm::guest_ping`] and [`Vm::guest_exec`] (default off). Part of the device layout.
+    pub guest_agent: bool,
+    /// The firmware (default: BIOS).
+    pub firmware: Firmware,
 }
 
 impl LaunchSpec {
@@ -223,7 +270,27 @@ impl LaunchSpec {
             vnc_display: None,
             ram_dir: None,
             free_page_reporting: true,
+            guest_agent: false,
+            firmware: Firmware::Bios,
         }
+    }
+
+    /// Sets the number of vCPUs.
+    pub fn vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = vcpus;
+        self
+    }
+
+    /// Sets the firmware.
+    pub fn firmware(mut self, firmware: Firmware) -> Self {
+        self.firmware = firmware;
+        self
+    }
+
+    /// Attaches (or not) the guest agent channel.
+    pub fn guest_agent(mut self, on: bool) -> Self {
+        self.guest_agent = on;
+        self
     }
 
     /// Boots `kernel` with `initrd` and `cmdline`.
@@ -320,6 +387,14 @@ pub struct Snapshot {
     /// device layout, so only such a snapshot restores with a VNC display.
     #[serde(default)]
     pub display: bool,
+    /// Whether the VM had the guest agent channel (part of the device layout). Left out of
+    /// the manifest when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_agent: bool,
+    /// The UEFI firmware files, for a VM that booted UEFI (`None`: BIOS). Left out of the
+    /// manifest when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareFiles>,
 }
 
 /// The parts of a VM's device layout that the machine type does not pin and its device state
@@ -330,12 +405,14 @@ pub struct DeviceLayout {
     pub free_page_reporting: bool,
     /// The VM has a display device (it was launched with a VNC display).
     pub display: bool,
+    /// The VM has the guest agent channel ([`LaunchSpec::guest_agent`]).
+    pub guest_agent: bool,
 }
 
 impl Default for DeviceLayout {
-    /// What [`LaunchSpec::new`] launches: free page reporting, no display.
+    /// What [`LaunchSpec::new`] launches: free page reporting, no display, no guest agent.
     fn default() -> Self {
-        DeviceLayout { free_page_reporting: true, display: false }
+        DeviceLayout { free_page_reporting: true, display: false, guest_agent: false }
     }
 }
 
@@ -347,7 +424,8 @@ impl Snapshot {
     /// A manifest of the current format for a snapshot in `dir` of a VM with this machine
     /// type, CPU model, vCPU count and RAM size. The rest starts out empty (no kernel, disks
     /// or forwarded ports, no QEMU version or accelerator, an empty state hash) or at the
-    /// defaults (`memory` and `device-state` files, free page reporting, no display): set the
+    /// defaults (`memory` and `device-state` files, free page reporting, no display, no guest
+    /// agent, BIOS): set the
     /// fields that apply, and the hash with [`state_hash`] once the files are written.
     pub fn new(dir: impl Into<PathBuf>, machine_type: &str, cpu_model: &str, vcpus: u32, ram_bytes: u64) -> Self {
         Snapshot {
@@ -367,18 +445,25 @@ impl Snapshot {
             state_hash: String::new(),
             free_page_reporting: true,
             display: false,
+            guest_agent: false,
+            firmware: None,
         }
     }
 
     /// The device layout recorded in the snapshot.
     pub fn layout(&self) -> DeviceLayout {
-        DeviceLayout { free_page_reporting: self.free_page_reporting, display: self.display }
+        DeviceLayout {
+            free_page_reporting: self.free_page_reporting,
+            display: self.display,
+            guest_agent: self.guest_agent,
+        }
     }
 
     /// Sets the device layout.
     pub fn set_layout(&mut self, layout: DeviceLayout) {
         self.free_page_reporting = layout.free_page_reporting;
         self.display = layout.display;
+        self.guest_agent = layout.guest_agent;
     }
 
     /// Writes the manifest, `dir/snapshot.json`.
@@ -491,6 +576,18 @@ pub enum DriverError {
         /// QEMU's status or error.
         reason: String,
     },
+    /// The VM does not offer what was asked of it (e.g. a guest agent channel).
+    #[error("not supported: {what}")]
+    Unsupported {
+        /// What is missing.
+        what: String,
+    },
+    /// The guest agent answered with an error, or with something that is not its protocol.
+    #[error("guest agent: {reason}")]
+    GuestAgent {
+        /// What it said, or what is wrong with what it sent.
+        reason: String,
+    },
     /// Host I/O.
     #[error("cannot {what}")]
     Io {
@@ -513,16 +610,34 @@ mod tests {
         std::fs::write(dir.path().join("device-state"), b"devices").unwrap();
         let mut s = Snapshot::new(dir.path(), "pc-q35-10.0", "qemu64", 2, 1 << 20);
         s.guest_ports = vec![8080];
-        s.set_layout(DeviceLayout { free_page_reporting: false, display: true });
+        s.set_layout(DeviceLayout { free_page_reporting: false, display: true, guest_agent: true });
+        s.firmware = Some(FirmwareFiles { code: "firmware-code".into(), vars: "firmware-vars".into() });
         s.state_hash = state_hash(&s.memory_path(), &s.device_state_path()).unwrap();
         s.save().unwrap();
         let loaded = Snapshot::load(dir.path()).unwrap();
         assert_eq!(loaded, s);
         assert_eq!(loaded.format, SNAPSHOT_FORMAT);
-        assert_eq!(loaded.layout(), DeviceLayout { free_page_reporting: false, display: true });
+        assert_eq!(loaded.layout(), DeviceLayout { free_page_reporting: false, display: true, guest_agent: true });
         let mut both = vec![7u8; 1 << 20];
         both.extend_from_slice(b"devices");
         assert_eq!(loaded.state_hash, blake3::hash(&both).to_hex().to_string());
+    }
+
+    /// A manifest written before the guest agent and firmware fields reads with their
+    /// defaults, and a manifest without them is written as before (no new keys).
+    #[test]
+    fn manifests_without_the_newer_fields_read_and_write_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"{"format": 1, "machine_type": "pc-q35-10.0", "cpu_model": "qemu64", "vcpus": 1,
+            "ram_bytes": 1048576, "qemu_version": "10.0.2", "accelerator": "tcg", "kernel": null,
+            "disks": [], "guest_ports": [], "memory_file": "memory", "device_state_file": "device-state",
+            "state_hash": "", "free_page_reporting": true, "display": false}"#;
+        std::fs::write(dir.path().join("snapshot.json"), old).unwrap();
+        let s = Snapshot::load(dir.path()).unwrap();
+        assert_eq!(s.layout(), DeviceLayout::default());
+        assert_eq!(s.firmware, None);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("guest_agent") && !json.contains("firmware"), "{json}");
     }
 
     #[test]

@@ -13,10 +13,11 @@ use serde_json::json;
 
 use crate::accel::{self, Accel, Choice};
 use crate::console::Console;
+use crate::qga::GuestAgent;
 use crate::qmp::Qmp;
 use crate::{
-    state_hash, Disk, DiskFormat, DriverError, Forward, Hypervisor, KernelBoot, LaunchSpec, RamMode, RestoreOptions,
-    Snapshot, Vm,
+    state_hash, Disk, DiskFormat, DriverError, Firmware, FirmwareFiles, Forward, Hypervisor, KernelBoot, LaunchSpec,
+    RamMode, RestoreOptions, Snapshot, Vm,
 };
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -118,6 +119,10 @@ impl Qemu {
         for d in p.disks {
             check_file("disk image", &d.path)?;
         }
+        if let Some((code, vars)) = p.firmware {
+            check_file("firmware code", code)?;
+            check_file("firmware variables", vars)?;
+        }
         let forwards = resolve_forwards(p.forwards, p.forward_address)?;
         let runtime = p.runtime;
         let qmp_sock = runtime.join("qmp.sock");
@@ -164,6 +169,9 @@ impl Qemu {
             qemu_version: self.version.clone(),
             free_page_reporting: p.free_page_reporting,
             display: p.display,
+            agent_socket: p.guest_agent.then(|| runtime.join("qga.sock")),
+            agent: None,
+            firmware: p.firmware.map(|(c, v)| (c.to_owned(), v.to_owned())),
         };
         match Qmp::connect(&vm.runtime.join("qmp.sock"), Duration::from_secs(15)) {
             Ok(q) => vm.qmp = Some(q),
@@ -259,6 +267,25 @@ fn qemu_args(p: &Start<'_>, forwards: &[Forward], qmp_sock: &Path, ser_sock: &Pa
         netdev.push_str(&format!(",hostfwd=tcp:{}:{}-:{}", p.forward_address, f.host_port, f.guest_port));
     }
     args.extend(["-netdev".into(), netdev, "-device".into(), "virtio-net-pci,netdev=n0".into()]);
+    if let Some((code, vars)) = p.firmware {
+        args.extend([
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=0,readonly=on,file={}", opt_path(code)),
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=1,file={}", opt_path(vars)),
+        ]);
+    }
+    if p.guest_agent {
+        // Part of the device layout: a snapshot taken with it restores only with it.
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=qga0,path={},server=on,wait=off", opt_path(&p.runtime.join("qga.sock"))),
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-device".into(),
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+        ]);
+    }
     if p.incoming {
         args.extend(["-incoming".into(), "defer".into()]);
     }
@@ -361,6 +388,20 @@ struct Start<'a> {
     accel: Accel,
     free_page_reporting: bool,
     display: bool,
+    guest_agent: bool,
+    /// UEFI: the code (read-only) and the VM's private variable store.
+    firmware: Option<(&'a Path, &'a Path)>,
+}
+
+/// The VM's private copy of a firmware variable store, in its runtime directory.
+fn private_vars(runtime: &Path, vars: &Path) -> Result<PathBuf, DriverError> {
+    check_file("firmware variables", vars)?;
+    let copy = runtime.join("firmware-vars");
+    fs::copy(vars, &copy).map_err(|source| DriverError::Io {
+        what: format!("copy the firmware variables {} to {}", vars.display(), copy.display()),
+        source,
+    })?;
+    Ok(copy)
 }
 
 impl Hypervisor for Qemu {
@@ -385,6 +426,16 @@ impl Hypervisor for Qemu {
             Some(d) => d.join(format!("{}.ram", runtime.file_name().unwrap_or_default().to_string_lossy())),
             None => runtime.join("ram"),
         };
+        let firmware = match &spec.firmware {
+            Firmware::Bios => None,
+            Firmware::Uefi { code, vars } => match private_vars(&runtime, vars) {
+                Ok(copy) => Some((code.clone(), copy)),
+                Err(e) => {
+                    let _ = fs::remove_dir_all(&runtime);
+                    return Err(e);
+                }
+            },
+        };
         let r = self.start(Start {
             machine: &spec.machine_type,
             cpu: &spec.cpu_model,
@@ -403,6 +454,8 @@ impl Hypervisor for Qemu {
             accel,
             free_page_reporting: spec.free_page_reporting,
             display: spec.vnc_display.is_some(),
+            guest_agent: spec.guest_agent,
+            firmware: firmware.as_ref().map(|(c, v)| (c.as_path(), v.as_path())),
         });
         if r.is_err() {
             let _ = fs::remove_dir_all(&runtime);
@@ -480,6 +533,17 @@ impl Hypervisor for Qemu {
                 v
             }
         };
+        // The snapshot's code read-only, and a private copy of its variables.
+        let firmware = match &snap.firmware {
+            None => None,
+            Some(f) => match private_vars(&runtime, &snap.dir.join(&f.vars)) {
+                Ok(copy) => Some((snap.dir.join(&f.code), copy)),
+                Err(e) => {
+                    let _ = fs::remove_dir_all(&runtime);
+                    return Err(e);
+                }
+            },
+        };
         let (ram_path, share, readonly) = match opts.ram {
             RamMode::CopyOnWrite => (memory.clone(), false, true),
             RamMode::PrivateCopy => {
@@ -509,6 +573,8 @@ impl Hypervisor for Qemu {
             accel: want,
             free_page_reporting: snap.free_page_reporting,
             display: snap.display,
+            guest_agent: snap.guest_agent,
+            firmware: firmware.as_ref().map(|(c, v)| (c.as_path(), v.as_path())),
         });
         let mut vm = match started {
             Ok(vm) => vm,
@@ -546,6 +612,11 @@ pub struct QemuVm {
     qemu_version: String,
     free_page_reporting: bool,
     display: bool,
+    /// The guest agent channel, if the VM has one.
+    agent_socket: Option<PathBuf>,
+    agent: Option<GuestAgent>,
+    /// UEFI: the code file and the VM's own variable store.
+    firmware: Option<(PathBuf, PathBuf)>,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -738,6 +809,13 @@ impl Vm for QemuVm {
         snap.state_hash = state_hash(&memory, &ds)?;
         snap.free_page_reporting = self.free_page_reporting;
         snap.display = self.display;
+        snap.guest_agent = self.agent_socket.is_some();
+        if let Some((code, vars)) = &self.firmware {
+            // The variables as the stopped VM left them.
+            sparse_copy(code, &dir.join("firmware-code"))?;
+            sparse_copy(vars, &dir.join("firmware-vars"))?;
+            snap.firmware = Some(FirmwareFiles { code: "firmware-code".into(), vars: "firmware-vars".into() });
+        }
         snap.save()?;
         Ok(snap)
     }
@@ -788,6 +866,18 @@ impl Vm for QemuVm {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Connects to the agent channel on first use; resynchronises after a failure.
+    fn guest_ping(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        self.agent()?.ping(timeout)
+    }
+
+    fn guest_exec(&mut self, command: &str, timeout: Duration) -> Result<(String, i32), DriverError> {
+        let out = self.agent()?.exec(&["/bin/sh", "-c", command], timeout)?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok((text, out.status))
+    }
+
     fn shutdown(mut self) -> Result<(), DriverError> {
         self.kill();
         Ok(())
@@ -795,12 +885,26 @@ impl Vm for QemuVm {
 }
 
 impl QemuVm {
+    /// The guest agent, connected on first use.
+    pub fn agent(&mut self) -> Result<&mut GuestAgent, DriverError> {
+        let Some(socket) = &self.agent_socket else {
+            return Err(DriverError::Unsupported {
+                what: "a guest agent channel in this VM (launch it with LaunchSpec::guest_agent)".into(),
+            });
+        };
+        if self.agent.is_none() {
+            self.agent = Some(GuestAgent::connect(socket)?);
+        }
+        Ok(self.agent.as_mut().expect("just set"))
+    }
+
     fn kill(&mut self) {
         if let Some(c) = &self.child {
             let pid = c.id();
             live().retain(|l| l.pid != pid);
         }
         self.console = None;
+        self.agent = None;
         if let Some(q) = self.qmp.as_mut() {
             let _ = q.execute("quit", None, Duration::from_secs(2));
         }
@@ -928,6 +1032,8 @@ mod tests {
             accel: Accel::Tcg,
             free_page_reporting: false,
             display: false,
+            guest_agent: false,
+            firmware: None,
         }
     }
 
@@ -976,7 +1082,10 @@ mod tests {
             initrd: Some(dir.join("initrd,x")),
             cmdline: "console=ttyS0".into(),
         };
-        let p = start(Some(&k), &disks, &runtime, &ram);
+        let (code, vars) = (dir.join("OVMF,unit=0,file=/x"), runtime.join("firmware-vars,readonly=off"));
+        let mut p = start(Some(&k), &disks, &runtime, &ram);
+        p.guest_agent = true;
+        p.firmware = Some((&code, &vars));
         let args =
             qemu_args(&p, &[], &runtime.join("qmp.sock"), &runtime.join("serial.sock"), &runtime.join("serial.log"));
 
@@ -1000,6 +1109,20 @@ mod tests {
         assert!(ser.contains(&format!("path={}", runtime.join("serial.sock").display())), "{ser:?}");
         assert!(ser.contains(&format!("logfile={}", runtime.join("serial.log").display())), "{ser:?}");
         assert!(!ser.iter().any(|o| o.starts_with("id=evil")), "{ser:?}");
+
+        let flash: Vec<Vec<String>> = args
+            .windows(2)
+            .filter(|w| w[0] == "-drive" && w[1].starts_with("if=pflash"))
+            .map(|w| split_opts(&w[1]))
+            .collect();
+        assert_eq!(flash.len(), 2, "{args:?}");
+        assert_eq!(flash[0], ["if=pflash", "format=raw", "unit=0", "readonly=on", &format!("file={}", code.display())]);
+        assert_eq!(flash[1], ["if=pflash", "format=raw", "unit=1", &format!("file={}", vars.display())]);
+
+        let qga = split_opts(option(&args, "-chardev", "socket,id=qga0"));
+        assert_eq!(qga[2], format!("path={}", runtime.join("qga.sock").display()));
+        assert_eq!(qga.len(), 5, "{qga:?}");
+        assert!(args.iter().any(|a| a == "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"));
 
         // Plain file names, passed as they are.
         assert_eq!(option(&args, "-kernel", "/"), k.kernel.display().to_string());

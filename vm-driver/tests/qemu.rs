@@ -274,3 +274,156 @@ fn a_chatty_guest_is_never_stalled_by_its_console() {
     assert!(vm.console().unwrap().recent().contains("0123456789abcdef0123456789abcdef"));
     vm.console().unwrap().wait_for_text("0123456789abcdef0123456789abcdef", CMD).unwrap();
 }
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// blake3 of a file, hex.
+fn file_hash(p: &Path) -> String {
+    blake3::hash(&std::fs::read(p).unwrap()).to_hex().to_string()
+}
+
+/// The `pflash` block devices QEMU reports, as (node name, read-only).
+fn pflash(vm: &mut QemuVm) -> Vec<(String, bool)> {
+    let blocks = vm.qmp("query-block", None).unwrap();
+    let mut out = Vec::new();
+    for b in blocks.as_array().unwrap() {
+        let dev = b["device"].as_str().unwrap_or_default();
+        if dev.starts_with("pflash") {
+            out.push((dev.to_string(), b["inserted"]["ro"].as_bool().unwrap_or(false)));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A VM on UEFI with no bootable disk reaches OVMF's boot manager; a snapshot keeps its code
+/// and its variable store as the VM left them; restoring runs it again from those files,
+/// without writing them; the variable store given at launch is never written.
+#[test]
+fn uefi_firmware_boots_and_travels_with_its_snapshots() {
+    if !Path::new(OVMF_CODE).is_file() {
+        panic!("{OVMF_CODE} is missing: install the ovmf package (scripts/setup-host.sh does)");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let vars = tmp.path().join("vars, x.fd");
+    std::fs::copy(OVMF_VARS, &vars).unwrap();
+    let vars_hash = file_hash(&vars);
+    let spec = LaunchSpec::new(256 << 20)
+        .firmware(Firmware::Uefi { code: OVMF_CODE.into(), vars: vars.clone() })
+        .guest_agent(true)
+        .vcpus(1);
+    let qemu = Qemu::new().unwrap();
+    let mut vm = qemu.launch(&spec).unwrap();
+    assert_eq!(pflash(&mut vm), [("pflash0".to_string(), true), ("pflash1".to_string(), false)]);
+    if let Err(e) = vm.console().unwrap().wait_for_text("BdsDxe", BOOT) {
+        panic!("{e}\nserial:\n{}\nstderr:\n{}", vm.serial_log(), vm.stderr(4096));
+    }
+    assert_eq!(vm.status().unwrap(), "running");
+    let snap = vm.snapshot(&tmp.path().join("snap")).unwrap();
+    drop(vm);
+    assert_eq!(snap.firmware, Some(FirmwareFiles { code: "firmware-code".into(), vars: "firmware-vars".into() }));
+    assert!(snap.guest_agent);
+    assert_eq!(file_hash(&snap.dir.join("firmware-code")), file_hash(Path::new(OVMF_CODE)));
+    assert_eq!(Snapshot::load(&snap.dir).unwrap(), snap);
+    let snap_vars = file_hash(&snap.dir.join("firmware-vars"));
+
+    for mode in [RamMode::CopyOnWrite, RamMode::PrivateCopy] {
+        let mut r = match qemu.restore(&snap, &RestoreOptions { ram: mode, ..Default::default() }) {
+            Ok(r) => r,
+            Err(e) => panic!("restore ({mode:?}) of a UEFI VM: {e}"),
+        };
+        assert_eq!(r.status().unwrap(), "running", "{mode:?}");
+        assert_eq!(pflash(&mut r), [("pflash0".to_string(), true), ("pflash1".to_string(), false)]);
+        if mode == RamMode::PrivateCopy {
+            let again = r.snapshot(&tmp.path().join("snap2")).unwrap();
+            assert!(again.firmware.is_some() && again.dir.join("firmware-vars").is_file());
+        }
+    }
+    assert_eq!(file_hash(&snap.dir.join("firmware-vars")), snap_vars, "a restore wrote the snapshot's variables");
+    assert_eq!(file_hash(&vars), vars_hash, "the VM wrote the variable store it was given");
+}
+
+/// The guest agent channel is part of the device layout: a snapshot records it and restores
+/// with it. The test guest runs no agent, so a ping times out saying what it waited for; a VM
+/// without the channel says it has none.
+#[test]
+fn guest_agent_channel_is_recorded_and_a_missing_agent_times_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qemu = Qemu::new().unwrap();
+    let mut vm = qemu.launch(&spec(tmp.path()).guest_agent(true)).unwrap();
+    if let Err(e) = vm.console().unwrap().wait_for_text("cloudlet-guest: ready", BOOT) {
+        panic!("{e}\nserial:\n{}\nstderr:\n{}", vm.serial_log(), vm.stderr(4096));
+    }
+    let start = Instant::now();
+    let e = vm.guest_ping(Duration::from_secs(2)).unwrap_err();
+    assert!(matches!(e, DriverError::Timeout { .. }), "{e}");
+    assert!(e.to_string().contains("guest-sync-delimited") && e.to_string().contains("qemu-ga"), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    let snap = vm.snapshot(&tmp.path().join("snap")).unwrap();
+    drop(vm);
+    assert!(snap.guest_agent);
+    assert_eq!(snap.layout(), DeviceLayout { guest_agent: true, ..DeviceLayout::default() });
+    assert!(Snapshot::load(&snap.dir).unwrap().guest_agent);
+
+    let mut r = qemu.restore(&snap, &RestoreOptions::default()).unwrap();
+    assert_eq!(r.status().unwrap(), "running");
+    let (out, st) = r.console().unwrap().run("echo restored", CMD).unwrap();
+    assert_eq!((out.trim(), st), ("restored", 0));
+    let e = r.guest_exec("true", Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(e, DriverError::Timeout { .. }), "{e}");
+    drop(r);
+
+    let mut plain = qemu.launch(&spec(tmp.path())).unwrap();
+    let e = plain.guest_ping(Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(e, DriverError::Unsupported { .. }), "{e}");
+}
+
+/// The Debian guest (scripts/build-debian-guest.sh), booted by OVMF from its own disk with
+/// the guest agent: ping and exec through the agent, snapshot, restore, and the agent answers
+/// again after the restore. Skipped, saying so, when that guest is not built.
+#[test]
+fn debian_guest_agent_over_uefi_and_after_restore() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::var_os("CLOUDLET_DEBIAN_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".cache/debian"));
+    if !dir.join("stamp").exists() {
+        eprintln!(
+            "skipped: the Debian guest is not built in {} (scripts/build-debian-guest.sh, or set CLOUDLET_DEBIAN_DIR)",
+            dir.display()
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = tmp.path().join("disk0.qcow2");
+    qcow2_layer(&dir.join("disk.qcow2"), DiskFormat::Qcow2, &layer).unwrap();
+    let vars = tmp.path().join("vars.fd");
+    std::fs::copy(dir.join("OVMF_VARS_4M.fd"), &vars).unwrap();
+    let spec = LaunchSpec::new(1 << 30)
+        .firmware(Firmware::Uefi { code: OVMF_CODE.into(), vars })
+        .disk("disk0", &layer, DiskFormat::Qcow2)
+        .guest_agent(true)
+        .forward(0, 80);
+    let qemu = Qemu::new().unwrap();
+    let t0 = Instant::now();
+    let mut vm = qemu.launch(&spec).unwrap();
+    if let Err(e) = vm.console().unwrap().wait_for_text("cloudlet-guest: ready", Duration::from_secs(600)) {
+        panic!("{e}\nserial:\n{}\nstderr:\n{}", vm.serial_log(), vm.stderr(4096));
+    }
+    eprintln!("Debian over UEFI ready in {:?}", t0.elapsed());
+    vm.guest_ping(Duration::from_secs(60)).unwrap();
+    let (out, st) = vm.guest_exec("echo out; echo err >&2; exit 4", CMD).unwrap();
+    assert_eq!((out.as_str(), st), ("out\nerr\n", 4));
+    let (out, st) = vm.console().unwrap().run("echo console", CMD).unwrap();
+    assert_eq!((out.trim(), st), ("console", 0));
+    let snap = vm.snapshot(&tmp.path().join("snap")).unwrap();
+    drop(vm);
+    assert!(snap.guest_agent && snap.firmware.is_some());
+    let mut r = qemu.restore(&snap, &RestoreOptions::default()).unwrap();
+    let t1 = Instant::now();
+    r.guest_ping(Duration::from_secs(60)).unwrap();
+    eprintln!("the agent answered {:?} after the restore", t1.elapsed());
+    let (out, st) = r.guest_exec("cat /etc/debian_version", CMD).unwrap();
+    assert_eq!(st, 0);
+    assert!(out.starts_with("12."), "{out}");
+    assert!(http_get(r.host_port(80).unwrap()).contains("hello from the cloudlet debian guest"));
+}

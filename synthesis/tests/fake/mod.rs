@@ -182,8 +182,11 @@ impl Hypervisor for FakeHypervisor {
                 });
             }
         }
-        let layout =
-            DeviceLayout { free_page_reporting: spec.free_page_reporting, display: spec.vnc_display.is_some() };
+        let layout = DeviceLayout {
+            free_page_reporting: spec.free_page_reporting,
+            display: spec.vnc_display.is_some(),
+            guest_agent: spec.guest_agent,
+        };
         self.start(
             vec![0; spec.ram_bytes as usize],
             (&spec.machine_type, &spec.cpu_model, spec.vcpus),
