@@ -3,7 +3,7 @@
 //! zeros and fresh data), then measures, in one run, overlay size, create time, apply time and
 //! peak memory for our engine and for peer tools, and prints ratios.
 //!
-//! `cargo run --release -p cloudlet-benches --bin peer-compare -- [--quick | --random-heavy | --real-guest] [--workdir DIR] [--peer-timeout SECS]`
+//! `cargo run --release -p cloudlet-benches --bin peer-compare -- [--quick | --random-heavy | --real-guest | --debian APP [--trim] [--no-free-page-reporting]] [--ours-only] [--workdir DIR] [--peer-timeout SECS]`
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -18,12 +18,16 @@ use rand::{Rng, SeedableRng};
 const GEN_VERSION: &str = "pair-v2";
 
 const USAGE: &str = "\
-usage: peer-compare [--quick | --random-heavy | --real-guest] [--workdir DIR] [--peer-timeout SECS]
+usage: peer-compare [--quick | --random-heavy | --real-guest | --debian APP [--trim] [--no-free-page-reporting]]
+                    [--ours-only] [--workdir DIR] [--peer-timeout SECS]
 
 Builds a VM pair (2 GiB disk + 1 GiB memory: a toolchain's real files installed, base files
 rewritten, blocks edited in place; --quick: the same at 512 MiB + 256 MiB; --random-heavy: the
 earlier pair, half of its added files random; --real-guest: the test guest before and after
-installing a web app), runs our engine and the peer tools on it,
+installing a web app; --debian APP: the Debian guest, 4 GiB disk and 1 GiB memory, before
+and after installing APP (numpy, nginx or redis) from its packages, --trim: with fstrim, a
+page-cache drop and memory compaction before the custom snapshot), runs our engine (--ours-only:
+and no peer) and the peer tools on it,
 checks every rebuilt image, and writes the table to DIR/results.md (DIR defaults to
 target/peer-compare). Knobs: CLOUDLET_BENCH_LEVEL, CLOUDLET_BENCH_BLOB_MIB,
 CLOUDLET_BENCH_LANES, CLOUDLET_BENCH_STATS=1 (see benches/README.md).";
@@ -32,6 +36,8 @@ struct Args {
     quick: bool,
     random_heavy: bool,
     guest: bool,
+    debian: Option<DebianPair>,
+    ours_only: bool,
     workdir: PathBuf,
     timeout: Duration,
 }
@@ -41,6 +47,8 @@ fn parse_args() -> Result<Args> {
         quick: false,
         random_heavy: false,
         guest: false,
+        debian: None,
+        ours_only: false,
         workdir: "target/peer-compare".into(),
         timeout: Duration::from_secs(900),
     };
@@ -50,6 +58,18 @@ fn parse_args() -> Result<Args> {
             "--quick" => a.quick = true,
             "--random-heavy" => a.random_heavy = true,
             "--real-guest" => a.guest = true,
+            "--debian" => {
+                let app = it.next().context("--debian APP")?;
+                if !["numpy", "nginx", "redis"].contains(&app.as_str()) {
+                    bail!("--debian takes numpy, nginx or redis, not {app}");
+                }
+                a.debian = Some(DebianPair { app, trim: false, free_page_reporting: true });
+            }
+            "--trim" => a.debian.as_mut().context("--trim after --debian APP")?.trim = true,
+            "--no-free-page-reporting" => {
+                a.debian.as_mut().context("--no-free-page-reporting after --debian APP")?.free_page_reporting = false
+            }
+            "--ours-only" => a.ours_only = true,
             "--workdir" => a.workdir = it.next().context("--workdir DIR")?.into(),
             "--peer-timeout" => a.timeout = Duration::from_secs(it.next().context("--peer-timeout SECS")?.parse()?),
             "-h" | "--help" => {
@@ -248,6 +268,116 @@ fn guest_pair(w: &Path) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf, u64)> {
         bail!("qemu-img convert failed");
     }
     let changed = changed_chunks(&bd, &cd)? * 4096 + changed_chunks(&bm, &cm)? * 4096;
+    Ok((bd, cd, bm, cm, changed))
+}
+
+/// A pair of the Debian guest (scripts/build-debian-guest.sh): which app, and how the custom VM
+/// is snapshotted.
+#[derive(Clone, Debug, PartialEq)]
+struct DebianPair {
+    app: String,
+    trim: bool,
+    free_page_reporting: bool,
+}
+
+impl DebianPair {
+    /// `APP[+trim][-fpr]`, as [`DebianPair::to_string`] writes it for the child process.
+    fn parse(s: &str) -> Result<Self> {
+        let (mut app, mut trim, mut fpr) = (s, false, true);
+        if let Some(a) = app.strip_suffix("-fpr") {
+            (app, fpr) = (a, false);
+        }
+        if let Some(a) = app.strip_suffix("+trim") {
+            (app, trim) = (a, true);
+        }
+        Ok(DebianPair { app: app.into(), trim, free_page_reporting: fpr })
+    }
+}
+
+impl std::fmt::Display for DebianPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}{}{}",
+            self.app,
+            if self.trim { "+trim" } else { "" },
+            if self.free_page_reporting { "" } else { "-fpr" }
+        )
+    }
+}
+
+/// Runs a script of the repository and returns the directory it printed.
+fn script_dir(script: &str) -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join(script)).stderr(std::process::Stdio::inherit()).output()?;
+    if !out.status.success() {
+        bail!("{script} failed");
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The Debian guest booted from its own disk by SeaBIOS with the apps disk as its second disk
+/// (the base), and the same VM after `APP` was installed from the apps disk and answered on
+/// its port (the custom VM): (base disk, custom disk, base memory, custom memory, changed
+/// bytes). The apps disk is part of both (mounted read-only, unchanged); the pair is the
+/// system disk and the memory. Reused while the guest and the apps disk are the same builds
+/// (a pair takes minutes under TCG).
+fn debian_pair(w: &Path, d: &DebianPair) -> Result<(PathBuf, PathBuf, PathBuf, PathBuf, u64)> {
+    use vm_driver::{DiskFormat, Hypervisor, LaunchSpec, Qemu, RamMode, RestoreOptions, Vm};
+    let guest = script_dir("scripts/build-debian-guest.sh")?;
+    let apps = script_dir("scripts/build-apps-disk.sh")?;
+    let g = w.join(format!("debian-{d}"));
+    let stamp = format!("{}{}", fs::read_to_string(guest.join("stamp"))?, fs::read_to_string(apps.join("stamp"))?);
+    let (bd, cd, bm, cm) =
+        (g.join("base/disk0.raw"), g.join("custom-disk.raw"), g.join("base/memory"), g.join("custom/memory"));
+    if let Ok(done) = fs::read_to_string(g.join("pair-done")) {
+        if let Some(changed) = done.strip_prefix(&stamp).and_then(|c| c.trim().parse().ok()) {
+            return Ok((bd, cd, bm, cm, changed));
+        }
+    }
+    let _ = fs::remove_dir_all(&g);
+    fs::create_dir_all(&g)?;
+    let (disk, apps_disk) = (g.join("disk.raw"), g.join("apps.ext4"));
+    for (from, to) in [(guest.join("disk.raw"), &disk), (apps.join("apps.ext4"), &apps_disk)] {
+        let st = Command::new("cp").arg("--sparse=always").arg(&from).arg(to).status()?;
+        if !st.success() {
+            bail!("copying {} failed", from.display());
+        }
+    }
+    let qemu = Qemu::new()?;
+    let mut spec = LaunchSpec::new(1 << 30)
+        .disk("disk0", &disk, DiskFormat::Raw)
+        .disk("disk1", &apps_disk, DiskFormat::Raw);
+    spec.free_page_reporting = d.free_page_reporting;
+    let t0 = Instant::now();
+    let mut vm = qemu.launch(&spec)?;
+    vm.console()?.wait_for_text("cloudlet-guest: ready", Duration::from_secs(600))?;
+    eprintln!("debian-pair: the base booted in {:.1} s", t0.elapsed().as_secs_f64());
+    let base = vm.snapshot(&g.join("base"))?;
+    drop(vm);
+    let _ = fs::remove_file(&disk);
+    let mut vm = qemu.restore(&base, &RestoreOptions { ram: RamMode::PrivateCopy, ..Default::default() })?;
+    let t0 = Instant::now();
+    let mut cmds = vec![format!("mount -o ro /dev/vdb /mnt && /mnt/{}/install.sh", d.app), "sync".into()];
+    if d.trim {
+        cmds.extend(synthesis::TRIM_COMMANDS.iter().map(|c| c.to_string()));
+    }
+    for c in &cmds {
+        let (o, st) = vm.console()?.run(c, Duration::from_secs(600))?;
+        if st != 0 {
+            bail!("guest command {c:?} failed ({st}): {o}");
+        }
+    }
+    eprintln!("debian-pair: {} installed and answering in {:.1} s", d.app, t0.elapsed().as_secs_f64());
+    let custom = vm.snapshot(&g.join("custom"))?;
+    drop(vm);
+    let layer = custom.dir.join(&custom.disks[0].path);
+    let st = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&layer).arg(&cd).status()?;
+    if !st.success() {
+        bail!("qemu-img convert failed");
+    }
+    let changed = changed_chunks(&bd, &cd)? * 4096 + changed_chunks(&bm, &cm)? * 4096;
+    fs::write(g.join("pair-done"), format!("{stamp}{changed}\n"))?;
     Ok((bd, cd, bm, cm, changed))
 }
 
@@ -459,7 +589,10 @@ fn main() -> Result<()> {
             return Ok(());
         }
         (Some("guest-pair"), Some(w)) => {
-            let (bd, cd, bm, cm, changed) = guest_pair(Path::new(w))?;
+            let (bd, cd, bm, cm, changed) = match argv.get(3) {
+                Some(d) => debian_pair(Path::new(w), &DebianPair::parse(d)?)?,
+                None => guest_pair(Path::new(w))?,
+            };
             for p in [&bd, &cd, &bm, &cm] {
                 println!("{}", p.display());
             }
@@ -472,11 +605,16 @@ fn main() -> Result<()> {
     ensure_tools()?;
     fs::create_dir_all(&a.workdir)?;
     let w = fs::canonicalize(&a.workdir)?;
-    let (bd, cd, bm, cm, changed) = if a.guest {
+    let (bd, cd, bm, cm, changed) = if a.guest || a.debian.is_some() {
         // Built by a process of its own: this one would keep the guest's memory it touched in
         // its peak RSS, which every child it spawns inherits until it executes its program, so
         // every method's peak RSS would count it.
-        let o = Command::new(std::env::current_exe()?).arg("guest-pair").arg(&w).output()?;
+        let mut c = Command::new(std::env::current_exe()?);
+        c.arg("guest-pair").arg(&w);
+        if let Some(d) = &a.debian {
+            c.arg(d.to_string());
+        }
+        let o = c.stderr(std::process::Stdio::inherit()).output()?;
         if !o.status.success() {
             bail!("building the guest pair failed: {}", String::from_utf8_lossy(&o.stderr));
         }
@@ -671,7 +809,10 @@ fn main() -> Result<()> {
     // Peers, per image pair.
     let pairs = [("disk", &bd, &cd), ("mem", &bm, &cm)];
     type Peer = (&'static str, fn(&str, &str, &str) -> String, fn(&str, &str, &str) -> String, &'static str);
-    let peers: Vec<Peer> = vec![
+    let peers: Vec<Peer> = if a.ours_only {
+        Vec::new()
+    } else {
+        vec![
         (
             "qemu-img rebase + convert -c",
             |b, c, o| {
@@ -720,7 +861,8 @@ fn main() -> Result<()> {
             |b, o, r| format!("casync extract --store={o}.store --seed={b} {o}.caibx {r}"),
             "size: new store chunks + index",
         ),
-    ];
+    ]
+    };
     for (name, create, apply, note) in &peers {
         let mut size = 0u64;
         let mut runs = best_of(|| {
@@ -767,7 +909,7 @@ fn main() -> Result<()> {
         });
     }
     // The strongest generic peer: rdiff on disk and memory concatenated (matches pages across).
-    {
+    if !a.ours_only {
         let (bc, cc) = (out.join("cat-base"), out.join("cat-custom"));
         sh(&format!("cat {} {} > {}; cat {} {} > {}", q(&bd), q(&bm), q(&bc), q(&cd), q(&cm), q(&cc))).status()?;
         let o = out.join("rdiffcat");
@@ -812,7 +954,16 @@ fn main() -> Result<()> {
             let _ = fs::remove_file(p);
         }
     }
-    let pair = if a.guest {
+    let debian;
+    let pair = if let Some(d) = &a.debian {
+        debian = format!(
+            "the Debian 12 guest before and after installing {} from its packages (4 GiB disk, 1 GiB memory{}{})",
+            d.app,
+            if d.trim { "; trimmed before the snapshot" } else { "" },
+            if d.free_page_reporting { "" } else { "; no free page reporting" },
+        );
+        debian.as_str()
+    } else if a.guest {
         "the real test guest before and after installing a web app (64 MiB disk, 256 MiB memory)"
     } else if a.quick {
         "quick (512 MiB disk, 256 MiB memory)"
