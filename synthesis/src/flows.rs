@@ -324,9 +324,15 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What `trim` runs in the guest before a snapshot: write everything out, discard the disk
 /// blocks the file systems no longer use (the disks have `discard=unmap`, so they become holes
-/// in the image) and drop the page cache (the freed pages are reported to the host by the
-/// balloon's free page reporting and become holes in the RAM image).
-pub const TRIM_COMMANDS: [&str; 2] = ["sync && fstrim -av", "echo 3 > /proc/sys/vm/drop_caches"];
+/// in the image), drop the page cache, then compact memory and wait a little: the balloon's
+/// free page reporting hands the host only free blocks of 2 MiB or more (pageblock order),
+/// 2 s after they appear, and a dropped page cache leaves its free pages scattered until
+/// compaction gathers them. Reported pages become holes in the RAM image.
+pub const TRIM_COMMANDS: [&str; 3] = [
+    "sync && fstrim -av",
+    "echo 3 > /proc/sys/vm/drop_caches",
+    "if [ -w /proc/sys/vm/compact_memory ]; then echo 1 > /proc/sys/vm/compact_memory; fi; sleep 3",
+];
 
 /// Runs [`TRIM_COMMANDS`] on the console.
 fn trim<V: Vm>(vm: &mut V, events: &(dyn Fn(Event) + Sync)) -> Result<(), FlowError> {

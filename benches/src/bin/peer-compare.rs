@@ -345,9 +345,8 @@ fn debian_pair(w: &Path, d: &DebianPair) -> Result<(PathBuf, PathBuf, PathBuf, P
         }
     }
     let qemu = Qemu::new()?;
-    let mut spec = LaunchSpec::new(1 << 30)
-        .disk("disk0", &disk, DiskFormat::Raw)
-        .disk("disk1", &apps_disk, DiskFormat::Raw);
+    let mut spec =
+        LaunchSpec::new(1 << 30).disk("disk0", &disk, DiskFormat::Raw).disk("disk1", &apps_disk, DiskFormat::Raw);
     spec.free_page_reporting = d.free_page_reporting;
     let t0 = Instant::now();
     let mut vm = qemu.launch(&spec)?;
@@ -813,55 +812,59 @@ fn main() -> Result<()> {
         Vec::new()
     } else {
         vec![
-        (
-            "qemu-img rebase + convert -c",
-            |b, c, o| {
-                format!("qemu-img create -q -f qcow2 -b {c} -F raw {o}.tmp.qcow2 && qemu-img rebase -q -f qcow2 -b {b} -F raw {o}.tmp.qcow2 && qemu-img convert -c -O qcow2 -B {b} -F raw {o}.tmp.qcow2 {o} && rm {o}.tmp.qcow2")
-            },
-            |b, o, r| format!("qemu-img rebase -q -u -f qcow2 -b {b} -F raw {o} && qemu-img convert -O raw {o} {r}"),
-            "",
-        ),
-        (
-            "qemu-img convert -B (naive)",
-            |b, c, o| format!("qemu-img convert -c -O qcow2 -B {b} -F raw -f raw {c} {o}"),
-            |b, o, r| format!("qemu-img rebase -q -u -f qcow2 -b {b} -F raw {o} && qemu-img convert -O raw {o} {r}"),
-            "",
-        ),
-        (
-            "xdelta3 -9 -B 2GiB",
-            |b, c, o| format!("xdelta3 -9 -B 2147483648 -e -f -s {b} {c} {o}"),
-            |b, o, r| format!("xdelta3 -d -B 2147483648 -f -s {b} {o} {r}"),
-            "",
-        ),
-        (
-            "zstd --patch-from --long=31 -3",
-            |b, c, o| zstd_create(b, c, o, 3),
-            zstd_apply,
-            "images over 1 GiB in 1 GiB pieces",
-        ),
-        (
-            "zstd --patch-from --long=31 -19",
-            |b, c, o| zstd_create(b, c, o, 19),
-            zstd_apply,
-            "images over 1 GiB in 1 GiB pieces",
-        ),
-        (
-            "rdiff -b 4096 + zstd -3",
-            |b, c, o| {
-                format!("rdiff -b 4096 signature {b} {o}.sig && rdiff delta {o}.sig {c} - | zstd -q -3 -f -o {o} && rm {o}.sig")
-            },
-            |b, o, r| format!("zstd -q -d -c {o} | rdiff patch {b} - {r}"),
-            "",
-        ),
-        (
-            "casync (new chunks, default store)",
-            |b, c, o| {
-                format!("rm -rf {o}.store && casync make --store={o}.store {o}.base.caibx {b} && s0=$(du -sb {o}.store | cut -f1) && casync make --store={o}.store {o}.caibx {c} && s1=$(du -sb {o}.store | cut -f1) && echo $((s1 - s0 + $(stat -c %s {o}.caibx))) > {o}.size")
-            },
-            |b, o, r| format!("casync extract --store={o}.store --seed={b} {o}.caibx {r}"),
-            "size: new store chunks + index",
-        ),
-    ]
+            (
+                "qemu-img rebase + convert -c",
+                |b, c, o| {
+                    format!("qemu-img create -q -f qcow2 -b {c} -F raw {o}.tmp.qcow2 && qemu-img rebase -q -f qcow2 -b {b} -F raw {o}.tmp.qcow2 && qemu-img convert -c -O qcow2 -B {b} -F raw {o}.tmp.qcow2 {o} && rm {o}.tmp.qcow2")
+                },
+                |b, o, r| {
+                    format!("qemu-img rebase -q -u -f qcow2 -b {b} -F raw {o} && qemu-img convert -O raw {o} {r}")
+                },
+                "",
+            ),
+            (
+                "qemu-img convert -B (naive)",
+                |b, c, o| format!("qemu-img convert -c -O qcow2 -B {b} -F raw -f raw {c} {o}"),
+                |b, o, r| {
+                    format!("qemu-img rebase -q -u -f qcow2 -b {b} -F raw {o} && qemu-img convert -O raw {o} {r}")
+                },
+                "",
+            ),
+            (
+                "xdelta3 -9 -B 2GiB",
+                |b, c, o| format!("xdelta3 -9 -B 2147483648 -e -f -s {b} {c} {o}"),
+                |b, o, r| format!("xdelta3 -d -B 2147483648 -f -s {b} {o} {r}"),
+                "",
+            ),
+            (
+                "zstd --patch-from --long=31 -3",
+                |b, c, o| zstd_create(b, c, o, 3),
+                zstd_apply,
+                "images over 1 GiB in 1 GiB pieces",
+            ),
+            (
+                "zstd --patch-from --long=31 -19",
+                |b, c, o| zstd_create(b, c, o, 19),
+                zstd_apply,
+                "images over 1 GiB in 1 GiB pieces",
+            ),
+            (
+                "rdiff -b 4096 + zstd -3",
+                |b, c, o| {
+                    format!("rdiff -b 4096 signature {b} {o}.sig && rdiff delta {o}.sig {c} - | zstd -q -3 -f -o {o} && rm {o}.sig")
+                },
+                |b, o, r| format!("zstd -q -d -c {o} | rdiff patch {b} - {r}"),
+                "",
+            ),
+            (
+                "casync (new chunks, default store)",
+                |b, c, o| {
+                    format!("rm -rf {o}.store && casync make --store={o}.store {o}.base.caibx {b} && s0=$(du -sb {o}.store | cut -f1) && casync make --store={o}.store {o}.caibx {c} && s1=$(du -sb {o}.store | cut -f1) && echo $((s1 - s0 + $(stat -c %s {o}.caibx))) > {o}.size")
+                },
+                |b, o, r| format!("casync extract --store={o}.store --seed={b} {o}.caibx {r}"),
+                "size: new store chunks + index",
+            ),
+        ]
     };
     for (name, create, apply, note) in &peers {
         let mut size = 0u64;
