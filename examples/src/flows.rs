@@ -9,10 +9,10 @@ use delta_engine::CreateOptions;
 use overlay_format::PortForward;
 use synthesis::report::{BaseListing, BaseReport, OverlayReport, SynthesisReport};
 use synthesis::{
-    create_base, create_overlay_file, demo as guest_demo, parse_forward, synthesize_with, BaseRequest, Event,
-    HttpCheck, HttpTarget, OverlayRequest, ReadyCheck, RegisteredBase, SynthesisOptions,
+    create_base, create_overlay_file, demo as guest_demo, parse_forward, synthesize_with, BaseRequest, CommandChannel,
+    Event, HttpCheck, HttpTarget, OverlayRequest, ReadyCheck, RegisteredBase, SynthesisOptions, OVMF_CODE, OVMF_VARS,
 };
-use vm_driver::Qemu;
+use vm_driver::{Firmware, Qemu};
 
 /// Prints flow events on stderr: steps as lines; long phases as progress bars on a terminal,
 /// or a line every 10% otherwise.
@@ -127,6 +127,9 @@ pub struct BaseArgs {
     /// Name of the base (unique in the registry).
     #[arg(long)]
     pub name: String,
+    /// Print the result as JSON on stdout (steps still go to stderr).
+    #[arg(long)]
+    pub json: bool,
     /// Boot this kernel directly instead of the first disk's own bootloader.
     #[arg(long, help_heading = "Boot")]
     pub kernel: Option<PathBuf>,
@@ -142,6 +145,22 @@ pub struct BaseArgs {
     /// vCPUs (1..=64).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Boot")]
     pub vcpus: u32,
+    /// The firmware that boots the VM: bios (SeaBIOS) or uefi (OVMF; the VM keeps its own copy
+    /// of the variable store, in the base).
+    #[arg(long, value_enum, default_value_t = FirmwareArg::Bios, hide_possible_values = true, help_heading = "Boot")]
+    pub firmware: FirmwareArg,
+    /// The UEFI firmware code [default: /usr/share/OVMF/OVMF_CODE_4M.fd, from Debian's ovmf].
+    #[arg(long, value_name = "FILE", help_heading = "Boot")]
+    pub ovmf_code: Option<PathBuf>,
+    /// The UEFI variable store to start from (only read) [default:
+    /// /usr/share/OVMF/OVMF_VARS_4M.fd].
+    #[arg(long, value_name = "FILE", help_heading = "Boot")]
+    pub ovmf_vars: Option<PathBuf>,
+    /// Give the VM a channel for the QEMU guest agent (qemu-guest-agent in the guest), so that
+    /// commands can run through it (--via agent) here and in the overlays of this base.
+    /// Implied by --ready-agent and --via agent.
+    #[arg(long, help_heading = "Boot")]
+    pub guest_agent: bool,
     /// The guest is ready when it prints TEXT on its serial console (ttyS0) [default:
     /// cloudlet-guest: ready].
     #[arg(long, value_name = "TEXT", help_heading = "Readiness")]
@@ -151,14 +170,20 @@ pub struct BaseArgs {
     /// closed ports (no firewall dropping them).
     #[arg(long, value_name = "PORT", conflicts_with = "ready", value_parser = clap::value_parser!(u16).range(2..), help_heading = "Readiness")]
     pub ready_port: Option<u16>,
+    /// Instead of --ready: the guest is ready when its QEMU guest agent answers (implies
+    /// --guest-agent).
+    #[arg(long, conflicts_with_all = ["ready", "ready_port"], help_heading = "Readiness")]
+    pub ready_agent: bool,
     /// How long to wait for the guest to be ready, in seconds (a distribution booting without
     /// KVM takes a minute or more).
     #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400), help_heading = "Readiness")]
     pub ready_timeout: u64,
-    /// A shell command to run in the guest, on its serial console, before the snapshot
-    /// (repeatable; a command that exits non-zero stops the flow).
+    /// A shell command to run in the guest before the snapshot (repeatable; a command that
+    /// exits non-zero stops the flow, showing its output).
     #[arg(long, value_name = "CMD", help_heading = "Preparing the guest")]
     pub prepare: Vec<String>,
+    #[command(flatten, next_help_heading = "Preparing the guest")]
+    pub via: ViaArgs,
     /// Then hand the guest's serial console to you; the snapshot is taken when you press
     /// Enter.
     #[arg(long, help_heading = "Preparing the guest")]
@@ -173,9 +198,6 @@ pub struct BaseArgs {
     /// and drop the page cache, for a smaller base. Needs fstrim (util-linux) in the guest.
     #[arg(long, help_heading = "Preparing the guest")]
     pub trim: bool,
-    /// Print the result as JSON on stdout (steps still go to stderr).
-    #[arg(long, help_heading = "Options")]
-    pub json: bool,
 }
 
 impl BaseArgs {
@@ -195,8 +217,14 @@ impl BaseArgs {
             ram_mib: 256,
             vcpus: 1,
             ready: None,
+            firmware: FirmwareArg::Bios,
+            ovmf_code: None,
+            ovmf_vars: None,
+            guest_agent: false,
             ready_port: None,
+            ready_agent: false,
             ready_timeout: 300,
+            via: ViaArgs::default(),
             prepare: vec![],
             interactive: false,
             vnc: false,
@@ -206,8 +234,17 @@ impl BaseArgs {
         }
     }
 
-    /// The flow's request, working in `work_dir`.
-    pub fn request(&self, work_dir: PathBuf) -> BaseRequest {
+    /// Refuses options that do not go together (what clap cannot say).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.firmware != FirmwareArg::Uefi && (self.ovmf_code.is_some() || self.ovmf_vars.is_some()) {
+            return Err("--ovmf-code and --ovmf-vars need --firmware uefi".into());
+        }
+        Ok(())
+    }
+
+    /// The flow's request, working in `work_dir`; refuses options that do not go together.
+    pub fn request(&self, work_dir: PathBuf) -> std::result::Result<BaseRequest, String> {
+        self.check()?;
         let mut req = BaseRequest::new(&self.name, self.disks[0].clone(), work_dir);
         req.disks = self.disks.clone();
         if let Some(k) = &self.kernel {
@@ -215,17 +252,66 @@ impl BaseArgs {
         }
         req.ram_bytes = self.ram_mib << 20;
         req.vcpus = self.vcpus;
-        req.ready = match self.ready_port {
-            Some(p) => ReadyCheck::TcpPort(p),
-            None => ReadyCheck::SerialText(self.ready.clone().unwrap_or_else(|| Self::READY.into())),
+        req.firmware = match self.firmware {
+            FirmwareArg::Bios => Firmware::Bios,
+            FirmwareArg::Uefi => Firmware::Uefi {
+                code: self.ovmf_code.clone().unwrap_or_else(|| OVMF_CODE.into()),
+                vars: self.ovmf_vars.clone().unwrap_or_else(|| OVMF_VARS.into()),
+            },
         };
+        req.guest_agent = self.guest_agent;
+        req.ready = match (self.ready_port, self.ready_agent) {
+            (_, true) => ReadyCheck::Agent,
+            (Some(p), _) => ReadyCheck::TcpPort(p),
+            (None, false) => ReadyCheck::SerialText(self.ready.clone().unwrap_or_else(|| Self::READY.into())),
+        };
+        req.via = self.via.channel();
         req.ready_timeout = Duration::from_secs(self.ready_timeout);
         req.prepare = self.prepare.clone();
         req.interactive = self.interactive || self.vnc;
         req.vnc = self.vnc;
         req.wait_http = self.wait.check();
         req.trim = self.trim;
-        req
+        Ok(req)
+    }
+}
+
+/// `--firmware`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FirmwareArg {
+    /// SeaBIOS, QEMU's default.
+    Bios,
+    /// OVMF.
+    Uefi,
+}
+
+/// `--via`, shared by `cloudlet base` and `cloudlet overlay`.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct ViaArgs {
+    /// How the commands (and --trim) reach the guest: console, a shell on the serial console
+    /// ttyS0 (the guest must offer one, without echo); or agent, the QEMU guest agent, which
+    /// runs each as /bin/sh -c CMD (needs qemu-guest-agent in the guest; for cloudlet overlay,
+    /// a base made with --guest-agent or --via agent).
+    #[arg(long, value_enum, default_value_t = Via::Console, hide_possible_values = true)]
+    pub via: Via,
+}
+
+/// The value of `--via`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// The serial console.
+    #[default]
+    Console,
+    /// The QEMU guest agent.
+    Agent,
+}
+
+impl ViaArgs {
+    fn channel(&self) -> CommandChannel {
+        match self.via {
+            Via::Console => CommandChannel::Console,
+            Via::Agent => CommandChannel::Agent,
+        }
     }
 }
 
@@ -252,7 +338,7 @@ impl WaitArgs {
 
 /// `cloudlet base`.
 pub fn base(qemu: &Qemu, reg: &Registry, a: &BaseArgs, quiet: bool) -> Result<RegisteredBase> {
-    let req = a.request(reg.root().join(format!(".work-{}", std::process::id())));
+    let req = a.request(reg.root().join(format!(".work-{}", std::process::id()))).map_err(anyhow::Error::msg)?;
     let (b, t) = create_base(qemu, reg, &req, &printer(quiet)).context("creating the base VM")?;
     let r = BaseReport::new(&b, &t, reg);
     if a.json {
@@ -277,9 +363,12 @@ pub struct OverlayArgs {
     /// The base: name, id, or unique id prefix.
     #[arg(long)]
     pub base: String,
-    /// A shell command that customizes the guest (repeatable).
-    #[arg(long)]
+    /// A shell command that customizes the guest (repeatable; a command that exits non-zero
+    /// stops the flow, showing its output).
+    #[arg(long, value_name = "CMD")]
     pub customize: Vec<String>,
+    #[command(flatten)]
+    pub via: ViaArgs,
     /// Then hand the guest's serial console to you (customize it by hand); the overlay is
     /// captured when you press Enter.
     #[arg(long)]
@@ -343,6 +432,7 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
     let req = OverlayRequest {
         name: a.name.clone(),
         customize: a.customize.clone(),
+        via: a.via.channel(),
         interactive: a.interactive || a.vnc,
         vnc: a.vnc,
         wait_http: a.wait.check(),
@@ -592,6 +682,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
             base: b.entry.manifest.name.clone(),
             name: "webapp".into(),
             customize: guest_demo::app_commands(),
+            via: ViaArgs::default(),
             forwards: vec![guest_demo::app_forward()],
             redir: vec![],
             out: work.join("webapp.overlay"),

@@ -148,3 +148,27 @@ fn unusable_base_inputs_are_refused_with_the_reason() {
     let list = text(&cloudlet().arg("--registry").arg(&reg).arg("list-base").output().unwrap().stdout);
     assert!(list.starts_with("no bases"), "{list}");
 }
+
+/// UEFI without its firmware files says where they come from, before any VM starts.
+#[test]
+fn uefi_without_its_firmware_files_says_to_install_ovmf() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let out = cloudlet_in(&dir.path().join("registry"))
+        .args(["base", "--name", "b", "--firmware", "uefi", "--ovmf-vars"])
+        .arg(dir.path().join("missing-vars.fd"))
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("missing-vars.fd cannot be read") && err.contains("apt-get install ovmf"), "{err}");
+    let out = cloudlet_in(&dir.path().join("registry"))
+        .args(["base", "--name", "b", "--ovmf-code", "code.fd"])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("need --firmware uefi"), "{err}");
+}

@@ -13,7 +13,8 @@ use delta_engine::{
 };
 use overlay_format::{OverlayReader, PortForward};
 use vm_driver::{
-    DiskFormat, Forward, Hypervisor, KernelBoot, LaunchSpec, RamMode, RestoreOptions, SerialConsole, Snapshot, Vm,
+    DiskFormat, Firmware, Forward, Hypervisor, KernelBoot, LaunchSpec, RamMode, RestoreOptions, SerialConsole,
+    Snapshot, Vm,
 };
 
 use crate::base::{register_snapshot, RegisteredBase};
@@ -166,16 +167,17 @@ pub(crate) fn publish(from: &Path, to: &Path) -> Result<(), FlowError> {
     }
 }
 
-/// The preparation steps of the base and overlay flows: commands over the serial console, a
-/// person at the console, then waiting for the app's HTTP answer.
+/// The preparation steps of the base and overlay flows: commands (over the serial console or
+/// the guest agent), a person at the console, then waiting for the app's HTTP answer.
 fn prepare<V: Vm>(
     vm: &mut V,
     commands: &[String],
+    via: CommandChannel,
     interactive: bool,
     wait_http: Option<&HttpCheck>,
     events: &(dyn Fn(Event) + Sync),
 ) -> Result<(), FlowError> {
-    run_all(vm, commands, events)?;
+    run_all(vm, commands, via, events)?;
     if interactive {
         let serial_socket = vm
             .serial_socket()
@@ -237,10 +239,36 @@ fn watch_viewers<V: Vm>(vm: &mut V, done: &AtomicBool, closed: &AtomicBool) -> R
     Ok(())
 }
 
-fn run_all<V: Vm>(vm: &mut V, commands: &[String], events: &(dyn Fn(Event) + Sync)) -> Result<(), FlowError> {
+/// How the flows run shell commands in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommandChannel {
+    /// A shell on the serial console (ttyS0) that does not echo: the test guests, or a root
+    /// autologin set up so.
+    #[default]
+    Console,
+    /// The QEMU guest agent: `guest-exec` of `/bin/sh -c COMMAND`, its output captured. Needs
+    /// `qemu-guest-agent` running in the guest and a VM with the agent channel
+    /// (`BaseRequest::guest_agent`).
+    Agent,
+}
+
+fn run_all<V: Vm>(
+    vm: &mut V,
+    commands: &[String],
+    via: CommandChannel,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<(), FlowError> {
     for c in commands {
-        events(Event::Step(format!("guest$ {c}")));
-        let (out, status) = vm.console()?.run(c, COMMAND_TIMEOUT)?;
+        let (out, status) = match via {
+            CommandChannel::Console => {
+                events(Event::Step(format!("guest$ {c}")));
+                vm.console()?.run(c, COMMAND_TIMEOUT)?
+            }
+            CommandChannel::Agent => {
+                events(Event::Step(format!("guest (agent)$ {c}")));
+                vm.guest_exec(c, COMMAND_TIMEOUT)?
+            }
+        };
         if status != 0 {
             return Err(FlowError::GuestCommand { command: c.clone(), status, output: out });
         }
@@ -273,8 +301,16 @@ pub struct BaseRequest {
     pub ready: ReadyCheck,
     /// How long to wait for it.
     pub ready_timeout: Duration,
-    /// Shell commands run in the guest (on its serial console) before the snapshot.
+    /// The firmware (default BIOS; UEFI from a pair of flash images, see [`OVMF_CODE`]).
+    pub firmware: Firmware,
+    /// Give the VM the QEMU guest agent's channel (part of the base's device layout, so its
+    /// overlays can run commands through the agent too). Implied by [`ReadyCheck::Agent`] and
+    /// by `via` [`CommandChannel::Agent`].
+    pub guest_agent: bool,
+    /// Shell commands run in the guest before the snapshot.
     pub prepare: Vec<String>,
+    /// How `prepare` (and `trim`) reach the guest.
+    pub via: CommandChannel,
     /// After the commands, hand the serial console to a person ([`Event::Interactive`]).
     pub interactive: bool,
     /// Also serve the guest's screen over VNC on 127.0.0.1 (display 0, or the next free one),
@@ -302,13 +338,27 @@ impl BaseRequest {
             vcpus: 1,
             ready: ReadyCheck::SerialText("cloudlet-guest: ready".into()),
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            firmware: Firmware::Bios,
+            guest_agent: false,
             prepare: Vec::new(),
+            via: CommandChannel::Console,
             interactive: false,
             vnc: false,
             wait_http: None,
             trim: false,
             work_dir: work_dir.into(),
         }
+    }
+
+    /// Boots by UEFI with Debian's OVMF ([`OVMF_CODE`], [`OVMF_VARS`]).
+    pub fn uefi(mut self) -> Self {
+        self.firmware = Firmware::Uefi { code: OVMF_CODE.into(), vars: OVMF_VARS.into() };
+        self
+    }
+
+    /// Whether the VM gets the guest agent's channel: asked for, or needed.
+    fn wants_agent(&self) -> bool {
+        self.guest_agent || self.ready == ReadyCheck::Agent || self.via == CommandChannel::Agent
     }
 
     /// Boots `kernel` with `initrd` (if any) and `cmdline` instead of the first disk.
@@ -322,6 +372,12 @@ impl BaseRequest {
 /// TCG takes a minute or more).
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Debian's UEFI firmware code (package `ovmf`), for [`Firmware::Uefi`].
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+
+/// Debian's UEFI variable store template (package `ovmf`); the VM writes to a copy of it.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
 /// What `trim` runs in the guest before a snapshot: write everything out, discard the disk
 /// blocks the file systems no longer use (the disks have `discard=unmap`, so they become holes
 /// in the image), drop the page cache, then compact memory and wait a little: the balloon's
@@ -334,10 +390,10 @@ pub const TRIM_COMMANDS: [&str; 3] = [
     "if [ -w /proc/sys/vm/compact_memory ]; then echo 1 > /proc/sys/vm/compact_memory; fi; sleep 3",
 ];
 
-/// Runs [`TRIM_COMMANDS`] on the console.
-fn trim<V: Vm>(vm: &mut V, events: &(dyn Fn(Event) + Sync)) -> Result<(), FlowError> {
+/// Runs [`TRIM_COMMANDS`] through `via`.
+fn trim<V: Vm>(vm: &mut V, via: CommandChannel, events: &(dyn Fn(Event) + Sync)) -> Result<(), FlowError> {
     let commands: Vec<String> = TRIM_COMMANDS.iter().map(|c| c.to_string()).collect();
-    run_all(vm, &commands, events).map_err(|e| match e {
+    run_all(vm, &commands, via, events).map_err(|e| match e {
         FlowError::GuestCommand { command, status, output } if command.contains("fstrim") => FlowError::GuestCommand {
             command,
             status,
@@ -362,6 +418,28 @@ pub struct BaseTimings {
     pub index: Duration,
 }
 
+/// Asks the guest agent until it answers or `timeout` has passed (the agent starts late in a
+/// boot, and may not take the first connection).
+fn agent_wait<V: Vm>(vm: &mut V, timeout: Duration) -> Result<(), FlowError> {
+    let start = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        let e = match vm.guest_ping(left.min(Duration::from_secs(10))) {
+            Ok(()) => return Ok(()),
+            Err(e @ vm_driver::DriverError::Unsupported { .. }) => return Err(e.into()),
+            Err(e) => e,
+        };
+        if start.elapsed() >= timeout {
+            return Err(FlowError::NotReady {
+                waiting_for: "the guest agent to answer guest-ping".into(),
+                timeout,
+                last: crate::error_chain(&e),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Checks a base request before any work: the kernel files and every disk image.
 fn check_base_request(req: &BaseRequest) -> Result<(), FlowError> {
     if req.disks.is_empty() {
@@ -377,6 +455,13 @@ fn check_base_request(req: &BaseRequest) -> Result<(), FlowError> {
     }
     for d in &req.disks {
         crate::disk::probe_disk(d)?;
+    }
+    if let Firmware::Uefi { code, vars } = &req.firmware {
+        for (what, f) in [("code", code), ("variable store", vars)] {
+            if let Err(source) = std::fs::File::open(f) {
+                return Err(FlowError::MissingFirmware { what, path: f.clone(), source });
+            }
+        }
     }
     Ok(())
 }
@@ -403,6 +488,8 @@ pub fn create_base<H: Hypervisor>(
     let mut spec = LaunchSpec::new(req.ram_bytes);
     spec.vcpus = req.vcpus;
     spec.kernel = req.kernel.clone();
+    spec.firmware = req.firmware.clone();
+    spec.guest_agent = req.wants_agent();
     for (i, input) in req.disks.iter().enumerate() {
         let name = format!("disk{i}");
         let disk = work.join(format!("{name}.raw"));
@@ -442,12 +529,13 @@ pub fn create_base<H: Hypervisor>(
             let (target, canary) = ((*p, host_of(*p)?), (CANARY_PORT, host_of(CANARY_PORT)?));
             crate::ready::tcp_wait("127.0.0.1", target, canary, req.ready_timeout)?;
         }
+        ReadyCheck::Agent => agent_wait(&mut vm, req.ready_timeout)?,
     }
     t.boot = t0.elapsed();
     events(Event::Step(format!("the guest is ready after {:.1} s", t.boot.as_secs_f64())));
-    prepare(&mut vm, &req.prepare, req.interactive, req.wait_http.as_ref(), events)?;
+    prepare(&mut vm, &req.prepare, req.via, req.interactive, req.wait_http.as_ref(), events)?;
     if req.trim {
-        trim(&mut vm, events)?;
+        trim(&mut vm, req.via, events)?;
     }
     events(Event::Step("snapshotting the base VM".into()));
     let t1 = Instant::now();
@@ -469,6 +557,9 @@ pub struct OverlayRequest {
     pub name: String,
     /// Shell commands that customize the guest.
     pub customize: Vec<String>,
+    /// How `customize` (and `trim`, and the final `sync`) reach the guest; the agent needs a
+    /// base with its channel ([`BaseRequest::guest_agent`]).
+    pub via: CommandChannel,
     /// After the commands, hand the serial console to a person ([`Event::Interactive`]).
     pub interactive: bool,
     /// Also serve the guest's screen over VNC on 127.0.0.1 (display 0, or the next free one),
@@ -514,6 +605,15 @@ pub fn create_overlay_file<H: Hypervisor>(
         return Err(FlowError::Exists { path: req.out.clone() });
     }
     check_forwards(&req.forwards, None)?;
+    if req.via == CommandChannel::Agent && !base.snapshot.layout().guest_agent {
+        return Err(FlowError::BadBase {
+            dir: base.entry.dir.clone(),
+            reason: format!(
+                "base '{}' has no guest agent channel: create the base with one (cloudlet base --guest-agent)",
+                base.entry.manifest.name
+            ),
+        });
+    }
     if req.vnc && !base.snapshot.display {
         return Err(FlowError::BadBase {
             dir: base.entry.dir.clone(),
@@ -549,11 +649,11 @@ pub fn create_overlay_file<H: Hypervisor>(
     )?;
     let resume = t0.elapsed();
     let t1 = Instant::now();
-    prepare(&mut vm, &req.customize, req.interactive, req.wait_http.as_ref(), events)?;
+    prepare(&mut vm, &req.customize, req.via, req.interactive, req.wait_http.as_ref(), events)?;
     if req.trim {
-        trim(&mut vm, events)?;
+        trim(&mut vm, req.via, events)?;
     } else {
-        run_all(&mut vm, &["sync".to_string()], events)?;
+        run_all(&mut vm, &["sync".to_string()], req.via, events)?;
     }
     let customize = t1.elapsed();
     events(Event::Step("snapshotting the custom VM".into()));

@@ -68,8 +68,8 @@ pub use base::{export_base_file, RegisteredBase};
 pub use disk::{probe_disk, InputFormat};
 pub use flows::{
     create_base, create_overlay_file, interrupt_cleanup, interrupted, remove_on_interrupt, synthesize, synthesize_with,
-    BaseRequest, BaseTimings, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
-    DEFAULT_READY_TIMEOUT, TRIM_COMMANDS,
+    BaseRequest, BaseTimings, CommandChannel, OverlayOutcome, OverlayRequest, SynthesisOptions, Synthesized, Timeline,
+    DEFAULT_READY_TIMEOUT, OVMF_CODE, OVMF_VARS, TRIM_COMMANDS,
 };
 pub use forward::{parse_forward, ForwardParseError, HttpTarget, HttpTargetError};
 pub use http::{
@@ -240,6 +240,17 @@ pub enum FlowError {
         timeout: Duration,
         /// What the last attempt saw.
         last: String,
+    },
+    /// A UEFI firmware file is missing or unreadable.
+    #[error("UEFI firmware {what} {path} cannot be read (Debian's ovmf package has it: apt-get install ovmf)")]
+    MissingFirmware {
+        /// `code` or `variable store`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
     /// Something the flows do not support.
     #[error("{what} is not supported")]

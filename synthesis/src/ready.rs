@@ -1,5 +1,5 @@
-//! When a freshly booted base VM is ready for its snapshot: a text on its serial console, or a
-//! guest TCP port that accepts connections.
+//! When a freshly booted base VM is ready for its snapshot: a text on its serial console, a
+//! guest TCP port that accepts connections, or the guest agent answering.
 //!
 //! # A guest port through QEMU's user networking
 //!
@@ -43,6 +43,9 @@ pub enum ReadyCheck {
     SerialText(String),
     /// The guest accepts TCP connections on this port (forwarded from the host for the wait).
     TcpPort(u16),
+    /// The QEMU guest agent in the guest answers `guest-ping` (the VM gets the agent's
+    /// channel).
+    Agent,
 }
 
 impl ReadyCheck {
@@ -53,6 +56,7 @@ impl ReadyCheck {
             ReadyCheck::TcpPort(p) => {
                 format!("waiting up to {} for guest port {p} to accept connections", secs(timeout))
             }
+            ReadyCheck::Agent => format!("waiting up to {} for the guest agent to answer", secs(timeout)),
         }
     }
 }

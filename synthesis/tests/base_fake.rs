@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use base_registry::Registry;
 use fake::{Events, FakeHypervisor};
-use synthesis::{create_base, create_overlay_file, synthesize_with, Event, FlowError, ReadyCheck, SynthesisOptions};
+use synthesis::{
+    create_base, create_overlay_file, synthesize_with, CommandChannel, Event, FlowError, ReadyCheck, SynthesisOptions,
+};
 use vm_driver::Vm;
 
 struct Setup {
@@ -198,5 +200,79 @@ fn trim_runs_last_before_the_snapshot_and_a_missing_fstrim_says_what_is_needed()
     });
     let e = create_base(&s.hv, &s.registry, &req, &|_| {}).unwrap_err().to_string();
     assert!(e.contains("exited with 127: sh: fstrim: not found") && e.contains("needs fstrim from util-linux"), "{e}");
+    s.assert_nothing_left();
+}
+
+#[test]
+fn through_the_guest_agent_the_base_is_ready_prepared_and_its_overlays_customized() {
+    let s = Setup::new();
+    let mut req = fake::base_request(s.tmp.path());
+    req.ready = ReadyCheck::Agent;
+    req.via = CommandChannel::Agent;
+    req.trim = true;
+    let (events, on) = recorder();
+    let (base, _) = create_base(&s.hv, &s.registry, &req, &on).unwrap();
+    assert!(base.snapshot.layout().guest_agent, "the base lost its agent channel");
+    let steps = events.steps();
+    assert_eq!(steps[1], "waiting up to 5 s for the guest agent to answer", "{steps:?}");
+    assert!(steps.contains(&"guest (agent)$ echo prepared".to_string()), "{steps:?}");
+    let calls = s.hv.calls();
+    assert!(calls.contains(&"ping".to_string()) && calls.contains(&"exec echo prepared".to_string()), "{calls:?}");
+    assert!(calls.contains(&"exec sync && fstrim -av".to_string()), "trim goes the same way: {calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("run ")), "a command went over the console: {calls:?}");
+
+    let out = s.path("app.overlay");
+    let mut o = fake::overlay_request(&out);
+    o.via = CommandChannel::Agent;
+    let (events, on) = recorder();
+    create_overlay_file(&s.hv, &base, &o, &on).unwrap();
+    assert!(events.steps().contains(&"guest (agent)$ install the app".to_string()), "{:?}", events.steps());
+    assert!(s.hv.calls().contains(&"exec sync".to_string()), "{:?}", s.hv.calls());
+}
+
+#[test]
+fn a_command_failing_through_the_agent_is_named_with_its_output() {
+    let s = Setup::new();
+    let mut req = fake::base_request(s.tmp.path());
+    req.via = CommandChannel::Agent;
+    s.hv.set(|f| {
+        f.failing_commands.insert("echo prepared".into(), (2, "apt: no such package".into()));
+    });
+    let e = create_base(&s.hv, &s.registry, &req, &|_| {}).unwrap_err();
+    assert!(matches!(&e, FlowError::GuestCommand { status: 2, .. }), "{e:?}");
+    assert!(e.to_string().contains("'echo prepared' exited with 2: apt: no such package"), "{e}");
+    s.assert_nothing_left();
+}
+
+#[test]
+fn a_silent_agent_is_not_ready_and_an_agentless_base_refuses_agent_commands() {
+    let s = Setup::new();
+    let mut req = fake::base_request(s.tmp.path());
+    req.ready = ReadyCheck::Agent;
+    req.ready_timeout = Duration::from_millis(500);
+    s.hv.set(|f| f.agent_silent = true);
+    let e = create_base(&s.hv, &s.registry, &req, &|_| {}).unwrap_err().to_string();
+    assert!(e.contains("waiting for the guest agent to answer guest-ping") && e.contains("timed out"), "{e}");
+    s.assert_nothing_left();
+
+    let s = Setup::new();
+    let (base, _) = create_base(&s.hv, &s.registry, &fake::base_request(s.tmp.path()), &|_| {}).unwrap();
+    let calls = s.hv.calls().len();
+    let mut o = fake::overlay_request(&s.path("app.overlay"));
+    o.via = CommandChannel::Agent;
+    let e = create_overlay_file(&s.hv, &base, &o, &|_| {}).unwrap_err().to_string();
+    assert!(e.contains("has no guest agent channel") && e.contains("--guest-agent"), "{e}");
+    assert_eq!(s.hv.calls().len(), calls, "a VM was started");
+}
+
+#[test]
+fn missing_uefi_firmware_says_where_to_get_it() {
+    let s = Setup::new();
+    let mut req = fake::base_request(s.tmp.path());
+    req.firmware = vm_driver::Firmware::Uefi { code: s.path("guest/vmlinuz"), vars: s.path("no/OVMF_VARS.fd") };
+    let e = create_base(&s.hv, &s.registry, &req, &|_| {}).unwrap_err();
+    assert!(matches!(&e, FlowError::MissingFirmware { what: "variable store", .. }), "{e:?}");
+    assert!(e.to_string().contains("OVMF_VARS.fd cannot be read") && e.to_string().contains("apt-get install ovmf"));
+    assert!(s.hv.calls().is_empty());
     s.assert_nothing_left();
 }

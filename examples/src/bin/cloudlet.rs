@@ -189,11 +189,14 @@ fn seconds(s: &str) -> Result<f64, String> {
 fn main() -> ExitCode {
     cloudlet_examples::log::init();
     let cli = Cli::parse();
-    if let Command::Overlay(a) = &cli.command {
-        if let Err(msg) = a.check_level() {
-            use clap::CommandFactory;
-            Cli::command().error(clap::error::ErrorKind::ValueValidation, msg).exit();
-        }
+    let usage = match &cli.command {
+        Command::Overlay(a) => a.check_level(),
+        Command::Base(a) => a.check(),
+        _ => Ok(()),
+    };
+    if let Err(msg) = usage {
+        use clap::CommandFactory;
+        Cli::command().error(clap::error::ErrorKind::ArgumentConflict, msg).exit();
     }
     if !matches!(cli.command, Command::Serve { .. }) {
         // Ctrl-C or SIGTERM in the middle of a flow: stop its VMs and remove what it had half

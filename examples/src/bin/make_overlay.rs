@@ -14,7 +14,7 @@ use std::time::Duration;
 use base_registry::Registry;
 use delta_engine::CreateOptions;
 use overlay_format::{PortForward, Protocol};
-use synthesis::{create_overlay_file, Event, HttpCheck, OverlayRequest, RegisteredBase};
+use synthesis::{create_overlay_file, CommandChannel, Event, HttpCheck, OverlayRequest, RegisteredBase};
 use vm_driver::Qemu;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,6 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let request = OverlayRequest {
         name: "app".into(),
         customize: commands.to_vec(),
+        // Over the serial console; `CommandChannel::Agent` runs them through the guest agent.
+        via: CommandChannel::Console,
         interactive: false,
         vnc: false,
         // Capture the VM only once the app answers (any HTTP status, up to 60 s).

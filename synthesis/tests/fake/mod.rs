@@ -4,7 +4,8 @@
 //! A VM's RAM is a byte vector; its snapshots write that vector (`memory`), a small device
 //! state, copies of its disks and kernel, and a manifest made with `Snapshot::new`. Console
 //! commands are scripted: each one is logged and leaves its text in the RAM (so overlays have
-//! changes to carry), and answers with the output and status set for it. Each forward is a real
+//! changes to carry), and answers with the output and status set for it; the guest agent runs
+//! them the same way when the VM has its channel. Each forward is a real
 //! loopback listener that answers HTTP 200, or, as QEMU's user networking would, hangs up at
 //! once where nothing listens in the guest (guest port 1, and ports told so) and holds
 //! connections silently while the guest's network is down. Failures
@@ -44,6 +45,8 @@ pub struct Faults {
     /// The guest's network is not up: every forward accepts a connection and holds it, silent,
     /// as QEMU's user networking does while the guest does not answer.
     pub network_down: bool,
+    /// The VM has the guest agent's channel, but no agent answers on it.
+    pub agent_silent: bool,
     /// Commands that exit with this status and output instead of 0.
     pub failing_commands: BTreeMap<String, (i32, String)>,
 }
@@ -330,6 +333,17 @@ impl Vm for FakeVm {
         None
     }
 
+    fn guest_ping(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        self.hv.log("ping".into());
+        self.agent(timeout)
+    }
+
+    fn guest_exec(&mut self, command: &str, timeout: Duration) -> Result<(String, i32), DriverError> {
+        self.hv.log(format!("exec {command}"));
+        self.agent(timeout)?;
+        self.console.execute(command)
+    }
+
     fn shutdown(mut self) -> Result<(), DriverError> {
         self.hv.log("shutdown".into());
         self.stop();
@@ -338,6 +352,17 @@ impl Vm for FakeVm {
 }
 
 impl FakeVm {
+    /// Whether an agent answers: the VM must have its channel, and the agent not be silent.
+    fn agent(&self, timeout: Duration) -> Result<(), DriverError> {
+        if !self.layout.guest_agent {
+            return Err(DriverError::Unsupported { what: "a guest agent channel in this VM".into() });
+        }
+        if self.hv.faults().agent_silent {
+            return Err(DriverError::Timeout { waiting_for: "the guest agent's answer to guest-ping".into(), timeout });
+        }
+        Ok(())
+    }
+
     fn stop(&mut self) {
         if !self.stopped {
             self.stopped = true;
@@ -362,9 +387,9 @@ pub struct FakeConsole {
     log: String,
 }
 
-impl SerialConsole for FakeConsole {
-    fn run(&mut self, command: &str, _timeout: Duration) -> Result<(String, i32), DriverError> {
-        self.hv.log(format!("run {command}"));
+impl FakeConsole {
+    /// Runs `command` as the guest would, through the console or the agent.
+    fn execute(&mut self, command: &str) -> Result<(String, i32), DriverError> {
         // The command's text lands in RAM, at a place of its own.
         let at = (blake3::hash(command.as_bytes()).as_bytes()[0] as usize * 4096) % self.ram.len().max(1);
         let end = (at + command.len()).min(self.ram.len());
@@ -375,6 +400,13 @@ impl SerialConsole for FakeConsole {
             Some((status, output)) => Ok((output.clone(), *status)),
             None => Ok((String::new(), 0)),
         }
+    }
+}
+
+impl SerialConsole for FakeConsole {
+    fn run(&mut self, command: &str, _timeout: Duration) -> Result<(String, i32), DriverError> {
+        self.hv.log(format!("run {command}"));
+        self.execute(command)
     }
 
     fn wait_for_text(&self, text: &str, timeout: Duration) -> Result<(), DriverError> {
@@ -412,6 +444,7 @@ pub fn overlay_request(out: &Path) -> synthesis::OverlayRequest {
             host_port: 0,
             guest_port: 8080,
         }],
+        via: synthesis::CommandChannel::Console,
         trim: false,
         out: out.to_owned(),
         options: delta_engine::CreateOptions::default(),
