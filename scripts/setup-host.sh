@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the host packages the project needs: QEMU 10 (system emulator and utils) from
-# bookworm-backports, plus what the test-guest builder uses. Idempotent; quick when all is present.
+# bookworm-backports, plus what the test-guest builders use (scripts/build-guest.sh, and
+# scripts/build-debian-guest.sh: mmdebstrap, SYSLINUX, OVMF, mtools, dosfstools, sfdisk).
+# Idempotent; quick when all is present.
 #
 # The backports apt source is derived from the URI of the machine's own Debian sources file,
 # so no mirror host name is written here.
@@ -20,6 +22,15 @@ have_cmd cpio || need+=(cpio)
 have_cmd mkfs.ext4 || need+=(e2fsprogs)
 have_cmd file || need+=(file)
 have_cmd ip || need+=(iproute2)
+# The Debian 12 guest booted from its own disk (scripts/build-debian-guest.sh).
+have_cmd mmdebstrap || need+=(mmdebstrap)
+have_cmd syslinux || need+=(syslinux)
+[ -f /usr/lib/syslinux/mbr/gptmbr.bin ] || need+=(syslinux-common)
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
+have_cmd mcopy || need+=(mtools)
+have_cmd mkfs.fat || need+=(dosfstools)
+have_cmd sfdisk || need+=(fdisk)
+have_cmd python3 || need+=(python3)
 # The cloud kernel package is unpacked (not installed) by scripts/build-guest.sh; nothing to do here.
 
 if [ ${#need[@]} -eq 0 ]; then
