@@ -2,12 +2,13 @@
 # Builds the Debian 12 test guest, a VM that boots from its own disk by its own bootloader,
 # from Debian packages only, and prints its directory (default .cache/debian, else
 # $CLOUDLET_DEBIAN_DIR):
-#   disk.qcow2        the disk: 4 GiB (virtual), GPT (`qemu-img convert -O raw` for a raw one)
+#   disk.raw          the disk: 4 GiB, sparse, GPT
 #     part 1 ESP      FAT32, 256 MiB from 1 MiB, legacy-BIOS-bootable: SYSLINUX for BIOS
 #                     (gptmbr.bin in the MBR, /syslinux/syslinux.cfg) and systemd-boot as
 #                     \EFI\BOOT\BOOTX64.EFI for UEFI (/loader/entries/debian.conf); both load
 #                     /vmlinuz and /initrd.img from the ESP with the command line in `cmdline`
 #     part 2 root     ext4 (label cloudlet-root, UUID in `root-uuid`), the rest of the disk
+#   disk.qcow2        the same disk as qcow2
 #   OVMF_VARS_4M.fd   a copy of the UEFI variable store template; give each VM its own copy
 #                     (the code is /usr/share/OVMF/OVMF_CODE_4M.fd from the `ovmf` package)
 #   vmlinuz, initrd.img, cmdline   the kernel, initrd and command line on the ESP, for
@@ -57,7 +58,7 @@ fi
 host=$(dpkg-query -W -f='${Package} ${Version}\n' syslinux syslinux-common ovmf 2>/dev/null || true)
 stamp=$( (cat "$0"; echo "$v"; echo "$host") | sha256sum | cut -c1-16)
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] \
-   && [ -f "$out/disk.qcow2" ] && [ -f "$out/OVMF_VARS_4M.fd" ]; then
+   && [ -f "$out/disk.raw" ] && [ -f "$out/disk.qcow2" ] && [ -f "$out/OVMF_VARS_4M.fd" ]; then
   echo "$out"
   exit 0
 fi
@@ -276,9 +277,8 @@ dd if="$esp" of="$disk" bs=1M seek=1 conv=notrunc,sparse status=none
 dd if="$work/root.img" of="$disk" bs=1M seek=257 conv=notrunc,sparse status=none
 rm -f "$esp" "$work/root.img"
 qemu-img convert -f raw -O qcow2 "$disk" "$work/disk.qcow2"
-rm -f "$disk"
 
-for f in disk.qcow2 vmlinuz initrd.img dpkg-status packages; do
+for f in disk.raw disk.qcow2 vmlinuz initrd.img dpkg-status packages; do
   mv "$work/$f" "$out/$f"
 done
 cp /usr/share/OVMF/OVMF_VARS_4M.fd "$out/OVMF_VARS_4M.fd"
