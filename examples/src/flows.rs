@@ -649,13 +649,32 @@ pub fn run_cmd(qemu: &Qemu, a: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// `cloudlet demo`: the whole flow on the test guest.
-pub fn demo(work: &Path, guest: &Path) -> Result<()> {
-    let g = match guest_demo::TestGuest::open(guest) {
-        Err(synthesis::FlowError::Io { path, .. }) => {
-            bail!("{} is missing: run scripts/build-guest.sh first", path.display())
-        }
-        r => r?,
+/// `cloudlet demo`: the whole flow on the test guest in `guest`, or with `debian`, on the Debian
+/// guest in `guest` (`scripts/build-debian-guest.sh`).
+pub fn demo(work: &Path, guest: &Path, debian: bool) -> Result<()> {
+    let missing = |path: PathBuf, script: &str| anyhow::anyhow!("{} is missing: run {script} first", path.display());
+    // The base's arguments, the app's commands, and what the steps say about them.
+    let (args, app, guest_says) = if debian {
+        let g = match guest_demo::DebianGuest::open(guest) {
+            Err(synthesis::FlowError::Io { path, .. }) => return Err(missing(path, "scripts/build-debian-guest.sh")),
+            r => r?,
+        };
+        let mut args = BaseArgs::new("debian", vec![g.disk]);
+        args.ram_mib = guest_demo::DebianGuest::RAM_BYTES >> 20;
+        args.ready = Some(guest_demo::TestGuest::READY.into());
+        (args, guest_demo::debian_app_commands(), "boot the Debian guest from its own disk")
+    } else {
+        let g = match guest_demo::TestGuest::open(guest) {
+            Err(synthesis::FlowError::Io { path, .. }) => return Err(missing(path, "scripts/build-guest.sh")),
+            r => r?,
+        };
+        let mut args = BaseArgs::new("debian-busybox", vec![g.disk]);
+        args.kernel = Some(g.kernel);
+        args.initrd = Some(g.initrd);
+        args.append = Some(guest_demo::TestGuest::CMDLINE.into());
+        args.ram_mib = guest_demo::TestGuest::RAM_BYTES >> 20;
+        args.ready = Some(guest_demo::TestGuest::READY.into());
+        (args, guest_demo::app_commands(), "boot the test guest")
     };
     match guest_demo::claim_work_dir(work) {
         Err(guest_demo::WorkDirError::NotOurs(w)) => {
@@ -666,13 +685,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
     let qemu = Qemu::new()?;
     let reg = Registry::open(&work.join("registry"))?;
     let t0 = std::time::Instant::now();
-    println!("== 1/3 base: boot the test guest, snapshot it, index it");
-    let mut args = BaseArgs::new("debian-busybox", vec![g.disk]);
-    args.kernel = Some(g.kernel);
-    args.initrd = Some(g.initrd);
-    args.append = Some(guest_demo::TestGuest::CMDLINE.into());
-    args.ram_mib = guest_demo::TestGuest::RAM_BYTES >> 20;
-    args.ready = Some(guest_demo::TestGuest::READY.into());
+    println!("== 1/3 base: {guest_says}, snapshot it, index it");
     let b = base(&qemu, &reg, &args, false)?;
     println!("== 2/3 overlay: resume the base, install a web app on port 8080, capture the overlay");
     let o = overlay(
@@ -681,7 +694,7 @@ pub fn demo(work: &Path, guest: &Path) -> Result<()> {
         &OverlayArgs {
             base: b.entry.manifest.name.clone(),
             name: "webapp".into(),
-            customize: guest_demo::app_commands(),
+            customize: app,
             via: ViaArgs::default(),
             forwards: vec![guest_demo::app_forward()],
             redir: vec![],

@@ -59,6 +59,50 @@ impl TestGuest {
     }
 }
 
+/// The Debian guest as `scripts/build-debian-guest.sh` builds it: a qcow2 disk that boots by
+/// its own bootloader (SeaBIOS here), systemd, a root shell on ttyS0 that prints
+/// [`TestGuest::READY`] once the guest is up, and `python3`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebianGuest {
+    /// The disk image (`disk.qcow2`), never modified.
+    pub disk: PathBuf,
+}
+
+impl DebianGuest {
+    /// The RAM it is booted with.
+    pub const RAM_BYTES: u64 = 1 << 30;
+
+    /// The guest in `dir`; fails with a [`FlowError::Io`] (not found) naming its disk when the
+    /// disk is missing.
+    pub fn open(dir: &Path) -> Result<Self, FlowError> {
+        let disk = dir.join("disk.qcow2");
+        if !disk.exists() {
+            return Err(FlowError::Io { path: disk, source: std::io::ErrorKind::NotFound.into() });
+        }
+        Ok(DebianGuest { disk })
+    }
+
+    /// A request to make a base named `name` of this guest, snapshotting in `work_dir`.
+    pub fn base_request(&self, name: &str, work_dir: PathBuf) -> BaseRequest {
+        let mut req = BaseRequest::new(name, &self.disk, work_dir);
+        req.ram_bytes = Self::RAM_BYTES;
+        req.ready = crate::ReadyCheck::SerialText(TestGuest::READY.into());
+        req
+    }
+}
+
+/// The commands that install and start the demo's web app in the Debian guest: the page
+/// ([`APP_PAGE`]) and 4 MiB of random data on its disk, served by `python3 -m http.server` on
+/// [`APP_PORT`], started in the background (the console's shell returns at once).
+pub fn debian_app_commands() -> Vec<String> {
+    vec![
+        "mkdir -p /srv/app".into(),
+        format!("echo '{APP_PAGE}' > /srv/app/index.html"),
+        "head -c 4194304 /dev/urandom > /srv/app/data.bin".into(),
+        format!("setsid python3 -m http.server {APP_PORT} --directory /srv/app >/dev/null 2>&1 < /dev/null &"),
+    ]
+}
+
 /// The commands that install and start the demo's web app in the test guest: a page
 /// ([`APP_PAGE`]), a CGI script, 4 MiB of random data on the disk, a copy of the kernel modules
 /// in memory, and busybox `httpd` on [`APP_PORT`].

@@ -43,6 +43,13 @@ enum Command {
         /// The test guest (from scripts/build-guest.sh).
         #[arg(long, env = "CLOUDLET_GUEST_DIR", default_value = ".cache/guest")]
         guest: PathBuf,
+        /// Run the demo on the Debian guest instead (from scripts/build-debian-guest.sh):
+        /// systemd booted from its own disk by its bootloader, 1 GiB of RAM; minutes under TCG.
+        #[arg(long)]
+        debian: bool,
+        /// The Debian guest's directory, with --debian.
+        #[arg(long, env = "CLOUDLET_DEBIAN_DIR", default_value = ".cache/debian")]
+        debian_dir: PathBuf,
     },
     /// Create a base VM: boot disk images (raw or qcow2; by their own bootloader, or a
     /// kernel), wait until the guest is ready, prepare it, snapshot memory + disks + device
@@ -238,8 +245,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Ok(Registry::open_existing(&dir)?)
     };
     match cli.command {
-        Command::Demo { work, guest } => {
-            flows::demo(&work, &guest)?;
+        Command::Demo { work, guest, debian, debian_dir } => {
+            flows::demo(&work, if debian { &debian_dir } else { &guest }, debian)?;
         }
         Command::Base(a) => {
             let qemu = vm_driver::Qemu::new()?;
