@@ -194,8 +194,9 @@ pub struct BaseArgs {
     pub vnc: bool,
     #[command(flatten, next_help_heading = "Preparing the guest")]
     pub wait: WaitArgs,
-    /// Last, before the snapshot: sync, discard the file systems' unused blocks (fstrim -av)
-    /// and drop the page cache, for a smaller base. Needs fstrim (util-linux) in the guest.
+    /// Last, before the snapshot: sync, discard the file systems' unused blocks (fstrim -av),
+    /// drop the page cache and compact memory (so that free page reporting hands the freed
+    /// pages to the host), for a smaller base. Needs fstrim (util-linux) in the guest.
     #[arg(long, help_heading = "Preparing the guest")]
     pub trim: bool,
 }
@@ -379,8 +380,9 @@ pub struct OverlayArgs {
     pub vnc: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
-    /// Last, before the snapshot: sync, discard the file systems' unused blocks (fstrim -av)
-    /// and drop the page cache, for a smaller overlay. Needs fstrim (util-linux) in the guest.
+    /// Last, before the snapshot: sync, discard the file systems' unused blocks (fstrim -av),
+    /// drop the page cache and compact memory (so that free page reporting hands the freed
+    /// pages to the host), for a smaller overlay. Needs fstrim (util-linux) in the guest.
     #[arg(long)]
     pub trim: bool,
     /// Print the result as JSON on stdout (steps still go to stderr).
