@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{cloudlet, cloudlet_in, guest_dir};
+use common::{cloudlet, cloudlet_in, guest_dir, synthesize_json, test_guest_base};
 
 fn qemu_img(args: &[&str]) {
     let out = std::process::Command::new("qemu-img").args(args).output().expect("qemu-img runs");
@@ -75,17 +75,8 @@ fn a_qcow2_disk_and_a_second_disk_through_base_overlay_and_synthesis() {
         .unwrap();
     assert!(out.status.success(), "overlay: {}", text(&out.stderr));
 
-    let out = cloudlet_in(&reg)
-        .args(["synthesis", "--overlay"])
-        .arg(&ovl)
-        .arg("--out")
-        .arg(work.path().join("vm"))
-        .args(["--probe", "80/cgi-bin/disks", "--expect-status", "200", "--json"])
-        .output()
-        .unwrap();
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "synthesis: {stdout}\n{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let args = ["--probe", "80/cgi-bin/disks", "--expect-status", "200"];
+    let v = synthesize_json(cloudlet_in(&reg), &ovl, &work.path().join("vm"), &args);
     assert_eq!(v["app_answer"], "first-disk-ok second-disk-ok", "{v}");
 }
 
@@ -94,16 +85,9 @@ fn a_qcow2_disk_and_a_second_disk_through_base_overlay_and_synthesis() {
 #[test]
 fn a_guest_port_nothing_listens_on_is_not_readiness() {
     let work = tempfile::tempdir().unwrap();
-    let guest = guest_dir();
     let reg = work.path().join("registry");
-    let out = cloudlet_in(&reg)
-        .args(["base", "--name", "never", "--ready-port", "81", "--ready-timeout", "20", "--kernel"])
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initrd.img"))
-        .arg(guest.join("disk.raw"))
-        .output()
-        .unwrap();
+    let args = ["--name", "never", "--ready-port", "81", "--ready-timeout", "20"];
+    let out = test_guest_base(&reg, &args).output().unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

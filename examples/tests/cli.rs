@@ -4,7 +4,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{cloudlet, cloudlet_in, guest_dir, make_base, processes_mentioning};
+use common::{cloudlet, cloudlet_in, guest_dir, make_base, processes_mentioning, synthesize_json};
 
 fn golden(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../overlay-format/tests/golden").join(name)
@@ -217,17 +217,7 @@ fn full_flow_through_the_cli() {
     assert!(text.contains("base           NOT in the registry"), "{text}");
     assert!(!work.path().join("nowhere").exists(), "overlay-info created a registry");
     let vm = work.path().join("vm");
-    let out = cl()
-        .args(["synthesis", "--overlay"])
-        .arg(&ovl)
-        .arg("--out")
-        .arg(&vm)
-        .args(["--probe", "8080", "--json", "--keep"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "synthesis: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let v = synthesize_json(cl(), &ovl, &vm, &["--probe", "8080", "--keep"]);
     assert_eq!(v["app_answer"], "flow-ok", "{v}");
     assert!(v["timeline"]["first_answer"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["ports"][0]["guest"], 8080);
@@ -376,13 +366,7 @@ fn interactive_overlay_flow_over_vnc_ends_when_the_viewer_closes() {
     assert!(out.status.code() == Some(1) && stderr.contains("no display device"), "{stderr}");
     assert!(!ovl.exists());
     // A base made with a display (the person presses Enter at once).
-    let guest = common::guest_dir();
-    let mut base = cl()
-        .args(["base", "--name", "screen", "--vnc", "--kernel"])
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initrd.img"))
-        .arg(guest.join("disk.raw"))
+    let mut base = common::test_guest_base(&reg, &["--name", "screen", "--vnc"])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -624,17 +608,7 @@ fn registry_and_vm_directories_with_commas_and_spaces() {
         .unwrap();
     assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
     let vm = out_dir.join("vm, 2");
-    let out = cloudlet_in(&reg)
-        .args(["synthesis", "--overlay"])
-        .arg(&ovl)
-        .arg("--out")
-        .arg(&vm)
-        .args(["--probe", "8080", "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "synthesis: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let v = synthesize_json(cloudlet_in(&reg), &ovl, &vm, &["--probe", "8080"]);
     assert_eq!(v["app_answer"], "comma-ok", "{v}");
     assert_eq!(processes_mentioning(&work.path().display().to_string()), Vec::<String>::new());
 }

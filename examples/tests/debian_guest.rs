@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{cloudlet_in, root};
+use common::{cloudlet_in, root, synthesize_json};
 
 fn debian_dir() -> Option<PathBuf> {
     if std::env::var("CLOUDLET_DEBIAN_GUEST").as_deref() == Ok("0") {
@@ -59,16 +59,7 @@ fn debian_guest_from_its_own_disk_through_base_overlay_and_synthesis() {
         .unwrap();
     assert!(out.status.success(), "overlay: {}", text(&out.stderr));
 
-    let out = cloudlet_in(&reg)
-        .args(["synthesis", "--overlay"])
-        .arg(&ovl)
-        .arg("--out")
-        .arg(work.path().join("vm"))
-        .args(["--probe", "80", "--expect-status", "200", "--probe-timeout", "120", "--json"])
-        .output()
-        .unwrap();
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "synthesis: {stdout}\n{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let args = ["--probe", "80", "--expect-status", "200", "--probe-timeout", "120"];
+    let v = synthesize_json(cloudlet_in(&reg), &ovl, &work.path().join("vm"), &args);
     assert_eq!(v["app_answer"], "synthesized-debian-page", "{v}");
 }

@@ -8,30 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use base_registry::Registry;
-use fake::{Events, FakeHypervisor};
+use fake::{Events, Setup};
 use synthesis::{
     create_base, create_overlay_file, synthesize_with, CommandChannel, Event, FlowError, ReadyCheck, SynthesisOptions,
 };
 use vm_driver::Vm;
 
-struct Setup {
-    tmp: tempfile::TempDir,
-    hv: FakeHypervisor,
-    registry: Registry,
-}
-
 impl Setup {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let registry = Registry::open(&tmp.path().join("registry")).unwrap();
-        Setup { tmp, hv: FakeHypervisor::new(), registry }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.tmp.path().join(p)
-    }
-
     /// Nothing of a failed base flow is left: no work directory, no base, no VM.
     fn assert_nothing_left(&self) {
         assert!(!self.path("work").exists(), "the work directory is left behind");

@@ -7,30 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base_registry::Registry;
-use fake::{tree, Events, FakeHypervisor};
+use fake::{tree, Events, Setup};
 use synthesis::{
     create_base, create_overlay_file, synthesize_with, BaseRequest, Event, FlowError, OverlayRequest, RegisteredBase,
     SynthesisOptions,
 };
 use vm_driver::{DriverError, Vm};
 
-struct Setup {
-    tmp: tempfile::TempDir,
-    hv: FakeHypervisor,
-    registry: Registry,
-}
-
 impl Setup {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let registry = Registry::open(&tmp.path().join("registry")).unwrap();
-        Setup { tmp, hv: FakeHypervisor::new(), registry }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.tmp.path().join(p)
-    }
-
     fn base_request(&self) -> BaseRequest {
         fake::base_request(self.tmp.path())
     }

@@ -2,23 +2,12 @@
 //! console is released, when QEMU exits and when the VM is dropped. A binary of its own, so
 //! that no other test's VMs are counted.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::guest;
 use vm_driver::*;
-
-fn guest() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = std::env::var_os("CLOUDLET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".cache/guest"));
-    if !dir.join("stamp").exists() {
-        let st = std::process::Command::new(root.join("scripts/build-guest.sh"))
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run scripts/build-guest.sh");
-        assert!(st.success(), "scripts/build-guest.sh failed");
-    }
-    dir
-}
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()

@@ -1,28 +1,17 @@
 //! Real QEMU guests: boot, run, snapshot, restore (both RAM modes), forwards, bad inputs.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::guest;
 use vm_driver::*;
 
 const BOOT: Duration = Duration::from_secs(120);
 const CMD: Duration = Duration::from_secs(30);
-
-/// The test guest built by scripts/build-guest.sh (built on demand).
-fn guest() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let dir = std::env::var_os("CLOUDLET_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".cache/guest"));
-    if !dir.join("stamp").exists() {
-        let st = std::process::Command::new(root.join("scripts/build-guest.sh"))
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run scripts/build-guest.sh");
-        assert!(st.success(), "scripts/build-guest.sh failed");
-    }
-    dir
-}
 
 fn spec(tmp: &Path) -> LaunchSpec {
     let g = guest();
@@ -385,18 +374,7 @@ fn guest_agent_channel_is_recorded_and_a_missing_agent_times_out() {
 /// `CLOUDLET_DEBIAN_GUEST=0` skips it.
 #[test]
 fn debian_guest_agent_over_uefi_and_after_restore() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    if std::env::var("CLOUDLET_DEBIAN_GUEST").as_deref() == Ok("0") {
-        eprintln!("skipped: CLOUDLET_DEBIAN_GUEST=0");
-        return;
-    }
-    let dir = std::env::var_os("CLOUDLET_DEBIAN_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".cache/debian"));
-    assert!(
-        dir.join("stamp").exists(),
-        "no Debian guest in {}: build it with scripts/build-debian-guest.sh (as root; scripts/test.sh does), \
-         or set CLOUDLET_DEBIAN_GUEST=0 to skip the tests that boot it",
-        dir.display()
-    );
+    let Some(dir) = common::debian_guest() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let layer = tmp.path().join("disk0.qcow2");
     qcow2_layer(&dir.join("disk.qcow2"), DiskFormat::Qcow2, &layer).unwrap();

@@ -32,18 +32,37 @@ pub fn guest_dir() -> PathBuf {
     dir
 }
 
+/// `cloudlet base` in `registry` with `args`, booting the test guest's kernel and initrd from
+/// its `disk.raw`, to be run.
+pub fn test_guest_base(registry: &Path, args: &[&str]) -> Command {
+    let guest = guest_dir();
+    let mut c = cloudlet_in(registry);
+    c.arg("base").args(args).arg("--kernel").arg(guest.join("vmlinuz"));
+    c.arg("--initrd").arg(guest.join("initrd.img")).arg(guest.join("disk.raw"));
+    c
+}
+
 /// Registers the test guest as base `deb` in `registry` through `cloudlet base`.
 pub fn make_base(registry: &Path) {
-    let guest = guest_dir();
-    let out = cloudlet_in(registry)
-        .args(["base", "--name", "deb", "--kernel"])
-        .arg(guest.join("vmlinuz"))
-        .arg("--initrd")
-        .arg(guest.join("initrd.img"))
-        .arg(guest.join("disk.raw"))
+    let out = test_guest_base(registry, &["--name", "deb"]).output().unwrap();
+    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `cloudlet synthesis --overlay OVERLAY --out VM --json ARGS...` through `cl`, which must
+/// succeed; its JSON result.
+pub fn synthesize_json(mut cl: Command, overlay: &Path, vm: &Path, args: &[&str]) -> serde_json::Value {
+    let out = cl
+        .args(["synthesis", "--overlay"])
+        .arg(overlay)
+        .arg("--out")
+        .arg(vm)
+        .arg("--json")
+        .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "base: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "synthesis: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&stdout).unwrap()
 }
 
 /// Processes whose command line mentions `needle`.

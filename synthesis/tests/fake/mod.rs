@@ -489,3 +489,23 @@ impl Events {
         self.0.lock().unwrap().clone()
     }
 }
+
+/// A test's temporary directory, a fake hypervisor and a registry in that directory; each test
+/// file adds the requests and steps it needs.
+pub struct Setup {
+    pub tmp: tempfile::TempDir,
+    pub hv: FakeHypervisor,
+    pub registry: base_registry::Registry,
+}
+
+impl Setup {
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let registry = base_registry::Registry::open(&tmp.path().join("registry")).unwrap();
+        Setup { tmp, hv: FakeHypervisor::new(), registry }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+}
