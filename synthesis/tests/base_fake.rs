@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fake::{Events, Setup};
+use fake::{recorder, Setup};
 use synthesis::{
-    create_base, create_overlay_file, synthesize_with, CommandChannel, Event, FlowError, ReadyCheck, SynthesisOptions,
+    create_base, create_overlay_file, synthesize_with, CommandChannel, FlowError, ReadyCheck, SynthesisOptions,
 };
 use vm_driver::Vm;
 
@@ -21,16 +21,6 @@ impl Setup {
         assert!(self.registry.list().unwrap().is_empty(), "a base was registered");
         assert_eq!(self.hv.live.load(Ordering::SeqCst), 0, "a VM is still running");
     }
-}
-
-fn recorder() -> (Events, impl Fn(Event) + Sync) {
-    let events = Events::default();
-    let e = events.clone();
-    (events, move |ev: Event| {
-        if let Event::Step(s) = ev {
-            e.0.lock().unwrap().push(s);
-        }
-    })
 }
 
 fn qemu_img(args: &[&str]) {

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base_registry::Registry;
-use fake::{tree, Events, Setup};
+use fake::{recorder, tree, Setup};
 use synthesis::{
-    create_base, create_overlay_file, synthesize_with, BaseRequest, Event, FlowError, OverlayRequest, RegisteredBase,
+    create_base, create_overlay_file, synthesize_with, BaseRequest, FlowError, OverlayRequest, RegisteredBase,
     SynthesisOptions,
 };
 use vm_driver::{DriverError, Vm};
@@ -35,16 +35,6 @@ impl Setup {
         create_overlay_file(&self.hv, &base, &self.overlay_request(&out), &|_| {}).unwrap();
         out
     }
-}
-
-fn recorder() -> (Events, impl Fn(Event) + Sync) {
-    let events = Events::default();
-    let e = events.clone();
-    (events, move |ev: Event| {
-        if let Event::Step(s) = ev {
-            e.0.lock().unwrap().push(s);
-        }
-    })
 }
 
 fn live(s: &Setup) -> usize {

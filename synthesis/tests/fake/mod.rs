@@ -490,6 +490,17 @@ impl Events {
     }
 }
 
+/// Events, and a flow callback that records their steps.
+pub fn recorder() -> (Events, impl Fn(synthesis::Event) + Sync) {
+    let events = Events::default();
+    let e = events.clone();
+    (events, move |ev: synthesis::Event| {
+        if let synthesis::Event::Step(s) = ev {
+            e.0.lock().unwrap().push(s);
+        }
+    })
+}
+
 /// A test's temporary directory, a fake hypervisor and a registry in that directory; each test
 /// file adds the requests and steps it needs.
 pub struct Setup {
