@@ -81,14 +81,6 @@ impl DebianGuest {
         }
         Ok(DebianGuest { disk })
     }
-
-    /// A request to make a base named `name` of this guest, snapshotting in `work_dir`.
-    pub fn base_request(&self, name: &str, work_dir: PathBuf) -> BaseRequest {
-        let mut req = BaseRequest::new(name, &self.disk, work_dir);
-        req.ram_bytes = Self::RAM_BYTES;
-        req.ready = crate::ReadyCheck::SerialText(TestGuest::READY.into());
-        req
-    }
 }
 
 /// The commands that install and start the demo's web app in the Debian guest: the page
