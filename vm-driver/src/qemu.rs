@@ -154,7 +154,9 @@ impl Qemu {
             child: Some(child),
             qmp: None,
             runtime: runtime.to_owned(),
-            ram_path: p.ram_path.to_owned(),
+            // A read-only RAM file is a snapshot's, mapped copy-on-write: never the VM's to
+            // delete, even when QEMU fails to start (a dropped half-started VM cleans up).
+            ram_path: if p.ram_readonly { PathBuf::new() } else { p.ram_path.to_owned() },
             serial_socket: ser_sock,
             serial_log: ser_log,
             console: None,
@@ -173,7 +175,8 @@ impl Qemu {
             agent: None,
             firmware: p.firmware.map(|(c, v)| (c.to_owned(), v.to_owned())),
         };
-        match Qmp::connect(&vm.runtime.join("qmp.sock"), Duration::from_secs(15)) {
+        let child = vm.child.as_mut().expect("just started");
+        match Qmp::connect_while(&qmp_sock, Duration::from_secs(15), || matches!(child.try_wait(), Ok(None))) {
             Ok(q) => vm.qmp = Some(q),
             Err(e) => return Err(vm.died_or(e.into())),
         }
@@ -583,10 +586,6 @@ impl Hypervisor for Qemu {
                 return Err(e);
             }
         };
-        if opts.ram == RamMode::CopyOnWrite {
-            // The RAM file belongs to the snapshot: never delete it with the VM.
-            vm.ram_path = PathBuf::new();
-        }
         vm.incoming(&device_state)?;
         Ok(vm)
     }
@@ -597,6 +596,8 @@ pub struct QemuVm {
     child: Option<Child>,
     qmp: Option<Qmp>,
     runtime: PathBuf,
+    /// The RAM file the VM writes, deleted with it unless it is in `runtime` (which goes
+    /// whole); empty when the VM maps a snapshot's RAM file copy-on-write.
     ram_path: PathBuf,
     serial_socket: PathBuf,
     serial_log: PathBuf,

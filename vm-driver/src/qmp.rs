@@ -74,11 +74,17 @@ impl Qmp<UnixStream> {
     /// Connects to `path`, retrying until `timeout` (QEMU creates the socket shortly after
     /// start), reads the greeting and negotiates capabilities.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        Self::connect_while(path, timeout, || true)
+    }
+
+    /// [`Qmp::connect`], giving up on the socket as soon as `alive` says its server is gone
+    /// (a QEMU that exited before it listened).
+    pub fn connect_while(path: &Path, timeout: Duration, mut alive: impl FnMut() -> bool) -> Result<Self, QmpError> {
         let start = Instant::now();
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if start.elapsed() < timeout => {
+                Err(e) if start.elapsed() < timeout && alive() => {
                     let _ = e;
                     std::thread::sleep(Duration::from_millis(20));
                 }

@@ -105,6 +105,31 @@ fn boot_snapshot_restore_both_modes_and_snapshot_again() {
     assert_eq!(again, snap);
 }
 
+/// A restore whose QEMU fails to start (here: a disk that is not the qcow2 it claims; in the server, a host
+/// port another VM took between the check and QEMU's bind) leaves the snapshot's files as they
+/// were, in both RAM modes: a copy-on-write restore maps the snapshot's own RAM file, which a
+/// failed start once deleted with the half-started VM. The snapshot restores afterwards.
+#[test]
+fn a_failed_restore_leaves_the_snapshot_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qemu = Qemu::new().unwrap();
+    let mut vm = boot(&qemu, tmp.path());
+    let snap = vm.snapshot(&tmp.path().join("snap")).unwrap();
+    drop(vm);
+    let bad = tmp.path().join("not-a.qcow2");
+    std::fs::write(&bad, vec![0x5a; 1 << 20]).unwrap();
+    let bad = Disk { name: "disk0".into(), path: bad, format: DiskFormat::Qcow2 };
+    for mode in [RamMode::CopyOnWrite, RamMode::PrivateCopy] {
+        let opts = RestoreOptions { ram: mode, disks: Some(vec![bad.clone()]), ..Default::default() };
+        let err = qemu.restore(&snap, &opts).unwrap_err();
+        assert!(matches!(err, DriverError::QemuDied { .. }), "{mode:?}: {err}");
+        assert!(snap.memory_path().exists(), "{mode:?}: the failed restore deleted the snapshot's RAM file");
+        assert_eq!(Snapshot::load(&snap.dir).unwrap(), snap);
+    }
+    let mut r = qemu.restore(&snap, &RestoreOptions::default()).unwrap();
+    assert_eq!(r.status().unwrap(), "running");
+}
+
 #[test]
 fn bad_inputs_get_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
