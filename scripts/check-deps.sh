@@ -32,7 +32,7 @@ touch "$embedder/src/lib.rs"
 {
   printf '[package]\nname = "embedder"\nversion = "0.0.0"\nedition = "2021"\npublish = false\n\n'
   printf '[workspace]\n\n[dependencies]\n'
-  for lib in overlay-format delta-engine vm-driver base-registry synthesis; do
+  for lib in overlay-format delta-engine vm-driver lazy-image base-registry synthesis; do
     printf '%s = { path = "%s/%s" }\n' "$lib" "$PWD" "$lib"
   done
   # Not the version the feature pins: any other blake3 1.x must do.
