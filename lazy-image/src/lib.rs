@@ -113,9 +113,10 @@ pub struct ImageSpec {
 }
 
 /// Called with an image's index (its place in the specs given to [`LazyFs::mount`]) and the
-/// first pending chunk a parked request waits for. It runs on a FUSE thread after the request
-/// was parked: it may call [`Image::fill`], and should return soon.
-pub type MissHook = Arc<dyn Fn(usize, u64) + Send + Sync>;
+/// chunks a parked request waits for: from its first pending chunk to its last one, inclusive
+/// (chunks in between may have arrived). It runs on a FUSE thread after the request was
+/// parked: it may call [`Image::fill`], and should return soon.
+pub type MissHook = Arc<dyn Fn(usize, Range<u64>) + Send + Sync>;
 
 /// How a [`LazyFs`] behaves.
 #[derive(Clone)]
@@ -246,6 +247,11 @@ impl Image {
     /// Chunks pending now.
     pub fn pending(&self) -> u64 {
         self.lock().pending
+    }
+
+    /// Requests parked now, waiting for pending chunks.
+    pub fn waiting(&self) -> usize {
+        self.lock().parked.len()
     }
 
     /// Whether chunk `c` is still pending.
@@ -483,8 +489,8 @@ impl Image {
         }
     }
 
-    /// Serves a request now, or parks it; returns the chunk it waits for when it was parked.
-    fn serve(&self, op: Op) -> Option<u64> {
+    /// Serves a request now, or parks it; returns the chunks it waits for when it was parked.
+    fn serve(&self, op: Op) -> Option<Range<u64>> {
         let mut inner = self.lock();
         if self.must_wait(&inner, &op) {
             if inner.failed.is_some() {
@@ -501,9 +507,10 @@ impl Image {
                 Op::Write { offset, data, .. } => self.chunks(*offset, data.len() as u64),
             };
             let first = range.clone().find(|c| inner.states[*c as usize] == PENDING);
+            let last = range.rev().find(|c| inner.states[*c as usize] == PENDING);
             inner.stats.misses += 1;
             inner.parked.push(Parked { op, since: Instant::now() });
-            return first;
+            return first.zip(last).map(|(f, l)| f..l + 1);
         }
         drop(inner);
         self.run(op);
@@ -625,9 +632,9 @@ impl Fs {
         })
     }
 
-    fn missed(&self, image: &Image, first: Option<u64>) {
-        if let (Some(c), Some(hook)) = (first, &self.on_miss) {
-            hook(image.index, c);
+    fn missed(&self, image: &Image, waits_for: Option<Range<u64>>) {
+        if let (Some(chunks), Some(hook)) = (waits_for, &self.on_miss) {
+            hook(image.index, chunks);
         }
     }
 }
@@ -636,6 +643,12 @@ impl Filesystem for Fs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         if let Err(nearest) = config.set_max_readahead(self.max_readahead) {
             let _ = config.set_max_readahead(nearest);
+        }
+        // The largest request is also the largest page-cache folio the kernel fills with one
+        // read: a fault of a mapping that asks for huge pages (QEMU's RAM) would otherwise
+        // read, and wait for, a whole MiB around it.
+        if let Err(nearest) = config.set_max_write(self.max_readahead.max(CHUNK_SIZE as u32)) {
+            let _ = config.set_max_write(nearest);
         }
         Ok(())
     }

@@ -248,13 +248,15 @@ fn a_shared_mapping_faults_pending_pages_in_through_the_hook_and_writes_back() {
     let hooks = Arc::new(std::sync::Mutex::new(Vec::new()));
     let on_miss: lazy_image::MissHook = {
         let (source, slot, hooks) = (source.clone(), slot.clone(), hooks.clone());
-        Arc::new(move |image, chunk| {
-            hooks.lock().unwrap().push((image, chunk));
-            // Fill the 32 chunks from the missed one on (as a fetch of a segment would).
+        Arc::new(move |image, chunks: std::ops::Range<u64>| {
+            hooks.lock().unwrap().push((image, chunks.clone()));
+            // Fill the segments of 32 chunks it waits for (as a fetch of segments would).
             let image = slot.get().unwrap();
-            let end = (chunk + 32).min(256);
-            let (s, e) = ((chunk * CHUNK_SIZE) as usize, (end * CHUNK_SIZE) as usize);
-            image.fill(chunk, &source[s..e]).unwrap();
+            for seg in chunks.start / 32..chunks.end.div_ceil(32) {
+                let (first, end) = (seg * 32, (seg * 32 + 32).min(256));
+                let (s, e) = ((first * CHUNK_SIZE) as usize, (end * CHUNK_SIZE) as usize);
+                image.fill(first, &source[s..e]).unwrap();
+            }
         })
     };
     let m = mount(

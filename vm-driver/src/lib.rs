@@ -313,7 +313,7 @@ impl LaunchSpec {
 }
 
 /// How a restore maps the snapshot's RAM image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum RamMode {
     /// Map the RAM image privately, copy-on-write (`share=off`): fast, the file is untouched,
     /// but the restored VM cannot be snapshotted again.
@@ -321,6 +321,14 @@ pub enum RamMode {
     CopyOnWrite,
     /// Copy the RAM image (sparse) and share it (`share=on`): the VM can be snapshotted again.
     PrivateCopy,
+    /// Map this file, shared and writable (`share=on`), instead of the snapshot's RAM image: a
+    /// RAM image that someone else serves and owns, such as one served on demand before it has
+    /// all arrived (the `lazy-image` crate). It must have the snapshot's RAM size. The
+    /// snapshot's own RAM image is neither read nor needed, and the [`state_hash`] is not
+    /// checked: the caller vouches that the file holds, or will hold by the time the guest
+    /// reads it, the RAM that belongs to the snapshot's device state. The file is never
+    /// deleted; the VM can be snapshotted again (which reads the whole file).
+    Served(PathBuf),
 }
 
 /// Options of a restore.

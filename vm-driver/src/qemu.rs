@@ -139,8 +139,7 @@ impl Qemu {
             .stderr(stderr)
             .spawn()
             .map_err(|source| DriverError::MissingQemu { path: self.binary.clone(), source })?;
-        let private_ram =
-            (p.ram_share && !p.ram_readonly && !p.ram_path.starts_with(runtime)).then(|| p.ram_path.to_owned());
+        let private_ram = (p.ram_owned && !p.ram_path.starts_with(runtime)).then(|| p.ram_path.to_owned());
         let mut child = child;
         if !track_live(Live { pid: child.id(), runtime: runtime.to_owned(), private_ram }) {
             let _ = child.kill();
@@ -157,6 +156,7 @@ impl Qemu {
             // A read-only RAM file is a snapshot's, mapped copy-on-write: never the VM's to
             // delete, even when QEMU fails to start (a dropped half-started VM cleans up).
             ram_path: if p.ram_readonly { PathBuf::new() } else { p.ram_path.to_owned() },
+            ram_owned: p.ram_owned,
             serial_socket: ser_sock,
             serial_log: ser_log,
             console: None,
@@ -387,6 +387,8 @@ struct Start<'a> {
     ram_path: &'a Path,
     ram_share: bool,
     ram_readonly: bool,
+    /// Whether the RAM file is the VM's, deleted with it (a launch's, or a private copy).
+    ram_owned: bool,
     incoming: bool,
     accel: Accel,
     free_page_reporting: bool,
@@ -453,6 +455,7 @@ impl Hypervisor for Qemu {
             ram_path: &ram_path,
             ram_share: true,
             ram_readonly: false,
+            ram_owned: true,
             incoming: false,
             accel,
             free_page_reporting: spec.free_page_reporting,
@@ -496,7 +499,10 @@ impl Hypervisor for Qemu {
                         .into(),
             });
         }
-        let memory = snap.memory_path();
+        let memory = match &opts.ram {
+            RamMode::Served(path) => path.clone(),
+            _ => snap.memory_path(),
+        };
         let device_state = snap.device_state_path();
         let msize = fs::metadata(&memory)
             .map_err(|e| DriverError::BadImage { what: "RAM image", path: memory.clone(), reason: e.to_string() })?
@@ -509,7 +515,8 @@ impl Hypervisor for Qemu {
             });
         }
         check_file("device state", &device_state)?;
-        if state_hash(&memory, &device_state)? != snap.state_hash {
+        let served = matches!(opts.ram, RamMode::Served(_));
+        if !served && state_hash(&memory, &device_state)? != snap.state_hash {
             return Err(DriverError::BadSnapshot {
                 dir: snap.dir.clone(),
                 reason: "RAM image and device state do not match the recorded hash (files from another snapshot, or damaged)".into(),
@@ -547,8 +554,9 @@ impl Hypervisor for Qemu {
                 }
             },
         };
-        let (ram_path, share, readonly) = match opts.ram {
+        let (ram_path, share, readonly) = match &opts.ram {
             RamMode::CopyOnWrite => (memory.clone(), false, true),
+            RamMode::Served(path) => (path.clone(), true, false),
             RamMode::PrivateCopy => {
                 let p = runtime.join("ram");
                 if let Err(e) = sparse_copy(&memory, &p) {
@@ -572,6 +580,7 @@ impl Hypervisor for Qemu {
             ram_path: &ram_path,
             ram_share: share,
             ram_readonly: readonly,
+            ram_owned: !served && !readonly,
             incoming: true,
             accel: want,
             free_page_reporting: snap.free_page_reporting,
@@ -596,9 +605,12 @@ pub struct QemuVm {
     child: Option<Child>,
     qmp: Option<Qmp>,
     runtime: PathBuf,
-    /// The RAM file the VM writes, deleted with it unless it is in `runtime` (which goes
-    /// whole); empty when the VM maps a snapshot's RAM file copy-on-write.
+    /// The RAM file the VM writes; empty when the VM maps a snapshot's RAM file
+    /// copy-on-write.
     ram_path: PathBuf,
+    /// Whether `ram_path` is deleted with the VM (unless it is in `runtime`, which goes whole);
+    /// a served RAM file is not.
+    ram_owned: bool,
     serial_socket: PathBuf,
     serial_log: PathBuf,
     console: Option<Console>,
@@ -921,7 +933,7 @@ impl QemuVm {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if !self.ram_path.as_os_str().is_empty() && !self.ram_path.starts_with(&self.runtime) {
+        if self.ram_owned && !self.ram_path.as_os_str().is_empty() && !self.ram_path.starts_with(&self.runtime) {
             let _ = fs::remove_file(&self.ram_path);
         }
         let _ = fs::remove_dir_all(&self.runtime);
@@ -1029,6 +1041,7 @@ mod tests {
             ram_path: ram,
             ram_share: false,
             ram_readonly: true,
+            ram_owned: false,
             incoming: true,
             accel: Accel::Tcg,
             free_page_reporting: false,

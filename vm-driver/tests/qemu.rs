@@ -79,7 +79,7 @@ fn boot_snapshot_restore_both_modes_and_snapshot_again() {
     drop(vm);
 
     for mode in [RamMode::CopyOnWrite, RamMode::PrivateCopy] {
-        let mut r = qemu.restore(&snap, &RestoreOptions { ram: mode, ..Default::default() }).unwrap();
+        let mut r = qemu.restore(&snap, &RestoreOptions { ram: mode.clone(), ..Default::default() }).unwrap();
         assert_eq!(r.status().unwrap(), "running");
         let (out, st) = r.console().unwrap().run("cat /mnt/disk/f /tmp/t", CMD).unwrap();
         assert_eq!(st, 0, "{out}");
@@ -120,7 +120,7 @@ fn a_failed_restore_leaves_the_snapshot_whole() {
     std::fs::write(&bad, vec![0x5a; 1 << 20]).unwrap();
     let bad = Disk { name: "disk0".into(), path: bad, format: DiskFormat::Qcow2 };
     for mode in [RamMode::CopyOnWrite, RamMode::PrivateCopy] {
-        let opts = RestoreOptions { ram: mode, disks: Some(vec![bad.clone()]), ..Default::default() };
+        let opts = RestoreOptions { ram: mode.clone(), disks: Some(vec![bad.clone()]), ..Default::default() };
         let err = qemu.restore(&snap, &opts).unwrap_err();
         assert!(matches!(err, DriverError::QemuDied { .. }), "{mode:?}: {err}");
         assert!(snap.memory_path().exists(), "{mode:?}: the failed restore deleted the snapshot's RAM file");
@@ -232,7 +232,7 @@ fn paths_with_commas_and_spaces() {
     let snap = vm.snapshot(&store.join("snap, offset=1,x y")).unwrap();
     drop(vm);
     for mode in [RamMode::CopyOnWrite, RamMode::PrivateCopy] {
-        let mut r = match qemu.restore(&snap, &RestoreOptions { ram: mode, ..Default::default() }) {
+        let mut r = match qemu.restore(&snap, &RestoreOptions { ram: mode.clone(), ..Default::default() }) {
             Ok(r) => r,
             Err(e) => panic!("restore ({mode:?}) from {}: {e}", snap.dir.display()),
         };
@@ -343,7 +343,7 @@ fn uefi_firmware_boots_and_travels_with_its_snapshots() {
     let snap_vars = file_hash(&snap.dir.join("firmware-vars"));
 
     for mode in [RamMode::CopyOnWrite, RamMode::PrivateCopy] {
-        let mut r = match qemu.restore(&snap, &RestoreOptions { ram: mode, ..Default::default() }) {
+        let mut r = match qemu.restore(&snap, &RestoreOptions { ram: mode.clone(), ..Default::default() }) {
             Ok(r) => r,
             Err(e) => panic!("restore ({mode:?}) of a UEFI VM: {e}"),
         };
