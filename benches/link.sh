@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Synthesis over an emulated link: `cloudlet serve` in one network namespace, `cloudlet client`
+# in another, joined by a veth pair shaped with tc on both ends (netem: half the RTT each way;
+# tbf: the rate). For each rate, the client uploads the overlay and the server answers once the
+# app answered its probe; prints a markdown table of the client's wall time (request to the
+# app's first answer, fastest of RUNS) next to the overlay's pure transfer time at that rate.
+#
+#   benches/link.sh --registry DIR --overlay FILE --probe GUEST_PORT [--rates "10 38 100"]
+#                   [--rtt-ms 20] [--runs 3]
+#
+# Needs root (namespaces, tc) and a release build of cloudlet (built here). The namespaces,
+# the veth pair and the server are removed on exit, whatever happens.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+rates="10 38 100"
+rtt=20
+runs=3
+reg="" overlay="" probe=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --registry) reg="$2"; shift 2 ;;
+    --overlay) overlay="$2"; shift 2 ;;
+    --probe) probe="$2"; shift 2 ;;
+    --rates) rates="$2"; shift 2 ;;
+    --rtt-ms) rtt="$2"; shift 2 ;;
+    --runs) runs="$2"; shift 2 ;;
+    *) echo "usage: $0 --registry DIR --overlay FILE --probe GUEST_PORT [--rates \"10 38 100\"] [--rtt-ms 20] [--runs 3]" >&2; exit 2 ;;
+  esac
+done
+[ -n "$reg" ] && [ -n "$overlay" ] && [ -n "$probe" ] || { echo "link.sh: --registry, --overlay and --probe are needed" >&2; exit 2; }
+reg="$(realpath "$reg")" overlay="$(realpath "$overlay")"
+cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p cloudlet-examples --bin cloudlet
+cl="$root/target/release/cloudlet"
+
+srv="cl-srv-$$" cli="cl-cli-$$" vs="clvs$$" vc="clvc$$"
+work="$(mktemp -d "${TMPDIR:-/tmp}/cloudlet-link.XXXXXX")"
+server_pid=""
+cleanup() {
+  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
+  ip netns del "$srv" 2>/dev/null || true
+  ip netns del "$cli" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+ip netns add "$srv"
+ip netns add "$cli"
+ip link add "$vs" type veth peer name "$vc"
+ip link set "$vs" netns "$srv"
+ip link set "$vc" netns "$cli"
+ip -n "$srv" addr add 10.77.0.1/24 dev "$vs"
+ip -n "$cli" addr add 10.77.0.2/24 dev "$vc"
+for ns in "$srv" "$cli"; do ip -n "$ns" link set lo up; done
+ip -n "$srv" link set "$vs" up
+ip -n "$cli" link set "$vc" up
+
+# The delay needs the kernel's netem qdisc; kernels without it (no sch_netem, no modules) get
+# the rate alone, and the table says so.
+if ip netns exec "$srv" tc qdisc add dev "$vs" root handle 1: netem delay 1ms 2>/dev/null; then
+  ip netns exec "$srv" tc qdisc del dev "$vs" root
+  delay="$rtt ms RTT"
+else
+  echo "link.sh: this kernel has no netem qdisc: the link gets its rate but no added delay" >&2
+  rtt=0 delay="no added delay (no netem)"
+fi
+shape() { # rate in Mbit/s, on both ends: delay rtt/2 (netem), then the rate (tbf)
+  local half end
+  half=$(python3 -c "print($rtt / 2)")
+  for end in "$srv:$vs" "$cli:$vc"; do
+    local ns="${end%%:*}" dev="${end##*:}"
+    ip netns exec "$ns" tc qdisc del dev "$dev" root 2>/dev/null || true
+    if [ "$rtt" != 0 ]; then
+      ip netns exec "$ns" tc qdisc add dev "$dev" root handle 1: netem delay "${half}ms" limit 100000
+      ip netns exec "$ns" tc qdisc add dev "$dev" parent 1: handle 2: tbf rate "${1}mbit" burst 64kb latency 1s
+    else
+      ip netns exec "$ns" tc qdisc add dev "$dev" root handle 1: tbf rate "${1}mbit" burst 64kb latency 1s
+    fi
+  done
+}
+
+ip netns exec "$srv" "$cl" serve --listen 10.77.0.1:7878 --insecure --registry "$reg" --work "$work/vms" \
+  >"$work/serve.log" 2>&1 &
+server_pid=$!
+for _ in $(seq 100); do
+  ip netns exec "$cli" bash -c 'exec 3<>/dev/tcp/10.77.0.1/7878' 2>/dev/null && break
+  kill -0 "$server_pid" 2>/dev/null || { echo "link.sh: the server exited:" >&2; cat "$work/serve.log" >&2; exit 1; }
+  sleep 0.1
+done
+ip netns exec "$cli" bash -c 'exec 3<>/dev/tcp/10.77.0.1/7878' 2>/dev/null \
+  || { echo "link.sh: the server did not listen on 10.77.0.1:7878 in 10 s" >&2; cat "$work/serve.log" >&2; exit 1; }
+
+size=$(stat -c %s "$overlay")
+echo "| link | overlay | its transfer alone | request to the app's first answer (best of $runs) |"
+echo "| --- | ---: | ---: | ---: |"
+for rate in $rates; do
+  shape "$rate"
+  best=""
+  for _ in $(seq "$runs"); do
+    t0=$(date +%s.%N)
+    out=$(timeout 900 ip netns exec "$cli" "$cl" client --server http://10.77.0.1:7878 --overlay "$overlay" \
+      --probe "$probe" --json) || { echo "link.sh: synthesis at $rate Mbit/s failed: $out" >&2; tail -20 "$work/serve.log" >&2; exit 1; }
+    t1=$(date +%s.%N)
+    id=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["id"])' <<<"$out")
+    ip netns exec "$cli" "$cl" client --server http://10.77.0.1:7878 --stop "$id" >/dev/null
+    took=$(python3 -c "print($t1 - $t0)")
+    best=$(python3 -c "print(min(x for x in [$took, ${best:-$took}]))")
+  done
+  python3 -c "
+size, rate, best = $size, $rate, $best
+print(f'| {rate} Mbit/s, $delay | {size / 2**20:.1f} MiB | {size * 8 / (rate * 1e6):.2f} s | {best:.2f} s |')"
+done
