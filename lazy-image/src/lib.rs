@@ -182,9 +182,28 @@ enum Op {
     Write { offset: u64, data: Vec<u8>, reply: ReplyWrite },
 }
 
+impl Op {
+    /// Answers `EIO`.
+    fn refuse(self) {
+        match self {
+            Op::Read { reply, .. } => reply.error(Errno::EIO),
+            Op::Write { reply, .. } => reply.error(Errno::EIO),
+        }
+    }
+}
+
 struct Parked {
     op: Op,
     since: Instant,
+}
+
+impl ImageStats {
+    /// Counts the wait of a parked request that is being answered.
+    fn waited(&mut self, since: Instant) {
+        let waited = since.elapsed();
+        self.miss_wait += waited;
+        self.longest_wait = self.longest_wait.max(waited);
+    }
 }
 
 struct Inner {
@@ -343,17 +362,12 @@ impl Image {
         {
             let mut inner = self.lock();
             for p in &parked {
-                let waited = p.since.elapsed();
                 inner.stats.failed += 1;
-                inner.stats.miss_wait += waited;
-                inner.stats.longest_wait = inner.stats.longest_wait.max(waited);
+                inner.stats.waited(p.since);
             }
         }
         for p in parked {
-            match p.op {
-                Op::Read { reply, .. } => reply.error(Errno::EIO),
-                Op::Write { reply, .. } => reply.error(Errno::EIO),
-            }
+            p.op.refuse();
         }
     }
 
@@ -479,12 +493,7 @@ impl Image {
     /// release nothing, but is served in order with the reads).
     fn answer(&self, ready: Vec<Parked>) {
         for p in ready {
-            let waited = p.since.elapsed();
-            {
-                let mut inner = self.lock();
-                inner.stats.miss_wait += waited;
-                inner.stats.longest_wait = inner.stats.longest_wait.max(waited);
-            }
+            self.lock().stats.waited(p.since);
             self.run(p.op);
         }
     }
@@ -496,10 +505,7 @@ impl Image {
             if inner.failed.is_some() {
                 inner.stats.failed += 1;
                 drop(inner);
-                match op {
-                    Op::Read { reply, .. } => reply.error(Errno::EIO),
-                    Op::Write { reply, .. } => reply.error(Errno::EIO),
-                }
+                op.refuse();
                 return None;
             }
             let range = match &op {

@@ -7,21 +7,10 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::guest;
+use common::{boot, guest, spec, BOOT};
 use vm_driver::*;
 
-const BOOT: Duration = Duration::from_secs(120);
 const CMD: Duration = Duration::from_secs(30);
-
-fn spec(tmp: &Path) -> LaunchSpec {
-    let g = guest();
-    let disk = tmp.join("disk0.raw");
-    std::fs::copy(g.join("disk.raw"), &disk).unwrap();
-    LaunchSpec::new(256 << 20)
-        .kernel(g.join("vmlinuz"), g.join("initrd.img"), "console=ttyS0 quiet panic=-1")
-        .disk("disk0", disk, DiskFormat::Raw)
-        .forward(0, 80)
-}
 
 fn http_get(port: u16) -> String {
     let start = Instant::now();
@@ -48,14 +37,6 @@ fn uptime(vm: &mut QemuVm) -> f64 {
     let (out, st) = vm.console().unwrap().run("cat /proc/uptime", CMD).unwrap();
     assert_eq!(st, 0);
     out.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-fn boot(qemu: &Qemu, tmp: &Path) -> QemuVm {
-    let mut vm = qemu.launch(&spec(tmp)).unwrap();
-    if let Err(e) = vm.console().unwrap().wait_for_text("cloudlet-guest: ready", BOOT) {
-        panic!("{e}\nserial:\n{}\nstderr:\n{}", vm.serial_log(), vm.stderr(4096));
-    }
-    vm
 }
 
 #[test]

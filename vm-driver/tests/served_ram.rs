@@ -15,22 +15,11 @@ use std::time::{Duration, Instant};
 use lazy_image::{Image, ImageSpec, LazyFs, LazyOptions, MissHook, CHUNK_SIZE};
 use vm_driver::*;
 
-const BOOT: Duration = Duration::from_secs(120);
 const CMD: Duration = Duration::from_secs(30);
 
 /// A snapshot of the test guest with state in its RAM (a tmpfs file) and an app page on disk.
 fn snapshot(qemu: &Qemu, tmp: &Path) -> Snapshot {
-    let g = common::guest();
-    let disk = tmp.join("disk0.raw");
-    std::fs::copy(g.join("disk.raw"), &disk).unwrap();
-    let spec = LaunchSpec::new(256 << 20)
-        .kernel(g.join("vmlinuz"), g.join("initrd.img"), "console=ttyS0 quiet panic=-1")
-        .disk("disk0", disk, DiskFormat::Raw)
-        .forward(0, 80);
-    let mut vm = qemu.launch(&spec).unwrap();
-    if let Err(e) = vm.console().unwrap().wait_for_text("cloudlet-guest: ready", BOOT) {
-        panic!("{e}\nserial:\n{}\nstderr:\n{}", vm.serial_log(), vm.stderr(4096));
-    }
+    let mut vm = common::boot(qemu, tmp);
     let (_, st) = vm
         .console()
         .unwrap()

@@ -2,6 +2,12 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vm_driver::{DiskFormat, Hypervisor, LaunchSpec, Qemu, QemuVm, Vm};
+
+/// How long the test guest may take to boot.
+pub const BOOT: Duration = Duration::from_secs(120);
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -36,4 +42,24 @@ pub fn debian_guest() -> Option<PathBuf> {
         dir.display()
     );
     Some(dir)
+}
+
+/// The test guest on a copy of its disk in `tmp`, 256 MiB, its web server on a free host port.
+pub fn spec(tmp: &Path) -> LaunchSpec {
+    let g = guest();
+    let disk = tmp.join("disk0.raw");
+    std::fs::copy(g.join("disk.raw"), &disk).unwrap();
+    LaunchSpec::new(256 << 20)
+        .kernel(g.join("vmlinuz"), g.join("initrd.img"), "console=ttyS0 quiet panic=-1")
+        .disk("disk0", disk, DiskFormat::Raw)
+        .forward(0, 80)
+}
+
+/// The test guest of [`spec`], booted until it says it is ready.
+pub fn boot(qemu: &Qemu, tmp: &Path) -> QemuVm {
+    let mut vm = qemu.launch(&spec(tmp)).unwrap();
+    if let Err(e) = vm.console().unwrap().wait_for_text("cloudlet-guest: ready", BOOT) {
+        panic!("{e}\nserial:\n{}\nstderr:\n{}", vm.serial_log(), vm.stderr(4096));
+    }
+    vm
 }
