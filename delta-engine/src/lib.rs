@@ -66,6 +66,7 @@ mod file;
 pub mod fuzzing;
 pub mod index;
 pub mod qcow2;
+mod segment;
 
 pub use apply::{apply_overlay, apply_overlay_reader, ApplyError, ApplyOptions, ApplyReport, DEFAULT_MAX_DISK_GROWTH};
 pub use base::Base;
@@ -74,6 +75,7 @@ pub use create::{
     CustomSource, OverlayInfo,
 };
 pub use index::{BaseImage, BaseIndex, IndexError, IndexedImage};
+pub use segment::{segment_overlay, SegmentError, SegmentOptions, SegmentStats};
 
 /// Whose fault an error is (see [`ApplyError::fault`] and [`CreateError::fault`]): what a
 /// caller needs to tell its own caller, e.g. a server's client error from its server error.

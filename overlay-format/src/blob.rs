@@ -181,6 +181,9 @@ pub struct SealedBlob {
     /// Frame number and stream offset when read from a stream (for error context).
     pub(crate) frame: u64,
     pub(crate) offset: u64,
+    /// In a segmented stream: the blob's number and its index entry, which its records must
+    /// match ([`crate::segment::check_segment`]).
+    pub(crate) segment: Option<Box<(usize, crate::segment::Segment)>>,
 }
 
 impl SealedBlob {
@@ -195,7 +198,7 @@ impl SealedBlob {
             checksum: [0; 16],
         };
         header.checksum = frame::frame_checksum(&header.prefix(), &stored);
-        SealedBlob { header, stored, raw: None, chain_end, frame: 0, offset: 0 }
+        SealedBlob { header, stored, raw: None, chain_end, frame: 0, offset: 0, segment: None }
     }
 
     /// Size of the stored (compressed) payload.
@@ -250,20 +253,35 @@ impl SealedBlob {
     pub fn decode_for(&self, meta: &OverlayMeta) -> Result<DecodedBlob, DecodeError> {
         let blob = self.decode(meta.compression)?;
         blob.validate(meta)?;
+        self.check_segment(&blob)?;
         Ok(blob)
     }
 
     /// [`SealedBlob::decode_for`] that consumes the blob, so that a payload the reader already
     /// decompressed is not copied.
-    pub fn into_decoded_for(self, meta: &OverlayMeta) -> Result<DecodedBlob, DecodeError> {
+    pub fn into_decoded_for(mut self, meta: &OverlayMeta) -> Result<DecodedBlob, DecodeError> {
         self.check(meta.compression)?;
-        let raw = match self.raw {
+        let raw = match self.raw.take() {
             Some(raw) => raw,
             None => self.decompress(meta.compression)?,
         };
         let blob = DecodedBlob::parse(raw, self.header.record_count as u64, self.frame, self.offset)?;
         blob.validate(meta)?;
+        self.check_segment(&blob)?;
         Ok(blob)
+    }
+
+    /// A blob of a segmented stream writes what its index entry says, and copies only from
+    /// itself.
+    fn check_segment(&self, blob: &DecodedBlob) -> Result<(), DecodeError> {
+        match &self.segment {
+            Some(s) => crate::segment::check_segment(blob, &s.1, s.0).map_err(|reason| DecodeError::Malformed {
+                frame: self.frame,
+                offset: self.offset,
+                reason,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Checks the codec against the overlay's, the length limit and (for a stored payload) the

@@ -6,9 +6,14 @@ use crate::meta::Compression;
 pub const MAGIC: [u8; 8] = [0x89, b'O', b'V', b'L', b'\r', b'\n', 0x1a, b'\n'];
 /// Major format version written and read.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Highest minor format version this reader understands. Writers mark compressed overlays 1.2
+/// Highest minor format version this reader understands. Writers mark segmented overlays 1.3
+/// (an index after the device state; see [`crate::segment`]), other compressed overlays 1.2
 /// (they may hold chained blobs, codecs 3 and 4, in several lanes) and uncompressed ones 1.0.
-pub const FORMAT_MINOR: u16 = 2;
+pub const FORMAT_MINOR: u16 = 3;
+/// The minor version of segmented overlays, the first to have an index frame.
+pub const SEGMENTED_MINOR: u16 = 3;
+/// The minor version compressed overlays without an index are marked with.
+pub(crate) const CHAINED_MINOR: u16 = 2;
 /// Most chains (lanes) of chained blobs an overlay may hold (format 1.2): a reader keeps one
 /// decoder per lane, each with a window of up to 128 MiB.
 pub const MAX_LANES: u8 = 4;
@@ -39,6 +44,8 @@ pub const FRAME_HEADER_LEN: usize = 40;
 pub const MAX_META_LEN: u64 = 1 << 20;
 /// Largest trailer payload.
 pub const MAX_TRAILER_LEN: u64 = 1 << 20;
+/// Largest index payload (format 1.3).
+pub const MAX_INDEX_LEN: u64 = 16 << 20;
 /// Largest device-state blob (uncompressed).
 pub const MAX_DEVICE_STATE_LEN: u64 = 512 << 20;
 /// Largest uncompressed blob payload.
@@ -67,6 +74,8 @@ pub enum FrameKind {
     Blob = 3,
     /// The trailer.
     Trailer = 4,
+    /// The segment index (format 1.3; postcard [`crate::SegmentIndex`]).
+    Index = 5,
 }
 
 impl FrameKind {
@@ -76,6 +85,7 @@ impl FrameKind {
             2 => FrameKind::DeviceState,
             3 => FrameKind::Blob,
             4 => FrameKind::Trailer,
+            5 => FrameKind::Index,
             _ => return None,
         })
     }

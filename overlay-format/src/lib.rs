@@ -78,6 +78,7 @@ pub mod meta;
 pub mod patch;
 pub mod reader;
 pub mod record;
+pub mod segment;
 pub mod spec;
 pub mod writer;
 
@@ -86,12 +87,13 @@ pub use compress::{ChainEncoder, Effort, CHAIN_WINDOW_LOG};
 pub use digest::{BaseId, ChunkHash, ImageDigest, ImageDigester, CHUNK_SIZE};
 pub use error::{DecodeError, EncodeError, PatchError};
 pub use frame::{
-    FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_BLOB_LEN, MAX_DEVICE_STATE_LEN, MAX_IMAGES, MAX_IMAGE_SIZE, MAX_LANES,
-    MAX_META_LEN, MAX_TABLE_LEN, MAX_TRAILER_LEN,
+    FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_BLOB_LEN, MAX_DEVICE_STATE_LEN, MAX_IMAGES, MAX_IMAGE_SIZE, MAX_INDEX_LEN,
+    MAX_LANES, MAX_META_LEN, MAX_TABLE_LEN, MAX_TRAILER_LEN, SEGMENTED_MINOR,
 };
 pub use meta::{Compression, ImageKind, ImageMeta, OverlayMeta, Trailer};
 pub use patch::{apply_patch, encode_patch};
 pub use reader::OverlayReader;
 pub use record::{ChunkRef, Record};
+pub use segment::{ChunkMap, ChunkRun, Head, Segment, SegmentIndex};
 pub use spec::{DiskSpec, PortForward, Protocol, VmSpec};
 pub use writer::OverlayWriter;

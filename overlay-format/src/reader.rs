@@ -7,9 +7,10 @@ use crate::compress::{self, ChainDecoder};
 use crate::error::DecodeError;
 use crate::frame::{
     self, FrameHeader, FrameKind, FORMAT_MAJOR, FORMAT_MINOR, FRAME_HEADER_LEN, HEADER_LEN, MAGIC, MAX_BLOB_LEN,
-    MAX_DEVICE_STATE_LEN, MAX_LANES, MAX_META_LEN, MAX_TRAILER_LEN,
+    MAX_DEVICE_STATE_LEN, MAX_INDEX_LEN, MAX_LANES, MAX_META_LEN, MAX_TRAILER_LEN, SEGMENTED_MINOR,
 };
 use crate::meta::{Compression, OverlayMeta, Trailer};
+use crate::segment::{Head, SegmentIndex};
 
 /// Reads an overlay from any `Read` (a file, a socket), without seeking.
 ///
@@ -31,6 +32,8 @@ pub struct OverlayReader<R: Read> {
     trailer: Option<Trailer>,
     /// Minor version of the stream.
     minor: u16,
+    /// The segment index of a segmented (1.3) stream, once read (with the device state).
+    index: Option<SegmentIndex>,
     /// Decoders of chained blobs, one per lane, made at the lane's first blob.
     chains: [Option<ChainDecoder>; MAX_LANES as usize],
     /// Buffers handed back with [`OverlayReader::recycle`], for chained blobs' bytes.
@@ -100,6 +103,7 @@ impl<R: Read> OverlayReader<R> {
             records: 0,
             trailer: None,
             minor,
+            index: None,
             chains: Default::default(),
             spare: Vec::new(),
             scratch: Vec::new(),
@@ -164,8 +168,66 @@ impl<R: Read> OverlayReader<R> {
                 .map_err(|reason| DecodeError::Decompress { frame, offset: at, reason })?;
             self.device_state_digest = Some(*blake3::hash(&raw).as_bytes());
             self.device_state = Some(raw);
+            if self.minor >= SEGMENTED_MINOR {
+                self.read_index()?;
+            }
         }
         Ok(self.device_state.as_deref().unwrap_or_default())
+    }
+
+    /// Reads the index frame, which follows the device state in a segmented stream.
+    fn read_index(&mut self) -> Result<(), DecodeError> {
+        let (h, at, payload) = self.read_frame("the segment index")?;
+        self.expect_kind(&h, at, FrameKind::Index, "index")?;
+        self.expect_uncompressed(&h, at, &payload)?;
+        let frame = self.frame - 1;
+        let bad = |reason: String| DecodeError::Malformed { frame, offset: at, reason };
+        let index: SegmentIndex =
+            postcard::from_bytes(&payload).map_err(|e| bad(format!("index does not decode: {e}")))?;
+        index.check(&self.meta).map_err(|r| bad(format!("index: {r}")))?;
+        self.index = Some(index);
+        Ok(())
+    }
+
+    /// The segment index of a segmented (1.3) stream, read with the device state (so after
+    /// [`OverlayReader::device_state`]); `None` for other streams.
+    pub fn index(&self) -> Option<&SegmentIndex> {
+        self.index.as_ref()
+    }
+
+    /// Ends reading a segmented stream after its head (header, metadata, device state and
+    /// index, which this reads if not read yet): what is needed to check its trailer and read
+    /// its segments in any order. Fails for a stream that is not segmented, or whose blobs
+    /// were already read from.
+    pub fn into_head(mut self) -> Result<Head, DecodeError> {
+        self.device_state()?;
+        let (Some(index), Some(device_state), Some(digest)) =
+            (self.index.take(), self.device_state.take(), self.device_state_digest)
+        else {
+            return Err(DecodeError::Malformed {
+                frame: self.frame,
+                offset: self.offset,
+                reason: format!(
+                    "format 1.{} overlay has no segment index: it cannot be read before it has all arrived",
+                    self.minor
+                ),
+            });
+        };
+        if self.blobs > 0 {
+            return Err(DecodeError::Malformed {
+                frame: self.frame,
+                offset: self.offset,
+                reason: "blobs were read already".into(),
+            });
+        }
+        Ok(Head {
+            meta: self.meta,
+            device_state,
+            index,
+            len: self.offset,
+            stream: self.stream,
+            device_state_digest: digest,
+        })
     }
 
     /// Takes the device state out of the reader (reading it first if needed).
@@ -187,9 +249,34 @@ impl<R: Read> OverlayReader<R> {
         let frame = self.frame - 1;
         match FrameKind::from_u8(h.kind) {
             Some(FrameKind::Blob) => {
+                let segment = match &self.index {
+                    Some(index) => {
+                        let Some(s) = index.segments.get(self.blobs as usize) else {
+                            return Err(DecodeError::Malformed {
+                                frame,
+                                offset: at,
+                                reason: format!(
+                                    "blob {} of a stream whose index has {}",
+                                    self.blobs,
+                                    index.segments.len()
+                                ),
+                            });
+                        };
+                        if s.header() != h {
+                            return Err(DecodeError::Malformed {
+                                frame,
+                                offset: at,
+                                reason: format!("blob {}: its frame header is not the one the index holds", self.blobs),
+                            });
+                        }
+                        Some(Box::new((self.blobs as usize, s.clone())))
+                    }
+                    None => None,
+                };
                 self.blobs += 1;
                 self.records += h.record_count as u64;
-                let mut blob = SealedBlob { header: h, stored, raw: None, chain_end: false, frame, offset: at };
+                let mut blob =
+                    SealedBlob { header: h, stored, raw: None, chain_end: false, frame, offset: at, segment };
                 if blob.is_chained() {
                     self.decode_chained(&mut blob)?;
                 }
@@ -266,6 +353,15 @@ impl<R: Read> OverlayReader<R> {
         }
         let trailer: Trailer =
             postcard::from_bytes(&payload[32..]).map_err(|e| mismatch(format!("trailer does not decode: {e}")))?;
+        if let Some(index) = &self.index {
+            if index.segments.len() as u64 != self.blobs {
+                return Err(mismatch(format!(
+                    "{} blobs in the stream, the index has {}",
+                    self.blobs,
+                    index.segments.len()
+                )));
+            }
+        }
         if trailer.blob_count != self.blobs {
             return Err(mismatch(format!("{} blobs in the stream, trailer says {}", self.blobs, trailer.blob_count)));
         }
@@ -333,12 +429,18 @@ impl<R: Read> OverlayReader<R> {
         let Some(kind) = FrameKind::from_u8(h.kind) else {
             return Err(DecodeError::UnexpectedFrame { frame, offset: at, expected: what, found: h.kind });
         };
-        let chained = frame::chained_codec_from_byte(h.codec).is_some() && kind == FrameKind::Blob && self.minor >= 1;
+        // Chained blobs came with 1.1; segmented streams (1.3) hold only blobs that decode alone.
+        let chained = frame::chained_codec_from_byte(h.codec).is_some()
+            && kind == FrameKind::Blob
+            && (1..SEGMENTED_MINOR).contains(&self.minor);
+        if kind == FrameKind::Index && self.minor < SEGMENTED_MINOR {
+            return Err(DecodeError::UnexpectedFrame { frame, offset: at, expected: what, found: h.kind });
+        }
         if frame::codec_from_byte(h.codec).is_none() && !chained {
             return Err(DecodeError::Malformed { frame, offset: at, reason: format!("unknown codec {}", h.codec) });
         }
-        if h.lane != 0 && !(chained && self.minor >= 2 && h.lane < MAX_LANES) {
-            let reason = if chained && self.minor >= 2 {
+        if h.lane != 0 && !(chained && self.minor == 2 && h.lane < MAX_LANES) {
+            let reason = if chained && self.minor == 2 {
                 format!("lane {} is not below {MAX_LANES}", h.lane)
             } else {
                 format!("lane {} on a frame that is not a chained blob of a 1.2 stream", h.lane)
@@ -350,6 +452,7 @@ impl<R: Read> OverlayReader<R> {
             FrameKind::DeviceState => (MAX_DEVICE_STATE_LEN, "device state"),
             FrameKind::Blob => (MAX_BLOB_LEN, "blob"),
             FrameKind::Trailer => (MAX_TRAILER_LEN, "trailer"),
+            FrameKind::Index => (MAX_INDEX_LEN, "index"),
         };
         if h.raw_len > raw_max {
             return Err(DecodeError::LengthTooLarge { frame, offset: at, what: name, len: h.raw_len, max: raw_max });

@@ -7,6 +7,7 @@ use crate::compress;
 use crate::error::EncodeError;
 use crate::frame::{self, FrameHeader, FrameKind, MAX_DEVICE_STATE_LEN};
 use crate::meta::{Compression, OverlayMeta, Trailer};
+use crate::segment::SegmentIndex;
 
 /// Writes an overlay: header and metadata on creation, then the device state, blobs, and the
 /// trailer on [`OverlayWriter::finish`]. Needs only `Write` (a file, a socket, a pipe).
@@ -22,11 +23,29 @@ pub struct OverlayWriter<W: Write> {
     blobs: u64,
     records: u64,
     bytes: u64,
+    /// A segmented (1.3) stream: its metadata, for checking the index, and the index once
+    /// written.
+    segmented: Option<(Box<OverlayMeta>, Option<SegmentIndex>)>,
 }
 
 impl<W: Write> OverlayWriter<W> {
     /// Writes the file header and the metadata frame.
-    pub fn new(mut out: W, meta: &OverlayMeta) -> Result<Self, EncodeError> {
+    pub fn new(out: W, meta: &OverlayMeta) -> Result<Self, EncodeError> {
+        // Only compressed overlays can hold chained blobs (1.1) and lanes of them (1.2).
+        let minor = if meta.compression == Compression::None { 0 } else { frame::CHAINED_MINOR };
+        Self::start(out, meta, minor)
+    }
+
+    /// Writes the header and metadata of a segmented overlay (format 1.3): the device state
+    /// must be followed by [`OverlayWriter::write_index`], and then exactly the blobs the index
+    /// names, in its order (see [`crate::segment`]).
+    pub fn new_segmented(out: W, meta: &OverlayMeta) -> Result<Self, EncodeError> {
+        let mut w = Self::start(out, meta, frame::SEGMENTED_MINOR)?;
+        w.segmented = Some((Box::new(meta.clone()), None));
+        Ok(w)
+    }
+
+    fn start(mut out: W, meta: &OverlayMeta, minor: u16) -> Result<Self, EncodeError> {
         crate::meta::check_meta(meta).map_err(|reason| EncodeError::Invalid { what: "meta", reason })?;
         let payload =
             postcard::to_stdvec(meta).map_err(|e| EncodeError::Invalid { what: "meta", reason: e.to_string() })?;
@@ -37,8 +56,6 @@ impl<W: Write> OverlayWriter<W> {
                 max: frame::MAX_META_LEN,
             });
         }
-        // Only compressed overlays can hold chained blobs (1.1) and lanes of them (1.2).
-        let minor = if meta.compression == Compression::None { 0 } else { frame::FORMAT_MINOR };
         let header = frame::file_header(minor);
         out.write_all(&header).map_err(EncodeError::Io)?;
         let mut w = OverlayWriter {
@@ -51,6 +68,7 @@ impl<W: Write> OverlayWriter<W> {
             blobs: 0,
             records: 0,
             bytes: header.len() as u64,
+            segmented: None,
         };
         w.stream.update(&header);
         w.frame(FrameKind::Meta, Compression::None, 0, payload.len() as u64, &payload)?;
@@ -112,12 +130,57 @@ impl<W: Write> OverlayWriter<W> {
         Ok(())
     }
 
+    /// Writes the index of a segmented overlay, after the device state.
+    pub fn write_index(&mut self, index: &SegmentIndex) -> Result<(), EncodeError> {
+        let Some((meta, written)) = &self.segmented else {
+            return Err(EncodeError::Order { reason: "only a segmented overlay has an index" });
+        };
+        if written.is_some() {
+            return Err(EncodeError::Order { reason: "index written twice" });
+        }
+        if self.device_state_digest.is_none() {
+            return Err(EncodeError::Order { reason: "the device state must be written before the index" });
+        }
+        index.check(meta).map_err(|reason| EncodeError::Invalid { what: "index", reason })?;
+        let payload =
+            postcard::to_stdvec(index).map_err(|e| EncodeError::Invalid { what: "index", reason: e.to_string() })?;
+        if payload.len() as u64 > frame::MAX_INDEX_LEN {
+            return Err(EncodeError::TooLarge { what: "index", len: payload.len() as u64, max: frame::MAX_INDEX_LEN });
+        }
+        self.frame(FrameKind::Index, Compression::None, 0, payload.len() as u64, &payload)?;
+        if let Some((_, written)) = &mut self.segmented {
+            *written = Some(index.clone());
+        }
+        Ok(())
+    }
+
     /// Writes one sealed blob (sealed with the overlay's compressor, alone or with
     /// [`BlobBuilder::seal_chained`](crate::BlobBuilder::seal_chained)). The chained blobs of
     /// a lane must be written in the order they were sealed; lanes may interleave freely.
     pub fn write_blob(&mut self, blob: &SealedBlob) -> Result<(), EncodeError> {
         if self.device_state_digest.is_none() {
             return Err(EncodeError::Order { reason: "the device state must be written before blobs" });
+        }
+        if let Some((_, index)) = &self.segmented {
+            let Some(index) = index else {
+                return Err(EncodeError::Order { reason: "a segmented overlay's index must precede its blobs" });
+            };
+            let Some(s) = index.segments.get(self.blobs as usize) else {
+                return Err(EncodeError::Invalid {
+                    what: "blob",
+                    reason: format!(
+                        "blob {} of a segmented overlay whose index has {}",
+                        self.blobs,
+                        index.segments.len()
+                    ),
+                });
+            };
+            if s.header() != blob.header {
+                return Err(EncodeError::Invalid {
+                    what: "blob",
+                    reason: format!("blob {} is not the one its index entry describes", self.blobs),
+                });
+            }
         }
         let chained = blob.is_chained();
         if chained && frame::chained_codec_from_byte(blob.header.codec) != Some(self.compression) {
@@ -180,6 +243,12 @@ impl<W: Write> OverlayWriter<W> {
             });
         }
         let mismatch = |reason: String| EncodeError::Invalid { what: "trailer", reason };
+        if let Some((_, index)) = &self.segmented {
+            let segments = index.as_ref().map_or(0, |i| i.segments.len() as u64);
+            if index.is_none() || segments != self.blobs {
+                return Err(mismatch(format!("{} blobs written for an index of {segments}", self.blobs)));
+            }
+        }
         if trailer.blob_count != self.blobs {
             return Err(mismatch(format!("blob_count {} but {} written", trailer.blob_count, self.blobs)));
         }

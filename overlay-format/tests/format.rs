@@ -531,8 +531,11 @@ fn wrong_magic_and_versions_are_rejected() {
     b[8] = 2; // major 2
     assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 2, minor: 0 })));
     let mut b = bytes.clone();
-    b[10] = 3; // minor 3, newer than this reader
-    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 1, minor: 3 })));
+    b[10] = 4; // minor 4, newer than this reader
+    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnsupportedVersion { major: 1, minor: 4 })));
+    let mut b = bytes.clone();
+    b[10] = 3; // a 1.3 stream must have an index after the device state
+    assert!(matches!(read_overlay(&b[..]), Err(DecodeError::UnexpectedFrame { expected: "index", .. })));
     assert!(matches!(read_overlay(&b""[..]), Err(DecodeError::Truncated { offset: 0, .. })));
 }
 

@@ -1,0 +1,316 @@
+//! Rewriting an overlay as a segmented one (format 1.3): the same records, regrouped into
+//! segments that each decode alone, in the order a resumed VM first touched their chunks, with
+//! an index in front, so that synthesis can resume the VM before the overlay has arrived.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+
+use overlay_format::segment::{normalize, ChunkRun, Segment, SegmentIndex};
+use overlay_format::{
+    apply_patch, BlobBuilder, ChunkRef, DecodeError, EncodeError, OverlayReader, OverlayWriter, Record, RecordRef,
+    CHUNK_SIZE,
+};
+use rayon::prelude::*;
+
+use crate::base::read_padded_at;
+use crate::Base;
+
+/// How [`segment_overlay`] cuts segments.
+#[derive(Debug, Clone)]
+pub struct SegmentOptions {
+    /// Target size of a segment before compression. A miss waits for a whole segment: smaller
+    /// segments wait less and compress worse. Default 512 KiB.
+    pub segment_bytes: usize,
+    /// Compression level of the segments (the overlay's compressor).
+    pub level: i32,
+}
+
+impl Default for SegmentOptions {
+    fn default() -> Self {
+        SegmentOptions { segment_bytes: 512 << 10, level: 4 }
+    }
+}
+
+/// What [`segment_overlay`] wrote.
+#[derive(Debug, Clone, Default)]
+pub struct SegmentStats {
+    /// Segments written.
+    pub segments: u64,
+    /// Leading segments that hold every chunk of the touch order.
+    pub prefetch: u64,
+    /// Stored bytes of those leading segments' frames.
+    pub prefetch_bytes: u64,
+    /// Bytes of the segmented overlay.
+    pub bytes: u64,
+    /// Bytes of the overlay read.
+    pub input_bytes: u64,
+    /// Copies of earlier chunks (`CopySelf`) whose source went to another segment, written
+    /// out in full instead.
+    pub materialized: u64,
+}
+
+/// Why [`segment_overlay`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    /// The overlay read does not decode.
+    #[error("cannot read the overlay to segment")]
+    Decode(#[from] DecodeError),
+    /// Writing the segmented overlay failed.
+    #[error("cannot write the segmented overlay")]
+    Encode(#[from] EncodeError),
+    /// A base image could not be read.
+    #[error("cannot read base image {image}")]
+    BaseIo {
+        /// The image's index.
+        image: usize,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The overlay cannot be segmented (e.g. it names a chunk twice).
+    #[error("the overlay cannot be segmented: {reason}")]
+    Invalid {
+        /// Why.
+        reason: String,
+    },
+}
+
+struct Entry {
+    record: Record,
+    /// When its first chunk was touched (u64::MAX: never).
+    rank: u64,
+}
+
+fn run_of(r: &Record) -> ChunkRun {
+    let (image, chunk, count) = match r {
+        Record::Zero { image, chunk, count } | Record::CopyBase { image, chunk, count, .. } => (*image, *chunk, *count),
+        Record::CopySelf { image, chunk, .. } | Record::Patch { image, chunk, .. } => (*image, *chunk, 1),
+        Record::Raw { image, chunk, data } => (*image, *chunk, (data.len() as u64).div_ceil(CHUNK_SIZE as u64)),
+    };
+    ChunkRun { image, chunk, count }
+}
+
+fn raw_size(r: &Record) -> usize {
+    12 + match r {
+        Record::Patch { patch, .. } => patch.len(),
+        Record::Raw { data, .. } => data.len(),
+        _ => 8,
+    }
+}
+
+/// Reads the overlay `input` (any version, applied over `base`) and writes it to `out` as a
+/// segmented overlay: the same metadata, device state and rebuilt images, its records grouped
+/// into segments of about [`SegmentOptions::segment_bytes`] that each decode alone, ordered by
+/// `touched`, the chunks (image, chunk) a resumed VM touched in the order it first did, then
+/// the rest in address order. A copy of an earlier chunk whose source lands in another segment
+/// is written out in full.
+pub fn segment_overlay<R: Read, W: Write>(
+    base: &Base,
+    input: R,
+    touched: &[(u8, u64)],
+    opts: &SegmentOptions,
+    out: W,
+) -> Result<(W, SegmentStats), SegmentError> {
+    let mut reader = OverlayReader::new(input)?;
+    let meta = reader.meta().clone();
+    let device_state = reader.take_device_state()?;
+    let mut rank: HashMap<(u8, u64), u64> = HashMap::with_capacity(touched.len());
+    for (k, &t) in touched.iter().enumerate() {
+        rank.entry(t).or_insert(k as u64);
+    }
+    let mut entries: Vec<Entry> = Vec::new();
+    while let Some(sealed) = reader.next_blob()? {
+        let blob = sealed.into_decoded_for(&meta)?;
+        for r in blob.records() {
+            // Raw runs go chunk by chunk, each where its first touch puts it.
+            let pieces: Vec<Record> = match r {
+                RecordRef::Raw { image, chunk, data } => data
+                    .chunks(CHUNK_SIZE)
+                    .enumerate()
+                    .map(|(k, d)| Record::Raw { image, chunk: chunk + k as u64, data: d.to_vec() })
+                    .collect(),
+                r => vec![r.to_owned()],
+            };
+            for record in pieces {
+                let run = run_of(&record);
+                let first = if rank.is_empty() {
+                    u64::MAX
+                } else {
+                    run.chunks().filter_map(|c| rank.get(&(run.image, c)).copied()).min().unwrap_or(u64::MAX)
+                };
+                entries.push(Entry { record, rank: first });
+            }
+        }
+    }
+    let trailer = reader.trailer().cloned().expect("the trailer was read");
+    let input_bytes = reader.bytes_read();
+
+    // Which record writes each chunk: (image, first chunk) -> (end, record).
+    let mut writer_of: BTreeMap<(u8, u64), (u64, usize)> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let run = run_of(&e.record);
+        writer_of.insert((run.image, run.chunk), (run.chunk + run.count, i));
+    }
+    let mut prev: Option<((u8, u64), u64)> = None;
+    for (&(img, start), &(end, _)) in &writer_of {
+        if let Some(((pi, _), pe)) = prev {
+            if pi == img && pe > start {
+                return Err(SegmentError::Invalid {
+                    reason: format!("chunk {start} of image {img} is named by two records"),
+                });
+            }
+        }
+        prev = Some(((img, start), end));
+    }
+    let find = |src: ChunkRef| -> Option<usize> {
+        writer_of
+            .range(..=(src.image, src.chunk))
+            .next_back()
+            .filter(|(&(img, start), &(end, _))| img == src.image && start <= src.chunk && src.chunk < end)
+            .map(|(_, &(_, i))| i)
+    };
+
+    // Order, then cut into segments.
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&i| {
+        let run = run_of(&entries[i].record);
+        (entries[i].rank, run.image, run.chunk)
+    });
+    let mut segment_of = vec![0usize; entries.len()];
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut size = usize::MAX;
+    for &i in &order {
+        if size >= opts.segment_bytes {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        size += raw_size(&entries[i].record);
+        segment_of[i] = groups.len() - 1;
+        groups.last_mut().expect("pushed").push(i);
+    }
+    let prefetch =
+        order.iter().filter(|&&i| entries[i].rank != u64::MAX).map(|&i| segment_of[i] + 1).max().unwrap_or(0) as u64;
+
+    // The records of each segment: copies from chunks of the same segment go last (in stream
+    // order, which puts their sources first); other copies are written out in full.
+    let mut materialized = 0u64;
+    let mut segments_records: Vec<Vec<Record>> = Vec::with_capacity(groups.len());
+    for (k, group) in groups.iter().enumerate() {
+        let mut plain = Vec::with_capacity(group.len());
+        let mut copies = Vec::new();
+        for &i in group {
+            match &entries[i].record {
+                Record::CopySelf { image, chunk, src } => {
+                    let Some(q) = find(*src) else {
+                        return Err(SegmentError::Invalid {
+                            reason: format!(
+                                "a copy of chunk {} of image {} that no record writes",
+                                src.chunk, src.image
+                            ),
+                        });
+                    };
+                    if segment_of[q] == k {
+                        copies.push(i);
+                    } else {
+                        plain.push(materialize(base, &meta, &entries, &find, *image, *chunk, *src)?);
+                        materialized += 1;
+                    }
+                }
+                r => plain.push(r.clone()),
+            }
+        }
+        copies.sort_unstable();
+        plain.extend(copies.into_iter().map(|i| entries[i].record.clone()));
+        segments_records.push(plain);
+    }
+    drop(entries);
+
+    let compression = meta.compression;
+    let sealed = segments_records
+        .into_par_iter()
+        .map(|records| {
+            let runs = normalize(records.iter().map(run_of).collect());
+            let mut b = BlobBuilder::new();
+            for r in &records {
+                b.push(r);
+            }
+            let blob = b.seal(compression, opts.level)?;
+            Ok((Segment::of(&blob, runs), blob))
+        })
+        .collect::<Result<Vec<_>, EncodeError>>()?;
+    let index = SegmentIndex { prefetch, segments: sealed.iter().map(|(s, _)| s.clone()).collect() };
+    let mut w = OverlayWriter::new_segmented(out, &meta)?;
+    w.write_device_state(&device_state, opts.level)?;
+    w.write_index(&index)?;
+    for (_, blob) in &sealed {
+        w.write_blob(blob)?;
+    }
+    let trailer = w.trailer(trailer.image_digests);
+    let bytes_before_trailer = w.bytes_written();
+    let out = w.finish(&trailer)?;
+    let prefetch_bytes = index.segments.iter().take(prefetch as usize).map(Segment::frame_len).sum();
+    let stats = SegmentStats {
+        segments: index.segments.len() as u64,
+        prefetch,
+        prefetch_bytes,
+        bytes: bytes_before_trailer,
+        input_bytes,
+        materialized,
+    };
+    Ok((out, stats))
+}
+
+/// The record that rebuilds chunk `chunk` of `image` as the copy of `src` would, without the
+/// copy: from the record that wrote `src` (following copies of copies).
+fn materialize(
+    base: &Base,
+    meta: &overlay_format::OverlayMeta,
+    entries: &[Entry],
+    find: &dyn Fn(ChunkRef) -> Option<usize>,
+    image: u8,
+    chunk: u64,
+    mut src: ChunkRef,
+) -> Result<Record, SegmentError> {
+    let cs = CHUNK_SIZE as u64;
+    let chunk_len = |img: u8, c: u64| -> usize { (meta.images[img as usize].size - c * cs).min(cs) as usize };
+    let len = chunk_len(image, chunk);
+    if chunk_len(src.image, src.chunk) != len {
+        return Err(SegmentError::Invalid {
+            reason: format!("a copy of chunk {chunk} from a chunk of another length"),
+        });
+    }
+    // Copies of copies: at most as many steps as records.
+    for _ in 0..=entries.len() {
+        let Some(q) = find(src) else { break };
+        return Ok(match &entries[q].record {
+            Record::CopySelf { src: s, .. } => {
+                src = *s;
+                continue;
+            }
+            Record::Zero { .. } => Record::Zero { image, chunk, count: 1 },
+            Record::CopyBase { chunk: c0, src: s, .. } => Record::CopyBase {
+                image,
+                chunk,
+                count: 1,
+                src: ChunkRef { image: s.image, chunk: s.chunk + (src.chunk - c0) },
+            },
+            Record::Raw { chunk: c0, data, .. } => {
+                let at = ((src.chunk - c0) * cs) as usize;
+                Record::Raw { image, chunk, data: data[at..at + len].to_vec() }
+            }
+            Record::Patch { patch, .. } => {
+                let mut old = vec![0u8; len];
+                let si = src.image as usize;
+                read_padded_at(base.file(si), src.chunk * cs, &mut old)
+                    .map_err(|source| SegmentError::BaseIo { image: si, source })?;
+                let mut data = vec![0u8; len];
+                apply_patch(&old, patch, &mut data)
+                    .map_err(|e| SegmentError::Invalid { reason: format!("patch of chunk {}: {e}", src.chunk) })?;
+                Record::Raw { image, chunk, data }
+            }
+        });
+    }
+    Err(SegmentError::Invalid {
+        reason: format!("a copy of chunk {} of image {} that no record writes", src.chunk, src.image),
+    })
+}
