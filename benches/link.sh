@@ -6,7 +6,12 @@
 # app's first answer, fastest of RUNS) next to the overlay's pure transfer time at that rate.
 #
 #   benches/link.sh --registry DIR --overlay FILE --probe GUEST_PORT [--rates "10 38 100"]
-#                   [--rtt-ms 20] [--runs 3]
+#                   [--rtt-ms 20] [--runs 3] [--early SEGMENTED_FILE]
+#
+# With --early, also an early start at each rate: `cloudlet share` serves the segmented overlay
+# (`cloudlet segment`) in the client's namespace, and `cloudlet synthesis --early-start` in the
+# server's reads it by range; the table gets the time from its start to the app's first answer
+# (as it measures it), the overlay bytes fetched by then, and the time until all had arrived.
 #
 # Needs root (namespaces, tc) and a release build of cloudlet (built here). The namespaces,
 # the veth pair and the server are removed on exit, whatever happens.
@@ -15,7 +20,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 rates="10 38 100"
 rtt=20
 runs=3
-reg="" overlay="" probe=""
+reg="" overlay="" probe="" early="" early_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --registry) reg="$2"; shift 2 ;;
@@ -24,19 +29,23 @@ while [ $# -gt 0 ]; do
     --rates) rates="$2"; shift 2 ;;
     --rtt-ms) rtt="$2"; shift 2 ;;
     --runs) runs="$2"; shift 2 ;;
+    --early) early="$2"; shift 2 ;;
+    --early-args) early_args="$2"; shift 2 ;;
     *) echo "usage: $0 --registry DIR --overlay FILE --probe GUEST_PORT [--rates \"10 38 100\"] [--rtt-ms 20] [--runs 3]" >&2; exit 2 ;;
   esac
 done
 [ -n "$reg" ] && [ -n "$overlay" ] && [ -n "$probe" ] || { echo "link.sh: --registry, --overlay and --probe are needed" >&2; exit 2; }
 reg="$(realpath "$reg")" overlay="$(realpath "$overlay")"
+[ -z "$early" ] || early="$(realpath "$early")"
 cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p cloudlet-examples --bin cloudlet
 cl="$root/target/release/cloudlet"
 
 srv="cl-srv-$$" cli="cl-cli-$$" vs="clvs$$" vc="clvc$$"
 work="$(mktemp -d "${TMPDIR:-/tmp}/cloudlet-link.XXXXXX")"
-server_pid=""
+server_pid="" share_pid=""
 cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
+  [ -n "$share_pid" ] && kill "$share_pid" 2>/dev/null && wait "$share_pid" 2>/dev/null || true
   ip netns del "$srv" 2>/dev/null || true
   ip netns del "$cli" 2>/dev/null || true
   rm -rf "$work"
@@ -89,9 +98,38 @@ done
 ip netns exec "$cli" bash -c 'exec 3<>/dev/tcp/10.77.0.1/7878' 2>/dev/null \
   || { echo "link.sh: the server did not listen on 10.77.0.1:7878 in 10 s" >&2; cat "$work/serve.log" >&2; exit 1; }
 
+if [ -n "$early" ]; then
+  ip netns exec "$cli" "$cl" share "$early" --listen 10.77.0.2:8000 >"$work/share.log" 2>&1 &
+  share_pid=$!
+  for _ in $(seq 100); do
+    ip netns exec "$srv" bash -c 'exec 3<>/dev/tcp/10.77.0.2/8000' 2>/dev/null && break
+    sleep 0.1
+  done
+fi
+early_run() { # rate: prints "first_answer_s bytes_before_answer total_s"
+  local out t0 t1
+  rm -rf "$work/early-vm"
+  t0=$(date +%s.%N)
+  out=$(timeout 900 ip netns exec "$srv" "$cl" --registry "$reg" synthesis --early-start --json $early_args \
+    --overlay "http://10.77.0.2:8000/$(basename "$early")" --probe "$probe" --out "$work/early-vm" 2>"$work/early.log") \
+    || { echo "link.sh: early start at $1 Mbit/s failed:" >&2; tail -20 "$work/early.log" >&2; exit 1; }
+  t1=$(date +%s.%N)
+  [ -z "${LINK_VERBOSE:-}" ] || echo "$out" >&2
+  python3 -c "
+import json, sys
+j = json.loads(sys.argv[1])
+print(j['first_answer_ms'] / 1000, j['bytes_before_answer'], $t1 - $t0)" "$out"
+}
+
 size=$(stat -c %s "$overlay")
-echo "| link | overlay | its transfer alone | request to the app's first answer (best of $runs) |"
-echo "| --- | ---: | ---: | ---: |"
+if [ -n "$early" ]; then
+  esize=$(stat -c %s "$early")
+  echo "| link | overlay | its transfer alone | request to the app's first answer (best of $runs) | early start: first answer | fetched by then | all arrived |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+else
+  echo "| link | overlay | its transfer alone | request to the app's first answer (best of $runs) |"
+  echo "| --- | ---: | ---: | ---: |"
+fi
 for rate in $rates; do
   shape "$rate"
   best=""
@@ -105,7 +143,21 @@ for rate in $rates; do
     took=$(python3 -c "print($t1 - $t0)")
     best=$(python3 -c "print(min(x for x in [$took, ${best:-$took}]))")
   done
-  python3 -c "
+  if [ -z "$early" ]; then
+    python3 -c "
 size, rate, best = $size, $rate, $best
 print(f'| {rate} Mbit/s, $delay | {size / 2**20:.1f} MiB | {size * 8 / (rate * 1e6):.2f} s | {best:.2f} s |')"
+    continue
+  fi
+  ebest=""
+  for _ in $(seq "$runs"); do
+    r=$(early_run "$rate")
+    ebest=$(python3 -c "
+a = '$r'.split(); b = '${ebest:-$r}'.split()
+print(' '.join(a if float(a[0]) <= float(b[0]) else b))")
+  done
+  python3 -c "
+size, esize, rate, best = $size, $esize, $rate, $best
+first, fetched, total = '$ebest'.split()
+print(f'| {rate} Mbit/s, $delay | {size / 2**20:.1f} MiB (segmented {esize / 2**20:.1f} MiB) | {size * 8 / (rate * 1e6):.2f} s | {best:.2f} s | {float(first):.2f} s | {int(fetched) / 2**20:.1f} MiB | {float(total):.2f} s |')"
 done

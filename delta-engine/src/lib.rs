@@ -75,7 +75,7 @@ pub use create::{
     CustomSource, OverlayInfo,
 };
 pub use index::{BaseImage, BaseIndex, IndexError, IndexedImage};
-pub use segment::{segment_overlay, SegmentError, SegmentOptions, SegmentStats};
+pub use segment::{segment_overlay, SegmentError, SegmentOptions, SegmentStats, TouchOrder};
 
 /// Whose fault an error is (see [`ApplyError::fault`] and [`CreateError::fault`]): what a
 /// caller needs to tell its own caller, e.g. a server's client error from its server error.

@@ -7,13 +7,9 @@ use std::io::{Read, Write};
 
 use overlay_format::segment::{normalize, ChunkRun, Segment, SegmentIndex};
 use overlay_format::{
-    apply_patch, BlobBuilder, ChunkRef, DecodeError, EncodeError, OverlayReader, OverlayWriter, Record, RecordRef,
-    CHUNK_SIZE,
+    BlobBuilder, ChunkRef, DecodeError, EncodeError, OverlayReader, OverlayWriter, Record, RecordRef, CHUNK_SIZE,
 };
 use rayon::prelude::*;
-
-use crate::base::read_padded_at;
-use crate::Base;
 
 /// How [`segment_overlay`] cuts segments.
 #[derive(Debug, Clone)]
@@ -23,12 +19,28 @@ pub struct SegmentOptions {
     pub segment_bytes: usize,
     /// Compression level of the segments (the overlay's compressor).
     pub level: i32,
+    /// A touch counts for the aligned run of this many chunks around the touched one: the
+    /// VM's memory is read through the page cache in folios up to this size, and a read waits
+    /// for every chunk of it. Default 32 (128 KiB, `lazy_image`'s default read size).
+    pub granule_chunks: u64,
 }
 
 impl Default for SegmentOptions {
     fn default() -> Self {
-        SegmentOptions { segment_bytes: 512 << 10, level: 4 }
+        SegmentOptions { segment_bytes: 512 << 10, level: 4, granule_chunks: 32 }
     }
+}
+
+/// The chunks a resumed VM touched, in the order it first did: what [`segment_overlay`]
+/// orders segments by.
+#[derive(Debug, Clone, Default)]
+pub struct TouchOrder {
+    /// (image, chunk), first touch first; repeats are ignored.
+    pub chunks: Vec<(u8, u64)>,
+    /// How many of `chunks` the VM touched before its app answered: the segments that hold
+    /// them are its working set, fetched before it resumes
+    /// ([`overlay_format::SegmentIndex::prefetch`]).
+    pub working_set: usize,
 }
 
 /// What [`segment_overlay`] wrote.
@@ -44,9 +56,6 @@ pub struct SegmentStats {
     pub bytes: u64,
     /// Bytes of the overlay read.
     pub input_bytes: u64,
-    /// Copies of earlier chunks (`CopySelf`) whose source went to another segment, written
-    /// out in full instead.
-    pub materialized: u64,
 }
 
 /// Why [`segment_overlay`] failed.
@@ -58,15 +67,6 @@ pub enum SegmentError {
     /// Writing the segmented overlay failed.
     #[error("cannot write the segmented overlay")]
     Encode(#[from] EncodeError),
-    /// A base image could not be read.
-    #[error("cannot read base image {image}")]
-    BaseIo {
-        /// The image's index.
-        image: usize,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// The overlay cannot be segmented (e.g. it names a chunk twice).
     #[error("the overlay cannot be segmented: {reason}")]
     Invalid {
@@ -98,25 +98,24 @@ fn raw_size(r: &Record) -> usize {
     }
 }
 
-/// Reads the overlay `input` (any version, applied over `base`) and writes it to `out` as a
+/// Reads the overlay `input` (any version) and writes it to `out` as a
 /// segmented overlay: the same metadata, device state and rebuilt images, its records grouped
 /// into segments of about [`SegmentOptions::segment_bytes`] that each decode alone, ordered by
-/// `touched`, the chunks (image, chunk) a resumed VM touched in the order it first did, then
-/// the rest in address order. A copy of an earlier chunk whose source lands in another segment
-/// is written out in full.
+/// `touched`, then the rest in address order. A copy of an earlier chunk goes into the segment of its source,
+/// which is placed by the first touch of either.
 pub fn segment_overlay<R: Read, W: Write>(
-    base: &Base,
     input: R,
-    touched: &[(u8, u64)],
+    touched: &TouchOrder,
     opts: &SegmentOptions,
     out: W,
 ) -> Result<(W, SegmentStats), SegmentError> {
     let mut reader = OverlayReader::new(input)?;
     let meta = reader.meta().clone();
     let device_state = reader.take_device_state()?;
-    let mut rank: HashMap<(u8, u64), u64> = HashMap::with_capacity(touched.len());
-    for (k, &t) in touched.iter().enumerate() {
-        rank.entry(t).or_insert(k as u64);
+    let g = opts.granule_chunks.max(1);
+    let mut rank: HashMap<(u8, u64), u64> = HashMap::with_capacity(touched.chunks.len());
+    for (k, &(img, c)) in touched.chunks.iter().enumerate() {
+        rank.entry((img, c / g)).or_insert(k as u64);
     }
     let mut entries: Vec<Entry> = Vec::new();
     while let Some(sealed) = reader.next_blob()? {
@@ -136,7 +135,7 @@ pub fn segment_overlay<R: Read, W: Write>(
                 let first = if rank.is_empty() {
                     u64::MAX
                 } else {
-                    run.chunks().filter_map(|c| rank.get(&(run.image, c)).copied()).min().unwrap_or(u64::MAX)
+                    run.chunks().filter_map(|c| rank.get(&(run.image, c / g)).copied()).min().unwrap_or(u64::MAX)
                 };
                 entries.push(Entry { record, rank: first });
             }
@@ -170,17 +169,43 @@ pub fn segment_overlay<R: Read, W: Write>(
             .map(|(_, &(_, i))| i)
     };
 
-    // Order, then cut into segments.
+    // Units: a record and the copies of its chunks (and copies of those), which go into one
+    // segment, the record first: each segment decodes alone, and no copy costs more bytes.
+    let mut unit = vec![0usize; entries.len()];
+    for i in 0..entries.len() {
+        unit[i] = match &entries[i].record {
+            Record::CopySelf { src, .. } => match find(*src) {
+                Some(q) if q < i => unit[q],
+                _ => {
+                    return Err(SegmentError::Invalid {
+                        reason: format!(
+                            "a copy of chunk {} of image {} that no earlier record writes",
+                            src.chunk, src.image
+                        ),
+                    })
+                }
+            },
+            _ => i,
+        };
+    }
+    let mut unit_rank: Vec<u64> = entries.iter().map(|e| e.rank).collect();
+    for i in 0..entries.len() {
+        let u = unit[i];
+        unit_rank[u] = unit_rank[u].min(entries[i].rank);
+    }
+
+    // Order units by their first touch, then address; cut into segments between units.
     let mut order: Vec<usize> = (0..entries.len()).collect();
     order.sort_by_key(|&i| {
-        let run = run_of(&entries[i].record);
-        (entries[i].rank, run.image, run.chunk)
+        let u = unit[i];
+        let run = run_of(&entries[u].record);
+        (unit_rank[u], run.image, run.chunk, u, i)
     });
     let mut segment_of = vec![0usize; entries.len()];
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut size = usize::MAX;
     for &i in &order {
-        if size >= opts.segment_bytes {
+        if size >= opts.segment_bytes && unit[i] == i {
             groups.push(Vec::new());
             size = 0;
         }
@@ -188,41 +213,14 @@ pub fn segment_overlay<R: Read, W: Write>(
         segment_of[i] = groups.len() - 1;
         groups.last_mut().expect("pushed").push(i);
     }
-    let prefetch =
-        order.iter().filter(|&&i| entries[i].rank != u64::MAX).map(|&i| segment_of[i] + 1).max().unwrap_or(0) as u64;
-
-    // The records of each segment: copies from chunks of the same segment go last (in stream
-    // order, which puts their sources first); other copies are written out in full.
-    let mut materialized = 0u64;
-    let mut segments_records: Vec<Vec<Record>> = Vec::with_capacity(groups.len());
-    for (k, group) in groups.iter().enumerate() {
-        let mut plain = Vec::with_capacity(group.len());
-        let mut copies = Vec::new();
-        for &i in group {
-            match &entries[i].record {
-                Record::CopySelf { image, chunk, src } => {
-                    let Some(q) = find(*src) else {
-                        return Err(SegmentError::Invalid {
-                            reason: format!(
-                                "a copy of chunk {} of image {} that no record writes",
-                                src.chunk, src.image
-                            ),
-                        });
-                    };
-                    if segment_of[q] == k {
-                        copies.push(i);
-                    } else {
-                        plain.push(materialize(base, &meta, &entries, &find, *image, *chunk, *src)?);
-                        materialized += 1;
-                    }
-                }
-                r => plain.push(r.clone()),
-            }
-        }
-        copies.sort_unstable();
-        plain.extend(copies.into_iter().map(|i| entries[i].record.clone()));
-        segments_records.push(plain);
-    }
+    let prefetch = order
+        .iter()
+        .filter(|&&i| entries[i].rank < touched.working_set as u64)
+        .map(|&i| segment_of[i] + 1)
+        .max()
+        .unwrap_or(0) as u64;
+    let segments_records: Vec<Vec<Record>> =
+        groups.iter().map(|g| g.iter().map(|&i| entries[i].record.clone()).collect()).collect();
     drop(entries);
 
     let compression = meta.compression;
@@ -255,62 +253,6 @@ pub fn segment_overlay<R: Read, W: Write>(
         prefetch_bytes,
         bytes: bytes_before_trailer,
         input_bytes,
-        materialized,
     };
     Ok((out, stats))
-}
-
-/// The record that rebuilds chunk `chunk` of `image` as the copy of `src` would, without the
-/// copy: from the record that wrote `src` (following copies of copies).
-fn materialize(
-    base: &Base,
-    meta: &overlay_format::OverlayMeta,
-    entries: &[Entry],
-    find: &dyn Fn(ChunkRef) -> Option<usize>,
-    image: u8,
-    chunk: u64,
-    mut src: ChunkRef,
-) -> Result<Record, SegmentError> {
-    let cs = CHUNK_SIZE as u64;
-    let chunk_len = |img: u8, c: u64| -> usize { (meta.images[img as usize].size - c * cs).min(cs) as usize };
-    let len = chunk_len(image, chunk);
-    if chunk_len(src.image, src.chunk) != len {
-        return Err(SegmentError::Invalid {
-            reason: format!("a copy of chunk {chunk} from a chunk of another length"),
-        });
-    }
-    // Copies of copies: at most as many steps as records.
-    for _ in 0..=entries.len() {
-        let Some(q) = find(src) else { break };
-        return Ok(match &entries[q].record {
-            Record::CopySelf { src: s, .. } => {
-                src = *s;
-                continue;
-            }
-            Record::Zero { .. } => Record::Zero { image, chunk, count: 1 },
-            Record::CopyBase { chunk: c0, src: s, .. } => Record::CopyBase {
-                image,
-                chunk,
-                count: 1,
-                src: ChunkRef { image: s.image, chunk: s.chunk + (src.chunk - c0) },
-            },
-            Record::Raw { chunk: c0, data, .. } => {
-                let at = ((src.chunk - c0) * cs) as usize;
-                Record::Raw { image, chunk, data: data[at..at + len].to_vec() }
-            }
-            Record::Patch { patch, .. } => {
-                let mut old = vec![0u8; len];
-                let si = src.image as usize;
-                read_padded_at(base.file(si), src.chunk * cs, &mut old)
-                    .map_err(|source| SegmentError::BaseIo { image: si, source })?;
-                let mut data = vec![0u8; len];
-                apply_patch(&old, patch, &mut data)
-                    .map_err(|e| SegmentError::Invalid { reason: format!("patch of chunk {}: {e}", src.chunk) })?;
-                Record::Raw { image, chunk, data }
-            }
-        });
-    }
-    Err(SegmentError::Invalid {
-        reason: format!("a copy of chunk {} of image {} that no record writes", src.chunk, src.image),
-    })
 }

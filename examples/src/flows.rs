@@ -405,6 +405,11 @@ pub struct OverlayArgs {
     /// Name of the app.
     #[arg(long, default_value = "app")]
     pub name: String,
+    /// Write a segmented overlay (format 1.3), which `cloudlet synthesis --early-start` can
+    /// resume from before it has arrived: the custom VM is resumed once more to record what
+    /// its app touches until it answers (--wait-http), and that goes first.
+    #[arg(long)]
+    pub segmented: bool,
     /// Overlay file to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -442,6 +447,7 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
         trim: a.trim,
         out: a.out.clone(),
         options,
+        segmented: a.segmented,
     };
     let o = create_overlay_file(qemu, &base, &req, &printer(quiet)).context("creating the overlay")?;
     let s = &o.stats;
@@ -475,6 +481,16 @@ pub fn overlay(qemu: &Qemu, reg: &Registry, a: &OverlayArgs, quiet: bool) -> Res
         ms(s.compress),
         ms(s.write)
     );
+    if let Some(g) = &o.segments {
+        println!(
+            "  segmented: {} segments ({} from {}); the first {} ({}) hold what the app touched until it answered",
+            g.segments,
+            size(g.bytes),
+            size(g.input_bytes),
+            g.prefetch,
+            size(g.prefetch_bytes),
+        );
+    }
     Ok(o)
 }
 
@@ -521,6 +537,69 @@ pub struct SynthesisArgs {
     /// Print the result as JSON on stdout (steps still go to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Resume the VM before the overlay has arrived (a segmented overlay, `cloudlet overlay
+    /// --segmented`): its memory and disks are served as their chunks arrive, the ones the
+    /// VM waits for first. --overlay may then be an http:// URL of any server that answers
+    /// range requests (e.g. `cloudlet share`). The VM's files are not kept (no --keep).
+    #[arg(long, conflicts_with = "keep")]
+    pub early_start: bool,
+    /// With --early-start: seconds one read of the overlay may take before its source counts
+    /// as stalled and the synthesis fails.
+    #[arg(long, value_name = "SECS", default_value_t = 30, requires = "early_start",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stall_timeout: u64,
+    /// With --early-start: resume at once, without first fetching the working set the
+    /// overlay recorded (every chunk the VM touches then waits for its segment).
+    #[arg(long, requires = "early_start")]
+    pub no_prefetch: bool,
+}
+
+/// Options of `cloudlet segment`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SegmentArgs {
+    /// The overlay to rewrite.
+    #[arg(long)]
+    pub overlay: PathBuf,
+    /// The segmented overlay to write (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Target size of a segment before compression, in KiB: a VM that waits for a chunk waits
+    /// for its whole segment; larger segments compress better.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(4..=65536))]
+    pub segment_kib: u64,
+    /// Compression level of the segments (the overlay's compressor's scale).
+    #[arg(long, default_value_t = 4)]
+    pub level: i32,
+    /// A touch counts for the aligned run of this many KiB around it (what one read of the
+    /// served memory covers).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(4..=4096))]
+    pub granule_kib: u64,
+}
+
+/// `cloudlet segment`: rewrites an overlay as a segmented one, in first-touch order.
+pub fn segment_cmd(qemu: &Qemu, reg: &Registry, a: &SegmentArgs) -> Result<()> {
+    let check = a.probe.check();
+    let opts = delta_engine::SegmentOptions {
+        segment_bytes: (a.segment_kib << 10) as usize,
+        level: a.level,
+        granule_chunks: a.granule_kib.div_ceil(4),
+    };
+    let s =
+        synthesis::early::segment_overlay_file(qemu, reg, &a.overlay, &a.out, check.as_ref(), &opts, &printer(false))
+            .context("segmenting the overlay")?;
+    println!(
+        "segmented overlay {}: {} segments ({} from {}); the first {} ({}) hold what the VM touched{}",
+        a.out.display(),
+        s.segments,
+        size(s.bytes),
+        size(s.input_bytes),
+        s.prefetch,
+        size(s.prefetch_bytes),
+        if check.is_some() { " until its app answered" } else { " in its first seconds" },
+    );
+    Ok(())
 }
 
 /// Waits until a line arrives on stdin; at the end of stdin (nothing to read), until Ctrl-C.
@@ -536,6 +615,12 @@ fn wait_enter_or_interrupt() {
 /// `cloudlet synthesis`: rebuilds and resumes the VM, reports, keeps it running while asked,
 /// stops it, and removes its directory unless `--keep`.
 pub fn synthesis_cmd(qemu: &Qemu, reg: &Registry, a: &SynthesisArgs) -> Result<()> {
+    if a.early_start {
+        return early_synthesis_cmd(qemu, reg, a);
+    }
+    if a.overlay.to_string_lossy().contains("://") {
+        bail!("--overlay {} is a URL: only --early-start reads overlays from URLs", a.overlay.display());
+    }
     let s = synth(qemu, reg, &a.overlay, &a.out, a.probe.check(), false, a.json, a.keep_running, a.keep)?;
     let dir = s.dir.clone();
     if !a.keep {
@@ -552,6 +637,85 @@ pub fn synthesis_cmd(qemu: &Qemu, reg: &Registry, a: &SynthesisArgs) -> Result<(
     if a.keep_running && !a.json {
         println!("  VM stopped");
     }
+    Ok(())
+}
+
+/// `cloudlet synthesis --early-start`: resumes the VM as soon as the head and the working set
+/// of the segmented overlay are here, reports, then waits for the rest (or, with
+/// --keep-running, for Enter) and stops the VM.
+pub fn early_synthesis_cmd(qemu: &Qemu, reg: &Registry, a: &SynthesisArgs) -> Result<()> {
+    use synthesis::early::{synthesize_early, EarlyOptions, FileSource, HttpSource, OverlaySource};
+    let stall = std::time::Duration::from_secs(a.stall_timeout);
+    let name = a.overlay.to_string_lossy();
+    let source: std::sync::Arc<dyn OverlaySource> = if name.contains("://") {
+        std::sync::Arc::new(HttpSource::new(&name, stall).context("opening the overlay's URL")?)
+    } else {
+        std::sync::Arc::new(FileSource::open(&a.overlay).context("opening the overlay")?)
+    };
+    let mut opts = EarlyOptions::new(&a.out);
+    opts.probe = a.probe.check();
+    opts.stall_timeout = stall;
+    opts.prefetch = !a.no_prefetch;
+    synthesis::remove_on_interrupt(&a.out);
+    let mut vm = synthesize_early(qemu, reg, source, &opts, &printer(a.json)).context("early start")?;
+    let t = vm.timeline.clone();
+    let at_answer = vm.stats();
+    if !a.json {
+        println!(
+            "resumed '{}' before its overlay had arrived: head {}, working set {}, resume {}, first answer {}",
+            vm.meta.name,
+            ms(t.head),
+            ms(t.prefetch),
+            ms(t.resume),
+            t.first_answer.map(ms).unwrap_or_else(|| "-".into())
+        );
+        println!(
+            "  fetched {} of {} before the first answer ({} of {} segments, {} asked for by the VM)",
+            size(t.bytes_before_answer),
+            size(at_answer.total_bytes),
+            at_answer.segments_done,
+            at_answer.segments,
+            at_answer.demanded
+        );
+        if let Some(answer) = &vm.answer {
+            println!("  the app answered: {}", synthesis::first_body_line(answer));
+        }
+        for (guest, host) in &vm.ports {
+            println!("  forward: {}:{host} -> guest :{guest}", opts.forward_address);
+        }
+    }
+    if a.keep_running {
+        eprintln!("VM running; press Enter (or Ctrl-C) to stop it.");
+        wait_enter_or_interrupt();
+    }
+    let done = vm.wait_complete(std::time::Duration::from_secs(3600)).context("early start")?;
+    if a.json {
+        let j = serde_json::json!({
+            "name": vm.meta.name,
+            "head_ms": t.head.as_millis() as u64,
+            "prefetch_ms": t.prefetch.as_millis() as u64,
+            "resume_ms": t.resume.as_millis() as u64,
+            "first_answer_ms": t.first_answer.map(|d| d.as_millis() as u64),
+            "bytes_before_answer": t.bytes_before_answer,
+            "bytes": done.bytes,
+            "total_bytes": done.total_bytes,
+            "segments": done.segments,
+            "demanded": done.demanded,
+            "complete": done.complete,
+            "app_answer": vm.answer.as_deref().map(synthesis::first_body_line),
+            "ports": vm.ports.iter().map(|(g, h)| serde_json::json!({"guest": g, "host": h})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!(
+            "  all {} segments arrived ({}, {} asked for by the VM); the rebuilt images match the overlay's digests",
+            done.segments,
+            size(done.bytes),
+            done.demanded
+        );
+        println!("  VM stopped");
+    }
+    drop(vm);
     Ok(())
 }
 
@@ -712,6 +876,7 @@ pub fn demo(work: &Path, guest: &Path, debian: bool) -> Result<()> {
             },
             trim: false,
             json: false,
+            segmented: false,
         },
         false,
     )?;

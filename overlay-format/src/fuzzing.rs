@@ -9,6 +9,7 @@ use std::io::Read;
 
 use crate::frame::{self, FRAME_HEADER_LEN, HEADER_LEN};
 use crate::reader::OverlayReader;
+use crate::segment::read_segment;
 
 /// `bytes` with the checksum of every complete frame and the stream digest in the trailer
 /// recomputed; everything else (lengths, kinds, payloads, a cut-off last frame, bytes after the
@@ -74,4 +75,37 @@ pub fn read_all(input: impl Read) -> bool {
             Err(_) => return false,
         }
     }
+}
+
+/// Reads `input` as a segmented overlay the way a reader does before all of it has arrived:
+/// its head ([`OverlayReader::into_head`]), its trailer from the offset the head computes
+/// ([`crate::Head::check_trailer`]), and every segment whose bytes are inside `input`, each on
+/// its own ([`read_segment`]). What the `overlay_segments` fuzz target runs on every input (as
+/// it is and [`reseal`]ed). Returns whether all of it read; never panics on any input.
+pub fn read_segmented(input: &[u8]) -> bool {
+    let Ok(head) = OverlayReader::new(input).and_then(OverlayReader::into_head) else {
+        return false;
+    };
+    let in_input = |at: u64| usize::try_from(at).ok().filter(|&at| at <= input.len());
+    let (trailer_at, _) = head.trailer_range();
+    let mut ok = match in_input(trailer_at) {
+        Some(at) => head.check_trailer(&input[at..]).is_ok(),
+        None => false,
+    };
+    let offsets = head.index.offsets(head.len);
+    for (k, w) in offsets.windows(2).enumerate() {
+        let (Some(start), Some(end)) = (in_input(w[0]), in_input(w[1])) else {
+            ok = false;
+            continue;
+        };
+        match read_segment(&input[start..end], &head.index, k, &head.meta) {
+            Ok(decoded) => {
+                for record in decoded.records() {
+                    let _ = record.to_owned();
+                }
+            }
+            Err(_) => ok = false,
+        }
+    }
+    ok
 }

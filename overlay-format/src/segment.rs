@@ -254,6 +254,14 @@ pub fn check_segment(blob: &DecodedBlob, entry: &Segment, k: usize) -> Result<()
             }
         }
         let end = r.chunk() + r.chunk_count();
+        // Each chunk once: no earlier run of the blob reaches into this one.
+        let overlaps = written
+            .range(..(r.image(), end))
+            .next_back()
+            .is_some_and(|(&(img, _), &e)| img == r.image() && e > r.chunk());
+        if overlaps {
+            return Err(format!("segment {k}, record {i}: writes a chunk an earlier record of the segment wrote"));
+        }
         written.insert((r.image(), r.chunk()), end);
     }
     Ok(())

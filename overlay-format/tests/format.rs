@@ -116,6 +116,33 @@ fn write_lanes(c: Compression, blobs: &[Vec<Record>], lanes: &[u8], level: i32) 
     w.finish(&t).unwrap()
 }
 
+/// A segmented overlay (format 1.3): each blob a segment compressed alone, after an index that
+/// holds its frame header and the chunks it writes; the first `prefetch` segments marked for
+/// fetching first.
+fn write_segmented(c: Compression, blobs: &[Vec<Record>], level: i32, prefetch: u64) -> Vec<u8> {
+    let m = meta(c);
+    let mut w = OverlayWriter::new_segmented(Vec::new(), &m).unwrap();
+    w.write_device_state(b"QEVM device state bytes", level).unwrap();
+    let sealed: Vec<_> = blobs
+        .iter()
+        .map(|records| {
+            let mut b = BlobBuilder::new();
+            for r in records {
+                b.push(r);
+            }
+            b.seal(c, level).unwrap()
+        })
+        .collect();
+    let segments =
+        sealed.iter().map(|blob| Segment::of(blob, segment::written_runs(&blob.decode(c).unwrap()))).collect();
+    w.write_index(&SegmentIndex { prefetch, segments }).unwrap();
+    for blob in &sealed {
+        w.write_blob(blob).unwrap();
+    }
+    let t = w.trailer(vec![ImageDigest([1; 32]), ImageDigest([2; 32])]);
+    w.finish(&t).unwrap()
+}
+
 /// The sample overlay in every encoding a writer produces.
 fn every_encoding() -> Vec<(&'static str, Vec<u8>)> {
     let mut v: Vec<_> = [("none", Compression::None), ("zstd", Compression::Zstd), ("xz", Compression::Xz)]
@@ -667,10 +694,12 @@ enum Blobs {
     Chained,
     /// Two lanes of chains (format 1.2).
     Lanes,
+    /// Segments after an index (format 1.3), the first one to prefetch.
+    Segmented,
 }
 
 /// Golden files: name, compression, level, blobs.
-const GOLDEN: [(&str, Compression, i32, Blobs); 7] = [
+const GOLDEN: [(&str, Compression, i32, Blobs); 8] = [
     ("v1-none.ovl", Compression::None, 0, Blobs::Alone),
     ("v1-zstd.ovl", Compression::Zstd, 3, Blobs::Alone),
     ("v1-xz.ovl", Compression::Xz, 6, Blobs::Alone),
@@ -678,6 +707,7 @@ const GOLDEN: [(&str, Compression, i32, Blobs); 7] = [
     ("v1.1-xz-chained.ovl", Compression::Xz, 6, Blobs::Chained),
     ("v1.2-zstd-lanes.ovl", Compression::Zstd, 3, Blobs::Lanes),
     ("v1.2-xz-lanes.ovl", Compression::Xz, 6, Blobs::Lanes),
+    ("v1.3-zstd-segmented.ovl", Compression::Zstd, 3, Blobs::Segmented),
 ];
 
 fn golden_path(name: &str) -> std::path::PathBuf {
@@ -695,6 +725,7 @@ fn golden_files_read_byte_exact() {
             Blobs::Alone => write_overlay(&meta(c), &sample_blobs(), level),
             Blobs::Chained => write_chained(c, &sample_blobs(), level),
             Blobs::Lanes => write_lanes(c, &sample_blobs(), &[1, 0], level),
+            Blobs::Segmented => write_segmented(c, &sample_blobs(), level, 1),
         };
         if std::env::var_os("CLOUDLET_WRITE_GOLDEN").is_some() && !path.exists() {
             std::fs::write(&path, fresh()).unwrap();
@@ -709,7 +740,43 @@ fn golden_files_read_byte_exact() {
             // Uncompressed encoding is fully determined by the format.
             assert_eq!(bytes, fresh(), "{name} re-encodes differently");
         }
+        if blobs == Blobs::Segmented {
+            golden_segments_read_alone(name, &bytes);
+        }
     }
+}
+
+/// A segmented golden file read as before it has all arrived: its head, then its trailer, then
+/// its segments by their byte ranges, last first.
+fn golden_segments_read_alone(name: &str, bytes: &[u8]) {
+    assert_eq!(bytes[10], 3, "{name}: minor version");
+    let head = OverlayReader::new(bytes).unwrap().into_head().unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(head.meta, meta(head.meta.compression), "{name}");
+    assert_eq!(head.device_state, b"QEVM device state bytes", "{name}");
+    assert_eq!((head.index.prefetch, head.index.segments.len()), (1, 2), "{name}");
+    let (trailer_at, max) = head.trailer_range();
+    let trailer_bytes = &bytes[trailer_at as usize..];
+    assert!(trailer_bytes.len() as u64 <= max, "{name}");
+    let trailer = head.check_trailer(trailer_bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(trailer.image_digests, vec![ImageDigest([1; 32]), ImageDigest([2; 32])]);
+    assert_eq!((trailer.blob_count, trailer.record_count), (2, 7), "{name}");
+    let offsets = head.index.offsets(head.len);
+    assert_eq!(offsets.last(), Some(&trailer_at), "{name}");
+    let want = sample_blobs();
+    for k in (0..head.index.segments.len()).rev() {
+        let frame = &bytes[offsets[k] as usize..offsets[k + 1] as usize];
+        let decoded =
+            segment::read_segment(frame, &head.index, k, &head.meta).unwrap_or_else(|e| panic!("{name} {k}: {e}"));
+        let got: Vec<Record> = decoded.records().map(|r| r.to_owned()).collect();
+        assert_eq!(got, want[k], "{name}: segment {k}");
+        // Only its own bytes: the other segment's range does not read as this one.
+        let other = &bytes[offsets[1 - k] as usize..offsets[2 - k] as usize];
+        assert!(segment::read_segment(other, &head.index, k, &head.meta).is_err(), "{name}: segment {k}");
+    }
+    // The trailer binds the index: with a segment's checksum changed, it no longer checks.
+    let mut other = head.clone();
+    other.index.segments[1].checksum[0] ^= 1;
+    assert!(matches!(other.check_trailer(trailer_bytes), Err(DecodeError::TrailerMismatch { .. })), "{name}");
 }
 
 /// `bytes` with its metadata changed by `f` (checksums, stream digest and trailer recomputed).

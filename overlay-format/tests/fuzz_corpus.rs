@@ -1,8 +1,9 @@
-//! The checked-in corpus of the `overlay_reader` fuzz target (golden files, seeds, hostile
-//! variants and what fuzzing found), replayed through the entry points the target calls; and
-//! random mutations of valid overlays, resealed so that they get past the checksums.
+//! The checked-in corpus of the `overlay_reader` and `overlay_segments` fuzz targets (golden
+//! files, seeds, hostile variants and what fuzzing found), replayed through the entry points
+//! the targets call; and random mutations of valid overlays, resealed so that they get past the
+//! checksums.
 
-use overlay_format::fuzzing::{read_all, reseal};
+use overlay_format::fuzzing::{read_all, read_segmented, reseal};
 use overlay_format::DecodeError;
 use proptest::prelude::*;
 
@@ -31,6 +32,12 @@ fn the_reader_fuzz_corpus_replays() {
         if name.ends_with(".ovl") || name.starts_with("seed-") {
             assert!(whole, "{name} does not read");
             assert_eq!(reseal(bytes), *bytes, "{name}: resealing a valid overlay changes it");
+        }
+        // Segmented overlays read from their head, trailer and segments alone; others do not.
+        let segmented = read_segmented(bytes);
+        assert!(read_segmented(&reseal(bytes)[..]) || !segmented, "{name}: segments read, but not once resealed");
+        if name.ends_with(".ovl") {
+            assert_eq!(segmented, name.contains("segmented"), "{name}");
         }
     }
 }
@@ -74,5 +81,7 @@ proptest! {
         }
         let _ = read_all(&reseal(&b)[..]);
         let _ = read_all(&b[..]);
+        let _ = read_segmented(&reseal(&b)[..]);
+        let _ = read_segmented(&b[..]);
     }
 }

@@ -100,7 +100,7 @@ impl Drop for Guard {
 
 /// Refuses what the flows cannot honour before any work: a udp forward (only tcp is
 /// forwarded), and a probe of a guest port the overlay does not forward.
-fn check_forwards(forwards: &[PortForward], probe_port: Option<u16>) -> Result<(), FlowError> {
+pub(crate) fn check_forwards(forwards: &[PortForward], probe_port: Option<u16>) -> Result<(), FlowError> {
     if let Some(f) = forwards.iter().find(|f| f.protocol != overlay_format::Protocol::Tcp) {
         return Err(FlowError::Unsupported {
             what: format!("the {:?} forward of guest port {}: only tcp forwards", f.protocol, f.guest_port)
@@ -116,7 +116,7 @@ fn check_forwards(forwards: &[PortForward], probe_port: Option<u16>) -> Result<(
 /// Creates a path of our own next to `out` (`.NAME.KIND-PID-N`, hidden, in the same
 /// directory) with `create`, which must fail with `AlreadyExists` when the path exists; tries
 /// the next `N` then. Returns the path and a guard that removes it.
-fn fresh_sibling(
+pub(crate) fn fresh_sibling(
     out: &Path,
     kind: &str,
     mut create: impl FnMut(&Path) -> std::io::Result<()>,
@@ -142,7 +142,7 @@ fn fresh_sibling(
 
 /// Creates the directory `dir` (and its missing parents), failing with [`FlowError::Exists`]
 /// when `dir` exists: what a flow then removes on error is its own.
-fn create_dir_new(dir: &Path) -> Result<(), FlowError> {
+pub(crate) fn create_dir_new(dir: &Path) -> Result<(), FlowError> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|source| FlowError::Io { path: parent.to_owned(), source })?;
     }
@@ -577,6 +577,10 @@ pub struct OverlayRequest {
     pub out: PathBuf,
     /// Engine options (compression, level).
     pub options: CreateOptions,
+    /// Write a segmented overlay (format 1.3), which synthesis can start from before it has
+    /// arrived: the custom VM is resumed once more with its memory served, and the chunks it
+    /// touches until its app answers (`wait_http`) and a little after go first.
+    pub segmented: bool,
 }
 
 /// Result of the overlay flow.
@@ -592,7 +596,13 @@ pub struct OverlayOutcome {
     pub customize: Duration,
     /// Snapshot of the custom VM.
     pub snapshot: Duration,
+    /// How the overlay was segmented, when it was.
+    pub segments: Option<delta_engine::SegmentStats>,
 }
+
+/// How long a segmented overlay's recording run goes on after the app's first answer: what
+/// the app touches right after it answers goes into the working set too.
+pub(crate) const FIRST_TOUCH_TAIL: Duration = Duration::from_secs(2);
 
 /// Resumes the base, customizes it, snapshots it and writes the overlay.
 pub fn create_overlay_file<H: Hypervisor>(
@@ -706,9 +716,47 @@ pub fn create_overlay_file<H: Hypervisor>(
     )?;
     let file = w.into_inner().map_err(|e| FlowError::Io { path: partial.clone(), source: e.into_error() })?;
     file.sync_all().map_err(|source| FlowError::Io { path: partial.clone(), source })?;
-    publish(&partial, &req.out)?;
-    partial_guard.disarm();
-    Ok(OverlayOutcome { path: req.out.clone(), stats, resume, customize, snapshot })
+    let mut segments = None;
+    if req.segmented {
+        events(Event::Step("recording what the custom VM touches until its app answers".into()));
+        let ports: Vec<u16> = req.forwards.iter().map(|f| f.guest_port).collect();
+        let touched = crate::early::record_first_touch(
+            hypervisor,
+            &snap,
+            &ports,
+            req.wait_http.as_ref(),
+            FIRST_TOUCH_TAIL,
+            &work.join("first-touch"),
+        )?;
+        events(Event::Step(format!(
+            "writing the segmented overlay ({} chunks touched before the answer, {} after)",
+            touched.working_set,
+            touched.chunks.len() - touched.working_set
+        )));
+        let mut out = None;
+        let (seg_path, mut seg_guard) = fresh_sibling(&req.out, "segmented", |p| {
+            out = Some(std::fs::OpenOptions::new().write(true).create_new(true).open(p)?);
+            Ok(())
+        })?;
+        let input = std::fs::File::open(&partial).map_err(|source| FlowError::Io { path: partial.clone(), source })?;
+        let opts = delta_engine::SegmentOptions { level: req.options.level, ..Default::default() };
+        let (w, s) = delta_engine::segment_overlay(
+            std::io::BufReader::with_capacity(1 << 20, input),
+            &touched,
+            &opts,
+            std::io::BufWriter::with_capacity(1 << 20, out.expect("set when fresh_sibling succeeds")),
+        )
+        .map_err(|e| FlowError::EarlyStart { reason: crate::error_chain(&e) })?;
+        let file = w.into_inner().map_err(|e| FlowError::Io { path: seg_path.clone(), source: e.into_error() })?;
+        file.sync_all().map_err(|source| FlowError::Io { path: seg_path.clone(), source })?;
+        publish(&seg_path, &req.out)?;
+        seg_guard.disarm();
+        segments = Some(s);
+    } else {
+        publish(&partial, &req.out)?;
+        partial_guard.disarm();
+    }
+    Ok(OverlayOutcome { path: req.out.clone(), stats, resume, customize, snapshot, segments })
 }
 
 /// The synthesis timeline.

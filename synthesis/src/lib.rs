@@ -52,6 +52,7 @@ pub mod demo;
 #[cfg(feature = "server")]
 pub mod discovery;
 mod disk;
+pub mod early;
 mod flows;
 mod forward;
 mod http;
@@ -60,6 +61,7 @@ mod ready;
 pub mod report;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod share;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -251,6 +253,19 @@ pub enum FlowError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// An overlay could not be read.
+    #[error("reading the overlay")]
+    Decode(#[from] overlay_format::DecodeError),
+    /// Serving the VM's images failed.
+    #[error("serving the VM's images")]
+    Lazy(#[from] lazy_image::LazyError),
+    /// An early start failed: the overlay's source went away, stalled or sent bad bytes, or
+    /// the overlay cannot be used before it has arrived.
+    #[error("early start: {reason}")]
+    EarlyStart {
+        /// Why.
+        reason: String,
     },
     /// Something the flows do not support.
     #[error("{what} is not supported")]

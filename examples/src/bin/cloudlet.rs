@@ -94,6 +94,24 @@ enum Command {
     /// port forwards (on free host ports), until Enter or Ctrl-C; or, with --probe, until it
     /// answers. The directory is not changed.
     Run(cloudlet_examples::flows::RunArgs),
+    /// Rewrite an overlay as a segmented one, for `cloudlet synthesis --early-start`: it is
+    /// synthesized once here (its base must be registered) and resumed again to record what
+    /// its app touches until it answers (--probe), which then goes first.
+    Segment(cloudlet_examples::flows::SegmentArgs),
+    /// Share a file over HTTP with range requests, e.g. a segmented overlay for `cloudlet
+    /// synthesis --early-start --overlay http://HOST:PORT/NAME` on another machine. Serves
+    /// until Ctrl-C.
+    Share {
+        /// The file.
+        file: PathBuf,
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: std::net::SocketAddr,
+        /// Send at most this many KiB per second on each connection: a slow link, to try an
+        /// early start without one.
+        #[arg(long, value_name = "KIB_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
+        rate_kib: Option<u64>,
+    },
     /// Run the synthesis server: overlays POSTed to /v1/synthesis are applied while they
     /// arrive and the VM is resumed with its port forwards. Ctrl-C stops every VM it started.
     Serve {
@@ -294,6 +312,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(a) => {
             let qemu = vm_driver::Qemu::new()?;
             flows::run_cmd(&qemu, &a)?;
+        }
+        Command::Segment(a) => {
+            let qemu = vm_driver::Qemu::new()?;
+            flows::segment_cmd(&qemu, &existing()?, &a)?;
+        }
+        Command::Share { file, listen, rate_kib } => {
+            if !file.is_file() {
+                anyhow::bail!("{} is not a file", file.display());
+            }
+            let l = std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            println!("sharing {} at http://{}/{name}", file.display(), l.local_addr()?);
+            // The line above is what scripts wait for.
+            std::io::Write::flush(&mut std::io::stdout())?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let opts = synthesis::share::ShareOptions { rate: rate_kib.map(|k| k << 10) };
+            synthesis::share::serve_file(l, &file, opts, stop)?;
         }
         Command::Serve { listen, work, max_overlay_mib, max_syntheses, max_vms, token, advertise, insecure } => {
             let dir = cli.registry.clone().unwrap_or_else(Registry::default_dir);

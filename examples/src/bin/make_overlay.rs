@@ -47,6 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out: out.into(),
         // zstd at level 4; `CreateOptions::xz(6)` makes smaller overlays, slowly.
         options: CreateOptions::default(),
+        segmented: false,
     };
     let outcome = create_overlay_file(&qemu, &base, &request, &|e| {
         if let Event::Step(step) = e {

@@ -448,6 +448,7 @@ pub fn overlay_request(out: &Path) -> synthesis::OverlayRequest {
         trim: false,
         out: out.to_owned(),
         options: delta_engine::CreateOptions::default(),
+        segmented: false,
     }
 }
 
