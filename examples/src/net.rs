@@ -210,7 +210,11 @@ fn server_error(e: anyhow::Error, json: bool) -> Result<ExitCode> {
 }
 
 fn upload(client: &Client, overlay: &Path, a: &ClientArgs) -> Result<()> {
-    let len = std::fs::metadata(overlay).with_context(|| format!("opening {}", overlay.display()))?.len();
+    let url = overlay.to_str().filter(|s| s.contains("://"));
+    let len = match url {
+        Some(_) => 0,
+        None => std::fs::metadata(overlay).with_context(|| format!("opening {}", overlay.display()))?.len(),
+    };
     let bar = if a.json || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
     } else {
@@ -235,7 +239,10 @@ fn upload(client: &Client, overlay: &Path, a: &ClientArgs) -> Result<()> {
     };
     let opts = UploadOptions { probe: a.probe, retries, on_busy: Some(&on_busy), on_progress: Some(&on_progress) };
     let t0 = std::time::Instant::now();
-    let info = client.synthesize(overlay, &opts);
+    let info = match url {
+        Some(url) => client.synthesize_url(url, &opts),
+        None => client.synthesize(overlay, &opts),
+    };
     bar.finish_and_clear();
     let info = info.with_context(|| format!("uploading to {}/v1/synthesis", client.url()))?;
     let wall = t0.elapsed();

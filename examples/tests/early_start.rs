@@ -114,6 +114,53 @@ fn a_segmented_overlay_read_over_http_answers_and_completes() {
     assert_eq!(j["bytes"], std::fs::metadata(&ovl).unwrap().len(), "{j}");
     assert_gone(&vm);
 
+    // The synthesis server does the same for `cloudlet client --overlay URL`.
+    let work = dir.path().join("vms");
+    let serve = || {
+        let mut server = cloudlet_in(&reg)
+            .args(["serve", "--listen", "127.0.0.1:0", "--work"])
+            .arg(&work)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut server_out = BufReader::new(server.stdout.take().unwrap());
+        server_out.read_line(&mut line).unwrap();
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = std::io::Read::read_to_string(&mut server_out, &mut sink);
+        });
+        let api = line
+            .strip_prefix("listening on ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
+        assert!(api.starts_with("http://"), "cloudlet serve said: {line}");
+        (server, api)
+    };
+    let (mut server, api) = serve();
+    let out = cloudlet()
+        .args(["client", "--server", &api, "--overlay", &url, "--probe", "8080", "--check", "8080", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The server is killed with the VM running from its mount: the mount goes dead, and QEMU
+    // must not hang on it. The next server on the same directory removes what is left.
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        out.status.success() && stdout.contains("early-ok"),
+        "client: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let vm_dir = work.join(j["id"].as_str().unwrap());
+    let (mut next, _) = serve();
+    let _ = next.kill();
+    let _ = next.wait();
+    assert_gone(&vm_dir);
+    assert!(mounts_under(&work).is_empty(), "{:?}", mounts_under(&work));
+
     // A plain overlay is refused with a clear error, and nothing is left.
     let plain = dir.path().join("plain.overlay");
     let out = cloudlet_in(&reg)

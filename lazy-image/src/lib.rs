@@ -968,3 +968,32 @@ impl Drop for LazyFs {
         }
     }
 }
+
+/// Detaches the mounts of this crate (file system name `cloudlet-lazy`) under `dir` that no
+/// process serves any more: those a killed server left behind, whose reads fail with
+/// `ENOTCONN` and whose directories cannot be removed while they are mounted. Returns the
+/// mount points detached. Mounts still served are left alone.
+pub fn detach_stale(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return Vec::new() };
+    let mut out = Vec::new();
+    for line in mounts.lines() {
+        let mut f = line.split(' ');
+        let (Some(fsname), Some(point)) = (f.next(), f.next()) else { continue };
+        // Mount points are octal-escaped in /proc/self/mounts (a space is \040).
+        let point = PathBuf::from(point.replace("\\040", " "));
+        if fsname != "cloudlet-lazy" || !point.starts_with(dir) {
+            continue;
+        }
+        // A served mount answers; one whose server is gone says ENOTCONN.
+        let stale = matches!(std::fs::metadata(&point), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+        if !stale {
+            continue;
+        }
+        let Ok(c) = std::ffi::CString::new(point.as_os_str().as_encoded_bytes()) else { continue };
+        // SAFETY: umount2 with a valid NUL-terminated path and a flag has no memory effects.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            out.push(point);
+        }
+    }
+    out
+}

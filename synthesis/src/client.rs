@@ -342,6 +342,37 @@ impl Client {
         }
     }
 
+    /// Has the server start the VM of the segmented overlay at `url` (`http://`, a server
+    /// that answers range requests, e.g. `cloudlet share`) before it has arrived: the server
+    /// reads it by range as the VM needs it (early start). Retries a busy server as `opts`
+    /// says. The VM that runs.
+    pub fn synthesize_url(&self, url: &str, opts: &UploadOptions<'_>) -> Result<VmInfo, ClientError> {
+        let mut path = format!("{}/v1/synthesis?url={}", self.prefix, encode_query(url));
+        if let Some(p) = opts.probe {
+            path.push_str(&format!("&probe={p}"));
+        }
+        let mut attempt = 0;
+        loop {
+            let a = self.post_overlay(&path, std::io::empty(), 0, None)?;
+            if (200..300).contains(&a.status) {
+                return serde_json::from_str(&a.body).map_err(|e| ClientError::Protocol {
+                    what: format!("the server's answer is not a VM as the API describes it: {e}"),
+                });
+            }
+            match ClientError::from_answer(a) {
+                ClientError::Busy(a) if attempt < opts.retries => {
+                    attempt += 1;
+                    let wait = Duration::from_secs(a.retry_after.unwrap_or(1 << (attempt - 1).min(5)).clamp(1, 60));
+                    if let Some(f) = opts.on_busy {
+                        f(attempt, wait);
+                    }
+                    std::thread::sleep(wait);
+                }
+                e => return Err(e),
+            }
+        }
+    }
+
     /// Synthesizes the `len` bytes of overlay that `body` yields, streamed as they are read;
     /// one attempt (a busy server is [`ClientError::Busy`]). The VM that runs.
     pub fn synthesize_reader(
@@ -574,8 +605,26 @@ fn read_answer(r: &mut impl BufRead, status: u16, headers: &[(String, String)]) 
     Ok(Answer { status, retry_after, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
+/// `s` for a query string: every byte but the unreserved ones percent-encoded.
+fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(super::encode_query("http://h:8/a b?c=d&e"), "http%3A%2F%2Fh%3A8%2Fa%20b%3Fc%3Dd%26e");
+    }
+
     use super::*;
     use std::net::TcpListener;
     use std::sync::mpsc;

@@ -217,17 +217,63 @@ impl Shared {
     }
 }
 
-/// A VM resumed before its overlay had arrived. Dropping it stops the VM, then the fetcher,
-/// then removes the mount and the VM's directory.
-pub struct EarlyVm<V: Vm> {
-    /// The running VM (`None` once taken apart).
-    vm: Option<V>,
+/// What serves a VM resumed before its overlay had arrived: the mount of its memory and disks
+/// and the fetchers that fill them. Dropping it stops the fetchers, answers what waits with an
+/// I/O error, removes the mount and the VM's directory: drop it after the VM is stopped.
+pub struct Serving {
     shared: Arc<Shared>,
     fs: Option<LazyFs>,
     /// Detached on drop: they notice the cancel after their current read.
     #[allow(dead_code)]
     fetchers: Vec<std::thread::JoinHandle<()>>,
     dir: PathBuf,
+}
+
+impl Serving {
+    /// What was fetched so far.
+    pub fn stats(&self) -> FetchStats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// The VM's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Answers every wait, now and later, with an I/O error.
+    fn fail(&self, why: &str) {
+        if let Some(fs) = &self.fs {
+            for img in fs.images() {
+                img.fail(why);
+            }
+        }
+    }
+
+    fn cancel(&self) {
+        let mut st = self.shared.lock();
+        st.cancel = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.cancel();
+        self.fail("the VM is being stopped");
+        // The fetchers notice the cancel after their current read (bounded by the stall
+        // timeout); they are not waited for.
+        self.fetchers.clear();
+        drop(self.fs.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A VM resumed before its overlay had arrived. Dropping it stops the VM, then the fetchers,
+/// then removes the mount and the VM's directory.
+pub struct EarlyVm<V: Vm> {
+    /// The running VM (`None` once taken apart).
+    vm: Option<V>,
+    serving: Option<Serving>,
     /// The base it was rebuilt from.
     pub base: RegisteredBase,
     /// The overlay's metadata.
@@ -246,22 +292,35 @@ impl<V: Vm> EarlyVm<V> {
         self.vm.as_mut().expect("the VM lives as long as the EarlyVm")
     }
 
+    fn serving(&self) -> &Serving {
+        self.serving.as_ref().expect("the mount lives as long as the EarlyVm")
+    }
+
     /// What was fetched so far.
     pub fn stats(&self) -> FetchStats {
-        self.shared.lock().stats.clone()
+        self.serving().stats()
     }
 
     /// The VM's directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.serving().dir()
+    }
+
+    /// The VM and what serves it, apart: a caller that keeps the VM in a table of its own
+    /// stops the VM, then drops the [`Serving`].
+    pub fn into_parts(mut self) -> (V, Serving) {
+        let vm = self.vm.take().expect("the VM lives as long as the EarlyVm");
+        let serving = self.serving.take().expect("the mount lives as long as the EarlyVm");
+        (vm, serving)
     }
 
     /// Waits until every segment is here and the images are checked, or fetching failed (then
     /// the VM is paused and the error returned), at most `timeout`.
     pub fn wait_complete(&mut self, timeout: Duration) -> Result<FetchStats, FlowError> {
         let deadline = Instant::now() + timeout;
+        let shared = Arc::clone(&self.serving().shared);
         let stats = {
-            let mut st = self.shared.lock();
+            let mut st = shared.lock();
             while !st.stats.complete && st.stats.error.is_none() {
                 let now = Instant::now();
                 if now >= deadline {
@@ -274,7 +333,7 @@ impl<V: Vm> EarlyVm<V> {
                         ),
                     });
                 }
-                st = self.shared.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                st = shared.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
             }
             st.stats.clone()
         };
@@ -288,20 +347,18 @@ impl<V: Vm> EarlyVm<V> {
     /// Writes the images as rebuilt and run so far (the VM's own writes included) as plain
     /// files into `dir`, one per image, named as in the overlay. Every segment must be here.
     pub fn write_out(&self, dir: &Path) -> Result<(), FlowError> {
-        let fs = self.fs.as_ref().expect("the mount lives as long as the EarlyVm");
+        let fs = self.serving().fs.as_ref().expect("the mount lives as long as the EarlyVm");
         for img in fs.images() {
             img.write_out(&dir.join(img.name()))?;
         }
         Ok(())
     }
 
-    /// After a failed fetch: the VM is paused (best effort: a vCPU waiting on a page that
-    /// will not come cannot stop) and the waits answered.
+    /// After a failed fetch: the waits are answered with an I/O error and the VM is paused
+    /// (best effort: a vCPU that was waiting for a page may have met the error first).
     fn stop_on_error(&mut self) {
-        if let Some(fs) = &self.fs {
-            for img in fs.images() {
-                img.fail("the overlay stopped arriving");
-            }
+        if let Some(s) = &self.serving {
+            s.fail("the overlay stopped arriving");
         }
         if let Some(vm) = self.vm.as_mut() {
             let _ = vm.pause();
@@ -311,22 +368,12 @@ impl<V: Vm> EarlyVm<V> {
 
 impl<V: Vm> Drop for EarlyVm<V> {
     fn drop(&mut self) {
-        {
-            let mut st = self.shared.lock();
-            st.cancel = true;
-            self.shared.changed.notify_all();
-        }
-        if let Some(fs) = &self.fs {
-            for img in fs.images() {
-                img.fail("the VM is being stopped");
-            }
+        if let Some(s) = &self.serving {
+            s.cancel();
+            s.fail("the VM is being stopped");
         }
         drop(self.vm.take());
-        // The fetchers notice the cancel after their current read (bounded by the stall
-        // timeout); they are not waited for.
-        self.fetchers.clear();
-        drop(self.fs.take());
-        let _ = std::fs::remove_dir_all(&self.dir);
+        drop(self.serving.take());
     }
 }
 
@@ -851,10 +898,7 @@ pub fn synthesize_early<H: Hypervisor>(
 
     let mut early = EarlyVm {
         vm: None,
-        shared: Arc::clone(&shared),
-        fs: Some(fs),
-        fetchers,
-        dir: out_dir.clone(),
+        serving: Some(Serving { shared: Arc::clone(&shared), fs: Some(fs), fetchers, dir: out_dir.clone() }),
         base: base.clone(),
         meta: head.meta.clone(),
         ports: Vec::new(),
@@ -903,7 +947,7 @@ pub fn synthesize_early<H: Hypervisor>(
         .map(|f| vm_driver::FirmwareFiles { code: base.entry.dir.join(&f.code), vars: base.entry.dir.join(&f.vars) });
     custom.guest_ports = head.meta.forwards.iter().map(|f| f.guest_port).collect();
     custom.device_state_file = "device-state".into();
-    let fs = early.fs.as_ref().expect("set above");
+    let fs = early.serving().fs.as_ref().expect("set above");
     let memory = fs.path("memory").ok_or_else(|| FlowError::BadOverlay {
         field: "images",
         overlay: "no image named memory".into(),
@@ -969,14 +1013,14 @@ pub fn synthesize_early<H: Hypervisor>(
 
 /// A segmented overlay served over HTTP by any server that answers range requests (`Range:
 /// bytes=A-B` with `206 Partial Content`).
-#[cfg(feature = "client")]
+#[cfg(any(feature = "client", feature = "server"))]
 pub struct HttpSource {
     agent: ureq::Agent,
     url: String,
     len: u64,
 }
 
-#[cfg(feature = "client")]
+#[cfg(any(feature = "client", feature = "server"))]
 impl HttpSource {
     /// Asks `url` (`http://...`) for the overlay's length. A request that takes longer than
     /// `timeout` fails.
@@ -1025,7 +1069,7 @@ impl HttpSource {
     }
 }
 
-#[cfg(feature = "client")]
+#[cfg(any(feature = "client", feature = "server"))]
 impl OverlaySource for HttpSource {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len)

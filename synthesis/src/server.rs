@@ -11,6 +11,7 @@
 //! | `GET /healthz` | liveness, no token needed |
 //! | `GET /v1/bases` | the registered bases |
 //! | `POST /v1/synthesis?probe=PORT` | body: an overlay; rebuilds and resumes the VM |
+//! | `POST /v1/synthesis?url=URL&probe=PORT` | no body: the segmented overlay at `URL`, read by range; the VM resumes before it has arrived ([`crate::early`]) |
 //! | `GET /v1/vms`, `GET /v1/vms/{id}` | running VMs |
 //! | `DELETE /v1/vms/{id}` | stop a VM and remove its files |
 
@@ -148,6 +149,17 @@ struct Running<V> {
     info: VmInfo,
     vm: V,
     dir: PathBuf,
+    /// What serves the memory and disks of a VM resumed before its overlay had arrived.
+    serving: Option<crate::early::Serving>,
+}
+
+impl<V: Vm> Running<V> {
+    /// Stops the VM, then what serves it, and removes its directory.
+    fn stop(self) {
+        let _ = self.vm.shutdown();
+        drop(self.serving);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 struct AppState<H: Hypervisor> {
@@ -172,8 +184,7 @@ impl<H: Hypervisor> AppState<H> {
     fn stop_all(&self) {
         let all = std::mem::take(&mut *self.vms.lock().unwrap_or_else(|e| e.into_inner()));
         for (_, r) in all {
-            let _ = r.vm.shutdown();
-            let _ = std::fs::remove_dir_all(&r.dir);
+            r.stop();
         }
     }
 }
@@ -344,11 +355,7 @@ async fn delete_vm<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path
     match r {
         Some(r) => {
             let info = r.info.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = r.vm.shutdown();
-                let _ = std::fs::remove_dir_all(&r.dir);
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || r.stop()).await;
             tracing::info!(vm = %id, "stopped");
             Json(info).into_response()
         }
@@ -361,6 +368,9 @@ async fn delete_vm<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path
 struct SynthesisQuery {
     /// Wait for an HTTP answer on this guest port.
     probe: Option<u16>,
+    /// Early start: the segmented overlay at this http:// URL, read by range as the VM needs
+    /// it; the request has no body.
+    url: Option<String>,
 }
 
 /// The request body as a blocking [`Read`], fed by the async side.
@@ -421,6 +431,15 @@ async fn synthesis<H: ServedHypervisor>(
     let id = st.new_id();
     let dir = st.cfg.work_dir.join(&id);
     let dir2 = dir.clone();
+    if let Some(url) = q.url {
+        let (st2, id2, probe) = (st.clone(), id.clone(), q.probe);
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            early_start(&st2, &id2, &url, dir, probe)
+        });
+        return answer(st, id, dir2, task, Arc::new(AtomicU64::new(0)), None, Arc::new(AtomicBool::new(false)), max)
+            .await;
+    }
 
     // Pump the body into a bounded channel: backpressure reaches the client's TCP window.
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
@@ -479,15 +498,71 @@ async fn synthesis<H: ServedHypervisor>(
                 tracing::info!(vm = %id2, "{s}");
             }
         };
-        synthesize_with(&st2.hypervisor, &st2.registry, reader, &opts, &events)
+        synthesize_with(&st2.hypervisor, &st2.registry, reader, &opts, &events).map(|s| (s, None))
     });
+    answer(st, id, dir2, task, received, Some(pump), too_large, max).await
+}
+
+/// What a synthesis task ends with: the VM, and what serves it when it started early.
+type Outcome<V> = Result<(crate::Synthesized<V>, Option<crate::early::Serving>), FlowError>;
+
+/// A synthesis that starts the VM before its segmented overlay has arrived, reading it from
+/// `url` by range.
+fn early_start<H: ServedHypervisor>(
+    st: &AppState<H>,
+    id: &str,
+    url: &str,
+    dir: PathBuf,
+    probe: Option<u16>,
+) -> Outcome<H::Vm> {
+    use crate::early::{synthesize_early, EarlyOptions, HttpSource};
+    let mut opts = EarlyOptions::new(&dir);
+    opts.forward_address = st.cfg.listen.ip().to_string();
+    opts.probe = probe.map(|p| crate::HttpCheck::new(p, st.cfg.probe_timeout));
+    let source = Arc::new(HttpSource::new(url, opts.stall_timeout)?);
+    let events = |e: Event| {
+        if let Event::Step(s) = e {
+            tracing::info!(vm = %id, "{s}");
+        }
+    };
+    let early = synthesize_early(&st.hypervisor, &st.registry, source, &opts, &events)?;
+    let t = early.timeline.clone();
+    let (base, meta, ports, answer) =
+        (early.base.clone(), early.meta.clone(), early.ports.clone(), early.answer.clone());
+    let (vm, serving) = early.into_parts();
+    let timeline = crate::Timeline {
+        receive: t.head,
+        resume: t.resume,
+        rebuild: t.prefetch,
+        first_answer: t.first_answer.map(|a| a.saturating_sub(t.prefetch + t.resume)),
+        total: t.first_answer.unwrap_or(t.prefetch + t.resume),
+        ..Default::default()
+    };
+    let dir = serving.dir().to_owned();
+    Ok((crate::Synthesized { vm, base, meta, timeline, ports, answer, dir }, Some(serving)))
+}
+
+/// The task of a synthesis, and the answer to its request.
+#[allow(clippy::too_many_arguments)]
+async fn answer<H: ServedHypervisor>(
+    st: Arc<AppState<H>>,
+    id: String,
+    dir2: PathBuf,
+    task: tokio::task::JoinHandle<Outcome<H::Vm>>,
+    received: Arc<AtomicU64>,
+    pump: Option<tokio::task::JoinHandle<()>>,
+    too_large: Arc<AtomicBool>,
+    max: u64,
+) -> Response {
     // The outcome is handled in a task of its own: if the client goes away while its VM is
     // resuming, the handler future is dropped, and the VM must not be left running unlisted.
     let (answer_tx, answer_rx) = tokio::sync::oneshot::channel::<Response>();
     tokio::spawn(async move {
         let t0 = Instant::now();
         let result = task.await;
-        let _ = pump.await;
+        if let Some(pump) = pump {
+            let _ = pump.await;
+        }
         let bytes = received.load(Ordering::Relaxed);
         let response = outcome(&st, &id, &dir2, result, bytes, too_large.load(Ordering::Relaxed), max, t0);
         if let Err(response) = answer_tx.send(response) {
@@ -496,11 +571,7 @@ async fn synthesis<H: ServedHypervisor>(
                 tracing::info!(vm = %id, "the client left before the answer: stopping the VM");
                 let r = st.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                 if let Some(r) = r {
-                    let _ = tokio::task::spawn_blocking(move || {
-                        let _ = r.vm.shutdown();
-                        let _ = std::fs::remove_dir_all(&r.dir);
-                    })
-                    .await;
+                    let _ = tokio::task::spawn_blocking(move || r.stop()).await;
                 }
             }
         }
@@ -515,7 +586,7 @@ fn outcome<H: Hypervisor>(
     st: &AppState<H>,
     id: &str,
     dir: &std::path::Path,
-    result: Result<Result<crate::Synthesized<H::Vm>, FlowError>, tokio::task::JoinError>,
+    result: Result<Outcome<H::Vm>, tokio::task::JoinError>,
     bytes: u64,
     too_large: bool,
     max: u64,
@@ -523,7 +594,7 @@ fn outcome<H: Hypervisor>(
 ) -> Response {
     let id = id.to_string();
     match result {
-        Ok(Ok(s)) => {
+        Ok(Ok((s, serving))) => {
             let address = match st.cfg.listen.ip() {
                 IpAddr::V4(a) if a.is_unspecified() => "0.0.0.0".to_string(),
                 ip => ip.to_string(),
@@ -554,7 +625,7 @@ fn outcome<H: Hypervisor>(
             st.vms
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone(), Running { info: info.clone(), vm: s.vm, dir: s.dir });
+                .insert(id.clone(), Running { info: info.clone(), vm: s.vm, dir: s.dir, serving });
             (StatusCode::CREATED, [(header::LOCATION, format!("/v1/vms/{id}"))], Json(info)).into_response()
         }
         Ok(Err(e)) => {
@@ -718,6 +789,9 @@ fn recover(work_dir: &std::path::Path) -> Result<Option<Recovered>, ServerError>
             r.killed.push(pid);
         }
     }
+    // The memory and disks of VMs started early were served by the dead server: their mounts
+    // are left, unserved, inside the VM directories.
+    lazy_image::detach_stale(work_dir);
     for d in vm_dirs {
         std::fs::remove_dir_all(&d).map_err(io(format!("removing {}", d.display())))?;
         r.dirs.push(d);
@@ -842,10 +916,7 @@ mod tests {
         std::fs::write(dir.join("memory"), b"half written").unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let result = rt.block_on(async {
-            tokio::task::spawn_blocking(|| -> Result<crate::Synthesized<<Qemu as Hypervisor>::Vm>, FlowError> {
-                panic!("decoder bug")
-            })
-            .await
+            tokio::task::spawn_blocking(|| -> Outcome<<Qemu as Hypervisor>::Vm> { panic!("decoder bug") }).await
         });
         let r = outcome(&st, "vm-000000000000", &dir, result, 10, false, 100, Instant::now());
         assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);

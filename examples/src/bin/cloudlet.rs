@@ -156,7 +156,9 @@ enum Command {
         /// Seconds to look for servers.
         #[arg(long, default_value_t = 3.0, value_parser = seconds)]
         discover_timeout: f64,
-        /// Overlay to synthesize.
+        /// Overlay to synthesize: a file, uploaded; or the http:// URL of a segmented overlay
+        /// (`cloudlet share`), which the server reads by range and starts before it has all
+        /// arrived (early start).
         #[arg(long)]
         overlay: Option<PathBuf>,
         /// Guest port the server waits on for the app's first HTTP answer.
