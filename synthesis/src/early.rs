@@ -992,7 +992,27 @@ pub fn synthesize_early<H: Hypervisor>(
             forwarded: vm.forwards().iter().map(|f| f.guest_port).collect(),
         })?;
         events(Event::Step(check.describe()));
-        match http_wait(&opts.forward_address, hp, check) {
+        // In slices of a second: a failed fetch ends the wait at once.
+        let deadline = Instant::now() + check.timeout;
+        let answer = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let slice = HttpCheck { timeout: left.min(Duration::from_secs(1)), ..check.clone() };
+            match http_wait(&opts.forward_address, hp, &slice) {
+                Err(_) if !left.is_zero() && left > slice.timeout && shared.lock().stats.error.is_none() => {}
+                Err(FlowError::NoAnswer { guest_port, address, path, expect_status, last, .. }) => {
+                    break Err(FlowError::NoAnswer {
+                        guest_port,
+                        address,
+                        path,
+                        expect_status,
+                        timeout: check.timeout,
+                        last,
+                    })
+                }
+                r => break r,
+            }
+        };
+        match answer {
             Ok(a) => {
                 early.answer = Some(a.raw);
                 early.timeline.first_answer = Some(t0.elapsed());
