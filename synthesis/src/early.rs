@@ -28,7 +28,7 @@ use overlay_format::{apply_patch, ChunkHash, ImageDigester, OverlayReader, Recor
 use vm_driver::{Disk, DiskFormat, Forward, Hypervisor, RamMode, RestoreOptions, Snapshot, Vm};
 
 use crate::base::RegisteredBase;
-use crate::flows::check_spec;
+use crate::flows::{check_spec, custom_snapshot, restore_forwarding};
 use crate::http::{http_wait, HttpCheck};
 use base_registry::Registry;
 
@@ -932,20 +932,7 @@ pub fn synthesize_early<H: Hypervisor>(
     // A driver snapshot whose RAM and disks are the served files.
     let ds = out_dir.join("device-state");
     std::fs::write(&ds, &head.device_state).map_err(|source| FlowError::Io { path: ds.clone(), source })?;
-    let mut custom = Snapshot::new(out_dir, &snap.machine_type, &snap.cpu_model, snap.vcpus, snap.ram_bytes);
-    custom.qemu_version = snap.qemu_version.clone();
-    custom.accelerator = snap.accelerator.clone();
-    custom.set_layout(snap.layout());
-    custom.kernel = snap.kernel.as_ref().map(|k| vm_driver::KernelBoot {
-        kernel: base.entry.dir.join(&k.kernel),
-        initrd: k.initrd.as_ref().map(|i| base.entry.dir.join(i)),
-        cmdline: k.cmdline.clone(),
-    });
-    custom.firmware = snap
-        .firmware
-        .as_ref()
-        .map(|f| vm_driver::FirmwareFiles { code: base.entry.dir.join(&f.code), vars: base.entry.dir.join(&f.vars) });
-    custom.guest_ports = head.meta.forwards.iter().map(|f| f.guest_port).collect();
+    let mut custom = custom_snapshot(&base, out_dir, &head.meta.forwards);
     custom.device_state_file = "device-state".into();
     let fs = early.serving().fs.as_ref().expect("set above");
     let memory = fs.path("memory").ok_or_else(|| FlowError::BadOverlay {
@@ -960,27 +947,17 @@ pub fn synthesize_early<H: Hypervisor>(
         .collect();
     events(Event::Step("resuming the custom VM with its memory and disks served as they arrive".into()));
     let t1 = Instant::now();
-    let forwards: Vec<Forward> =
-        head.meta.forwards.iter().map(|f| Forward { host_port: f.host_port, guest_port: f.guest_port }).collect();
-    let restore = |forwards: Vec<Forward>| {
-        hypervisor.restore(
-            &custom,
-            &RestoreOptions {
-                ram: RamMode::Served(memory.clone()),
-                disks: Some(disks.clone()),
-                forwards: Some(forwards),
-                forward_address: Some(opts.forward_address.clone()),
-                ..Default::default()
-            },
-        )
-    };
-    let vm = match restore(forwards.clone()) {
-        Ok(vm) => vm,
-        Err(vm_driver::DriverError::PortInUse { .. }) => {
-            restore(forwards.iter().map(|f| Forward { host_port: 0, ..*f }).collect())?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let vm = restore_forwarding(
+        hypervisor,
+        &custom,
+        &head.meta.forwards,
+        RestoreOptions {
+            ram: RamMode::Served(memory.clone()),
+            disks: Some(disks),
+            forward_address: Some(opts.forward_address.clone()),
+            ..Default::default()
+        },
+    )?;
     early.timeline.resume = t1.elapsed();
     shared.lock().resumed = true;
     early.ports = vm.forwards().iter().map(|f| (f.guest_port, f.host_port)).collect();

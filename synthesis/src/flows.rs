@@ -916,20 +916,7 @@ pub fn synthesize_with<H: Hypervisor, R: Read + Send>(
     let ds = out_dir.join("device-state");
     std::fs::write(&ds, &report.device_state).map_err(|source| FlowError::Io { path: ds.clone(), source })?;
     // A driver snapshot over the rebuilt images; kernel and initrd stay in the base.
-    let mut custom = Snapshot::new(out_dir, &snap.machine_type, &snap.cpu_model, snap.vcpus, snap.ram_bytes);
-    custom.qemu_version = snap.qemu_version.clone();
-    custom.accelerator = snap.accelerator.clone();
-    custom.set_layout(snap.layout());
-    custom.kernel = snap.kernel.as_ref().map(|k| vm_driver::KernelBoot {
-        kernel: base.entry.dir.join(&k.kernel),
-        initrd: k.initrd.as_ref().map(|i| base.entry.dir.join(i)),
-        cmdline: k.cmdline.clone(),
-    });
-    // The base's firmware: variables the guest changed after the base are not carried.
-    custom.firmware = snap
-        .firmware
-        .as_ref()
-        .map(|f| vm_driver::FirmwareFiles { code: base.entry.dir.join(&f.code), vars: base.entry.dir.join(&f.vars) });
+    let mut custom = custom_snapshot(&base, out_dir, &report.meta.forwards);
     custom.disks = snap
         .disks
         .iter()
@@ -939,33 +926,18 @@ pub fn synthesize_with<H: Hypervisor, R: Read + Send>(
             format: DiskFormat::Qcow2,
         })
         .collect();
-    custom.guest_ports = report.meta.forwards.iter().map(|f| f.guest_port).collect();
     custom.memory_file = "memory".into();
     custom.device_state_file = "device-state".into();
     custom.state_hash = vm_driver::state_hash(&custom.memory_path(), &custom.device_state_path())?;
     custom.save()?;
     events(Event::Step("resuming the custom VM".into()));
     let t1 = Instant::now();
-    let forwards: Vec<Forward> =
-        report.meta.forwards.iter().map(|f| Forward { host_port: f.host_port, guest_port: f.guest_port }).collect();
-    let restore = |forwards: Vec<Forward>| {
-        hypervisor.restore(
-            &custom,
-            &RestoreOptions {
-                forwards: Some(forwards),
-                forward_address: Some(opts.forward_address.clone()),
-                ..Default::default()
-            },
-        )
-    };
-    let vm = match restore(forwards.clone()) {
-        Ok(vm) => vm,
-        Err(vm_driver::DriverError::PortInUse { .. }) => {
-            // The app's default host port is taken here: let the host choose.
-            restore(forwards.iter().map(|f| Forward { host_port: 0, ..*f }).collect())?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let vm = restore_forwarding(
+        hypervisor,
+        &custom,
+        &report.meta.forwards,
+        RestoreOptions { forward_address: Some(opts.forward_address.clone()), ..Default::default() },
+    )?;
     let resume = t1.elapsed();
     let ports: Vec<(u16, u16)> = vm.forwards().iter().map(|f| (f.guest_port, f.host_port)).collect();
     let mut answer = None;
@@ -1007,6 +979,50 @@ pub fn synthesize_with<H: Hypervisor, R: Read + Send>(
 /// May differ (compatible): the QEMU version and the accelerator the snapshot was taken under;
 /// the VM resumes under this host's QEMU and accelerator, and the versioned machine type pins
 /// the device layout.
+/// The driver snapshot of a custom VM rebuilt in `dir` from `base`: the base's machine, layout,
+/// kernel and firmware (variables the guest changed after the base are not carried), the
+/// overlay's guest ports. Its RAM, device state and disks are for the caller to set.
+pub(crate) fn custom_snapshot(base: &RegisteredBase, dir: &Path, forwards: &[PortForward]) -> Snapshot {
+    let snap = &base.snapshot;
+    let mut custom = Snapshot::new(dir, &snap.machine_type, &snap.cpu_model, snap.vcpus, snap.ram_bytes);
+    custom.qemu_version = snap.qemu_version.clone();
+    custom.accelerator = snap.accelerator.clone();
+    custom.set_layout(snap.layout());
+    custom.kernel = snap.kernel.as_ref().map(|k| vm_driver::KernelBoot {
+        kernel: base.entry.dir.join(&k.kernel),
+        initrd: k.initrd.as_ref().map(|i| base.entry.dir.join(i)),
+        cmdline: k.cmdline.clone(),
+    });
+    custom.firmware = snap
+        .firmware
+        .as_ref()
+        .map(|f| vm_driver::FirmwareFiles { code: base.entry.dir.join(&f.code), vars: base.entry.dir.join(&f.vars) });
+    custom.guest_ports = forwards.iter().map(|f| f.guest_port).collect();
+    custom
+}
+
+/// Restores `custom` with the overlay's forwards on their recorded host ports, or, where one of
+/// those is taken here, on ports the host chooses.
+pub(crate) fn restore_forwarding<H: Hypervisor>(
+    hypervisor: &H,
+    custom: &Snapshot,
+    forwards: &[PortForward],
+    opts: RestoreOptions,
+) -> Result<H::Vm, FlowError> {
+    let forwards: Vec<Forward> =
+        forwards.iter().map(|f| Forward { host_port: f.host_port, guest_port: f.guest_port }).collect();
+    let restore = |forwards: Vec<Forward>| {
+        hypervisor.restore(custom, &RestoreOptions { forwards: Some(forwards), ..opts.clone() })
+    };
+    match restore(forwards.clone()) {
+        Ok(vm) => Ok(vm),
+        Err(vm_driver::DriverError::PortInUse { .. }) => {
+            Ok(restore(forwards.iter().map(|f| Forward { host_port: 0, ..*f }).collect())?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub(crate) fn check_spec(overlay: &overlay_format::VmSpec, base: &overlay_format::VmSpec) -> Result<(), FlowError> {
     fn differ(field: &'static str, overlay: String, base: String) -> Result<(), FlowError> {
         if overlay == base {
