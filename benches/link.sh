@@ -114,7 +114,7 @@ early_run() { # rate: prints "first_answer_s bytes_before_answer total_s"
     --overlay "http://10.77.0.2:8000/$(basename "$early")" --probe "$probe" --out "$work/early-vm" 2>"$work/early.log") \
     || { echo "link.sh: early start at $1 Mbit/s failed:" >&2; tail -20 "$work/early.log" >&2; exit 1; }
   t1=$(date +%s.%N)
-  [ -z "${LINK_VERBOSE:-}" ] || echo "$out" >&2
+  [ -z "${LINK_VERBOSE:-}" ] || { echo "$out" >&2; cp "$work/early.log" "${TMPDIR:-/tmp}/link-early-$1-$(date +%s%N).log"; }
   python3 -c "
 import json, sys
 j = json.loads(sys.argv[1])

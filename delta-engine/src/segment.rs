@@ -14,20 +14,24 @@ use rayon::prelude::*;
 /// How [`segment_overlay`] cuts segments.
 #[derive(Debug, Clone)]
 pub struct SegmentOptions {
-    /// Target size of a segment before compression. A miss waits for a whole segment: smaller
-    /// segments wait less and compress worse. Default 512 KiB.
+    /// Target size of a working-set segment before compression: those are fetched together
+    /// before the VM resumes, so they can be large and compress better. Default 512 KiB.
     pub segment_bytes: usize,
+    /// Target size of the segments after the working set: the VM that waits for one of their
+    /// chunks waits for the whole segment, so they are smaller. Default 128 KiB.
+    pub tail_segment_bytes: usize,
     /// Compression level of the segments (the overlay's compressor).
     pub level: i32,
-    /// A touch counts for the aligned run of this many chunks around the touched one: the
-    /// VM's memory is read through the page cache in folios up to this size, and a read waits
-    /// for every chunk of it. Default 32 (128 KiB, `lazy_image`'s default read size).
+    /// A touch counts for the aligned run of this many chunks around the touched one. Default
+    /// 1: a touch order recorded through the same serving path as synthesis's (reads of up to
+    /// 128 KiB, the kernel's read-around of a fault) already holds every chunk a read of the
+    /// VM waits for; a larger run approximates that for an order recorded in 4 KiB reads.
     pub granule_chunks: u64,
 }
 
 impl Default for SegmentOptions {
     fn default() -> Self {
-        SegmentOptions { segment_bytes: 512 << 10, level: 4, granule_chunks: 32 }
+        SegmentOptions { segment_bytes: 512 << 10, tail_segment_bytes: 128 << 10, level: 4, granule_chunks: 1 }
     }
 }
 
@@ -41,6 +45,34 @@ pub struct TouchOrder {
     /// them are its working set, fetched before it resumes
     /// ([`overlay_format::SegmentIndex::prefetch`]).
     pub working_set: usize,
+}
+
+impl TouchOrder {
+    /// Adds what another run of the same VM touched: its working set joins this one's (after
+    /// it), the rest follows this one's. A resumed guest does not touch the same pages on every
+    /// run (its allocator hands out other free pages), so the union of a few runs leaves the
+    /// VM fewer chunks to wait for.
+    pub fn merge(&mut self, other: &TouchOrder) {
+        use std::collections::HashSet;
+        let ours = self.working_set.min(self.chunks.len());
+        let mut ws: Vec<(u8, u64)> = self.chunks[..ours].to_vec();
+        let mut in_ws: HashSet<(u8, u64)> = ws.iter().copied().collect();
+        for &c in &other.chunks[..other.working_set.min(other.chunks.len())] {
+            if in_ws.insert(c) {
+                ws.push(c);
+            }
+        }
+        let mut seen = in_ws;
+        let rest: Vec<(u8, u64)> = self.chunks[ours..]
+            .iter()
+            .chain(&other.chunks[other.working_set.min(other.chunks.len())..])
+            .copied()
+            .filter(|&c| seen.insert(c))
+            .collect();
+        self.working_set = ws.len();
+        self.chunks = ws;
+        self.chunks.extend(rest);
+    }
 }
 
 /// What [`segment_overlay`] wrote.
@@ -100,7 +132,8 @@ fn raw_size(r: &Record) -> usize {
 
 /// Reads the overlay `input` (any version) and writes it to `out` as a
 /// segmented overlay: the same metadata, device state and rebuilt images, its records grouped
-/// into segments of about [`SegmentOptions::segment_bytes`] that each decode alone, ordered by
+/// into segments of about [`SegmentOptions::segment_bytes`] (the working set) and
+/// [`SegmentOptions::tail_segment_bytes`] (the rest) that each decode alone, ordered by
 /// `touched`, then the rest in address order. A copy of an earlier chunk goes into the segment of its source,
 /// which is placed by the first touch of either.
 pub fn segment_overlay<R: Read, W: Write>(
@@ -204,11 +237,17 @@ pub fn segment_overlay<R: Read, W: Write>(
     let mut segment_of = vec![0usize; entries.len()];
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut size = usize::MAX;
+    let mut in_working_set = true;
     for &i in &order {
-        if size >= opts.segment_bytes && unit[i] == i {
+        let u = unit[i];
+        // The working set ends a segment: what is prefetched is the working set and no more.
+        let ws = unit_rank[u] < touched.working_set as u64;
+        let limit = if ws { opts.segment_bytes } else { opts.tail_segment_bytes };
+        if u == i && (size >= limit || ws != in_working_set) {
             groups.push(Vec::new());
             size = 0;
         }
+        in_working_set = ws;
         size += raw_size(&entries[i].record);
         segment_of[i] = groups.len() - 1;
         groups.last_mut().expect("pushed").push(i);

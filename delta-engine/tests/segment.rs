@@ -127,7 +127,7 @@ fn touched() -> TouchOrder {
 
 fn segmented(p: &Pair, base: &Base, compression: Compression) -> (Vec<u8>, SegmentStats) {
     let plain = p.overlay(base, &CreateOptions { compression, ..CreateOptions::default() });
-    let opts = SegmentOptions { segment_bytes: 16 << 10, level: 3, granule_chunks: 1 };
+    let opts = SegmentOptions { segment_bytes: 16 << 10, tail_segment_bytes: 16 << 10, level: 3, granule_chunks: 1 };
     segment_overlay(&plain[..], &touched(), &opts, Vec::new()).unwrap()
 }
 
@@ -287,7 +287,7 @@ fn without_a_touch_order_segments_follow_the_address_order() {
     let p = pair();
     let base = p.base();
     let plain = p.overlay(&base, &CreateOptions::default());
-    let opts = SegmentOptions { segment_bytes: 16 << 10, level: 3, granule_chunks: 1 };
+    let opts = SegmentOptions { segment_bytes: 16 << 10, tail_segment_bytes: 16 << 10, level: 3, granule_chunks: 1 };
     let (bytes, stats) = segment_overlay(&plain[..], &TouchOrder::default(), &opts, Vec::new()).unwrap();
     assert_eq!(stats.prefetch, 0);
     let head = OverlayReader::new(&bytes[..]).unwrap().into_head().unwrap();
@@ -296,4 +296,50 @@ fn without_a_touch_order_segments_follow_the_address_order() {
     sorted.sort();
     assert_eq!(firsts, sorted);
     assert_eq!(p.apply(&base, &bytes, "address"), p.custom);
+}
+
+/// The working set's segments are cut at `segment_bytes` and end where it ends; the rest at
+/// `tail_segment_bytes`.
+#[test]
+fn the_working_set_ends_a_segment_and_the_rest_is_cut_smaller() {
+    let p = pair();
+    let base = p.base();
+    let plain = p.overlay(&base, &CreateOptions::default());
+    let order = touched();
+    let opts = SegmentOptions { segment_bytes: 64 << 10, tail_segment_bytes: 8 << 10, level: 3, granule_chunks: 1 };
+    let (bytes, stats) = segment_overlay(&plain[..], &order, &opts, Vec::new()).unwrap();
+    let head = OverlayReader::new(&bytes[..]).unwrap().into_head().unwrap();
+    let map = head.index.chunk_map();
+    let prefetch = head.index.prefetch as usize;
+    assert!(prefetch > 0);
+    // Every prefetched segment holds a touched chunk: nothing untouched rides along.
+    for k in 0..prefetch {
+        let s = &head.index.segments[k];
+        let touched_here = order.chunks.iter().any(|&(img, c)| map.segment_of(img, c) == Some(k));
+        assert!(touched_here, "segment {k} of the working set holds no touched chunk: {:?}", s.runs);
+    }
+    let tail = &head.index.segments[prefetch..];
+    assert!(tail.len() > 3, "{stats:?}");
+    // A segment closes at the first unit past its target: a tail segment stays within one
+    // record of 8 KiB (a chunk and its 12-byte header, or a run).
+    for s in tail {
+        assert!(s.raw_len as usize <= (8 << 10) + PAGE + 64 || s.runs.len() == 1, "{s:?}");
+    }
+    let small = SegmentOptions { segment_bytes: 8 << 10, ..opts.clone() };
+    let (_, fine) = segment_overlay(&plain[..], &order, &small, Vec::new()).unwrap();
+    assert_eq!(fine.segments - fine.prefetch, stats.segments - stats.prefetch, "the tail is cut the same");
+    assert_eq!(p.apply(&base, &bytes, "tail"), p.custom);
+}
+
+#[test]
+fn merged_touch_orders_keep_the_first_order_and_add_the_others_working_sets() {
+    let mut a = TouchOrder { chunks: vec![(0, 5), (0, 1), (0, 9), (1, 2)], working_set: 2 };
+    let b = TouchOrder { chunks: vec![(0, 1), (0, 9), (0, 7), (0, 5), (0, 8)], working_set: 3 };
+    a.merge(&b);
+    // 9 was touched after the answer in the first run, before it in the second: working set.
+    assert_eq!(a.chunks, vec![(0, 5), (0, 1), (0, 9), (0, 7), (1, 2), (0, 8)]);
+    assert_eq!(a.working_set, 4);
+    let before = a.clone();
+    a.merge(&TouchOrder::default());
+    assert_eq!((a.chunks, a.working_set), (before.chunks, before.working_set));
 }

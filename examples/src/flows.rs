@@ -552,6 +552,12 @@ pub struct SynthesisArgs {
     /// overlay recorded (every chunk the VM touches then waits for its segment).
     #[arg(long, requires = "early_start")]
     pub no_prefetch: bool,
+    /// With --early-start: resume once the rest of the working set should arrive within this
+    /// many milliseconds (at the rate seen so far), so that the VM computes while it comes; 0
+    /// waits for all of it.
+    #[arg(long, value_name = "MS", default_value_t = 1000, requires = "early_start",
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub resume_lead_ms: u64,
 }
 
 /// Options of `cloudlet segment`.
@@ -565,30 +571,39 @@ pub struct SegmentArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub probe: ProbeArgs,
-    /// Target size of a segment before compression, in KiB: a VM that waits for a chunk waits
-    /// for its whole segment; larger segments compress better.
+    /// Target size of a working-set segment before compression, in KiB: those are fetched
+    /// before the VM resumes, and larger segments compress better.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(4..=65536))]
     pub segment_kib: u64,
+    /// Target size of the other segments before compression, in KiB: a VM that waits for one
+    /// of their chunks waits for the whole segment.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(4..=65536))]
+    pub tail_segment_kib: u64,
     /// Compression level of the segments (the overlay's compressor's scale).
     #[arg(long, default_value_t = 4)]
     pub level: i32,
-    /// A touch counts for the aligned run of this many KiB around it (what one read of the
-    /// served memory covers).
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(4..=4096))]
+    /// How many times the VM is resumed to record what it touches: the working set is what any
+    /// run touched before the app answered.
+    #[arg(long, default_value_t = synthesis::early::FIRST_TOUCH_RUNS, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub recordings: u32,
+    /// A touch counts for the aligned run of this many KiB around it (the touches are recorded
+    /// as the served memory is read, in the kernel's requests of up to 128 KiB).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(4..=4096))]
     pub granule_kib: u64,
 }
 
 /// `cloudlet segment`: rewrites an overlay as a segmented one, in first-touch order.
 pub fn segment_cmd(qemu: &Qemu, reg: &Registry, a: &SegmentArgs) -> Result<()> {
     let check = a.probe.check();
+    let recording = synthesis::early::Recording { probe: check.clone(), runs: a.recordings };
     let opts = delta_engine::SegmentOptions {
         segment_bytes: (a.segment_kib << 10) as usize,
+        tail_segment_bytes: (a.tail_segment_kib << 10) as usize,
         level: a.level,
         granule_chunks: a.granule_kib.div_ceil(4),
     };
-    let s =
-        synthesis::early::segment_overlay_file(qemu, reg, &a.overlay, &a.out, check.as_ref(), &opts, &printer(false))
-            .context("segmenting the overlay")?;
+    let s = synthesis::early::segment_overlay_file(qemu, reg, &a.overlay, &a.out, &recording, &opts, &printer(false))
+        .context("segmenting the overlay")?;
     println!(
         "segmented overlay {}: {} segments ({} from {}); the first {} ({}) hold what the VM touched{}",
         a.out.display(),
@@ -656,6 +671,7 @@ pub fn early_synthesis_cmd(qemu: &Qemu, reg: &Registry, a: &SynthesisArgs) -> Re
     opts.probe = a.probe.check();
     opts.stall_timeout = stall;
     opts.prefetch = !a.no_prefetch;
+    opts.resume_lead = Duration::from_millis(a.resume_lead_ms);
     synthesis::remove_on_interrupt(&a.out);
     let mut vm = synthesize_early(qemu, reg, source, &opts, &printer(a.json)).context("early start")?;
     let t = vm.timeline.clone();

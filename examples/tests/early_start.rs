@@ -251,7 +251,7 @@ fn a_source_that_goes_away_stalls_or_sends_bad_bytes_fails_the_synthesis_and_lea
     // Small segments, the working set chunk by chunk: segments are left after it.
     let ovl = dir.path().join("app.overlay");
     let out = cloudlet_in(&reg)
-        .args(["segment", "--probe", "8080", "--segment-kib", "8", "--granule-kib", "4", "--overlay"])
+        .args(["segment", "--probe", "8080", "--segment-kib", "8", "--tail-segment-kib", "8", "--overlay"])
         .arg(&plain)
         .arg("--out")
         .arg(&ovl)

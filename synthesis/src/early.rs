@@ -141,10 +141,16 @@ pub struct EarlyOptions {
     /// Resume only once the index's prefetched segments are here (the working set recorded
     /// when the overlay was made). Without it the VM resumes as soon as the head is here.
     pub prefetch: bool,
+    /// With `prefetch`: resume once the rest of the working set should arrive within this
+    /// long, at the rate seen so far, rather than after its last byte. The VM resumes and
+    /// starts computing while the end of its working set streams in, in the order it touched
+    /// it; what it reaches first is fetched first. Zero waits for every byte.
+    pub resume_lead: Duration,
 }
 
 impl EarlyOptions {
-    /// Defaults: no probe, forwards on 127.0.0.1, a 30 s stall timeout, prefetch on.
+    /// Defaults: no probe, forwards on 127.0.0.1, a 30 s stall timeout, prefetch on, resuming
+    /// a second before the working set is expected to be complete.
     pub fn new(out_dir: &Path) -> Self {
         EarlyOptions {
             out_dir: out_dir.to_owned(),
@@ -152,6 +158,7 @@ impl EarlyOptions {
             forward_address: "127.0.0.1".into(),
             stall_timeout: Duration::from_secs(30),
             prefetch: true,
+            resume_lead: Duration::from_secs(1),
         }
     }
 }
@@ -199,10 +206,10 @@ struct State {
     cancel: bool,
     /// Demanded reads under way.
     demanding: usize,
-    /// Per lane, the read under way: since when, and its bytes.
-    reading: [Option<(Instant, u64, u64)>; 2],
-    /// The VM runs: stream-order reads get shorter, so that the link is soon free for what
-    /// the VM waits for.
+    /// Per fetcher (the stream's first), the read under way: since when, and its bytes.
+    reading: Vec<Option<(Instant, u64, u64)>>,
+    /// The working set is here (the VM resumes, or runs): stream-order reads get shorter, so
+    /// that the link is soon free for what the VM waits for.
     resumed: bool,
 }
 
@@ -390,6 +397,8 @@ struct Fetcher {
     shared: Arc<Shared>,
     /// Segments fetched before the VM resumes: no read before then goes past them.
     prefetch: usize,
+    /// When fetching began (for the log).
+    started: Instant,
 }
 
 /// Largest read in stream order before the VM runs.
@@ -400,20 +409,24 @@ const RUNNING_BATCH: u64 = 256 << 10;
 /// Largest read for a demanded segment and those after it.
 const DEMAND_BATCH: u64 = 128 << 10;
 
-/// The two fetchers: one reads the segments in stream order, the other those the VM waits
-/// for, on a connection of its own.
+/// The fetchers: one reads the segments in stream order, [`DEMAND_FETCHERS`] others those the
+/// VM waits for, each on a connection of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
     Stream,
     Demand,
 }
 
+/// Fetchers of demanded segments: a read of the VM often waits for several segments at once,
+/// and over a link with delay each fetch waits a round trip before its bytes come.
+const DEMAND_FETCHERS: usize = 3;
+
 /// Why a fetcher stopped without an error of its own.
 const STOPPED: &str = "stopped";
 
 impl Fetcher {
-    fn run(self: Arc<Self>, lane: Lane) {
-        let result = self.fetch(lane);
+    fn run(self: Arc<Self>, lane: Lane, slot: usize) {
+        let result = self.fetch(lane, slot);
         let mut st = self.shared.lock();
         match result {
             Ok(()) => {
@@ -471,8 +484,12 @@ impl Fetcher {
                         .0;
                 }
                 Lane::Stream => {
-                    // What the VM waits for has the link to itself.
-                    if st.demanding > 0 || st.demand.iter().any(|&k| !st.done[k] && !st.inflight[k]) {
+                    // What the VM waits for has the link to itself, once its working set is in:
+                    // until then the stream brings what it touches next, in the order it did.
+                    let working_set_left = (0..self.prefetch).any(|k| !st.done[k] && !st.inflight[k]);
+                    if !working_set_left
+                        && (st.demanding > 0 || st.demand.iter().any(|&k| !st.done[k] && !st.inflight[k]))
+                    {
                         st = self
                             .shared
                             .changed
@@ -482,7 +499,7 @@ impl Fetcher {
                         continue;
                     }
                     match (0..n).find(|&k| !st.done[k] && !st.inflight[k]) {
-                        Some(k) => break (k, if st.resumed { RUNNING_BATCH } else { BATCH }),
+                        Some(k) => break (k, if st.resumed || k >= self.prefetch { RUNNING_BATCH } else { BATCH }),
                         None => return Ok(None),
                     }
                 }
@@ -503,16 +520,23 @@ impl Fetcher {
         Ok(Some(batch))
     }
 
-    fn fetch(&self, lane: Lane) -> Result<(), String> {
+    fn fetch(&self, lane: Lane, slot: usize) -> Result<(), String> {
         while let Some(batch) = self.next_batch(lane)? {
             let (first, last) = (batch[0], *batch.last().expect("not empty"));
             let (from, to) = (self.offsets[first], self.offsets[last + 1]);
-            let bytes = self.read_watched(lane, from, to - from);
+            let bytes = self.read_watched(slot, from, to - from);
             if lane == Lane::Demand {
                 self.shared.lock().demanding -= 1;
                 self.shared.changed.notify_all();
             }
             let bytes = bytes?;
+            tracing::debug!(
+                ?lane,
+                segments = ?(first..last + 1),
+                bytes = to - from,
+                at_ms = self.started.elapsed().as_millis() as u64,
+                "early start: segments arrived"
+            );
             for k in batch {
                 let frame = &bytes[(self.offsets[k] - from) as usize..(self.offsets[k + 1] - from) as usize];
                 let blob = read_segment(frame, &self.head.index, k, &self.head.meta)
@@ -542,10 +566,10 @@ impl Fetcher {
     }
 
     /// Reads with the read recorded for the watchdog.
-    fn read_watched(&self, lane: Lane, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-        self.shared.lock().reading[lane as usize] = Some((Instant::now(), offset, len));
+    fn read_watched(&self, slot: usize, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        self.shared.lock().reading[slot] = Some((Instant::now(), offset, len));
         let r = self.read(offset, len);
-        self.shared.lock().reading[lane as usize] = None;
+        self.shared.lock().reading[slot] = None;
         r
     }
 
@@ -819,7 +843,7 @@ pub fn synthesize_early<H: Hypervisor>(
             done: vec![false; n],
             inflight: vec![false; n],
             demanding: 0,
-            reading: [None, None],
+            reading: vec![None; 1 + DEMAND_FETCHERS],
             resumed: false,
             demand: VecDeque::new(),
             stats: FetchStats {
@@ -836,7 +860,14 @@ pub fn synthesize_early<H: Hypervisor>(
     let on_miss = {
         let (shared, map) = (Arc::clone(&shared), Arc::clone(&map));
         Arc::new(move |image: usize, chunks: std::ops::Range<u64>| {
-            let segments = map.segments(image as u8, chunks);
+            let segments = map.segments(image as u8, chunks.clone());
+            tracing::debug!(
+                image,
+                ?chunks,
+                ?segments,
+                at_ms = t0.elapsed().as_millis() as u64,
+                "early start: the VM waits"
+            );
             let mut st = shared.lock();
             for k in segments.into_iter().rev() {
                 if !st.done[k] && st.demand.front() != Some(&k) {
@@ -875,15 +906,19 @@ pub fn synthesize_early<H: Hypervisor>(
         hashes: Mutex::new(hashes),
         shared: Arc::clone(&shared),
         prefetch: if opts.prefetch { head.index.prefetch as usize } else { 0 },
+        started: t0,
     });
     let mut fetchers = Vec::new();
-    for (lane, name) in
-        [(Some(Lane::Stream), "overlay-stream"), (Some(Lane::Demand), "overlay-demand"), (None, "overlay-watch")]
+    let demand = (1..=DEMAND_FETCHERS).map(|slot| (Some((Lane::Demand, slot)), format!("overlay-demand-{slot}")));
+    for (lane, name) in [(Some((Lane::Stream, 0)), "overlay-stream".to_string())]
+        .into_iter()
+        .chain(demand)
+        .chain([(None, "overlay-watch".to_string())])
     {
         let f = Arc::clone(&fetcher);
         let stall = opts.stall_timeout;
-        let spawned = std::thread::Builder::new().name(name.into()).spawn(move || match lane {
-            Some(lane) => f.run(lane),
+        let spawned = std::thread::Builder::new().name(name).spawn(move || match lane {
+            Some((lane, slot)) => f.run(lane, slot),
             None => f.watchdog(stall),
         });
         match spawned {
@@ -912,9 +947,19 @@ pub fn synthesize_early<H: Hypervisor>(
     if prefetch > 0 {
         events(Event::Step(format!("fetching the working set: {prefetch} of {n} segments")));
         let deadline = Instant::now() + opts.stall_timeout * 4;
+        let (started, bytes_then) = (Instant::now(), shared.lock().stats.bytes);
+        let offsets = head.index.offsets(head.len);
         let mut st = shared.lock();
         while !st.done[..prefetch].iter().all(|d| *d) && st.stats.error.is_none() {
             let now = Instant::now();
+            // Near enough the end, at the rate seen so far (once there is one to go by)?
+            let (took, got) = (now - started, st.stats.bytes - bytes_then);
+            if !opts.resume_lead.is_zero() && took >= Duration::from_millis(250) && got > 0 {
+                let left: u64 = (0..prefetch).filter(|&k| !st.done[k]).map(|k| offsets[k + 1] - offsets[k]).sum();
+                if Duration::from_secs_f64(left as f64 * took.as_secs_f64() / got as f64) <= opts.resume_lead {
+                    break;
+                }
+            }
             if now >= deadline {
                 let done = st.done[..prefetch].iter().filter(|d| **d).count();
                 return Err(FlowError::EarlyStart {
@@ -928,6 +973,8 @@ pub fn synthesize_early<H: Hypervisor>(
         }
     }
     early.timeline.prefetch = t0.elapsed();
+    // From here on what the VM waits for comes first: the stream reads in short batches.
+    shared.lock().resumed = true;
 
     // A driver snapshot whose RAM and disks are the served files.
     let ds = out_dir.join("device-state");
@@ -959,7 +1006,6 @@ pub fn synthesize_early<H: Hypervisor>(
         },
     )?;
     early.timeline.resume = t1.elapsed();
-    shared.lock().resumed = true;
     early.ports = vm.forwards().iter().map(|f| (f.guest_port, f.host_port)).collect();
     early.vm = Some(vm);
     if let Some(check) = &opts.probe {
@@ -1093,12 +1139,12 @@ impl OverlaySource for HttpSource {
 }
 
 /// Resumes the VM of `snap` once more, its RAM served from its own image through the same
-/// serving path early start uses (4 KiB requests, so each touch is seen), waits for `probe`'s
-/// answer (if any) and `tail` more, and returns the memory chunks the guest touched, in the
-/// order of their first touch, as (image 0, chunk), those touched before the answer first. The
-/// snapshot's files are not changed: the
-/// guest's writes go to a private store, its disks to layers of their own. `work` (must not
-/// exist) holds the mount while it runs and is removed.
+/// serving path early start uses (so the chunks recorded are those the kernel's reads ask for:
+/// a fault reads the 128 KiB around it, and waits for all of it), waits for `probe`'s answer
+/// (if any) and `tail` more, and returns the memory chunks read, in the order of their first
+/// read, as (image 0, chunk), those read before the answer first. The snapshot's files are not
+/// changed: the guest's writes go to a private store, its disks to layers of their own. `work`
+/// (must not exist) holds the mount while it runs and is removed.
 pub fn record_first_touch<H: Hypervisor>(
     hypervisor: &H,
     snap: &Snapshot,
@@ -1116,7 +1162,7 @@ pub fn record_first_touch<H: Hypervisor>(
     let memory = snap.memory_path();
     let size = std::fs::metadata(&memory).map_err(|source| FlowError::Io { path: memory.clone(), source })?.len();
     let spec = ImageSpec { name: "memory".into(), size, base: Some(memory), pending: Vec::new() };
-    let fs = LazyFs::mount(&mnt, &store, vec![spec], LazyOptions { max_readahead: 4096, ..LazyOptions::default() })?;
+    let fs = LazyFs::mount(&mnt, &store, vec![spec], LazyOptions::default())?;
     let mut ports: Vec<u16> = forwards.to_vec();
     if let Some(p) = probe.map(|c| c.port).filter(|p| !ports.contains(p)) {
         ports.push(p);
@@ -1146,6 +1192,50 @@ pub fn record_first_touch<H: Hypervisor>(
     Ok(delta_engine::TouchOrder { chunks: touched.into_iter().map(|c| (0u8, c)).collect(), working_set })
 }
 
+/// How [`segment_overlay_file`] records what the VM touches.
+#[derive(Debug, Clone)]
+pub struct Recording {
+    /// The app's answer that ends the working set; without it, the first seconds are.
+    pub probe: Option<HttpCheck>,
+    /// How many times the VM is resumed to record ([`record_touch_order`]).
+    pub runs: u32,
+}
+
+/// How many times a segmented overlay's custom VM is resumed to record what it touches, by
+/// default.
+pub const FIRST_TOUCH_RUNS: u32 = 3;
+
+/// [`record_first_touch`] `runs` times (at least once), each run's touches merged into the
+/// first's ([`delta_engine::TouchOrder::merge`]): a guest does not touch the same free pages on
+/// every run, and what any run touched before the answer is the working set. `work` (must not
+/// exist) is removed.
+pub fn record_touch_order<H: Hypervisor>(
+    hypervisor: &H,
+    snap: &Snapshot,
+    forwards: &[u16],
+    probe: Option<&HttpCheck>,
+    runs: u32,
+    work: &Path,
+) -> Result<delta_engine::TouchOrder, FlowError> {
+    crate::flows::create_dir_new(work)?;
+    let _guard = crate::flows::Guard::new(work);
+    let mut order =
+        record_first_touch(hypervisor, snap, forwards, probe, crate::flows::FIRST_TOUCH_TAIL, &work.join("run-1"))?;
+    for run in 2..=runs {
+        let more = record_first_touch(
+            hypervisor,
+            snap,
+            forwards,
+            probe,
+            crate::flows::FIRST_TOUCH_TAIL,
+            &work.join(format!("run-{run}")),
+        )?;
+        tracing::debug!(run, working_set = more.working_set, "recorded the touch order once more");
+        order.merge(&more);
+    }
+    Ok(order)
+}
+
 /// Rewrites the overlay at `input` as a segmented one at `out` (must not exist), for early
 /// start: synthesizes it the ordinary way into a scratch directory next to `out`, resumes the
 /// result once more to record what it touches until `probe` answers (and
@@ -1156,7 +1246,7 @@ pub fn segment_overlay_file<H: Hypervisor>(
     registry: &Registry,
     input: &Path,
     out: &Path,
-    probe: Option<&HttpCheck>,
+    recording: &Recording,
     opts: &delta_engine::SegmentOptions,
     events: &(dyn Fn(Event) + Sync),
 ) -> Result<delta_engine::SegmentStats, FlowError> {
@@ -1177,12 +1267,12 @@ pub fn segment_overlay_file<H: Hypervisor>(
     drop(syn.vm);
     let snap = Snapshot::load(&vm_dir)?;
     events(Event::Step("recording what the VM touches until its app answers".into()));
-    let touched = record_first_touch(
+    let touched = record_touch_order(
         hypervisor,
         &snap,
         &ports,
-        probe,
-        crate::flows::FIRST_TOUCH_TAIL,
+        recording.probe.as_ref(),
+        recording.runs,
         &scratch.join("first-touch"),
     )?;
     events(Event::Step(format!(

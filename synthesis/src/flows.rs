@@ -720,12 +720,12 @@ pub fn create_overlay_file<H: Hypervisor>(
     if req.segmented {
         events(Event::Step("recording what the custom VM touches until its app answers".into()));
         let ports: Vec<u16> = req.forwards.iter().map(|f| f.guest_port).collect();
-        let touched = crate::early::record_first_touch(
+        let touched = crate::early::record_touch_order(
             hypervisor,
             &snap,
             &ports,
             req.wait_http.as_ref(),
-            FIRST_TOUCH_TAIL,
+            crate::early::FIRST_TOUCH_RUNS,
             &work.join("first-touch"),
         )?;
         events(Event::Step(format!(
