@@ -13,6 +13,9 @@
 # server's reads it by range; the table gets the time from its start to the app's first answer
 # (as it measures it), the overlay bytes fetched by then, and the time until all had arrived.
 #
+# LINK_VERBOSE=1 prints each early start's JSON and keeps its log in $TMPDIR (with
+# RUST_LOG=synthesis=debug: every segment's arrival and every wait of the VM, in ms).
+#
 # Needs root (namespaces, tc) and a release build of cloudlet (built here). The namespaces,
 # the veth pair and the server are removed on exit, whatever happens.
 set -euo pipefail
