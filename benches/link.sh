@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Synthesis over an emulated link: `cloudlet serve` in one network namespace, `cloudlet client`
-# in another, joined by a veth pair shaped with tc on both ends (netem: half the RTT each way;
-# tbf: the rate). For each rate, the client uploads the overlay and the server answers once the
+# in another, joined by a veth pair shaped with tc on both ends (netem, or where the kernel has
+# none a delaying relay: half the RTT each way; tbf: the rate). For each rate, the client uploads the overlay and the server answers once the
 # app answered its probe; prints a markdown table of the client's wall time (request to the
 # app's first answer, fastest of RUNS) next to the overlay's pure transfer time at that rate.
 #
@@ -41,12 +41,15 @@ done
 reg="$(realpath "$reg")" overlay="$(realpath "$overlay")"
 [ -z "$early" ] || early="$(realpath "$early")"
 cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p cloudlet-examples --bin cloudlet
+cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p cloudlet-benches --bin delay-relay
+relay="$root/target/release/delay-relay"
 cl="$root/target/release/cloudlet"
 
 srv="cl-srv-$$" cli="cl-cli-$$" vs="clvs$$" vc="clvc$$"
 work="$(mktemp -d "${TMPDIR:-/tmp}/cloudlet-link.XXXXXX")"
-server_pid="" share_pid=""
+server_pid="" share_pid="" relay_pids=""
 cleanup() {
+  for p in $relay_pids; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
   [ -n "$share_pid" ] && kill "$share_pid" 2>/dev/null && wait "$share_pid" 2>/dev/null || true
   ip netns del "$srv" 2>/dev/null || true
@@ -67,14 +70,34 @@ ip -n "$srv" link set "$vs" up
 ip -n "$cli" link set "$vc" up
 
 # The delay needs the kernel's netem qdisc; kernels without it (no sch_netem, no modules) get
+# it from delay-relay instead: a TCP relay on each receiving end of the link that delays every
+# byte by half the RTT (benches/src/bin/delay-relay.rs says what that does not emulate).
 # the rate alone, and the table says so.
 if ip netns exec "$srv" tc qdisc add dev "$vs" root handle 1: netem delay 1ms 2>/dev/null; then
   ip netns exec "$srv" tc qdisc del dev "$vs" root
   delay="$rtt ms RTT"
 else
-  echo "link.sh: this kernel has no netem qdisc: the link gets its rate but no added delay" >&2
-  rtt=0 delay="no added delay (no netem)"
+  if [ "$rtt" = 0 ]; then
+    delay="no added delay"
+  else
+    echo "link.sh: this kernel has no netem qdisc: the delay comes from a relay (delay-relay)" >&2
+    delay="$rtt ms RTT (relay)"
+  fi
+  relay_half=$(python3 -c "print(int($rtt / 2))")
+  rtt=0
 fi
+srv_url=http://10.77.0.1:7878 share_host=10.77.0.2:8000
+# Through a relay in the receiving namespace: $1 namespace, $2 local port, $3 target.
+start_relay() {
+  ip netns exec "$1" "$relay" --listen "127.0.0.1:$2" --to "$3" --delay-ms "$relay_half" &
+  relay_pids="$relay_pids $!"
+  for _ in $(seq 100); do
+    ip netns exec "$1" bash -c "exec 3<>/dev/tcp/127.0.0.1/$2" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "link.sh: the relay did not listen on 127.0.0.1:$2 in 10 s" >&2
+  exit 1
+}
 shape() { # rate in Mbit/s, on both ends: delay rtt/2 (netem), then the rate (tbf)
   local half end
   half=$(python3 -c "print($rtt / 2)")
@@ -100,6 +123,10 @@ for _ in $(seq 100); do
 done
 ip netns exec "$cli" bash -c 'exec 3<>/dev/tcp/10.77.0.1/7878' 2>/dev/null \
   || { echo "link.sh: the server did not listen on 10.77.0.1:7878 in 10 s" >&2; cat "$work/serve.log" >&2; exit 1; }
+if [ "${relay_half:-0}" != 0 ]; then
+  start_relay "$cli" 7879 10.77.0.1:7878
+  srv_url=http://127.0.0.1:7879
+fi
 
 if [ -n "$early" ]; then
   ip netns exec "$cli" "$cl" share "$early" --listen 10.77.0.2:8000 >"$work/share.log" 2>&1 &
@@ -108,13 +135,17 @@ if [ -n "$early" ]; then
     ip netns exec "$srv" bash -c 'exec 3<>/dev/tcp/10.77.0.2/8000' 2>/dev/null && break
     sleep 0.1
   done
+  if [ "${relay_half:-0}" != 0 ]; then
+    start_relay "$srv" 8001 10.77.0.2:8000
+    share_host=127.0.0.1:8001
+  fi
 fi
 early_run() { # rate: prints "first_answer_s bytes_before_answer total_s"
   local out t0 t1
   rm -rf "$work/early-vm"
   t0=$(date +%s.%N)
   out=$(timeout 900 ip netns exec "$srv" "$cl" --registry "$reg" synthesis --early-start --json $early_args \
-    --overlay "http://10.77.0.2:8000/$(basename "$early")" --probe "$probe" --out "$work/early-vm" 2>"$work/early.log") \
+    --overlay "http://$share_host/$(basename "$early")" --probe "$probe" --out "$work/early-vm" 2>"$work/early.log") \
     || { echo "link.sh: early start at $1 Mbit/s failed:" >&2; tail -20 "$work/early.log" >&2; exit 1; }
   t1=$(date +%s.%N)
   [ -z "${LINK_VERBOSE:-}" ] || { echo "$out" >&2; cp "$work/early.log" "${TMPDIR:-/tmp}/link-early-$1-$(date +%s%N).log"; }
@@ -138,11 +169,11 @@ for rate in $rates; do
   best=""
   for _ in $(seq "$runs"); do
     t0=$(date +%s.%N)
-    out=$(timeout 900 ip netns exec "$cli" "$cl" client --server http://10.77.0.1:7878 --overlay "$overlay" \
+    out=$(timeout 900 ip netns exec "$cli" "$cl" client --server "$srv_url" --overlay "$overlay" \
       --probe "$probe" --json) || { echo "link.sh: synthesis at $rate Mbit/s failed: $out" >&2; tail -20 "$work/serve.log" >&2; exit 1; }
     t1=$(date +%s.%N)
     id=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["id"])' <<<"$out")
-    ip netns exec "$cli" "$cl" client --server http://10.77.0.1:7878 --stop "$id" >/dev/null
+    ip netns exec "$cli" "$cl" client --server "$srv_url" --stop "$id" >/dev/null
     took=$(python3 -c "print($t1 - $t0)")
     best=$(python3 -c "print(min(x for x in [$took, ${best:-$took}]))")
   done
