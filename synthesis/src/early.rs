@@ -409,8 +409,8 @@ const RUNNING_BATCH: u64 = 256 << 10;
 /// Largest read for a demanded segment and those after it.
 const DEMAND_BATCH: u64 = 128 << 10;
 
-/// The fetchers: one reads the segments in stream order, [`DEMAND_FETCHERS`] others those the
-/// VM waits for, each on a connection of its own.
+/// The fetchers: [`STREAM_FETCHERS`] read the segments in stream order, [`DEMAND_FETCHERS`]
+/// others those the VM waits for, each on a connection of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
     Stream,
@@ -421,6 +421,11 @@ enum Lane {
 /// and over a link with delay each fetch waits a round trip before its bytes come.
 const DEMAND_FETCHERS: usize = 3;
 
+/// Fetchers in stream order: with two, the next read is asked for while the last one's bytes
+/// still arrive, so a link with delay does not idle a round trip between reads. The first of
+/// them checks the digests at the end.
+const STREAM_FETCHERS: usize = 2;
+
 /// Why a fetcher stopped without an error of its own.
 const STOPPED: &str = "stopped";
 
@@ -430,7 +435,7 @@ impl Fetcher {
         let mut st = self.shared.lock();
         match result {
             Ok(()) => {
-                if lane == Lane::Stream {
+                if lane == Lane::Stream && slot == 0 {
                     st.stats.complete = true;
                 }
             }
@@ -550,10 +555,10 @@ impl Fetcher {
                 self.shared.changed.notify_all();
             }
         }
-        if lane == Lane::Demand {
+        if lane == Lane::Demand || slot != 0 {
             return Ok(());
         }
-        // The last segments may still be on their way through the other lane.
+        // The last segments may still be on their way through the other fetchers.
         let mut st = self.shared.lock();
         while !st.done.iter().all(|d| *d) {
             if st.cancel || st.stats.error.is_some() {
@@ -843,7 +848,7 @@ pub fn synthesize_early<H: Hypervisor>(
             done: vec![false; n],
             inflight: vec![false; n],
             demanding: 0,
-            reading: vec![None; 1 + DEMAND_FETCHERS],
+            reading: vec![None; STREAM_FETCHERS + DEMAND_FETCHERS],
             resumed: false,
             demand: VecDeque::new(),
             stats: FetchStats {
@@ -909,12 +914,10 @@ pub fn synthesize_early<H: Hypervisor>(
         started: t0,
     });
     let mut fetchers = Vec::new();
-    let demand = (1..=DEMAND_FETCHERS).map(|slot| (Some((Lane::Demand, slot)), format!("overlay-demand-{slot}")));
-    for (lane, name) in [(Some((Lane::Stream, 0)), "overlay-stream".to_string())]
-        .into_iter()
-        .chain(demand)
-        .chain([(None, "overlay-watch".to_string())])
-    {
+    let stream = (0..STREAM_FETCHERS).map(|slot| (Some((Lane::Stream, slot)), format!("overlay-stream-{slot}")));
+    let demand = (STREAM_FETCHERS..STREAM_FETCHERS + DEMAND_FETCHERS)
+        .map(|slot| (Some((Lane::Demand, slot)), format!("overlay-demand-{slot}")));
+    for (lane, name) in stream.chain(demand).chain([(None, "overlay-watch".to_string())]) {
         let f = Arc::clone(&fetcher);
         let stall = opts.stall_timeout;
         let spawned = std::thread::Builder::new().name(name).spawn(move || match lane {
