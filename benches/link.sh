@@ -89,7 +89,7 @@ fi
 srv_url=http://10.77.0.1:7878 share_host=10.77.0.2:8000
 # Through a relay in the receiving namespace: $1 namespace, $2 local port, $3 target.
 start_relay() {
-  ip netns exec "$1" "$relay" --listen "127.0.0.1:$2" --to "$3" --delay-ms "$relay_half" &
+  ip netns exec "$1" "$relay" --listen "127.0.0.1:$2" --to "$3" --delay-ms "$relay_half" >/dev/null &
   relay_pids="$relay_pids $!"
   for _ in $(seq 100); do
     ip netns exec "$1" bash -c "exec 3<>/dev/tcp/127.0.0.1/$2" 2>/dev/null && return 0
