@@ -1222,18 +1222,11 @@ pub fn record_touch_order<H: Hypervisor>(
 ) -> Result<delta_engine::TouchOrder, FlowError> {
     crate::flows::create_dir_new(work)?;
     let _guard = crate::flows::Guard::new(work);
-    let mut order =
-        record_first_touch(hypervisor, snap, forwards, probe, crate::flows::FIRST_TOUCH_TAIL, &work.join("run-1"))?;
-    for run in 2..=runs {
-        let more = record_first_touch(
-            hypervisor,
-            snap,
-            forwards,
-            probe,
-            crate::flows::FIRST_TOUCH_TAIL,
-            &work.join(format!("run-{run}")),
-        )?;
-        tracing::debug!(run, working_set = more.working_set, "recorded the touch order once more");
+    let mut order = delta_engine::TouchOrder::default();
+    for run in 1..=runs.max(1) {
+        let tail = crate::flows::FIRST_TOUCH_TAIL;
+        let more = record_first_touch(hypervisor, snap, forwards, probe, tail, &work.join(format!("run-{run}")))?;
+        tracing::debug!(run, working_set = more.working_set, "recorded the touch order");
         order.merge(&more);
     }
     Ok(order)

@@ -20,9 +20,6 @@ use synthesis::early::{synthesize_early, EarlyOptions, FileSource};
 use synthesis::{HttpCheck, SynthesisOptions};
 use vm_driver::{Qemu, SerialConsole, Vm};
 
-const USAGE: &str =
-    "usage: complete-loop --registry DIR --overlay PLAIN --segmented SEGMENTED --port GUEST_PORT [--runs 3]";
-
 /// The steps: (name, command).
 const STEPS: [(&str, &str); 4] = [
     ("cpu: 40000 shell additions", "i=0; while [ $i -lt 40000 ]; do i=$((i+1)); done"),
@@ -34,34 +31,24 @@ const STEPS: [(&str, &str); 4] = [
     ),
 ];
 
+/// Times a loop in a completed early-start VM and in one synthesized the old way.
+#[derive(clap::Parser)]
 struct Args {
+    /// The registry that holds the overlays' base.
+    #[arg(long)]
     registry: PathBuf,
+    /// The overlay, for the synthesis the old way.
+    #[arg(long)]
     overlay: PathBuf,
+    /// The same overlay segmented (`cloudlet segment`), for the early start.
+    #[arg(long)]
     segmented: PathBuf,
+    /// The app's guest port, probed before the loop.
+    #[arg(long)]
     port: u16,
-    runs: usize,
-}
-
-fn parse_args() -> Result<Args> {
-    let (mut registry, mut overlay, mut segmented, mut port, mut runs) = (None, None, None, None, 3);
-    let mut it = std::env::args().skip(1);
-    while let Some(x) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{x} needs a value\n{USAGE}"));
-        match x.as_str() {
-            "--registry" => registry = Some(PathBuf::from(value()?)),
-            "--overlay" => overlay = Some(PathBuf::from(value()?)),
-            "--segmented" => segmented = Some(PathBuf::from(value()?)),
-            "--port" => port = Some(value()?.parse().context("--port")?),
-            "--runs" => runs = value()?.parse().context("--runs")?,
-            _ => bail!("unknown argument {x}\n{USAGE}"),
-        }
-    }
-    match (registry, overlay, segmented, port) {
-        (Some(registry), Some(overlay), Some(segmented), Some(port)) if runs > 0 => {
-            Ok(Args { registry, overlay, segmented, port, runs })
-        }
-        _ => bail!("{USAGE}"),
-    }
+    /// Runs of each, in turn.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
 }
 
 /// Runs every step once in `vm`'s shell; the wall time of each.
@@ -82,7 +69,7 @@ fn steps<V: Vm>(vm: &mut V) -> Result<Vec<Duration>> {
 }
 
 fn main() -> Result<()> {
-    let a = parse_args()?;
+    let a = <Args as clap::Parser>::parse();
     let registry = base_registry::Registry::open_existing(&a.registry).context("open the registry")?;
     let qemu = Qemu::new()?;
     let work = tempfile::tempdir_in(std::env::temp_dir())?;

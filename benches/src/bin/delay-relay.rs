@@ -16,37 +16,20 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
+/// A TCP relay that delays each direction.
+#[derive(clap::Parser)]
 struct Args {
+    /// Address to listen on (port 0: any; the address is printed).
+    #[arg(long)]
     listen: SocketAddr,
+    /// Address each accepted connection is relayed to.
+    #[arg(long)]
     to: SocketAddr,
-    delay: Duration,
-}
-
-fn parse_args() -> Result<Args> {
-    let usage = "usage: delay-relay --listen ADDR:PORT --to ADDR:PORT --delay-ms MS";
-    let (mut listen, mut to, mut delay) = (None, None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{a} needs a value; {usage}"));
-        match a.as_str() {
-            "--listen" => listen = Some(value()?.parse().context("--listen")?),
-            "--to" => to = Some(value()?.parse().context("--to")?),
-            "--delay-ms" => {
-                let ms: u64 = value()?.parse().context("--delay-ms")?;
-                if ms > 10_000 {
-                    bail!("--delay-ms {ms}: at most 10000");
-                }
-                delay = Some(Duration::from_millis(ms));
-            }
-            _ => bail!("unknown argument {a}; {usage}"),
-        }
-    }
-    match (listen, to, delay) {
-        (Some(listen), Some(to), Some(delay)) => Ok(Args { listen, to, delay }),
-        _ => bail!("{usage}"),
-    }
+    /// Delay of each direction, in milliseconds.
+    #[arg(long = "delay-ms", value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    delay_ms: u64,
 }
 
 /// Copies `from` to `to`, each read delivered `delay` after it arrived; `from`'s end shuts
@@ -85,14 +68,15 @@ fn pump(from: TcpStream, mut to: TcpStream, delay: Duration) {
 }
 
 fn main() -> Result<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
+    let delay = Duration::from_millis(args.delay_ms);
     let listener = TcpListener::bind(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     // The address, for a caller that asked for port 0.
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;
     for client in listener.incoming() {
         let Ok(client) = client else { continue };
-        let (to, delay) = (args.to, args.delay);
+        let to = args.to;
         thread::spawn(move || {
             let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(10)) else {
                 eprintln!("delay-relay: cannot connect to {to}");
