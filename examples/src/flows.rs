@@ -534,6 +534,11 @@ pub struct SynthesisArgs {
     /// (without it, the directory is removed when the VM stops).
     #[arg(long)]
     pub keep: bool,
+    /// With --keep-running: when Enter is pressed, capture what the VM changed against its
+    /// base (its residue) into this overlay file before stopping it; synthesis of that file
+    /// resumes the VM as it was.
+    #[arg(long, value_name = "FILE", requires = "keep_running", conflicts_with_all = ["keep", "early_start"])]
+    pub residue: Option<PathBuf>,
     /// Print the result as JSON on stdout (steps still go to stderr).
     #[arg(long)]
     pub json: bool,
@@ -636,14 +641,41 @@ pub fn synthesis_cmd(qemu: &Qemu, reg: &Registry, a: &SynthesisArgs) -> Result<(
     if a.overlay.to_string_lossy().contains("://") {
         bail!("--overlay {} is a URL: only --early-start reads overlays from URLs", a.overlay.display());
     }
-    let s = synth(qemu, reg, &a.overlay, &a.out, a.probe.check(), false, a.json, a.keep_running, a.keep)?;
+    if let Some(r) = a.residue.as_ref().filter(|r| r.symlink_metadata().is_ok()) {
+        bail!("--residue {} exists; give a new file", r.display());
+    }
+    let mut s = synth(qemu, reg, &a.overlay, &a.out, a.probe.check(), false, a.json, a.keep_running, a.keep)?;
     let dir = s.dir.clone();
     if !a.keep {
         synthesis::remove_on_interrupt(&dir);
     }
     if a.keep_running {
-        eprintln!("VM running; press Enter (or Ctrl-C) to stop it.");
+        match &a.residue {
+            Some(r) => eprintln!("VM running; press Enter to capture its residue into {} and stop it.", r.display()),
+            None => eprintln!("VM running; press Enter (or Ctrl-C) to stop it."),
+        }
         wait_enter_or_interrupt();
+    }
+    if let Some(out) = &a.residue {
+        use synthesis::residue::{capture_residue, AfterCapture, ResidueRequest};
+        let req =
+            ResidueRequest { after: AfterCapture::Pause, ..ResidueRequest::new(out, &s.meta.name, &s.meta.forwards) };
+        let r = capture_residue(&mut s.vm, &s.base, &req, &printer(a.json)).context("capturing the residue")?;
+        if a.json {
+            let v = serde_json::json!({
+                "residue": r.path, "bytes": r.bytes, "paused_ms": r.paused.as_millis() as u64,
+                "total_ms": r.total.as_millis() as u64,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "  wrote the residue to {} ({}; snapshot {}, {} in all)",
+                r.path.display(),
+                size(r.bytes),
+                ms(r.paused),
+                ms(r.total)
+            );
+        }
     }
     drop(s);
     if !a.keep {
@@ -751,6 +783,8 @@ pub fn synth(
 ) -> Result<synthesis::Synthesized<vm_driver::QemuVm>> {
     let f = std::fs::File::open(overlay).with_context(|| format!("opening {}", overlay.display()))?;
     let mut opts = SynthesisOptions::new(out);
+    // A kept directory must still hold the state synthesis rebuilt when the VM stops.
+    opts.in_place = !keep;
     if let Some(c) = probe {
         opts = opts.probe(c);
     }

@@ -157,6 +157,63 @@ pub fn client(a: ClientArgs) -> Result<ExitCode> {
     }
 }
 
+/// Options of `cloudlet residue`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ResidueArgs {
+    /// Server URL, e.g. http://127.0.0.1:7878 (or just 127.0.0.1:7878).
+    #[arg(long)]
+    pub server: String,
+    /// The VM (its id, as `cloudlet client` printed it).
+    #[arg(long)]
+    pub vm: String,
+    /// The overlay file to write (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Bearer token.
+    #[arg(long, env = "CLOUDLET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cloudlet residue`.
+pub fn residue(a: &ResidueArgs) -> Result<ExitCode> {
+    let mut client = Client::new(&a.server)?;
+    if let Some(t) = &a.token {
+        client = client.token(t.clone());
+    }
+    if a.out.symlink_metadata().is_ok() {
+        bail!("{} exists; give a new file to --out", a.out.display());
+    }
+    if !a.json {
+        eprintln!("capturing the residue of {} on {}", a.vm, client.url());
+    }
+    let t0 = std::time::Instant::now();
+    let r = match client.residue(&a.vm, &a.out) {
+        Ok(r) => r,
+        Err(e) => return server_error(anyhow::Error::new(e).context(format!("residue of {}", a.vm)), a.json),
+    };
+    let paused_ms = r.paused.map(|d| d.as_millis() as u64);
+    if a.json {
+        let v = serde_json::json!({
+            "vm": a.vm, "path": r.path, "bytes": r.bytes, "paused_ms": paused_ms,
+            "total_ms": t0.elapsed().as_millis() as u64,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "wrote the residue of {} to {} ({} bytes; the VM was paused {} ms, {} ms in all)",
+            a.vm,
+            r.path.display(),
+            r.bytes,
+            paused_ms.map(|m| m.to_string()).unwrap_or_else(|| "?".into()),
+            t0.elapsed().as_millis()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `--stop ID`.
 fn stop(client: &Client, id: &str, json: bool) -> Result<()> {
     let info = client.stop(id)?;

@@ -904,3 +904,148 @@ fn server_flow_soak_with_hostile_uploads() {
         "a runtime directory {runtime}* is left"
     );
 }
+
+/// A child process, killed with SIGTERM (its VMs stopped) should the test fail first.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: as in `Served::interrupt`.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `GET path` through a forward on 127.0.0.1:`port`: the status and body. (A CGI's own headers end its answer's head with a bare `\n\n`.)
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let out = out.replace("\r\n", "\n");
+    (status, out.split_once("\n\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// The host port of guest port 8080 in a VM's JSON (`cloudlet client` or `cloudlet synthesis`).
+fn port_8080(v: &serde_json::Value) -> u16 {
+    v["ports"].as_array().unwrap().iter().find(|p| p["guest"] == 8080).unwrap()["host"].as_u64().unwrap() as u16
+}
+
+#[test]
+fn residue_moves_a_vm_with_its_ram_and_disk_state() {
+    let work = tempfile::tempdir().unwrap();
+    let reg = work.path().join("registry");
+    make_base(&reg);
+    // The app counts its requests in RAM (/tmp is a tmpfs) and logs each on disk.
+    let cgi = "#!/bin/sh\\necho Content-Type: text/plain\\necho\\nn=$(cat /tmp/n 2>/dev/null || echo 0)\\n\
+               n=$((n+1))\\necho $n > /tmp/n\\necho $n >> /mnt/disk/app/log\\nsync\\n\
+               echo \"ram $n disk $(wc -l < /mnt/disk/app/log)\"\\n";
+    let ovl = work.path().join("app.overlay");
+    let out = cloudlet()
+        .arg("--registry")
+        .arg(&reg)
+        .args(["overlay", "--base", "deb", "--customize", "mkdir -p /mnt/disk/app/cgi-bin"])
+        .args(["--customize", &format!("printf '{cgi}' > /mnt/disk/app/cgi-bin/bump")])
+        .args(["--customize", "chmod +x /mnt/disk/app/cgi-bin/bump && httpd -p 8080 -h /mnt/disk/app"])
+        .args(["--forward", "tcp:0:8080", "--name", "counter", "--out"])
+        .arg(&ovl)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
+    let server = Served::start(
+        cloudlet()
+            .arg("--registry")
+            .arg(&reg)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("--work")
+            .arg(work.path().join("vms")),
+    );
+    let url = server.url();
+    let out = cloudlet()
+        .args(["client", "--server", &url, "--probe", "8080", "--json", "--overlay"])
+        .arg(&ovl)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "client: {}", String::from_utf8_lossy(&out.stderr));
+    let vm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, port) = (vm["id"].as_str().unwrap().to_string(), port_8080(&vm));
+    for n in 1..=3 {
+        assert_eq!(get(port, "/cgi-bin/bump"), (200, format!("ram {n} disk {n}\n")));
+    }
+
+    // The residue, through the server; the VM runs on.
+    let r1 = work.path().join("r1.overlay");
+    let out = cloudlet().args(["residue", "--server", &url, "--vm", &id, "--json", "--out"]).arg(&r1).output().unwrap();
+    assert!(out.status.success(), "residue: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["bytes"].as_u64(), Some(std::fs::metadata(&r1).unwrap().len()), "{v}");
+    assert!(v["paused_ms"].as_u64().is_some(), "{v}");
+    assert_eq!(get(port, "/cgi-bin/bump"), (200, "ram 4 disk 4\n".into()));
+    // Refusals: a VM the server lacks (exit 4), an --out that exists (untouched).
+    let out = cloudlet()
+        .args(["residue", "--server", &url, "--vm", "vm-000000000000", "--out"])
+        .arg(work.path().join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(cloudlet_examples::exit::REFUSED.into()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!work.path().join("x").exists());
+    let out = cloudlet().args(["residue", "--server", &url, "--vm", &id, "--out"]).arg(&ovl).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Synthesized the ordinary way, the residue resumes the VM as it was at the capture: its
+    // count in RAM and its log on disk. Its own residue, taken on Enter, goes on from there.
+    let r2 = work.path().join("r2.overlay");
+    let mut child = cloudlet()
+        .arg("--registry")
+        .arg(&reg)
+        .args(["synthesis", "--probe", "8080", "--keep-running", "--json", "--overlay"])
+        .arg(&r1)
+        .arg("--out")
+        .arg(work.path().join("vm2"))
+        .arg("--residue")
+        .arg(&r2)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut child = KillOnDrop(child);
+    let mut report = String::new();
+    // Pretty JSON: the report ends at the first line that is a closing brace alone.
+    while !report.ends_with("\n}\n") {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "synthesis ended before its report: {report}");
+        report.push_str(&line);
+    }
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(get(port_8080(&v), "/cgi-bin/bump"), (200, "ram 4 disk 4\n".into()));
+    child.0.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert!(child.0.wait().unwrap().success(), "{rest}");
+    let v: serde_json::Value = serde_json::from_str(&rest).unwrap();
+    assert_eq!(v["bytes"].as_u64(), Some(std::fs::metadata(&r2).unwrap().len()), "{v}");
+    let out = cloudlet()
+        .args(["client", "--server", &url, "--probe", "8080", "--json", "--overlay"])
+        .arg(&r2)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "client: {}", String::from_utf8_lossy(&out.stderr));
+    let moved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(get(port_8080(&moved), "/cgi-bin/bump"), (200, "ram 5 disk 5\n".into()));
+    // The first VM still counts on its own.
+    assert_eq!(get(port, "/cgi-bin/bump"), (200, "ram 5 disk 5\n".into()));
+    server.interrupt();
+    assert!(entries(&work.path().join("vms")).is_empty());
+}

@@ -40,6 +40,9 @@ const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(10);
 pub const ANSWER_WAIT: Duration = Duration::from_secs(900);
 /// Largest answer (head or body) read.
 const ANSWER_LIMIT: u64 = 16 << 20;
+
+/// How long a residue may take: its capture on the server and its transfer.
+pub const RESIDUE_TIMEOUT: Duration = Duration::from_secs(900);
 /// Bytes per write of the overlay.
 const CHUNK: usize = 1 << 20;
 
@@ -177,6 +180,17 @@ impl ClientError {
     }
 }
 
+/// A residue fetched by [`Client::residue`].
+#[derive(Debug, Clone)]
+pub struct ResidueDownload {
+    /// The overlay file written.
+    pub path: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// How long the server paused the VM for its snapshot, as it said.
+    pub paused: Option<Duration>,
+}
+
 /// How an upload goes.
 #[derive(Default, Clone, Copy)]
 pub struct UploadOptions<'a> {
@@ -286,6 +300,69 @@ impl Client {
     /// `DELETE /v1/vms/{id}`: stops the VM and removes its files; the VM as it was.
     pub fn stop(&self, id: &str) -> Result<VmInfo, ClientError> {
         self.json("DELETE", &format!("/v1/vms/{id}"))
+    }
+
+    /// `GET /v1/vms/{id}/residue`: what the VM changed against its base, as an overlay written
+    /// to `out` (which must not exist; nothing is left there on error). The VM is paused on the
+    /// server for its snapshot, then runs on.
+    pub fn residue(&self, id: &str, out: &Path) -> Result<ResidueDownload, ClientError> {
+        let url = format!("{}/v1/vms/{id}/residue", self.url);
+        let what = format!("GET {url}");
+        let io = |what: String| move |source| ClientError::Io { what, source };
+        if out.symlink_metadata().is_ok() {
+            return Err(ClientError::Io {
+                what: format!("writing the residue to {}", out.display()),
+                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            });
+        }
+        let req = self.agent.get(&url).config().timeout_global(Some(RESIDUE_TIMEOUT)).build();
+        let req = match &self.token {
+            Some(t) => req.header("Authorization", &format!("Bearer {t}")),
+            None => req,
+        };
+        let mut r = req.call().map_err(|e| ClientError::from_ureq(what.clone(), e))?;
+        let status = r.status().as_u16();
+        if !(200..300).contains(&status) {
+            let retry_after =
+                r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+            let body = r
+                .body_mut()
+                .with_config()
+                .limit(ANSWER_LIMIT)
+                .read_to_string()
+                .map_err(|e| ClientError::from_ureq(format!("reading the answer to {what}"), e))?;
+            return Err(ClientError::from_answer(Answer { status, body, retry_after }));
+        }
+        let paused = r
+            .headers()
+            .get("x-cloudlet-paused-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+            .map(Duration::from_millis);
+        let mut file = None;
+        let (partial, mut guard) = crate::flows::fresh_sibling(out, "partial", |p| {
+            file = Some(std::fs::OpenOptions::new().write(true).create_new(true).open(p)?);
+            Ok(())
+        })
+        .map_err(|e| ClientError::Io {
+            what: format!("writing the residue to {}", out.display()),
+            source: std::io::Error::other(crate::error_chain(&e)),
+        })?;
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, file.expect("set when fresh_sibling succeeds"));
+        let mut body = r.body_mut().with_config().limit(u64::MAX).reader();
+        let bytes =
+            std::io::copy(&mut body, &mut file).map_err(|e| ClientError::from_io(what.clone(), e, RESIDUE_TIMEOUT))?;
+        let file = file.into_inner().map_err(|e| io(format!("writing {}", partial.display()))(e.into_error()))?;
+        file.sync_all().map_err(io(format!("writing {}", partial.display())))?;
+        let f = std::fs::File::open(&partial).map_err(io(format!("reading {}", partial.display())))?;
+        overlay_format::OverlayReader::new(BufReader::new(f))
+            .map_err(|source| ClientError::NotAnOverlay { path: partial.clone(), source })?;
+        crate::flows::publish(&partial, out).map_err(|e| ClientError::Io {
+            what: format!("writing the residue to {}", out.display()),
+            source: std::io::Error::other(crate::error_chain(&e)),
+        })?;
+        guard.disarm();
+        Ok(ResidueDownload { path: out.to_owned(), bytes, paused })
     }
 
     /// Checks the token and that the server holds base `base_id` (hex), before an upload:

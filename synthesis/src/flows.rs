@@ -672,50 +672,15 @@ pub fn create_overlay_file<H: Hypervisor>(
     let snap = vm.snapshot(&snap_dir)?;
     drop(vm);
     let snapshot = t2.elapsed();
-    // The custom disk is a qcow2 layer over the base disk: the engine reads only the clusters
-    // it allocated.
-    let mut custom = vec![CustomImage { name: "memory".into(), source: CustomSource::Raw(snap.memory_path()) }];
-    for d in &snap.disks {
-        let path = snap.dir.join(&d.path);
-        let source = match d.format {
-            DiskFormat::Qcow2 => CustomSource::Qcow2(path),
-            DiskFormat::Raw => CustomSource::Raw(path),
-        };
-        custom.push(CustomImage { name: d.name.clone(), source });
-    }
-    events(Event::Step("computing the overlay".into()));
-    let engine_base = base.engine_base()?;
-    let device_state = std::fs::read(snap.device_state_path())
-        .map_err(|source| FlowError::Io { path: snap.device_state_path(), source })?;
     let info = OverlayInfo {
         base_id: base.id(),
         spec: base.entry.manifest.spec.clone(),
         forwards: req.forwards.clone(),
         name: req.name.clone(),
         creator: format!("cloudlet {}", env!("CARGO_PKG_VERSION")),
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: now_unix(),
     };
-    let mut file = None;
-    let (partial, mut partial_guard) = fresh_sibling(&req.out, "partial", |p| {
-        file = Some(std::fs::OpenOptions::new().write(true).create_new(true).open(p)?);
-        Ok(())
-    })?;
-    let file = file.expect("set when fresh_sibling succeeds");
-    let progress = |p: delta_engine::Progress| events(Event::Progress { phase: p.phase, done: p.done, total: p.total });
-    let (w, stats) = create_overlay(
-        &engine_base,
-        &custom,
-        &info,
-        &device_state,
-        &req.options,
-        &progress,
-        std::io::BufWriter::with_capacity(1 << 20, file),
-    )?;
-    let file = w.into_inner().map_err(|e| FlowError::Io { path: partial.clone(), source: e.into_error() })?;
-    file.sync_all().map_err(|source| FlowError::Io { path: partial.clone(), source })?;
+    let (partial, mut partial_guard, stats) = write_overlay(base, &snap, &info, &req.options, &req.out, events)?;
     let mut segments = None;
     if req.segmented {
         events(Event::Step("recording what the custom VM touches until its app answers".into()));
@@ -757,6 +722,56 @@ pub fn create_overlay_file<H: Hypervisor>(
         partial_guard.disarm();
     }
     Ok(OverlayOutcome { path: req.out.clone(), stats, resume, customize, snapshot, segments })
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Writes the overlay of the VM snapshotted in `snap` against `base` into a fresh hidden file
+/// next to `out`, synced: its path, the guard that removes it, and the engine's statistics.
+/// Disks that are qcow2 layers over the base's disks are read by their allocated clusters only.
+pub(crate) fn write_overlay(
+    base: &RegisteredBase,
+    snap: &Snapshot,
+    info: &OverlayInfo,
+    options: &CreateOptions,
+    out: &Path,
+    events: &(dyn Fn(Event) + Sync),
+) -> Result<(PathBuf, Guard, CreateStats), FlowError> {
+    let mut custom = vec![CustomImage { name: "memory".into(), source: CustomSource::Raw(snap.memory_path()) }];
+    for d in &snap.disks {
+        let path = snap.dir.join(&d.path);
+        let source = match d.format {
+            DiskFormat::Qcow2 => CustomSource::Qcow2(path),
+            DiskFormat::Raw => CustomSource::Raw(path),
+        };
+        custom.push(CustomImage { name: d.name.clone(), source });
+    }
+    events(Event::Step("computing the overlay".into()));
+    let engine_base = base.engine_base()?;
+    let device_state = std::fs::read(snap.device_state_path())
+        .map_err(|source| FlowError::Io { path: snap.device_state_path(), source })?;
+    let mut file = None;
+    let (partial, guard) = fresh_sibling(out, "partial", |p| {
+        file = Some(std::fs::OpenOptions::new().write(true).create_new(true).open(p)?);
+        Ok(())
+    })?;
+    let file = file.expect("set when fresh_sibling succeeds");
+    let progress = |p: delta_engine::Progress| events(Event::Progress { phase: p.phase, done: p.done, total: p.total });
+    let (w, stats) = create_overlay(
+        &engine_base,
+        &custom,
+        info,
+        &device_state,
+        options,
+        &progress,
+        std::io::BufWriter::with_capacity(1 << 20, file),
+    )?;
+    let file = w.into_inner().map_err(|e| FlowError::Io { path: partial.clone(), source: e.into_error() })?;
+    file.sync_all().map_err(|source| FlowError::Io { path: partial.clone(), source })?;
+    Ok((partial, guard, stats))
 }
 
 /// The synthesis timeline.
@@ -830,6 +845,12 @@ pub struct SynthesisOptions {
     pub probe_status: Option<u16>,
     /// Address the forwarded host ports listen on.
     pub forward_address: String,
+    /// Run the VM on the rebuilt files themselves (the default): its memory and disk writes go
+    /// to `out_dir`, so its residue can be captured ([`crate::residue`]), and `out_dir` no longer
+    /// holds the state synthesis rebuilt once the VM has run. Off: the VM maps its memory
+    /// copy-on-write and writes its disks to layers of its own, dropped when it stops, so
+    /// `out_dir` can be resumed again ([`crate::resume_kept`]).
+    pub in_place: bool,
 }
 
 impl SynthesisOptions {
@@ -842,6 +863,7 @@ impl SynthesisOptions {
             probe_path: "/".into(),
             probe_status: None,
             forward_address: "127.0.0.1".into(),
+            in_place: true,
         }
     }
 }
@@ -932,12 +954,13 @@ pub fn synthesize_with<H: Hypervisor, R: Read + Send>(
     custom.save()?;
     events(Event::Step("resuming the custom VM".into()));
     let t1 = Instant::now();
-    let vm = restore_forwarding(
-        hypervisor,
-        &custom,
-        &report.meta.forwards,
-        RestoreOptions { forward_address: Some(opts.forward_address.clone()), ..Default::default() },
-    )?;
+    let mut restore = RestoreOptions { forward_address: Some(opts.forward_address.clone()), ..Default::default() };
+    if opts.in_place {
+        restore.ram = RamMode::InPlace;
+        restore.disks =
+            Some(custom.disks.iter().map(|d| vm_driver::Disk { path: out_dir.join(&d.path), ..d.clone() }).collect());
+    }
+    let vm = restore_forwarding(hypervisor, &custom, &report.meta.forwards, restore)?;
     let resume = t1.elapsed();
     let ports: Vec<(u16, u16)> = vm.forwards().iter().map(|f| (f.guest_port, f.host_port)).collect();
     let mut answer = None;

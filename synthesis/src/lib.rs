@@ -59,6 +59,7 @@ mod http;
 mod kept;
 mod ready;
 pub mod report;
+pub mod residue;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod share;

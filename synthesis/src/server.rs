@@ -14,6 +14,7 @@
 //! | `POST /v1/synthesis?url=URL&probe=PORT` | no body: the segmented overlay at `URL`, read by range; the VM resumes before it has arrived ([`crate::early`]) |
 //! | `GET /v1/vms`, `GET /v1/vms/{id}` | running VMs |
 //! | `DELETE /v1/vms/{id}` | stop a VM and remove its files |
+//! | `GET /v1/vms/{id}/residue` | what the VM changed against its base, as an overlay ([`crate::residue`]) |
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -147,16 +148,24 @@ where
 
 struct Running<V> {
     info: VmInfo,
-    vm: V,
+    /// Locked while a residue is captured; `None` once stopped.
+    vm: Arc<Mutex<Option<V>>>,
     dir: PathBuf,
+    /// The base it was synthesized from, and the forwards of its overlay: what a residue needs.
+    base: Arc<crate::RegisteredBase>,
+    forwards: Vec<overlay_format::PortForward>,
     /// What serves the memory and disks of a VM resumed before its overlay had arrived.
     serving: Option<crate::early::Serving>,
 }
 
 impl<V: Vm> Running<V> {
-    /// Stops the VM, then what serves it, and removes its directory.
+    /// Stops the VM (after a residue being captured), then what serves it, and removes its
+    /// directory.
     fn stop(self) {
-        let _ = self.vm.shutdown();
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(vm) = vm {
+            let _ = vm.shutdown();
+        }
         drop(self.serving);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -278,6 +287,7 @@ fn router<H: ServedHypervisor>(state: Arc<AppState<H>>) -> Router {
         .route("/v1/synthesis", post(synthesis::<H>))
         .route("/v1/vms", get(list_vms::<H>))
         .route("/v1/vms/{id}", get(get_vm::<H>).delete(delete_vm::<H>))
+        .route("/v1/vms/{id}/residue", get(residue::<H>))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::<H>));
     Router::new().route("/healthz", get(healthz::<H>)).merge(v1).with_state(state)
 }
@@ -361,6 +371,101 @@ async fn delete_vm<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path
         }
         None => api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}")),
     }
+}
+
+/// `GET /v1/vms/{id}/residue`: captures what the VM changed against its base (it is paused for
+/// its snapshot, then runs again), writes it as an overlay in the work directory, and sends it.
+/// The file is unlinked once open, so nothing of it outlives the answer.
+async fn residue<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path(id): Path<String>) -> Response {
+    let found = st
+        .vms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .map(|r| (r.vm.clone(), r.base.clone(), r.forwards.clone(), r.info.name.clone()));
+    let Some((vm, base, forwards, name)) = found else {
+        return api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}"));
+    };
+    // A capture computes an overlay: it counts against the syntheses at once.
+    let Ok(permit) = st.syntheses.clone().try_acquire_owned() else {
+        let mut r = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            format!("{} syntheses or captures are running already; retry later", st.cfg.max_syntheses),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+        return r;
+    };
+    let out = st.cfg.work_dir.join(format!("{id}.residue-{}", st.next.fetch_add(1, Ordering::Relaxed)));
+    let id2 = id.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut guard = vm.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(vm) = guard.as_mut() else {
+            return Ok::<_, FlowError>(None);
+        };
+        let events = |e: Event| {
+            if let Event::Step(s) = e {
+                tracing::info!(vm = %id2, "residue: {s}");
+            }
+        };
+        let req = crate::residue::ResidueRequest::new(&out, &name, &forwards);
+        let outcome = crate::residue::capture_residue(vm, &base, &req, &events);
+        drop(guard);
+        let outcome = outcome?;
+        let file = std::fs::File::open(&outcome.path);
+        let _ = std::fs::remove_file(&outcome.path);
+        let file = file.map_err(|source| FlowError::Io { path: outcome.path.clone(), source })?;
+        Ok(Some((file, outcome)))
+    });
+    let (file, outcome) = match task.await {
+        Ok(Ok(Some(v))) => v,
+        Ok(Ok(None)) => return api_error(StatusCode::NOT_FOUND, "not_found", format!("VM {id} was stopped")),
+        Ok(Err(e)) => {
+            tracing::warn!(vm = %id, "residue failed: {}", error_chain(&e));
+            return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", error_chain(&e));
+        }
+        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("residue task: {e}")),
+    };
+    tracing::info!(
+        vm = %id,
+        "residue: {} bytes, paused {:.0} ms, {:.0} ms in all",
+        outcome.bytes,
+        outcome.paused.as_secs_f64() * 1e3,
+        outcome.total.as_secs_f64() * 1e3
+    );
+    // The file is read on a blocking thread into a bounded channel: the client's pace.
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::task::spawn_blocking(move || {
+        let mut file = file;
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/vnd.cloudlet.overlay".to_string()),
+            (header::CONTENT_LENGTH, outcome.bytes.to_string()),
+            (header::HeaderName::from_static("x-cloudlet-paused-ms"), outcome.paused.as_millis().to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// Query of `POST /v1/synthesis`.
@@ -492,6 +597,7 @@ async fn synthesis<H: ServedHypervisor>(
             probe_path: "/".into(),
             probe_status: None,
             forward_address: st2.cfg.listen.ip().to_string(),
+            in_place: true,
         };
         let events = |e: Event| {
             if let Event::Step(s) = e {
@@ -622,10 +728,17 @@ fn outcome<H: Hypervisor>(
                 // For the next server, should this one be killed (see `recover`).
                 let _ = std::fs::write(s.dir.join(QEMU_PID_FILE), pid.to_string());
             }
-            st.vms
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone(), Running { info: info.clone(), vm: s.vm, dir: s.dir, serving });
+            st.vms.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                id.clone(),
+                Running {
+                    info: info.clone(),
+                    vm: Arc::new(Mutex::new(Some(s.vm))),
+                    dir: s.dir,
+                    base: Arc::new(s.base),
+                    forwards: s.meta.forwards.clone(),
+                    serving,
+                },
+            );
             (StatusCode::CREATED, [(header::LOCATION, format!("/v1/vms/{id}"))], Json(info)).into_response()
         }
         Ok(Err(e)) => {

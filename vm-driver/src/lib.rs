@@ -321,6 +321,11 @@ pub enum RamMode {
     CopyOnWrite,
     /// Copy the RAM image (sparse) and share it (`share=on`): the VM can be snapshotted again.
     PrivateCopy,
+    /// Map the snapshot's own RAM image, shared and writable (`share=on`), without a copy: the
+    /// VM can be snapshotted again, but it writes its memory into the snapshot, whose state hash
+    /// no longer matches once the VM has run: for a snapshot restored once, such as a VM that
+    /// synthesis has just rebuilt. The file is never deleted.
+    InPlace,
     /// Map this file, shared and writable (`share=on`), instead of the snapshot's RAM image: a
     /// RAM image that someone else serves and owns, such as one served on demand before it has
     /// all arrived (the `lazy-image` crate). It must have the snapshot's RAM size. The

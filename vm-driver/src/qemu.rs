@@ -557,6 +557,7 @@ impl Hypervisor for Qemu {
         let (ram_path, share, readonly) = match &opts.ram {
             RamMode::CopyOnWrite => (memory.clone(), false, true),
             RamMode::Served(path) => (path.clone(), true, false),
+            RamMode::InPlace => (memory.clone(), true, false),
             RamMode::PrivateCopy => {
                 let p = runtime.join("ram");
                 if let Err(e) = sparse_copy(&memory, &p) {
@@ -580,7 +581,7 @@ impl Hypervisor for Qemu {
             ram_path: &ram_path,
             ram_share: share,
             ram_readonly: readonly,
-            ram_owned: !served && !readonly,
+            ram_owned: opts.ram == RamMode::PrivateCopy,
             incoming: true,
             accel: want,
             free_page_reporting: snap.free_page_reporting,

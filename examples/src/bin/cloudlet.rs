@@ -181,6 +181,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Capture what a VM running on a synthesis server changed against its base (its
+    /// residue), as an overlay: `cloudlet synthesis` or `cloudlet client` on any cloudlet that
+    /// holds the base resumes it as it was. The VM is paused for its snapshot, then runs on.
+    /// (A VM of `cloudlet synthesis --keep-running` leaves its residue with --residue.)
+    ///
+    /// Exit codes: 0 done, 4 the server refused (no such VM, token), 5 the server failed or
+    /// is busy, 1 anything else.
+    Residue(cloudlet_examples::net::ResidueArgs),
     /// Show what an overlay holds: base id, VM spec, images, sizes by record kind, digests.
     ///
     /// Exit codes: 0 readable, 3 damaged or not an overlay (only the damage is printed), 1
@@ -360,6 +368,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 json,
             });
         }
+        Command::Residue(a) => return net::residue(&a),
         Command::OverlayInfo { file, verify, json } => {
             let (mut info, err) =
                 overlay_info::inspect(&file, verify).with_context(|| format!("cannot open {}", file.display()))?;
