@@ -214,6 +214,63 @@ pub fn residue(a: &ResidueArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Options of `cloudlet handoff`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HandoffArgs {
+    /// The server the VM runs on, e.g. http://127.0.0.1:7878.
+    #[arg(long)]
+    pub from: String,
+    /// The VM (its id on --from).
+    #[arg(long)]
+    pub vm: String,
+    /// The server to move it to (it must hold the VM's base).
+    #[arg(long)]
+    pub to: String,
+    /// Guest port on which the destination waits for the app's first HTTP answer before the
+    /// VM is stopped at the source.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub probe: Option<u16>,
+    /// Bearer token of --from.
+    #[arg(long, env = "CLOUDLET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Bearer token of --to (the source sends it there).
+    #[arg(long, env = "CLOUDLET_TO_TOKEN", hide_env_values = true)]
+    pub to_token: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cloudlet handoff`.
+pub fn handoff(a: &HandoffArgs) -> Result<ExitCode> {
+    let mut client = Client::new(&a.from)?;
+    if let Some(t) = &a.token {
+        client = client.token(t.clone());
+    }
+    // The source checks it too; said here, before anything moves.
+    Client::new(&a.to).context("--to")?;
+    if !a.json {
+        eprintln!("moving {} from {} to {}", a.vm, client.url(), a.to);
+    }
+    let req = synthesis::api::HandoffRequest { to: a.to.clone(), to_token: a.to_token.clone(), probe: a.probe };
+    let r = match client.handoff(&a.vm, &req) {
+        Ok(r) => r,
+        Err(e) => return server_error(anyhow::Error::new(e).context(format!("handoff of {}", a.vm)), a.json),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "moved {} to {} as {} ({} bytes of residue; the VM was down {} ms, {} ms in all)",
+            r.from_id, r.to, r.vm.id, r.residue_bytes, r.downtime_ms, r.total_ms
+        );
+        for f in &r.vm.ports {
+            println!("  forward: {}:{} -> guest :{}", f.address.as_deref().unwrap_or("?"), f.host, f.guest);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `--stop ID`.
 fn stop(client: &Client, id: &str, json: bool) -> Result<()> {
     let info = client.stop(id)?;

@@ -935,16 +935,16 @@ fn port_8080(v: &serde_json::Value) -> u16 {
     v["ports"].as_array().unwrap().iter().find(|p| p["guest"] == 8080).unwrap()["host"].as_u64().unwrap() as u16
 }
 
-#[test]
-fn residue_moves_a_vm_with_its_ram_and_disk_state() {
-    let work = tempfile::tempdir().unwrap();
-    let reg = work.path().join("registry");
+/// Base `deb` in `work/registry` and the overlay `work/app.overlay` of an app that counts its
+/// requests in RAM (/tmp is a tmpfs) and logs each on disk: `GET /cgi-bin/bump` on guest port
+/// 8080 answers `ram N disk N`.
+fn counter_overlay(work: &Path) -> (PathBuf, PathBuf) {
+    let reg = work.join("registry");
     make_base(&reg);
-    // The app counts its requests in RAM (/tmp is a tmpfs) and logs each on disk.
     let cgi = "#!/bin/sh\\necho Content-Type: text/plain\\necho\\nn=$(cat /tmp/n 2>/dev/null || echo 0)\\n\
                n=$((n+1))\\necho $n > /tmp/n\\necho $n >> /mnt/disk/app/log\\nsync\\n\
                echo \"ram $n disk $(wc -l < /mnt/disk/app/log)\"\\n";
-    let ovl = work.path().join("app.overlay");
+    let ovl = work.join("app.overlay");
     let out = cloudlet()
         .arg("--registry")
         .arg(&reg)
@@ -956,6 +956,13 @@ fn residue_moves_a_vm_with_its_ram_and_disk_state() {
         .output()
         .unwrap();
     assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
+    (reg, ovl)
+}
+
+#[test]
+fn residue_moves_a_vm_with_its_ram_and_disk_state() {
+    let work = tempfile::tempdir().unwrap();
+    let (reg, ovl) = counter_overlay(work.path());
     let server = Served::start(
         cloudlet()
             .arg("--registry")
@@ -1048,4 +1055,116 @@ fn residue_moves_a_vm_with_its_ram_and_disk_state() {
     assert_eq!(get(port, "/cgi-bin/bump"), (200, "ram 5 disk 5\n".into()));
     server.interrupt();
     assert!(entries(&work.path().join("vms")).is_empty());
+}
+
+/// A destination that dies mid-handoff: it answers `GET /v1/bases` with `bases` (so the
+/// source sends), says "100 Continue" to the upload, reads a little of it and closes.
+fn dying_destination(bases: String) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut head = String::new();
+            while !head.ends_with("\r\n\r\n") {
+                if r.read_line(&mut head).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            if head.starts_with("GET /v1/bases") {
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{bases}",
+                    bases.len()
+                );
+                let _ = s.write_all(answer.as_bytes());
+            } else {
+                let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                let mut some = [0u8; 64 << 10];
+                let _ = r.read(&mut some);
+            }
+        }
+    });
+    addr
+}
+
+/// The VMs a server lists.
+fn vm_ids(addr: SocketAddr) -> Vec<String> {
+    let (st, body) = http(addr, "GET /v1/vms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"");
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v.as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn handoff_moves_a_vm_between_servers_or_leaves_it_running() {
+    let work = tempfile::tempdir().unwrap();
+    let (reg, ovl) = counter_overlay(work.path());
+    // The destination holds the same base, imported from an export; a third server has none.
+    let export = work.path().join("deb.base");
+    let out =
+        cloudlet().arg("--registry").arg(&reg).args(["export-base", "deb", "--out"]).arg(&export).output().unwrap();
+    assert!(out.status.success(), "export-base: {}", String::from_utf8_lossy(&out.stderr));
+    let reg2 = work.path().join("registry2");
+    let out = cloudlet().arg("--registry").arg(&reg2).arg("import-base").arg(&export).output().unwrap();
+    assert!(out.status.success(), "import-base: {}", String::from_utf8_lossy(&out.stderr));
+    let serve = |reg: &Path, vms: &str| {
+        Served::start(
+            cloudlet()
+                .arg("--registry")
+                .arg(reg)
+                .args(["serve", "--listen", "127.0.0.1:0"])
+                .arg("--work")
+                .arg(work.path().join(vms)),
+        )
+    };
+    let (a, b, c) = (serve(&reg, "vms-a"), serve(&reg2, "vms-b"), serve(&work.path().join("registry3"), "vms-c"));
+    let out = cloudlet()
+        .args(["client", "--server", &a.url(), "--probe", "8080", "--json", "--overlay"])
+        .arg(&ovl)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "client: {}", String::from_utf8_lossy(&out.stderr));
+    let vm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, port) = (vm["id"].as_str().unwrap().to_string(), port_8080(&vm));
+    for n in 1..=2 {
+        assert_eq!(get(port, "/cgi-bin/bump"), (200, format!("ram {n} disk {n}\n")));
+    }
+    let handoff = |to: &str| {
+        cloudlet()
+            .args(["handoff", "--from", &a.url(), "--vm", &id, "--to", to, "--probe", "8080", "--json"])
+            .output()
+            .unwrap()
+    };
+
+    // Destinations that do not take the VM: it runs on at the source, state intact. One
+    // lacks the base, one is not there, one dies while the residue is on its way.
+    let (_, bases) = http(a.addr, "GET /v1/bases HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dying = dying_destination(bases);
+    for (n, to) in [(3, c.url()), (4, format!("http://{closed}")), (5, format!("http://{dying}"))] {
+        let out = handoff(&to);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(cloudlet_examples::exit::SERVER.into()), "to {to}: {said}");
+        assert!(said.contains("handoff_failed") && said.contains("it runs on here"), "to {to}: {said}");
+        assert_eq!(get(port, "/cgi-bin/bump"), (200, format!("ram {n} disk {n}\n")), "after the handoff to {to}");
+        assert_eq!(vm_ids(a.addr), vec![id.clone()]);
+    }
+    assert!(vm_ids(c.addr).is_empty());
+
+    // To the destination that holds the base: the VM answers there with its count, and is
+    // gone from the source.
+    let out = handoff(&b.url());
+    assert!(out.status.success(), "handoff: {}", String::from_utf8_lossy(&out.stdout));
+    let moved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(moved["from_id"], id.as_str());
+    assert!(moved["downtime_ms"].as_u64().unwrap() <= moved["total_ms"].as_u64().unwrap(), "{moved}");
+    assert_eq!(vm_ids(b.addr), vec![moved["vm"]["id"].as_str().unwrap().to_string()]);
+    assert_eq!(get(port_8080(&moved["vm"]), "/cgi-bin/bump"), (200, "ram 6 disk 6\n".into()));
+    assert!(vm_ids(a.addr).is_empty());
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "the source still forwards port {port}");
+    for (s, dir) in [(a, "vms-a"), (b, "vms-b"), (c, "vms-c")] {
+        s.interrupt();
+        assert!(entries(&work.path().join(dir)).is_empty(), "{dir}: {:?}", entries(&work.path().join(dir)));
+    }
 }

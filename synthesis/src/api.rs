@@ -168,3 +168,35 @@ impl std::fmt::Display for ApiError {
         write!(f, "{}: {}", self.code, self.error)
     }
 }
+
+/// The body of `POST /v1/vms/{id}/handoff`: where the VM goes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandoffRequest {
+    /// The destination server, `http://HOST:PORT`; it must hold the VM's base.
+    pub to: String,
+    /// The destination's bearer token, if it needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_token: Option<String>,
+    /// Guest port on which the destination waits for the app's first HTTP answer before the
+    /// source VM is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<u16>,
+}
+
+/// The answer to a handoff that succeeded: the VM runs on the destination, and no longer here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HandoffResult {
+    /// The VM's id on the source (stopped there).
+    pub from_id: String,
+    /// The destination server.
+    pub to: String,
+    /// The VM on the destination: its id there, and its forwards on the destination's address.
+    pub vm: VmInfo,
+    /// The residue sent, in bytes.
+    pub residue_bytes: u64,
+    /// From the pause on the source until the destination answered that the VM runs there
+    /// (and, with a probe, that its app answered).
+    pub downtime_ms: u64,
+    /// The whole handoff.
+    pub total_ms: u64,
+}

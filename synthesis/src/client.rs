@@ -41,7 +41,7 @@ pub const ANSWER_WAIT: Duration = Duration::from_secs(900);
 /// Largest answer (head or body) read.
 const ANSWER_LIMIT: u64 = 16 << 20;
 
-/// How long a residue may take: its capture on the server and its transfer.
+/// How long a residue or a handoff may take: the capture on the server and the transfer.
 pub const RESIDUE_TIMEOUT: Duration = Duration::from_secs(900);
 /// Bytes per write of the overlay.
 const CHUNK: usize = 1 << 20;
@@ -363,6 +363,41 @@ impl Client {
         })?;
         guard.disarm();
         Ok(ResidueDownload { path: out.to_owned(), bytes, paused })
+    }
+
+    /// `POST /v1/vms/{id}/handoff`: moves the VM to the server `req.to`, which must hold its
+    /// base. [`ClientError::Failed`] with a 502 `handoff_failed` answer when the destination
+    /// did not take it: the VM then runs on here.
+    pub fn handoff(
+        &self,
+        id: &str,
+        req: &crate::api::HandoffRequest,
+    ) -> Result<crate::api::HandoffResult, ClientError> {
+        let url = format!("{}/v1/vms/{id}/handoff", self.url);
+        let what = format!("POST {url}");
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol { what: format!("{what}: {e}") })?;
+        let r = self.agent.post(&url).config().timeout_global(Some(RESIDUE_TIMEOUT)).build();
+        let r = r.header("Content-Type", "application/json");
+        let r = match &self.token {
+            Some(t) => r.header("Authorization", &format!("Bearer {t}")),
+            None => r,
+        };
+        let mut r = r.send(&body[..]).map_err(|e| ClientError::from_ureq(what.clone(), e))?;
+        let status = r.status().as_u16();
+        let retry_after =
+            r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+        let body = r
+            .body_mut()
+            .with_config()
+            .limit(ANSWER_LIMIT)
+            .read_to_string()
+            .map_err(|e| ClientError::from_ureq(format!("reading the answer to {what}"), e))?;
+        if !(200..300).contains(&status) {
+            return Err(ClientError::from_answer(Answer { status, body, retry_after }));
+        }
+        serde_json::from_str(&body).map_err(|e| ClientError::Protocol {
+            what: format!("the answer to {what} is not the JSON the API describes: {e}"),
+        })
     }
 
     /// Checks the token and that the server holds base `base_id` (hex), before an upload:

@@ -15,6 +15,7 @@
 //! | `GET /v1/vms`, `GET /v1/vms/{id}` | running VMs |
 //! | `DELETE /v1/vms/{id}` | stop a VM and remove its files |
 //! | `GET /v1/vms/{id}/residue` | what the VM changed against its base, as an overlay ([`crate::residue`]) |
+//! | `POST /v1/vms/{id}/handoff` | body: [`HandoffRequest`]; moves the VM to another server, or leaves it running here |
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -128,7 +129,7 @@ pub enum ServerError {
 }
 
 pub use crate::api::{ApiError, Forward as PortInfo, Timeline as TimelineMs, VmInfo};
-use crate::api::{BaseInfo, Health};
+use crate::api::{BaseInfo, HandoffRequest, HandoffResult, Health};
 use crate::error_chain;
 
 fn api_error(status: StatusCode, code: &str, error: String) -> Response {
@@ -288,6 +289,7 @@ fn router<H: ServedHypervisor>(state: Arc<AppState<H>>) -> Router {
         .route("/v1/vms", get(list_vms::<H>))
         .route("/v1/vms/{id}", get(get_vm::<H>).delete(delete_vm::<H>))
         .route("/v1/vms/{id}/residue", get(residue::<H>))
+        .route("/v1/vms/{id}/handoff", post(handoff::<H>))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::<H>));
     Router::new().route("/healthz", get(healthz::<H>)).merge(v1).with_state(state)
 }
@@ -466,6 +468,147 @@ async fn residue<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path(i
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// How a handoff failed: while capturing here (ours), or at the destination.
+enum HandoffFailure {
+    Capture(FlowError),
+    Destination(crate::client::ClientError),
+}
+
+/// `POST /v1/vms/{id}/handoff`: pauses the VM, captures its residue, synthesizes it on the
+/// destination (`POST /v1/synthesis` there), and once the destination answers that the VM runs
+/// (and its app, with a probe), stops it here. If anything fails, the VM runs on here.
+async fn handoff<H: ServedHypervisor>(
+    State(st): State<Arc<AppState<H>>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let req: HandoffRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the body is not a handoff request ({{\"to\": \"http://HOST:PORT\"}}): {e}"),
+            )
+        }
+    };
+    let client = match crate::client::Client::new(&req.to) {
+        Ok(c) => match &req.to_token {
+            Some(t) => c.token(t.clone()),
+            None => c,
+        },
+        Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", format!("destination: {e}")),
+    };
+    let found = st
+        .vms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .map(|r| (r.vm.clone(), r.base.clone(), r.forwards.clone(), r.info.name.clone()));
+    let Some((vm, base, forwards, name)) = found else {
+        return api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}"));
+    };
+    let Ok(permit) = st.syntheses.clone().try_acquire_owned() else {
+        let mut r = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy",
+            format!("{} syntheses or captures are running already; retry later", st.cfg.max_syntheses),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+        return r;
+    };
+    let out = st.cfg.work_dir.join(format!("{id}.handoff-{}", st.next.fetch_add(1, Ordering::Relaxed)));
+    let (id2, to, st2) = (id.clone(), req.to.clone(), st.clone());
+    // Everything happens in the task: a caller that goes away does not stop a handoff half-way.
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let t0 = Instant::now();
+        let mut guard = vm.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(v) = guard.as_mut() else {
+            return Ok(None);
+        };
+        let events = |e: Event| {
+            if let Event::Step(s) = e {
+                tracing::info!(vm = %id2, "handoff: {s}");
+            }
+        };
+        let capture = crate::residue::ResidueRequest {
+            after: crate::residue::AfterCapture::Pause,
+            ..crate::residue::ResidueRequest::new(&out, &name, &forwards)
+        };
+        let residue = match crate::residue::capture_residue(v, &base, &capture, &events) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = v.resume();
+                return Err(HandoffFailure::Capture(e));
+            }
+        };
+        tracing::info!(vm = %id2, "handoff: sending {} residue bytes to {}", residue.bytes, client.url());
+        let sent = client.synthesize(
+            &residue.path,
+            &crate::client::UploadOptions { probe: req.probe, retries: 0, on_busy: None, on_progress: None },
+        );
+        let _ = std::fs::remove_file(&residue.path);
+        match sent {
+            Ok(info) => {
+                let downtime = t0.elapsed();
+                if let Some(v) = guard.take() {
+                    let _ = v.shutdown();
+                }
+                drop(guard);
+                let r = st2.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id2);
+                if let Some(r) = r {
+                    r.stop();
+                }
+                Ok(Some(HandoffResult {
+                    from_id: id2.clone(),
+                    to: client.url().to_string(),
+                    vm: info,
+                    residue_bytes: residue.bytes,
+                    downtime_ms: downtime.as_millis() as u64,
+                    total_ms: t0.elapsed().as_millis() as u64,
+                }))
+            }
+            Err(e) => {
+                let resumed = v.resume();
+                tracing::warn!(
+                    vm = %id2,
+                    "handoff to {} failed, {}: {}",
+                    client.url(),
+                    if resumed.is_ok() { "the VM runs on here" } else { "and the VM could not be resumed here" },
+                    error_chain(&e)
+                );
+                Err(HandoffFailure::Destination(e))
+            }
+        }
+    });
+    match task.await {
+        Ok(Ok(Some(result))) => {
+            tracing::info!(
+                vm = %id,
+                "handed off to {} as {} ({} bytes, down {} ms)",
+                result.to,
+                result.vm.id,
+                result.residue_bytes,
+                result.downtime_ms
+            );
+            Json(result).into_response()
+        }
+        Ok(Ok(None)) => api_error(StatusCode::NOT_FOUND, "not_found", format!("VM {id} was stopped")),
+        Ok(Err(HandoffFailure::Capture(e))) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("capturing the VM failed; it runs on here: {}", error_chain(&e)),
+        ),
+        Ok(Err(HandoffFailure::Destination(e))) => api_error(
+            StatusCode::BAD_GATEWAY,
+            "handoff_failed",
+            format!("the destination {to} did not take the VM; it runs on here: {}", error_chain(&e)),
+        ),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("handoff task: {e}")),
+    }
 }
 
 /// Query of `POST /v1/synthesis`.
@@ -976,9 +1119,18 @@ mod tests {
             let path = line.split('"').nth(1).unwrap();
             assert!(spec.contains(&format!("  {path}:")), "openapi.yaml lacks {path}");
         }
-        for code in
-            ["unauthorized", "too_large", "busy", "full", "unknown_base", "bad_overlay", "no_answer", "not_found"]
-        {
+        for code in [
+            "unauthorized",
+            "too_large",
+            "busy",
+            "full",
+            "unknown_base",
+            "bad_overlay",
+            "bad_request",
+            "no_answer",
+            "not_found",
+            "handoff_failed",
+        ] {
             assert!(src.contains(&format!("\"{code}\"")), "server.rs never answers {code}");
             assert!(spec.contains(code), "openapi.yaml lacks {code}");
         }

@@ -189,6 +189,15 @@ enum Command {
     /// Exit codes: 0 done, 4 the server refused (no such VM, token), 5 the server failed or
     /// is busy, 1 anything else.
     Residue(cloudlet_examples::net::ResidueArgs),
+    /// Move a VM from one synthesis server to another that holds its base: the source pauses
+    /// it, sends its residue to the destination, which resumes it, and stops it once the
+    /// destination answers (with --probe, once the app answers there). If the destination
+    /// does not take it, the VM runs on at the source.
+    ///
+    /// Exit codes: 0 moved, 4 refused (no such VM, token, bad destination URL), 5 the
+    /// destination did not take the VM (it runs on at the source) or a server failed, 1
+    /// anything else.
+    Handoff(cloudlet_examples::net::HandoffArgs),
     /// Show what an overlay holds: base id, VM spec, images, sizes by record kind, digests.
     ///
     /// Exit codes: 0 readable, 3 damaged or not an overlay (only the damage is printed), 1
@@ -369,6 +378,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
         }
         Command::Residue(a) => return net::residue(&a),
+        Command::Handoff(a) => return net::handoff(&a),
         Command::OverlayInfo { file, verify, json } => {
             let (mut info, err) =
                 overlay_info::inspect(&file, verify).with_context(|| format!("cannot open {}", file.display()))?;
