@@ -6,12 +6,18 @@
 # app's first answer, fastest of RUNS) next to the overlay's pure transfer time at that rate.
 #
 #   benches/link.sh --registry DIR --overlay FILE --probe GUEST_PORT [--rates "10 38 100"]
-#                   [--rtt-ms 20] [--runs 3] [--early SEGMENTED_FILE]
+#                   [--rtt-ms 20] [--runs 3] [--early SEGMENTED_FILE | --handoff]
 #
 # With --early, also an early start at each rate: `cloudlet share` serves the segmented overlay
 # (`cloudlet segment`) in the client's namespace, and `cloudlet synthesis --early-start` in the
 # server's reads it by range; the table gets the time from its start to the app's first answer
 # (as it measures it), the overlay bytes fetched by then, and the time until all had arrived.
+#
+# With --handoff, instead: a second server in the client's namespace is the destination. For
+# each rate, the VM is synthesized on the first server (no link involved), then moved with
+# `cloudlet handoff` (its residue crosses the link); the table gets the residue's size, the
+# downtime (from the pause at the source until the destination's app answered its probe, as
+# the source measures it) and the whole handoff.
 #
 # LINK_VERBOSE=1 prints each early start's JSON and keeps its log in $TMPDIR (with
 # RUST_LOG=synthesis=debug: every segment's arrival and every wait of the VM, in ms).
@@ -23,7 +29,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 rates="10 38 100"
 rtt=20
 runs=3
-reg="" overlay="" probe="" early="" early_args=""
+reg="" overlay="" probe="" early="" early_args="" handoff=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --registry) reg="$2"; shift 2 ;;
@@ -34,6 +40,7 @@ while [ $# -gt 0 ]; do
     --runs) runs="$2"; shift 2 ;;
     --early) early="$2"; shift 2 ;;
     --early-args) early_args="$2"; shift 2 ;;
+    --handoff) handoff=1; shift ;;
     *) echo "usage: $0 --registry DIR --overlay FILE --probe GUEST_PORT [--rates \"10 38 100\"] [--rtt-ms 20] [--runs 3]" >&2; exit 2 ;;
   esac
 done
@@ -47,11 +54,12 @@ cl="$root/target/release/cloudlet"
 
 srv="cl-srv-$$" cli="cl-cli-$$" vs="clvs$$" vc="clvc$$"
 work="$(mktemp -d "${TMPDIR:-/tmp}/cloudlet-link.XXXXXX")"
-server_pid="" share_pid="" relay_pids=""
+server_pid="" share_pid="" relay_pids="" dest_pid=""
 cleanup() {
   for p in $relay_pids; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
   [ -n "$share_pid" ] && kill "$share_pid" 2>/dev/null && wait "$share_pid" 2>/dev/null || true
+  [ -n "$dest_pid" ] && kill "$dest_pid" 2>/dev/null && wait "$dest_pid" 2>/dev/null || true
   ip netns del "$srv" 2>/dev/null || true
   ip netns del "$cli" 2>/dev/null || true
   rm -rf "$work"
@@ -126,6 +134,47 @@ ip netns exec "$cli" bash -c 'exec 3<>/dev/tcp/10.77.0.1/7878' 2>/dev/null \
 if [ "${relay_half:-0}" != 0 ]; then
   start_relay "$cli" 7879 10.77.0.1:7878
   srv_url=http://127.0.0.1:7879
+fi
+
+if [ -n "$handoff" ]; then
+  ip netns exec "$cli" "$cl" serve --listen 10.77.0.2:7878 --insecure --registry "$reg" --work "$work/vms-dest" \
+    >"$work/dest.log" 2>&1 &
+  dest_pid=$!
+  for _ in $(seq 100); do
+    ip netns exec "$srv" bash -c 'exec 3<>/dev/tcp/10.77.0.2/7878' 2>/dev/null && break
+    sleep 0.1
+  done
+  ip netns exec "$srv" bash -c 'exec 3<>/dev/tcp/10.77.0.2/7878' 2>/dev/null \
+    || { echo "link.sh: the destination did not listen on 10.77.0.2:7878 in 10 s" >&2; cat "$work/dest.log" >&2; exit 1; }
+  dest_url=http://10.77.0.2:7878
+  if [ "${relay_half:-0}" != 0 ]; then
+    start_relay "$srv" 7880 10.77.0.2:7878
+    dest_url=http://127.0.0.1:7880
+  fi
+  echo "| link | residue | its transfer alone | downtime (best of $runs) | whole handoff |"
+  echo "| --- | ---: | ---: | ---: | ---: |"
+  for rate in $rates; do
+    shape "$rate"
+    best=""
+    for _ in $(seq "$runs"); do
+      out=$(timeout 900 ip netns exec "$srv" "$cl" client --server http://10.77.0.1:7878 --overlay "$overlay" \
+        --probe "$probe" --json) || { echo "link.sh: synthesis failed: $out" >&2; tail -20 "$work/serve.log" >&2; exit 1; }
+      id=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["id"])' <<<"$out")
+      out=$(timeout 900 ip netns exec "$srv" "$cl" handoff --from http://10.77.0.1:7878 --vm "$id" --to "$dest_url" \
+        --probe "$probe" --json) || { echo "link.sh: handoff at $rate Mbit/s failed: $out" >&2; tail -20 "$work/serve.log" >&2; exit 1; }
+      r=$(python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print(j["vm"]["id"], j["residue_bytes"], j["downtime_ms"], j["total_ms"])' <<<"$out")
+      ip netns exec "$cli" "$cl" client --server http://10.77.0.2:7878 --stop "${r%% *}" >/dev/null
+      best=$(python3 -c "
+a = '$r'.split(); b = '${best:-$r}'.split()
+print(' '.join(a if int(a[2]) <= int(b[2]) else b))")
+    done
+    python3 -c "
+rate = $rate
+_, size, down, total = '$best'.split()
+size = int(size)
+print(f'| {rate} Mbit/s, $delay | {size / 2**20:.1f} MiB | {size * 8 / (rate * 1e6):.2f} s | {int(down) / 1e3:.2f} s | {int(total) / 1e3:.2f} s |')"
+  done
+  exit 0
 fi
 
 if [ -n "$early" ]; then
