@@ -351,6 +351,12 @@ pub struct RestoreOptions {
     pub vnc_display: Option<u16>,
     /// Address the forwards listen on; `None` is 127.0.0.1.
     pub forward_address: Option<String>,
+    /// Start QEMU waiting for a live migration from another QEMU instead of loading the
+    /// snapshot's device state: the snapshot gives the machine and its disks, the caller sets
+    /// the migration's capabilities and starts `migrate-incoming` through the VM's QMP
+    /// (`QemuVm::qmp`), and the VM runs once the migration completes. The snapshot's RAM image
+    /// is not checked against its state hash (the RAM comes from the source).
+    pub await_migration: bool,
 }
 
 /// The version of the `snapshot.json` manifest this crate writes and reads.

@@ -516,7 +516,7 @@ impl Hypervisor for Qemu {
         }
         check_file("device state", &device_state)?;
         let served = matches!(opts.ram, RamMode::Served(_));
-        if !served && state_hash(&memory, &device_state)? != snap.state_hash {
+        if !served && !opts.await_migration && state_hash(&memory, &device_state)? != snap.state_hash {
             return Err(DriverError::BadSnapshot {
                 dir: snap.dir.clone(),
                 reason: "RAM image and device state do not match the recorded hash (files from another snapshot, or damaged)".into(),
@@ -596,7 +596,9 @@ impl Hypervisor for Qemu {
                 return Err(e);
             }
         };
-        vm.incoming(&device_state)?;
+        if !opts.await_migration {
+            vm.incoming(&device_state)?;
+        }
         Ok(vm)
     }
 }
