@@ -230,6 +230,10 @@ pub struct HandoffArgs {
     /// VM is stopped at the source.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub probe: Option<u16>,
+    /// Stop and copy: send the whole residue while the VM is paused, instead of a first
+    /// residue while it runs and then only what changed since.
+    #[arg(long)]
+    pub no_precopy: bool,
     /// Bearer token of --from.
     #[arg(long, env = "CLOUDLET_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -252,7 +256,12 @@ pub fn handoff(a: &HandoffArgs) -> Result<ExitCode> {
     if !a.json {
         eprintln!("moving {} from {} to {}", a.vm, client.url(), a.to);
     }
-    let req = synthesis::api::HandoffRequest { to: a.to.clone(), to_token: a.to_token.clone(), probe: a.probe };
+    let req = synthesis::api::HandoffRequest {
+        to: a.to.clone(),
+        to_token: a.to_token.clone(),
+        probe: a.probe,
+        precopy: !a.no_precopy,
+    };
     let r = match client.handoff(&a.vm, &req) {
         Ok(r) => r,
         Err(e) => return server_error(anyhow::Error::new(e).context(format!("handoff of {}", a.vm)), a.json),
@@ -260,9 +269,13 @@ pub fn handoff(a: &HandoffArgs) -> Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
+        let precopy = match r.precopy_bytes {
+            0 => String::new(),
+            n => format!("{n} bytes while it ran, then "),
+        };
         println!(
-            "moved {} to {} as {} ({} bytes of residue; the VM was down {} ms, {} ms in all)",
-            r.from_id, r.to, r.vm.id, r.residue_bytes, r.downtime_ms, r.total_ms
+            "moved {} to {} as {} ({precopy}{} bytes while paused; the VM was down {} ms, {} ms in all)",
+            r.from_id, r.to, r.vm.id, r.final_bytes, r.downtime_ms, r.total_ms
         );
         for f in &r.vm.ports {
             println!("  forward: {}:{} -> guest :{}", f.address.as_deref().unwrap_or("?"), f.host, f.guest);

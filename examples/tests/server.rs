@@ -1130,22 +1130,30 @@ fn handoff_moves_a_vm_between_servers_or_leaves_it_running() {
     for n in 1..=2 {
         assert_eq!(get(port, "/cgi-bin/bump"), (200, format!("ram {n} disk {n}\n")));
     }
-    let handoff = |to: &str| {
+    let handoff = |from: &Served, id: &str, to: &str, more: &[&str]| {
         cloudlet()
-            .args(["handoff", "--from", &a.url(), "--vm", &id, "--to", to, "--probe", "8080", "--json"])
+            .args(["handoff", "--from", &from.url(), "--vm", id, "--to", to, "--probe", "8080", "--json"])
+            .args(more)
             .output()
             .unwrap()
     };
 
     // Destinations that do not take the VM: it runs on at the source, state intact. One
-    // lacks the base, one is not there, one dies while the residue is on its way.
+    // lacks the base, one is not there, one dies while the first residue is on its way (the
+    // VM runs meanwhile), and again while the whole residue is (the VM is paused).
     let (_, bases) = http(a.addr, "GET /v1/bases HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"");
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let dying = dying_destination(bases);
-    for (n, to) in [(3, c.url()), (4, format!("http://{closed}")), (5, format!("http://{dying}"))] {
-        let out = handoff(&to);
+    let dying = format!("http://{}", dying_destination(bases));
+    let failing: [(u32, String, &[&str]); 4] = [
+        (3, c.url(), &[]),
+        (4, format!("http://{closed}"), &[]),
+        (5, dying.clone(), &[]),
+        (6, dying, &["--no-precopy"]),
+    ];
+    for (n, to, more) in failing {
+        let out = handoff(&a, &id, &to, more);
         let said = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(cloudlet_examples::exit::SERVER.into()), "to {to}: {said}");
+        assert_eq!(out.status.code(), Some(cloudlet_examples::exit::SERVER.into()), "to {to} {more:?}: {said}");
         assert!(said.contains("handoff_failed") && said.contains("it runs on here"), "to {to}: {said}");
         assert_eq!(get(port, "/cgi-bin/bump"), (200, format!("ram {n} disk {n}\n")), "after the handoff to {to}");
         assert_eq!(vm_ids(a.addr), vec![id.clone()]);
@@ -1153,16 +1161,49 @@ fn handoff_moves_a_vm_between_servers_or_leaves_it_running() {
     assert!(vm_ids(c.addr).is_empty());
 
     // To the destination that holds the base: the VM answers there with its count, and is
-    // gone from the source.
-    let out = handoff(&b.url());
+    // gone from the source. Pre-copy: what goes while the VM is paused is a small part.
+    let out = handoff(&a, &id, &b.url(), &[]);
     assert!(out.status.success(), "handoff: {}", String::from_utf8_lossy(&out.stdout));
     let moved: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(moved["from_id"], id.as_str());
     assert!(moved["downtime_ms"].as_u64().unwrap() <= moved["total_ms"].as_u64().unwrap(), "{moved}");
-    assert_eq!(vm_ids(b.addr), vec![moved["vm"]["id"].as_str().unwrap().to_string()]);
-    assert_eq!(get(port_8080(&moved["vm"]), "/cgi-bin/bump"), (200, "ram 6 disk 6\n".into()));
+    let (precopy, last) = (moved["precopy_bytes"].as_u64().unwrap(), moved["final_bytes"].as_u64().unwrap());
+    assert!(precopy > 0 && last * 4 < moved["residue_bytes"].as_u64().unwrap(), "{moved}");
+    let there = moved["vm"]["id"].as_str().unwrap().to_string();
+    assert_eq!(vm_ids(b.addr), vec![there.clone()]);
+    assert_eq!(get(port_8080(&moved["vm"]), "/cgi-bin/bump"), (200, "ram 7 disk 7\n".into()));
     assert!(vm_ids(a.addr).is_empty());
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "the source still forwards port {port}");
+    // And back, stop and copy: the whole residue while paused.
+    let out = handoff(&b, &there, &a.url(), &["--no-precopy"]);
+    assert!(out.status.success(), "handoff back: {}", String::from_utf8_lossy(&out.stdout));
+    let back: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(back["precopy_bytes"], 0, "{back}");
+    assert_eq!(back["final_bytes"], back["residue_bytes"], "{back}");
+    assert_eq!(get(port_8080(&back["vm"]), "/cgi-bin/bump"), (200, "ram 8 disk 8\n".into()));
+    assert!(vm_ids(b.addr).is_empty());
+
+    // Stages and patches from outside: unknown or malformed stage ids, a stage that is no
+    // overlay, a patch that is no patch: refused, nothing left.
+    for sid in ["st-0000000000000000", "st-../../../etc", "vm-0123456789ab"] {
+        let (st, body) = http(b.addr, &post_head(&format!("/v1/synthesis?patch_from={sid}"), 3, None), b"abc");
+        assert_eq!(st, 404, "{sid}: {body}");
+    }
+    let (st, body) = http(b.addr, &post_head("/v1/stages", 5, None), b"hello");
+    assert_eq!(st, 400, "{body}");
+    let overlay = std::fs::read(&ovl).unwrap();
+    let (st, body) = http(b.addr, &post_head("/v1/stages", overlay.len() as u64, None), &overlay);
+    assert_eq!(st, 201, "{body}");
+    let staged: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sid = staged["id"].as_str().unwrap();
+    let garbage = noise(100_000, 17);
+    let (st, body) =
+        http(b.addr, &post_head(&format!("/v1/synthesis?patch_from={sid}"), garbage.len() as u64, None), &garbage);
+    assert_eq!(st, 400, "{body}");
+    let (st, _) = http(b.addr, &post_head(&format!("/v1/synthesis?patch_from={sid}"), 3, None), b"abc");
+    assert_eq!(st, 404, "a stage is used once");
+    assert!(vm_ids(b.addr).is_empty());
+    assert!(entries(&work.path().join("vms-b/stages")).is_empty(), "{:?}", entries(&work.path().join("vms-b/stages")));
     for (s, dir) in [(a, "vms-a"), (b, "vms-b"), (c, "vms-c")] {
         s.interrupt();
         assert!(entries(&work.path().join(dir)).is_empty(), "{dir}: {:?}", entries(&work.path().join(dir)));

@@ -181,6 +181,26 @@ pub struct HandoffRequest {
     /// source VM is stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<u16>,
+    /// Pre-copy (the default): send a first residue while the VM runs, then, paused, only
+    /// its difference from the first. Off: stop and copy, the whole residue while paused.
+    #[serde(default = "yes")]
+    pub precopy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The answer to `POST /v1/stages`: an overlay the server holds for a later
+/// `POST /v1/synthesis?patch_from=ID`, which uses it once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StageInfo {
+    /// `st-` + 16 hex digits.
+    pub id: String,
+    /// Its size.
+    pub bytes: u64,
+    /// The base it names (which the server holds).
+    pub base_id: String,
 }
 
 /// The answer to a handoff that succeeded: the VM runs on the destination, and no longer here.
@@ -192,8 +212,13 @@ pub struct HandoffResult {
     pub to: String,
     /// The VM on the destination: its id there, and its forwards on the destination's address.
     pub vm: VmInfo,
-    /// The residue sent, in bytes.
+    /// The residue at the pause, in bytes.
     pub residue_bytes: u64,
+    /// With pre-copy, the first residue, sent while the VM ran (0 without).
+    pub precopy_bytes: u64,
+    /// What was sent while the VM was paused: the difference from the first residue, or
+    /// the whole residue without pre-copy.
+    pub final_bytes: u64,
     /// From the pause on the source until the destination answered that the VM runs there
     /// (and, with a probe, that its app answered).
     pub downtime_ms: u64,

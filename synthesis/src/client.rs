@@ -365,6 +365,46 @@ impl Client {
         Ok(ResidueDownload { path: out.to_owned(), bytes, paused })
     }
 
+    /// `POST /v1/stages`: uploads the overlay at `path` for the server to hold until a
+    /// [`Client::synthesize_patch`] names it (once), or for ten minutes.
+    pub fn stage(&self, path: &Path) -> Result<crate::api::StageInfo, ClientError> {
+        let f = std::fs::File::open(path)
+            .map_err(|source| ClientError::Io { what: format!("opening {}", path.display()), source })?;
+        let len = f
+            .metadata()
+            .map_err(|source| ClientError::Io { what: format!("reading {}", path.display()), source })?
+            .len();
+        let a = self.post_overlay(&format!("{}/v1/stages", self.prefix), BufReader::new(f), len, None)?;
+        if !(200..300).contains(&a.status) {
+            return Err(ClientError::from_answer(a));
+        }
+        serde_json::from_str(&a.body).map_err(|e| ClientError::Protocol {
+            what: format!("the server's answer to the stage upload is not what the API describes: {e}"),
+        })
+    }
+
+    /// `POST /v1/synthesis?patch_from=STAGE`: synthesizes the overlay that the patch at `path`
+    /// ([`crate::patch::encode_patch`]) makes of the overlay staged as `stage`.
+    pub fn synthesize_patch(&self, path: &Path, stage: &str, opts: &UploadOptions<'_>) -> Result<VmInfo, ClientError> {
+        let f = std::fs::File::open(path)
+            .map_err(|source| ClientError::Io { what: format!("opening {}", path.display()), source })?;
+        let len = f
+            .metadata()
+            .map_err(|source| ClientError::Io { what: format!("reading {}", path.display()), source })?
+            .len();
+        let mut q = format!("{}/v1/synthesis?patch_from={}", self.prefix, encode_query(stage));
+        if let Some(p) = opts.probe {
+            q.push_str(&format!("&probe={p}"));
+        }
+        let a = self.post_overlay(&q, BufReader::new(f), len, opts.on_progress)?;
+        if !(200..300).contains(&a.status) {
+            return Err(ClientError::from_answer(a));
+        }
+        serde_json::from_str(&a.body).map_err(|e| ClientError::Protocol {
+            what: format!("the server's answer to the upload is not a VM as the API describes it: {e}"),
+        })
+    }
+
     /// `POST /v1/vms/{id}/handoff`: moves the VM to the server `req.to`, which must hold its
     /// base. [`ClientError::Failed`] with a 502 `handoff_failed` answer when the destination
     /// did not take it: the VM then runs on here.

@@ -1256,7 +1256,8 @@ pub fn segment_overlay_file<H: Hypervisor>(
         hypervisor,
         registry,
         std::io::BufReader::with_capacity(1 << 20, open(input)?),
-        &crate::flows::SynthesisOptions::new(&vm_dir),
+        // The rebuilt state is resumed again below: the VM must not change it.
+        &crate::flows::SynthesisOptions { in_place: false, ..crate::flows::SynthesisOptions::new(&vm_dir) },
         events,
     )?;
     let ports: Vec<u16> = syn.meta.forwards.iter().map(|f| f.guest_port).collect();

@@ -55,8 +55,11 @@ mod disk;
 pub mod early;
 mod flows;
 mod forward;
+#[cfg(feature = "client")]
+pub mod handoff;
 mod http;
 mod kept;
+pub mod patch;
 mod ready;
 pub mod report;
 pub mod residue;

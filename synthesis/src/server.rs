@@ -11,6 +11,8 @@
 //! | `GET /healthz` | liveness, no token needed |
 //! | `GET /v1/bases` | the registered bases |
 //! | `POST /v1/synthesis?probe=PORT` | body: an overlay; rebuilds and resumes the VM |
+//! | `POST /v1/synthesis?patch_from=ID&probe=PORT` | body: a patch against a staged overlay ([`crate::patch`]) |
+//! | `POST /v1/stages` | body: an overlay, held for one `patch_from` (a handoff's pre-copy) |
 //! | `POST /v1/synthesis?url=URL&probe=PORT` | no body: the segmented overlay at `URL`, read by range; the VM resumes before it has arrived ([`crate::early`]) |
 //! | `GET /v1/vms`, `GET /v1/vms/{id}` | running VMs |
 //! | `DELETE /v1/vms/{id}` | stop a VM and remove its files |
@@ -196,6 +198,7 @@ impl<H: Hypervisor> AppState<H> {
         for (_, r) in all {
             r.stop();
         }
+        let _ = std::fs::remove_dir_all(self.cfg.work_dir.join("stages"));
     }
 }
 
@@ -286,6 +289,7 @@ fn router<H: ServedHypervisor>(state: Arc<AppState<H>>) -> Router {
     let v1 = Router::new()
         .route("/v1/bases", get(bases::<H>))
         .route("/v1/synthesis", post(synthesis::<H>))
+        .route("/v1/stages", post(stage::<H>))
         .route("/v1/vms", get(list_vms::<H>))
         .route("/v1/vms/{id}", get(get_vm::<H>).delete(delete_vm::<H>))
         .route("/v1/vms/{id}/residue", get(residue::<H>))
@@ -470,12 +474,6 @@ async fn residue<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path(i
         .into_response()
 }
 
-/// How a handoff failed: while capturing here (ours), or at the destination.
-enum HandoffFailure {
-    Capture(FlowError),
-    Destination(crate::client::ClientError),
-}
-
 /// `POST /v1/vms/{id}/handoff`: pauses the VM, captures its residue, synthesizes it on the
 /// destination (`POST /v1/synthesis` there), and once the destination answers that the VM runs
 /// (and its app, with a probe), stops it here. If anything fails, the VM runs on here.
@@ -519,12 +517,10 @@ async fn handoff<H: ServedHypervisor>(
         r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
         return r;
     };
-    let out = st.cfg.work_dir.join(format!("{id}.handoff-{}", st.next.fetch_add(1, Ordering::Relaxed)));
-    let (id2, to, st2) = (id.clone(), req.to.clone(), st.clone());
+    let (id2, st2) = (id.clone(), st.clone());
     // Everything happens in the task: a caller that goes away does not stop a handoff half-way.
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let t0 = Instant::now();
         let mut guard = vm.lock().unwrap_or_else(|e| e.into_inner());
         let Some(v) = guard.as_mut() else {
             return Ok(None);
@@ -534,79 +530,56 @@ async fn handoff<H: ServedHypervisor>(
                 tracing::info!(vm = %id2, "handoff: {s}");
             }
         };
-        let capture = crate::residue::ResidueRequest {
-            after: crate::residue::AfterCapture::Pause,
-            ..crate::residue::ResidueRequest::new(&out, &name, &forwards)
-        };
-        let residue = match crate::residue::capture_residue(v, &base, &capture, &events) {
-            Ok(r) => r,
+        let opts =
+            crate::handoff::MoveOptions { probe: req.probe, precopy: req.precopy, scratch: st2.cfg.work_dir.clone() };
+        let moved = match crate::handoff::move_vm(v, &base, &name, &forwards, &client, &opts, &events) {
+            Ok(m) => m,
             Err(e) => {
-                let _ = v.resume();
-                return Err(HandoffFailure::Capture(e));
+                tracing::warn!(vm = %id2, "handoff failed, the VM runs on here: {}", error_chain(&e));
+                return Err(e);
             }
         };
-        tracing::info!(vm = %id2, "handoff: sending {} residue bytes to {}", residue.bytes, client.url());
-        let sent = client.synthesize(
-            &residue.path,
-            &crate::client::UploadOptions { probe: req.probe, retries: 0, on_busy: None, on_progress: None },
-        );
-        let _ = std::fs::remove_file(&residue.path);
-        match sent {
-            Ok(info) => {
-                let downtime = t0.elapsed();
-                if let Some(v) = guard.take() {
-                    let _ = v.shutdown();
-                }
-                drop(guard);
-                let r = st2.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id2);
-                if let Some(r) = r {
-                    r.stop();
-                }
-                Ok(Some(HandoffResult {
-                    from_id: id2.clone(),
-                    to: client.url().to_string(),
-                    vm: info,
-                    residue_bytes: residue.bytes,
-                    downtime_ms: downtime.as_millis() as u64,
-                    total_ms: t0.elapsed().as_millis() as u64,
-                }))
-            }
-            Err(e) => {
-                let resumed = v.resume();
-                tracing::warn!(
-                    vm = %id2,
-                    "handoff to {} failed, {}: {}",
-                    client.url(),
-                    if resumed.is_ok() { "the VM runs on here" } else { "and the VM could not be resumed here" },
-                    error_chain(&e)
-                );
-                Err(HandoffFailure::Destination(e))
-            }
+        if let Some(v) = guard.take() {
+            let _ = v.shutdown();
         }
+        drop(guard);
+        let r = st2.vms.lock().unwrap_or_else(|e| e.into_inner()).remove(&id2);
+        if let Some(r) = r {
+            r.stop();
+        }
+        Ok(Some(HandoffResult {
+            from_id: id2.clone(),
+            to: client.url().to_string(),
+            vm: moved.vm,
+            residue_bytes: moved.residue_bytes,
+            precopy_bytes: moved.precopy_bytes,
+            final_bytes: moved.final_bytes,
+            downtime_ms: moved.downtime.as_millis() as u64,
+            total_ms: moved.total.as_millis() as u64,
+        }))
     });
     match task.await {
         Ok(Ok(Some(result))) => {
             tracing::info!(
                 vm = %id,
-                "handed off to {} as {} ({} bytes, down {} ms)",
+                "handed off to {} as {} ({} bytes before the pause, {} during it, down {} ms)",
                 result.to,
                 result.vm.id,
-                result.residue_bytes,
+                result.precopy_bytes,
+                result.final_bytes,
                 result.downtime_ms
             );
             Json(result).into_response()
         }
         Ok(Ok(None)) => api_error(StatusCode::NOT_FOUND, "not_found", format!("VM {id} was stopped")),
-        Ok(Err(HandoffFailure::Capture(e))) => api_error(
+        Ok(Err(e @ crate::handoff::MoveError::Capture(_))) => api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            format!("capturing the VM failed; it runs on here: {}", error_chain(&e)),
+            format!("{}; the VM runs on here", error_chain(&e)),
         ),
-        Ok(Err(HandoffFailure::Destination(e))) => api_error(
-            StatusCode::BAD_GATEWAY,
-            "handoff_failed",
-            format!("the destination {to} did not take the VM; it runs on here: {}", error_chain(&e)),
-        ),
+        Ok(Err(e @ crate::handoff::MoveError::Destination { .. })) => {
+            api_error(StatusCode::BAD_GATEWAY, "handoff_failed", format!("{}; it runs on here", error_chain(&e)))
+        }
         Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("handoff task: {e}")),
     }
 }
@@ -619,6 +592,9 @@ struct SynthesisQuery {
     /// Early start: the segmented overlay at this http:// URL, read by range as the VM needs
     /// it; the request has no body.
     url: Option<String>,
+    /// The body is a patch ([`crate::patch`]) against the overlay staged under this id
+    /// (`POST /v1/stages`), which it uses up.
+    patch_from: Option<String>,
 }
 
 /// The request body as a blocking [`Read`], fed by the async side.
@@ -689,7 +665,86 @@ async fn synthesis<H: ServedHypervisor>(
             .await;
     }
 
-    // Pump the body into a bounded channel: backpressure reaches the client's TCP window.
+    let stage = match q.patch_from.as_deref().map(|sid| stage_path(&st.cfg.work_dir, sid)) {
+        None => None,
+        Some(Some(p)) if p.is_file() => Some(p),
+        Some(_) => {
+            return api_error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no staged overlay {}", q.patch_from.as_deref().unwrap_or_default()),
+            )
+        }
+    };
+    let (rx, received, too_large, pump) = pump_body(body, max);
+    let st2 = st.clone();
+    let id2 = id.clone();
+    let probe = q.probe;
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let body = ChannelReader { rx, cur: Bytes::new() };
+        let opts = SynthesisOptions {
+            out_dir: dir,
+            probe_port: probe,
+            probe_timeout: st2.cfg.probe_timeout,
+            probe_path: "/".into(),
+            probe_status: None,
+            forward_address: st2.cfg.listen.ip().to_string(),
+            in_place: true,
+        };
+        let events = |e: Event| {
+            if let Event::Step(s) = e {
+                tracing::info!(vm = %id2, "{s}");
+            }
+        };
+        let Some(stage) = stage else {
+            let reader = std::io::BufReader::with_capacity(1 << 20, body);
+            return synthesize_with(&st2.hypervisor, &st2.registry, reader, &opts, &events).map(|s| (s, None));
+        };
+        // The staged overlay is used up, whatever happens.
+        let reference = std::fs::read(&stage).map_err(|source| FlowError::Io { path: stage.clone(), source });
+        let _ = std::fs::remove_file(&stage);
+        let reference = reference?;
+        let patched = crate::patch::patch_reader(&reference, body)
+            .map_err(|source| FlowError::Io { path: stage.clone(), source })?;
+        let reader = std::io::BufReader::with_capacity(1 << 20, Limited { inner: patched, left: max, max });
+        synthesize_with(&st2.hypervisor, &st2.registry, reader, &opts, &events).map(|s| (s, None))
+    });
+    answer(st, id, dir2, task, received, Some(pump), too_large, max).await
+}
+
+/// Reads at most `max` bytes of `inner`, then fails: what a patch decodes to is bounded as an
+/// upload is.
+struct Limited<R> {
+    inner: R,
+    left: u64,
+    max: u64,
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            let mut one = [0u8; 1];
+            return match self.inner.read(&mut one)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other(format!("the patched overlay exceeds {} bytes", self.max))),
+            };
+        }
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Pumps a request body into a bounded channel (backpressure reaches the client's TCP
+/// window), at most `max` bytes: the receiver, the bytes received, whether the body was too
+/// large, and the pump's task.
+#[allow(clippy::type_complexity)]
+fn pump_body(
+    body: Body,
+    max: u64,
+) -> (mpsc::Receiver<Result<Bytes, std::io::Error>>, Arc<AtomicU64>, Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let received = Arc::new(AtomicU64::new(0));
     let too_large = Arc::new(AtomicBool::new(false));
@@ -727,29 +782,129 @@ async fn synthesis<H: ServedHypervisor>(
         })
     };
 
+    (rx, received, too_large, pump)
+}
+
+/// How long a staged overlay is kept when nobody uses it.
+const STAGE_TTL: Duration = Duration::from_secs(600);
+
+/// The file of stage `id` (`st-` + 16 hex digits) in the work directory; `None` for any other
+/// id.
+fn stage_path(work_dir: &std::path::Path, id: &str) -> Option<PathBuf> {
+    let hex = id.strip_prefix("st-")?;
+    (hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .then(|| work_dir.join("stages").join(id))
+}
+
+/// `POST /v1/stages`: holds the overlay in the body (whose base this server holds) for one
+/// later `POST /v1/synthesis?patch_from=ID`, or for [`STAGE_TTL`].
+async fn stage<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, headers: HeaderMap, body: Body) -> Response {
+    let max = st.cfg.max_overlay_bytes;
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the overlay is {} bytes, this server takes at most {max}", declared.unwrap_or(0)),
+        );
+    }
+    let dir = st.cfg.work_dir.join("stages");
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{}: {e}", dir.display()));
+    }
+    // Old stages go; at most max_vms are held.
+    let mut held = 0;
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let old = e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() > STAGE_TTL);
+        if old.unwrap_or(true) {
+            let _ = std::fs::remove_file(e.path());
+        } else {
+            held += 1;
+        }
+    }
+    if held >= st.cfg.max_vms {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "full",
+            format!("{held} staged overlays are held, the limit is {}; retry later", st.cfg.max_vms),
+        );
+    }
+    let id = format!("st-{}", &blake3::hash(st.new_id().as_bytes()).to_hex()[..16]);
+    let Some(path) = stage_path(&st.cfg.work_dir, &id) else {
+        return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("bad stage id {id}"));
+    };
+    let (rx, received, too_large, pump) = pump_body(body, max);
     let st2 = st.clone();
-    let id2 = id.clone();
-    let probe = q.probe;
-    let task = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let reader = std::io::BufReader::with_capacity(1 << 20, ChannelReader { rx, cur: Bytes::new() });
-        let opts = SynthesisOptions {
-            out_dir: dir,
-            probe_port: probe,
-            probe_timeout: st2.cfg.probe_timeout,
-            probe_path: "/".into(),
-            probe_status: None,
-            forward_address: st2.cfg.listen.ip().to_string(),
-            in_place: true,
-        };
-        let events = |e: Event| {
-            if let Event::Step(s) = e {
-                tracing::info!(vm = %id2, "{s}");
+    let task = tokio::task::spawn_blocking(move || -> Result<crate::api::StageInfo, Box<Response>> {
+        let partial = path.with_extension("partial");
+        let internal =
+            |e: std::io::Error| Box::new(api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()));
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&partial)?;
+            let n = std::io::copy(&mut ChannelReader { rx, cur: Bytes::new() }, &mut f)?;
+            f.sync_all()?;
+            Ok::<u64, std::io::Error>(n)
+        })();
+        let checked = written.map_err(|e| {
+            Box::new(api_error(StatusCode::BAD_REQUEST, "bad_overlay", format!("the upload did not arrive whole: {e}")))
+        });
+        let checked = checked.and_then(|n| {
+            let f = std::fs::File::open(&partial).map_err(internal)?;
+            let r = overlay_format::OverlayReader::new(std::io::BufReader::new(f)).map_err(|e| {
+                Box::new(api_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_overlay",
+                    format!("not an overlay: {}", error_chain(&e)),
+                ))
+            })?;
+            let base_id = r.meta().base_id;
+            match st2.registry.get(&base_id) {
+                Ok(_) => Ok((n, base_id)),
+                Err(base_registry::RegistryError::NotFound { .. }) => Err(Box::new(
+                    (
+                        StatusCode::NOT_FOUND,
+                        Json(ApiError {
+                            code: "unknown_base".into(),
+                            error: format!("this server does not hold base {base_id}"),
+                            base_id: Some(base_id.to_string()),
+                        }),
+                    )
+                        .into_response(),
+                )),
+                Err(e) => Err(Box::new(api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", error_chain(&e)))),
+            }
+        });
+        let (bytes, base_id) = match checked {
+            Ok(v) => v,
+            Err(r) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(r);
             }
         };
-        synthesize_with(&st2.hypervisor, &st2.registry, reader, &opts, &events).map(|s| (s, None))
+        if let Err(e) = std::fs::rename(&partial, &path) {
+            let _ = std::fs::remove_file(&partial);
+            return Err(internal(e));
+        }
+        Ok(crate::api::StageInfo { id, bytes, base_id: base_id.to_hex() })
     });
-    answer(st, id, dir2, task, received, Some(pump), too_large, max).await
+    let result = task.await;
+    let _ = pump.await;
+    if too_large.load(Ordering::Relaxed) {
+        return api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the overlay exceeds {max} bytes, this server's limit"),
+        );
+    }
+    match result {
+        Ok(Ok(info)) => {
+            tracing::info!("staged {} ({} bytes, {} received)", info.id, info.bytes, received.load(Ordering::Relaxed));
+            (StatusCode::CREATED, Json(info)).into_response()
+        }
+        Ok(Err(r)) => *r,
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("stage task: {e}")),
+    }
 }
 
 /// What a synthesis task ends with: the VM, and what serves it when it started early.

@@ -48,10 +48,8 @@ struct Args {
 /// The same capabilities and parameters on both ends, as QEMU requires.
 fn configure(vm: &mut QemuVm, a: &Args) -> Result<()> {
     // The source loaded its own state with x-ignore-shared: off here, so that RAM is sent.
-    let mut caps = vec![
-        json!({"capability": "events", "state": true}),
-        json!({"capability": "x-ignore-shared", "state": false}),
-    ];
+    let mut caps =
+        vec![json!({"capability": "events", "state": true}), json!({"capability": "x-ignore-shared", "state": false})];
     if a.multifd > 0 {
         caps.push(json!({"capability": "multifd", "state": true}));
     }

@@ -99,7 +99,8 @@ fn main() -> Result<()> {
         &qemu,
         &registry,
         File::open(&a.overlay).context("open the overlay")?,
-        &SynthesisOptions::new(&out).probe(check.clone()),
+        // The rebuilt images are read below: the VM must not change them.
+        &SynthesisOptions { in_place: false, ..SynthesisOptions::new(&out) }.probe(check.clone()),
         &|_| {},
     )?;
     let first_answer = syn.timeline.first_answer.unwrap_or_default();
