@@ -4,9 +4,9 @@
 //!
 //! The VM must run on files it may change: synthesis with [`crate::SynthesisOptions::in_place`]
 //! (the default), or early start ([`crate::early`]), whose memory and disks are served and read
-//! back through their mount. The capture pauses the VM for its snapshot (the device state, and a
-//! copy of its memory and of its disk layers); the overlay is then computed from the copy while
-//! the VM runs again, or stays paused, as asked.
+//! back through their mount. The capture pauses the VM for its snapshot: the device state, and,
+//! for a VM that runs again, a copy of its memory and of its disk layers, from which the overlay
+//! is computed while it runs; a VM that stays paused is read in place.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -67,8 +67,8 @@ pub struct ResidueOutcome {
     pub bytes: u64,
     /// Engine statistics.
     pub stats: CreateStats,
-    /// How long the VM was paused for the snapshot (until it ran again, with
-    /// [`AfterCapture::Resume`]).
+    /// With [`AfterCapture::Resume`], how long the VM was paused (for the snapshot); with
+    /// [`AfterCapture::Pause`], how long the device state took to save.
     pub paused: Duration,
     /// Snapshot and overlay, in all.
     pub total: Duration,
@@ -90,7 +90,11 @@ pub fn capture_residue<V: Vm>(
     let (work, _work_guard) = fresh_sibling(&req.out, "work", |p| std::fs::create_dir(p))?;
     events(Event::Step("pausing the VM to snapshot it".into()));
     let t0 = Instant::now();
-    let snapshot = vm.snapshot(&work.join("vm"));
+    // A VM that stays paused is read where it is; one that runs again, from copies.
+    let snapshot = match req.after {
+        AfterCapture::Pause => vm.snapshot_in_place(&work.join("vm")),
+        AfterCapture::Resume => vm.snapshot(&work.join("vm")),
+    };
     // Resumed whatever the snapshot did: a VM whose capture failed goes on serving.
     let resumed = match req.after {
         AfterCapture::Resume => vm.resume(),

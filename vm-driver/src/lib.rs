@@ -88,6 +88,14 @@ pub trait Vm: Send {
     /// Pauses the VM and writes a snapshot (RAM image, device state, disks, manifest) into
     /// `dir`, which must not exist or be empty. The VM stays paused.
     fn snapshot(&mut self, dir: &std::path::Path) -> Result<Snapshot, DriverError>;
+    /// Pauses the VM and writes its device state into `dir` (created, must be empty), like
+    /// [`Vm::snapshot`], but the snapshot's RAM image, disks, kernel and firmware are the VM's
+    /// own files, not copies: it describes the VM only while the VM stays paused, to be read
+    /// (say, by an overlay's creation) before the VM runs again or stops. It is not saved and
+    /// has no state hash: it is never restored. By default, a [`Vm::snapshot`].
+    fn snapshot_in_place(&mut self, dir: &std::path::Path) -> Result<Snapshot, DriverError> {
+        self.snapshot(dir)
+    }
     /// All port forwards, with the host ports chosen.
     fn forwards(&self) -> &[Forward];
     /// The host port forwarded to `guest_port`, if any.

@@ -746,6 +746,35 @@ impl QemuVm {
         }
     }
 
+    /// Checks that the VM can be snapshotted and `dir` is new or empty, pauses the VM and
+    /// migrates its device state (without the shared RAM) to `dir/device-state`.
+    fn save_device_state(&mut self, dir: &Path) -> Result<PathBuf, DriverError> {
+        if self.ram_path.as_os_str().is_empty() {
+            return Err(DriverError::Incompatible {
+                what: "RAM mapping",
+                wanted: "a snapshot".into(),
+                reason: "this VM maps its RAM copy-on-write (restore it with RamMode::PrivateCopy or InPlace to \
+                         snapshot it again)"
+                    .into(),
+            });
+        }
+        let io = |what: String| move |source| DriverError::Io { what, source };
+        fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        if fs::read_dir(dir).map_err(io(format!("read {}", dir.display())))?.next().is_some() {
+            return Err(DriverError::Io {
+                what: format!("snapshot into {}", dir.display()),
+                source: std::io::Error::other("directory is not empty"),
+            });
+        }
+        self.qmp("stop", None)?;
+        self.set_migration_caps()?;
+        self.qmp("migrate-set-parameters", Some(json!({"max-bandwidth": 100u64 << 30})))?;
+        let ds = dir.join("device-state");
+        self.qmp("migrate", Some(file_channel(&ds)))?;
+        self.wait_migration()?;
+        Ok(ds)
+    }
+
     fn incoming(&mut self, device_state: &Path) -> Result<(), DriverError> {
         self.set_migration_caps()?;
         self.qmp("migrate-incoming", Some(file_channel(device_state)))?;
@@ -767,29 +796,7 @@ impl Vm for QemuVm {
     }
 
     fn snapshot(&mut self, dir: &Path) -> Result<Snapshot, DriverError> {
-        if self.ram_path.as_os_str().is_empty() {
-            return Err(DriverError::Incompatible {
-                what: "RAM mapping",
-                wanted: "a snapshot".into(),
-                reason:
-                    "this VM maps its RAM copy-on-write (restore it with RamMode::PrivateCopy to snapshot it again)"
-                        .into(),
-            });
-        }
-        let io = |what: String| move |source| DriverError::Io { what, source };
-        fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-        if fs::read_dir(dir).map_err(io(format!("read {}", dir.display())))?.next().is_some() {
-            return Err(DriverError::Io {
-                what: format!("snapshot into {}", dir.display()),
-                source: std::io::Error::other("directory is not empty"),
-            });
-        }
-        self.qmp("stop", None)?;
-        self.set_migration_caps()?;
-        self.qmp("migrate-set-parameters", Some(json!({"max-bandwidth": 100u64 << 30})))?;
-        let ds = dir.join("device-state");
-        self.qmp("migrate", Some(file_channel(&ds)))?;
-        self.wait_migration()?;
+        let ds = self.save_device_state(dir)?;
         let memory = dir.join("memory");
         sparse_copy(&self.ram_path, &memory)?;
         let mut disks = Vec::new();
@@ -833,6 +840,28 @@ impl Vm for QemuVm {
             snap.firmware = Some(FirmwareFiles { code: "firmware-code".into(), vars: "firmware-vars".into() });
         }
         snap.save()?;
+        Ok(snap)
+    }
+
+    fn snapshot_in_place(&mut self, dir: &Path) -> Result<Snapshot, DriverError> {
+        // The manifest names the RAM image by a string: a path that is not one gets a copy.
+        let Some(memory) = self.ram_path.to_str().map(str::to_owned) else {
+            return self.snapshot(dir);
+        };
+        self.save_device_state(dir)?;
+        let mut snap = Snapshot::new(dir, &self.machine, &self.cpu, self.vcpus, self.ram_bytes);
+        snap.qemu_version = self.qemu_version.clone();
+        snap.accelerator = self.accel.as_str().into();
+        // Absolute paths: `dir.join` of an absolute path is that path.
+        snap.memory_file = memory;
+        snap.kernel = self.kernel.clone();
+        snap.disks = self.disks.clone();
+        snap.guest_ports = self.forwards.iter().map(|f| f.guest_port).collect();
+        snap.free_page_reporting = self.free_page_reporting;
+        snap.display = self.display;
+        snap.guest_agent = self.agent_socket.is_some();
+        snap.firmware =
+            self.firmware.as_ref().map(|(code, vars)| FirmwareFiles { code: code.clone(), vars: vars.clone() });
         Ok(snap)
     }
 
