@@ -156,35 +156,40 @@ if [ -n "$handoff" ]; then
   cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p cloudlet-benches --bin qemu-migrate
   ip netns exec "$cli" "$relay" --listen 10.77.0.2:4444 --to 10.77.0.1:4445 --delay-ms "${relay_half:-0}" >/dev/null &
   relay_pids="$relay_pids $!"
-  migrate() { # rate, extra args: prints "bytes downtime_ms total_ms first_answer_ms" (from `migrate`)
+  migrate() { # rate, extra args: prints "bytes downtime_ms total_ms first_answer_ms" (downtime: stop to run)
     local out
     out=$(timeout 1800 ip netns exec "$srv" "$root/target/release/qemu-migrate" --registry "$reg" --overlay "$overlay" \
       --probe "$probe" --listen 10.77.0.1:4445 --connect 10.77.0.2:4444 "${@:2}" 2>"$work/migrate.log") \
       || { echo "link.sh: QEMU's migration at $1 Mbit/s failed:" >&2; tail -20 "$work/migrate.log" >&2; exit 1; }
     python3 -c 'import json,sys; j=json.loads(sys.argv[1]); print(j["bytes"], j["downtime_ms"], j["total_ms"], j["first_answer_ms"])' "$out"
   }
-  echo "| link | moved by | sent | its transfer alone | downtime (best of $runs) | whole move |"
-  echo "| --- | --- | ---: | ---: | ---: | ---: |"
+  echo "| link | moved by | sent | of it while paused | its transfer alone | downtime (best of $runs) | whole move |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
   for rate in $rates; do
     shape "$rate"
-    best=""
-    for _ in $(seq "$runs"); do
-      out=$(timeout 900 ip netns exec "$srv" "$cl" client --server http://10.77.0.1:7878 --overlay "$overlay" \
-        --probe "$probe" --json) || { echo "link.sh: synthesis failed: $out" >&2; tail -20 "$work/serve.log" >&2; exit 1; }
-      id=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["id"])' <<<"$out")
-      out=$(timeout 900 ip netns exec "$srv" "$cl" handoff --from http://10.77.0.1:7878 --vm "$id" --to "$dest_url" \
-        --probe "$probe" --json) || { echo "link.sh: handoff at $rate Mbit/s failed: $out" >&2; tail -20 "$work/serve.log" >&2; exit 1; }
-      r=$(python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print(j["vm"]["id"], j["residue_bytes"], j["downtime_ms"], j["total_ms"])' <<<"$out")
-      ip netns exec "$cli" "$cl" client --server http://10.77.0.2:7878 --stop "${r%% *}" >/dev/null
-      best=$(python3 -c "
+    for mode in "" "--no-precopy"; do
+      best=""
+      for _ in $(seq "$runs"); do
+        out=$(timeout 900 ip netns exec "$srv" "$cl" client --server http://10.77.0.1:7878 --overlay "$overlay" \
+          --probe "$probe" --json) || { echo "link.sh: synthesis failed: $out" >&2; tail -20 "$work/serve.log" >&2; exit 1; }
+        id=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["id"])' <<<"$out")
+        # shellcheck disable=SC2086
+        out=$(timeout 900 ip netns exec "$srv" "$cl" handoff --from http://10.77.0.1:7878 --vm "$id" --to "$dest_url" \
+          --probe "$probe" --json $mode) \
+          || { echo "link.sh: handoff at $rate Mbit/s failed: $out" >&2; tail -20 "$work/serve.log" >&2; exit 1; }
+        r=$(python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print(j["vm"]["id"], j["precopy_bytes"], j["final_bytes"], j["downtime_ms"], j["total_ms"])' <<<"$out")
+        ip netns exec "$cli" "$cl" client --server http://10.77.0.2:7878 --stop "${r%% *}" >/dev/null
+        best=$(python3 -c "
 a = '$r'.split(); b = '${best:-$r}'.split()
-print(' '.join(a if int(a[2]) <= int(b[2]) else b))")
+print(' '.join(a if int(a[3]) <= int(b[3]) else b))")
+      done
+      python3 -c "
+rate, how = $rate, 'pre-copy, then a patch' if '$mode' == '' else 'stop and copy'
+_, pre, last, down, total = '$best'.split()
+size = int(pre) + int(last)
+print(f'| {rate} Mbit/s, $delay | cloudlet handoff, {how} | {size / 2**20:.2f} MiB | {int(last) / 2**20:.2f} MiB | {size * 8 / (rate * 1e6):.2f} s | {int(down) / 1e3:.2f} s | {int(total) / 1e3:.2f} s |')"
     done
-    python3 -c "
-rate = $rate
-_, size, down, total = '$best'.split()
-size = int(size)
-print(f'| {rate} Mbit/s, $delay | cloudlet handoff (residue) | {size / 2**20:.1f} MiB | {size * 8 / (rate * 1e6):.2f} s | {int(down) / 1e3:.2f} s | {int(total) / 1e3:.2f} s |')"
+    [ -z "${LINK_NO_QEMU:-}" ] || continue
     for how in "" "--multifd 4 --zstd"; do
       best=""
       for _ in $(seq "$runs"); do
@@ -197,7 +202,7 @@ print(' '.join(a if int(a[2]) <= int(b[2]) else b))")
       python3 -c "
 rate, how = $rate, '${how:-one stream}'
 size, down, total, answer = (int(x) for x in '$best'.split())
-print(f'| {rate} Mbit/s, $delay | QEMU migrate, {how} | {size / 2**20:.1f} MiB | {size * 8 / (rate * 1e6):.2f} s | {down / 1e3:.2f} s | {answer / 1e3:.2f} s |')"
+print(f'| {rate} Mbit/s, $delay | QEMU migrate, {how} | {size / 2**20:.2f} MiB | - | {size * 8 / (rate * 1e6):.2f} s | {down / 1e3:.2f} s | {answer / 1e3:.2f} s |')"
     done
   done
   exit 0

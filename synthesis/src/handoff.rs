@@ -94,10 +94,15 @@ pub fn move_vm<V: Vm>(
     let mut scratch = Scratch(Vec::new());
     let destination = |source| MoveError::Destination { to: to.url().to_string(), source };
     let mut staged = None;
+    let options = residue_options(opts.precopy);
     if opts.precopy {
         let first = file("precopy");
         scratch.0.push(first.clone());
-        let req = ResidueRequest { after: AfterCapture::Resume, ..ResidueRequest::new(&first, name, forwards) };
+        let req = ResidueRequest {
+            after: AfterCapture::Resume,
+            options: options.clone(),
+            ..ResidueRequest::new(&first, name, forwards)
+        };
         let r = capture_residue(vm, base, &req, events).map_err(MoveError::Capture)?;
         events(Event::Step(format!("staging {} bytes on {} while the VM runs", r.bytes, to.url())));
         let stage = to.stage(&first).map_err(destination)?;
@@ -106,7 +111,7 @@ pub fn move_vm<V: Vm>(
     let paused = Instant::now();
     let last = file("residue");
     scratch.0.push(last.clone());
-    let req = ResidueRequest { after: AfterCapture::Pause, ..ResidueRequest::new(&last, name, forwards) };
+    let req = ResidueRequest { after: AfterCapture::Pause, options, ..ResidueRequest::new(&last, name, forwards) };
     // From here on, the VM is paused: any failure resumes it.
     let result = (|| {
         let residue = capture_residue(vm, base, &req, events).map_err(MoveError::Capture)?;
@@ -145,6 +150,18 @@ pub fn move_vm<V: Vm>(
             Err(e)
         }
     }
+}
+
+/// How a handoff's residues are written. For a patch between two of them, a chunk that changed
+/// must change only the bytes of its own blob: blobs compressed alone (no chain, in which every
+/// blob after a change would differ) and small (256 KiB before compression), at some cost in
+/// size. Without pre-copy, the engine's defaults (the smallest residue).
+fn residue_options(precopy: bool) -> delta_engine::CreateOptions {
+    let defaults = delta_engine::CreateOptions::default();
+    if !precopy {
+        return defaults;
+    }
+    delta_engine::CreateOptions { chain: false, blob_bytes: 256 << 10, dense_blob_bytes: 256 << 10, ..defaults }
 }
 
 /// Writes to `out` the patch that makes `last` of `first`: its size.
