@@ -153,15 +153,17 @@ pub fn move_vm<V: Vm>(
 }
 
 /// How a handoff's residues are written. For a patch between two of them, a chunk that changed
-/// must change only the bytes of its own blob: blobs compressed alone (no chain, in which every
-/// blob after a change would differ) and small (256 KiB before compression), at some cost in
-/// size. Without pre-copy, the engine's defaults (the smallest residue).
+/// must change only the bytes of its own blob: the blobs of compressible chunks are compressed
+/// alone (no chain, in which every blob after a change would differ) and small (256 KiB before
+/// compression). Incompressible chunks keep their large blobs with a long window, which find data
+/// repeated across memory and disk (a file in the page cache and on disk) and rarely change
+/// between two rounds. Without pre-copy, the engine's defaults (the smallest residue).
 fn residue_options(precopy: bool) -> delta_engine::CreateOptions {
     let defaults = delta_engine::CreateOptions::default();
     if !precopy {
         return defaults;
     }
-    delta_engine::CreateOptions { chain: false, blob_bytes: 256 << 10, dense_blob_bytes: 256 << 10, ..defaults }
+    delta_engine::CreateOptions { chain: false, blob_bytes: 256 << 10, ..defaults }
 }
 
 /// Writes to `out` the patch that makes `last` of `first`: its size.
