@@ -99,23 +99,29 @@ fn post_head(path: &str, len: u64, token: Option<&str>) -> String {
     format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len}\r\nConnection: close\r\n\r\n")
 }
 
-/// Base and overlay of a small web app, made through the CLI.
-fn make_overlay(work: &Path) -> (PathBuf, PathBuf) {
+/// Base `deb` in `work/registry` and the overlay `work/app.overlay` of app `name`, made
+/// through the CLI: the guest runs `customize`, and guest port 8080 is forwarded.
+fn cli_overlay(work: &Path, name: &str, customize: &[&str]) -> (PathBuf, PathBuf) {
     let reg = work.join("registry");
     make_base(&reg);
     let ovl = work.join("app.overlay");
-    let out = cloudlet()
-        .arg("--registry")
-        .arg(&reg)
-        .args(["overlay", "--base", "deb"])
-        .args(["--customize", "mkdir -p /mnt/disk/app && echo served-ok > /mnt/disk/app/index.html"])
-        .args(["--customize", "httpd -p 8080 -h /mnt/disk/app"])
-        .args(["--forward", "tcp:0:8080", "--name", "served", "--out"])
-        .arg(&ovl)
-        .output()
-        .unwrap();
+    let mut cmd = cloudlet();
+    cmd.arg("--registry").arg(&reg).args(["overlay", "--base", "deb"]);
+    for c in customize {
+        cmd.args(["--customize", c]);
+    }
+    let out = cmd.args(["--forward", "tcp:0:8080", "--name", name, "--out"]).arg(&ovl).output().unwrap();
     assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
     (reg, ovl)
+}
+
+/// Base and overlay of a small web app that answers `served-ok` on guest port 8080.
+fn make_overlay(work: &Path) -> (PathBuf, PathBuf) {
+    cli_overlay(
+        work,
+        "served",
+        &["mkdir -p /mnt/disk/app && echo served-ok > /mnt/disk/app/index.html", "httpd -p 8080 -h /mnt/disk/app"],
+    )
 }
 
 #[test]
@@ -939,24 +945,19 @@ fn port_8080(v: &serde_json::Value) -> u16 {
 /// requests in RAM (/tmp is a tmpfs) and logs each on disk: `GET /cgi-bin/bump` on guest port
 /// 8080 answers `ram N disk N`.
 fn counter_overlay(work: &Path) -> (PathBuf, PathBuf) {
-    let reg = work.join("registry");
-    make_base(&reg);
     let cgi = "#!/bin/sh\\necho Content-Type: text/plain\\necho\\nn=$(cat /tmp/n 2>/dev/null || echo 0)\\n\
                n=$((n+1))\\necho $n > /tmp/n\\necho $n >> /mnt/disk/app/log\\nsync\\n\
                echo \"ram $n disk $(wc -l < /mnt/disk/app/log)\"\\n";
-    let ovl = work.join("app.overlay");
-    let out = cloudlet()
-        .arg("--registry")
-        .arg(&reg)
-        .args(["overlay", "--base", "deb", "--customize", "mkdir -p /mnt/disk/app/cgi-bin"])
-        .args(["--customize", &format!("printf '{cgi}' > /mnt/disk/app/cgi-bin/bump")])
-        .args(["--customize", "chmod +x /mnt/disk/app/cgi-bin/bump && httpd -p 8080 -h /mnt/disk/app"])
-        .args(["--forward", "tcp:0:8080", "--name", "counter", "--out"])
-        .arg(&ovl)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
-    (reg, ovl)
+    let write = format!("printf '{cgi}' > /mnt/disk/app/cgi-bin/bump");
+    cli_overlay(
+        work,
+        "counter",
+        &[
+            "mkdir -p /mnt/disk/app/cgi-bin",
+            &write,
+            "chmod +x /mnt/disk/app/cgi-bin/bump && httpd -p 8080 -h /mnt/disk/app",
+        ],
+    )
 }
 
 #[test]

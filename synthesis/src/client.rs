@@ -321,17 +321,8 @@ impl Client {
             None => req,
         };
         let mut r = req.call().map_err(|e| ClientError::from_ureq(what.clone(), e))?;
-        let status = r.status().as_u16();
-        if !(200..300).contains(&status) {
-            let retry_after =
-                r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
-            let body = r
-                .body_mut()
-                .with_config()
-                .limit(ANSWER_LIMIT)
-                .read_to_string()
-                .map_err(|e| ClientError::from_ureq(format!("reading the answer to {what}"), e))?;
-            return Err(ClientError::from_answer(Answer { status, body, retry_after }));
+        if !r.status().is_success() {
+            return Err(ClientError::from_answer(read_whole_answer(&mut r, &what)?));
         }
         let paused = r
             .headers()
@@ -423,19 +414,11 @@ impl Client {
             None => r,
         };
         let mut r = r.send(&body[..]).map_err(|e| ClientError::from_ureq(what.clone(), e))?;
-        let status = r.status().as_u16();
-        let retry_after =
-            r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
-        let body = r
-            .body_mut()
-            .with_config()
-            .limit(ANSWER_LIMIT)
-            .read_to_string()
-            .map_err(|e| ClientError::from_ureq(format!("reading the answer to {what}"), e))?;
-        if !(200..300).contains(&status) {
-            return Err(ClientError::from_answer(Answer { status, body, retry_after }));
+        let a = read_whole_answer(&mut r, &what)?;
+        if !(200..300).contains(&a.status) {
+            return Err(ClientError::from_answer(a));
         }
-        serde_json::from_str(&body).map_err(|e| ClientError::Protocol {
+        serde_json::from_str(&a.body).map_err(|e| ClientError::Protocol {
             what: format!("the answer to {what} is not the JSON the API describes: {e}"),
         })
     }
@@ -559,16 +542,7 @@ impl Client {
             _ => req,
         };
         let mut r = req.call().map_err(|e| ClientError::from_ureq(what.clone(), e))?;
-        let status = r.status().as_u16();
-        let retry_after =
-            r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
-        let body = r
-            .body_mut()
-            .with_config()
-            .limit(ANSWER_LIMIT)
-            .read_to_string()
-            .map_err(|e| ClientError::from_ureq(format!("reading the answer to {what}"), e))?;
-        Ok(Answer { status, body, retry_after })
+        read_whole_answer(&mut r, &what)
     }
 
     /// A request whose success answer is the JSON of `T`.
@@ -670,6 +644,19 @@ impl Client {
         read_final(&mut reader)
             .map_err(|e| ClientError::from_io(format!("waiting for the server's answer ({url})"), e, ANSWER_WAIT))
     }
+}
+
+/// The answer of a ureq request, its body read whole (bounded), whatever its status.
+fn read_whole_answer(r: &mut ureq::http::Response<ureq::Body>, what: &str) -> Result<Answer, ClientError> {
+    let status = r.status().as_u16();
+    let retry_after = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    let body = r
+        .body_mut()
+        .with_config()
+        .limit(ANSWER_LIMIT)
+        .read_to_string()
+        .map_err(|e| ClientError::from_ureq(format!("reading the answer to {what}"), e))?;
+    Ok(Answer { status, body, retry_after })
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {

@@ -379,20 +379,30 @@ async fn delete_vm<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path
     }
 }
 
-/// `GET /v1/vms/{id}/residue`: captures what the VM changed against its base (it is paused for
-/// its snapshot, then runs again), writes it as an overlay in the work directory, and sends it.
-/// The file is unlinked once open, so nothing of it outlives the answer.
-async fn residue<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path(id): Path<String>) -> Response {
-    let found = st
-        .vms
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&id)
-        .map(|r| (r.vm.clone(), r.base.clone(), r.forwards.clone(), r.info.name.clone()));
-    let Some((vm, base, forwards, name)) = found else {
-        return api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}"));
+/// What a capture of a running VM needs of it.
+struct Captured<V> {
+    vm: Arc<Mutex<Option<V>>>,
+    base: Arc<crate::RegisteredBase>,
+    forwards: Vec<overlay_format::PortForward>,
+    name: String,
+}
+
+/// The VM `id` and a synthesis slot for capturing it (a capture computes an overlay: it counts
+/// against the syntheses at once); else the answer: 404, or 429.
+#[allow(clippy::type_complexity)]
+fn capture_slot<H: ServedHypervisor>(
+    st: &AppState<H>,
+    id: &str,
+) -> Result<(Captured<H::Vm>, tokio::sync::OwnedSemaphorePermit), Box<Response>> {
+    let found = st.vms.lock().unwrap_or_else(|e| e.into_inner()).get(id).map(|r| Captured {
+        vm: r.vm.clone(),
+        base: r.base.clone(),
+        forwards: r.forwards.clone(),
+        name: r.info.name.clone(),
+    });
+    let Some(found) = found else {
+        return Err(Box::new(api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}"))));
     };
-    // A capture computes an overlay: it counts against the syntheses at once.
     let Ok(permit) = st.syntheses.clone().try_acquire_owned() else {
         let mut r = api_error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -400,7 +410,18 @@ async fn residue<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path(i
             format!("{} syntheses or captures are running already; retry later", st.cfg.max_syntheses),
         );
         r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
-        return r;
+        return Err(Box::new(r));
+    };
+    Ok((found, permit))
+}
+
+/// `GET /v1/vms/{id}/residue`: captures what the VM changed against its base (it is paused for
+/// its snapshot, then runs again), writes it as an overlay in the work directory, and sends it.
+/// The file is unlinked once open, so nothing of it outlives the answer.
+async fn residue<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, Path(id): Path<String>) -> Response {
+    let (Captured { vm, base, forwards, name }, permit) = match capture_slot(&st, &id) {
+        Ok(v) => v,
+        Err(r) => return *r,
     };
     let out = st.cfg.work_dir.join(format!("{id}.residue-{}", st.next.fetch_add(1, Ordering::Relaxed)));
     let id2 = id.clone();
@@ -499,23 +520,9 @@ async fn handoff<H: ServedHypervisor>(
         },
         Err(e) => return api_error(StatusCode::BAD_REQUEST, "bad_request", format!("destination: {e}")),
     };
-    let found = st
-        .vms
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&id)
-        .map(|r| (r.vm.clone(), r.base.clone(), r.forwards.clone(), r.info.name.clone()));
-    let Some((vm, base, forwards, name)) = found else {
-        return api_error(StatusCode::NOT_FOUND, "not_found", format!("no VM {id}"));
-    };
-    let Ok(permit) = st.syntheses.clone().try_acquire_owned() else {
-        let mut r = api_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "busy",
-            format!("{} syntheses or captures are running already; retry later", st.cfg.max_syntheses),
-        );
-        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
-        return r;
+    let (Captured { vm, base, forwards, name }, permit) = match capture_slot(&st, &id) {
+        Ok(v) => v,
+        Err(r) => return *r,
     };
     let (id2, st2) = (id.clone(), st.clone());
     // Everything happens in the task: a caller that goes away does not stop a handoff half-way.
