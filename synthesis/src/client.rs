@@ -359,13 +359,8 @@ impl Client {
     /// `POST /v1/stages`: uploads the overlay at `path` for the server to hold until a
     /// [`Client::synthesize_patch`] names it (once), or for ten minutes.
     pub fn stage(&self, path: &Path) -> Result<crate::api::StageInfo, ClientError> {
-        let f = std::fs::File::open(path)
-            .map_err(|source| ClientError::Io { what: format!("opening {}", path.display()), source })?;
-        let len = f
-            .metadata()
-            .map_err(|source| ClientError::Io { what: format!("reading {}", path.display()), source })?
-            .len();
-        let a = self.post_overlay(&format!("{}/v1/stages", self.prefix), BufReader::new(f), len, None)?;
+        let (f, len) = open_sized(path)?;
+        let a = self.post_overlay(&format!("{}/v1/stages", self.prefix), f, len, None)?;
         if !(200..300).contains(&a.status) {
             return Err(ClientError::from_answer(a));
         }
@@ -377,17 +372,12 @@ impl Client {
     /// `POST /v1/synthesis?patch_from=STAGE`: synthesizes the overlay that the patch at `path`
     /// ([`crate::patch::encode_patch`]) makes of the overlay staged as `stage`.
     pub fn synthesize_patch(&self, path: &Path, stage: &str, opts: &UploadOptions<'_>) -> Result<VmInfo, ClientError> {
-        let f = std::fs::File::open(path)
-            .map_err(|source| ClientError::Io { what: format!("opening {}", path.display()), source })?;
-        let len = f
-            .metadata()
-            .map_err(|source| ClientError::Io { what: format!("reading {}", path.display()), source })?
-            .len();
+        let (f, len) = open_sized(path)?;
         let mut q = format!("{}/v1/synthesis?patch_from={}", self.prefix, encode_query(stage));
         if let Some(p) = opts.probe {
             q.push_str(&format!("&probe={p}"));
         }
-        let a = self.post_overlay(&q, BufReader::new(f), len, opts.on_progress)?;
+        let a = self.post_overlay(&q, f, len, opts.on_progress)?;
         if !(200..300).contains(&a.status) {
             return Err(ClientError::from_answer(a));
         }
@@ -644,6 +634,15 @@ impl Client {
         read_final(&mut reader)
             .map_err(|e| ClientError::from_io(format!("waiting for the server's answer ({url})"), e, ANSWER_WAIT))
     }
+}
+
+/// The file at `path`, and its size.
+fn open_sized(path: &Path) -> Result<(BufReader<std::fs::File>, u64), ClientError> {
+    let f = std::fs::File::open(path)
+        .map_err(|source| ClientError::Io { what: format!("opening {}", path.display()), source })?;
+    let len =
+        f.metadata().map_err(|source| ClientError::Io { what: format!("reading {}", path.display()), source })?.len();
+    Ok((BufReader::new(f), len))
 }
 
 /// The answer of a ureq request, its body read whole (bounded), whatever its status.

@@ -633,14 +633,8 @@ async fn synthesis<H: ServedHypervisor>(
     body: Body,
 ) -> Response {
     let max = st.cfg.max_overlay_bytes;
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
-        return api_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the overlay is {} bytes, this server takes at most {max}", declared.unwrap_or(0)),
-        );
+    if let Some(r) = declared_too_large(&headers, max) {
+        return r;
     }
     let Ok(permit) = st.syntheses.clone().try_acquire_owned() else {
         let mut r = api_error(
@@ -792,6 +786,19 @@ fn pump_body(
     (rx, received, too_large, pump)
 }
 
+/// 413 for a body whose declared length exceeds `max`, before any byte is read.
+fn declared_too_large(headers: &HeaderMap, max: u64) -> Option<Response> {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())?;
+    (declared > max).then(|| {
+        api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the overlay is {declared} bytes, this server takes at most {max}"),
+        )
+    })
+}
+
 /// How long a staged overlay is kept when nobody uses it.
 const STAGE_TTL: Duration = Duration::from_secs(600);
 
@@ -807,14 +814,8 @@ fn stage_path(work_dir: &std::path::Path, id: &str) -> Option<PathBuf> {
 /// later `POST /v1/synthesis?patch_from=ID`, or for [`STAGE_TTL`].
 async fn stage<H: ServedHypervisor>(State(st): State<Arc<AppState<H>>>, headers: HeaderMap, body: Body) -> Response {
     let max = st.cfg.max_overlay_bytes;
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
-        return api_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the overlay is {} bytes, this server takes at most {max}", declared.unwrap_or(0)),
-        );
+    if let Some(r) = declared_too_large(&headers, max) {
+        return r;
     }
     let dir = st.cfg.work_dir.join("stages");
     if let Err(e) = std::fs::create_dir_all(&dir) {
