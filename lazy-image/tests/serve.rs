@@ -404,7 +404,13 @@ fn a_killed_server_leaves_no_reader_hung() {
     child.wait().unwrap();
     let r = waiting.recv_timeout(Duration::from_secs(5)).expect("a reader hung after its server was killed");
     let err = r.unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    // The kernel ends the requests in flight when the server died with
+    // ECONNABORTED and those sent after with ENOTCONN; which one a reader sees
+    // depends on whether its page read was tried again.
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)),
+        "a reader of a dead mount got {err}, not ENOTCONN or ECONNABORTED"
+    );
     // The dead mount stays until someone detaches it.
     assert!(is_mounted(&mnt));
     let c = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
